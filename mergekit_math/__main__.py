@@ -1,0 +1,3 @@
+from mergekit_math.cli import main
+
+main()

@@ -1,0 +1,688 @@
+"""Plan and execute a merge.
+
+``build_plan`` turns a validated :class:`Recipe` into one :class:`PlanItem` per output tensor
+using safetensors headers only, raising :class:`UserError` for every problem before a tensor is
+read. ``execute`` streams the items through the method functions into the sharded writer inside
+a temporary folder that is renamed into place only when everything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ValidationError
+
+from mergekit_math.errors import UserError
+from mergekit_math.io.reader import (
+    FLOAT_DTYPES,
+    PRE_LAYER_MARKERS,
+    TIED_WEIGHTS,
+    Checkpoint,
+    TensorInfo,
+    layer_of,
+)
+from mergekit_math.io.resolve import resolve_model
+from mergekit_math.methods import MergeMethod, get_method, param_keys
+from mergekit_math.recipe import (
+    Parameters,
+    Recipe,
+    check_value,
+    evaluate_setting,
+    iter_leaves,
+    suggest,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input of the merge: a checkpoint, where it is declared, and its parameters."""
+
+    index: int  # position among the recipe's inputs, used for seeding
+    where: str  # YAML path, e.g. "models[1]" or "slices[0].sources[1]"
+    ckpt: Checkpoint
+    parameters: Parameters | None
+    origin: Checkpoint | None = None
+    layer_start: int = 0
+
+
+@dataclass(frozen=True)
+class SliceGroup:
+    """The inputs merged together for a run of output layers (mergekit's output slice)."""
+
+    where: str
+    sources: list[Source]  # non-base inputs (all inputs for methods that ignore the base)
+    base: Source | None
+    parameters: Parameters | None
+    num_layers: int
+
+
+@dataclass
+class PlanItem:
+    out: TensorInfo  # output name, shape, dtype (file is unused)
+    group: SliceGroup
+    names: list[str]  # tensor name in each source
+    base_name: str | None
+    t: float
+    copy_only: bool = False  # non-float buffers are copied from the first input
+    params: list[BaseModel] = field(default_factory=list)
+    shared: BaseModel | None = None
+
+    @property
+    def read_bytes(self) -> int:
+        total = 0
+        for s, n in zip(self.group.sources, self.names):
+            total += s.ckpt.info(n).nbytes
+            if s.origin is not None:
+                total += s.origin.info(n).nbytes
+        if self.group.base is not None and self.base_name is not None:
+            total += self.group.base.ckpt.info(self.base_name).nbytes
+        return total
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    method: MergeMethod
+    items: list[PlanItem]
+    reference: Checkpoint  # config, tokenizer and tensor-set source
+    tokenizer_source: Checkpoint
+    checkpoints: dict[str, Checkpoint]  # resolved path -> checkpoint
+    num_layers: int
+    seed: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(i.read_bytes for i in self.items)
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(i.out.nbytes for i in self.items)
+
+    def estimated_peak_bytes(self) -> int:
+        """Largest tensor in compute dtype times the copies a merge of it holds."""
+        if not self.items:
+            return 0
+        cbytes = 8 if self.recipe.compute_dtype == "float64" else 4
+        peak = 0
+        for item in self.items:
+            n_inputs = len(item.names) + (1 if item.base_name else 0)
+            n_inputs += sum(1 for s in item.group.sources if s.origin is not None)
+            copies = n_inputs + len(item.names) + 3
+            peak = max(peak, item.out.numel * cbytes * copies)
+        return peak
+
+    @property
+    def parents(self) -> list[str]:
+        seen: list[str] = []
+        for c in self.checkpoints.values():
+            if c.ref not in seen:
+                seen.append(c.ref)
+        return seen
+
+
+# =============================================================================== planning
+
+
+class _Loader:
+    def __init__(self, recipe_dir: Path | None, allow_pickle: bool):
+        self.recipe_dir = recipe_dir
+        self.allow_pickle = allow_pickle
+        self.by_path: dict[str, Checkpoint] = {}
+
+    def __call__(self, ref: str, where: str) -> Checkpoint:
+        path = resolve_model(ref, where, self.recipe_dir)
+        key = str(path)
+        if key not in self.by_path:
+            try:
+                self.by_path[key] = Checkpoint(path, ref=ref, allow_pickle=self.allow_pickle)
+            except UserError as exc:
+                raise UserError(f"{where}: {exc}") from None
+        return self.by_path[key]
+
+
+def _check_param_names(recipe: Recipe, method: MergeMethod) -> None:
+    shared = param_keys(method.shared_params)
+    per_model = param_keys(method.model_params)
+    known = sorted(set(shared) | set(per_model))
+
+    def check(params: Parameters | None, where: str, level: str) -> None:
+        for key, setting in (params or {}).items():
+            path = f"{where}.parameters.{key}" if where else f"parameters.{key}"
+            if key not in shared and key not in per_model:
+                listing = ", ".join(known) if known else "none"
+                raise UserError(
+                    f"{path}: unknown parameter {key!r} for {method.name}{suggest(key, known)} "
+                    f"(its parameters: {listing})"
+                )
+            if level == "model" and key in shared:
+                raise UserError(
+                    f"{path}: {key!r} applies to the whole merge; set it under the top-level "
+                    "'parameters'"
+                )
+            model = method.shared_params if key in shared else method.model_params
+            field_name = (shared if key in shared else per_model)[key]
+            for leaf in iter_leaves(setting):
+                check_value(model, field_name, leaf, path)
+
+    check(recipe.parameters, "", "top")
+    for i, m in enumerate(recipe.models or []):
+        check(m.parameters, f"models[{i}]", "model")
+    for i, s in enumerate(recipe.slices or []):
+        check(s.parameters, f"slices[{i}]", "top")
+        for j, src in enumerate(s.sources):
+            check(src.parameters, f"slices[{i}].sources[{j}]", "model")
+
+
+def _settings_value(
+    chain: list[tuple[str, Parameters | None]], key: str, tensor: str, t: float
+) -> tuple[Any, str] | None:
+    for where, params in chain:
+        if params and key in params:
+            value = evaluate_setting(params[key], tensor, t)
+            if value is not None:
+                return value, where
+    return None
+
+
+def _resolve_params(
+    model: type[BaseModel],
+    chain: list[tuple[str, Parameters | None]],
+    tensor: str,
+    t: float,
+    missing_where: str,
+) -> BaseModel:
+    values: dict[str, Any] = {}
+    for key, field_name in param_keys(model).items():
+        found = _settings_value(chain, key, tensor, t)
+        if found is not None:
+            values[field_name] = check_value(model, field_name, found[0], f"{found[1]}.{key}")
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = str(err["loc"][0]) if err["loc"] else "?"
+        key = next((k for k, f in param_keys(model).items() if f == key), key)
+        prefix = f"{missing_where}.parameters" if missing_where else "parameters"
+        if err["type"] == "missing":
+            raise UserError(
+                f"{prefix}.{key}: missing required parameter {key!r} "
+                f"(no value for tensor {tensor})"
+            ) from None
+        raise UserError(f"{prefix}.{key}: {err['msg']}") from None
+
+
+def _check_compatible(ref: Checkpoint, others: list[tuple[str, Checkpoint]]) -> None:
+    for where, c in others:
+        if c.architecture != ref.architecture or c.model_type != ref.model_type:
+            raise UserError(
+                f"{where}: different architectures: {c.ref} is {c.architecture} "
+                f"({c.model_type}), {ref.ref} is {ref.architecture} ({ref.model_type})"
+            )
+        if c.vocab_size != ref.vocab_size:
+            raise UserError(
+                f"{where}: different vocabulary sizes: {c.ref} has {c.vocab_size}, "
+                f"{ref.ref} has {ref.vocab_size} (vocabulary merging is not supported; "
+                "embeddings are never truncated silently)"
+            )
+
+
+def _check_tensor(
+    item_name: str, ref_info: TensorInfo, src: Checkpoint, name: str, where: str
+) -> None:
+    stored = src.resolve_name(name)
+    if stored is None:
+        raise UserError(
+            f"{where}: different tensor sets: {src.ref} has no tensor {name} "
+            f"(needed for output {item_name})"
+        )
+    info = src.tensors[stored]
+    if info.shape != ref_info.shape:
+        raise UserError(
+            f"{where}: different shapes for {name}: {src.ref} has {list(info.shape)}, "
+            f"{ref_info.file.parent.name or ref_info.file} has {list(ref_info.shape)}"
+        )
+
+
+def _ordered_names(ckpt: Checkpoint) -> tuple[list[str], dict[int, list[str]], list[str]]:
+    """Split a checkpoint's tensors into pre-layer, per-layer and post-layer names."""
+    pre: list[str] = []
+    post: list[str] = []
+    layers: dict[int, list[str]] = {}
+    for name in sorted(ckpt.tensors):
+        parsed = layer_of(name)
+        if parsed is not None:
+            layers.setdefault(parsed[1], []).append(name)
+        elif any(m in name for m in PRE_LAYER_MARKERS):
+            pre.append(name)
+        else:
+            post.append(name)
+    return pre, layers, post
+
+
+def _layer_name(name: str, index: int) -> str:
+    parsed = layer_of(name)
+    assert parsed is not None
+    return f"{parsed[0]}.{index}.{parsed[2]}"
+
+
+def _seed_for(seed: int, source_index: int, tensor: str) -> int:
+    digest = hashlib.sha256(f"{seed}\x00{source_index}\x00{tensor}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def build_plan(
+    recipe: Recipe,
+    *,
+    recipe_dir: Path | None = None,
+    seed: int | None = None,
+    allow_pickle: bool = False,
+) -> Plan:
+    """Validate ``recipe`` against the checkpoints' headers and plan every output tensor."""
+    method = get_method(recipe.merge_method)
+    _check_param_names(recipe, method)
+    load = _Loader(recipe_dir, allow_pickle)
+    warnings: list[str] = []
+
+    if method.base == "required" and not recipe.base_model:
+        raise UserError(f"base_model: {method.name} needs a base_model")
+    base = load(recipe.base_model, "base_model") if recipe.base_model else None
+
+    def origin_of(ref: str | None, where: str) -> Checkpoint | None:
+        if ref is None:
+            return None
+        if method.kind != "delta":
+            raise UserError(
+                f"{where}.origin: only delta methods (task_arithmetic, ties, dare_*, "
+                f"breadcrumbs*, della*) take an origin, not {method.name}"
+            )
+        return load(ref, f"{where}.origin")
+
+    # ------------------------------------------------ normalise models/slices into groups
+    groups: list[SliceGroup] = []
+    index = 0
+    if recipe.models:
+        sources: list[Source] = []
+        for i, m in enumerate(recipe.models):
+            where = f"models[{i}]"
+            ckpt = load(m.model, f"{where}.model")
+            origin = origin_of(m.origin, where)
+            if base is not None and ckpt is base and method.base == "required":
+                if origin is not None:
+                    raise UserError(f"{where}.origin: the base model cannot have an origin")
+                continue  # the base listed among the models is the base, not an input
+            sources.append(Source(index, where, ckpt, m.parameters, origin))
+            index += 1
+        ref = base or sources[0].ckpt
+        base_src = Source(-1, "base_model", base, None) if base is not None else None
+        groups.append(SliceGroup("models", sources, base_src, None, ref.num_layers))
+    else:
+        assert recipe.slices is not None
+        for i, s in enumerate(recipe.slices):
+            sbase = load(s.base_model, f"slices[{i}].base_model") if s.base_model else base
+            sources = []
+            lengths = set()
+            for j, src in enumerate(s.sources):
+                where = f"slices[{i}].sources[{j}]"
+                ckpt = load(src.model, f"{where}.model")
+                a, b = src.layer_range
+                if not (0 <= a < b <= ckpt.num_layers):
+                    raise UserError(
+                        f"{where}.layer_range: [{a}, {b}] is not a half-open range inside "
+                        f"the model's {ckpt.num_layers} layers"
+                    )
+                lengths.add(b - a)
+                origin = origin_of(src.origin, where)
+                if sbase is not None and ckpt is sbase and method.base == "required":
+                    continue
+                sources.append(Source(index, where, ckpt, src.parameters, origin, a))
+                index += 1
+            if len(lengths) > 1:
+                raise UserError(
+                    f"slices[{i}].sources: every source of a slice needs the same number of "
+                    f"layers, got {sorted(lengths)}"
+                )
+            sbase_src = None
+            if sbase is not None:
+                start = next(
+                    (src.layer_range[0] for src in s.sources if load(src.model, "") is sbase), 0
+                )
+                sbase_src = Source(-1, f"slices[{i}].base_model", sbase, None, None, start)
+            groups.append(SliceGroup(f"slices[{i}]", sources, sbase_src, s.parameters, lengths.pop()))
+
+    for g in groups:
+        n = len(g.sources)
+        if n < method.min_models or (method.max_models is not None and n > method.max_models):
+            what = "inputs besides the base model" if method.base == "required" else "inputs"
+            want = (
+                f"exactly {method.min_models}"
+                if method.max_models == method.min_models
+                else f"at least {method.min_models}"
+                + (f" and at most {method.max_models}" if method.max_models else "")
+            )
+            raise UserError(f"{g.where}: {method.name} takes {want} {what}, got {n}")
+
+    reference = base or groups[0].sources[0].ckpt
+    everyone = [(c.ref, c) for c in load.by_path.values() if c is not reference]
+    wheres = {id(c): w for w, c in [(s.where, s.ckpt) for g in groups for s in g.sources]}
+    _check_compatible(
+        reference, [(wheres.get(id(c), ref), c) for ref, c in everyone]
+    )
+
+    # ------------------------------------------------ shared params and seeds
+    seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else DEFAULT_SEED)
+
+    # ------------------------------------------------ output tensors
+    out_dtype = recipe.out_dtype or recipe.dtype
+    items: list[PlanItem] = []
+
+    def add(out_name: str, group: SliceGroup, names: list[str], base_name: str | None, t: float,
+            ref_ckpt: Checkpoint, ref_name: str) -> None:
+        ref_info = ref_ckpt.info(ref_name)
+        for s, n in zip(group.sources, names):
+            _check_tensor(out_name, ref_info, s.ckpt, n, s.where)
+            if s.origin is not None:
+                _check_tensor(out_name, ref_info, s.origin, n, f"{s.where}.origin")
+        if group.base is not None and base_name is not None:
+            _check_tensor(out_name, ref_info, group.base.ckpt, base_name, group.base.where)
+        is_float = ref_info.dtype in FLOAT_DTYPES
+        dtype = (out_dtype or ref_info.dtype) if is_float else ref_info.dtype
+        item = PlanItem(
+            out=TensorInfo(out_name, ref_info.file, dtype, ref_info.shape),
+            group=group,
+            names=names,
+            base_name=base_name,
+            t=t,
+            copy_only=not is_float,
+        )
+        if not item.copy_only:
+            shared_chain = [("parameters", recipe.parameters)]
+            if group.parameters:
+                shared_chain.insert(0, (f"{group.where}.parameters", group.parameters))
+            item.shared = _resolve_params(method.shared_params, shared_chain, out_name, t, "")
+            if method.check_shared is not None:
+                problem = method.check_shared(item.shared)
+                if problem:
+                    raise UserError(f"parameters: {problem}")
+            item.params = [
+                _resolve_params(
+                    method.model_params,
+                    [(f"{s.where}.parameters", s.parameters)]
+                    + ([(f"{group.where}.parameters", group.parameters)]
+                       if group.parameters else [])
+                    + [("parameters", recipe.parameters)],
+                    n,
+                    t,
+                    s.where,
+                )
+                for s, n in zip(group.sources, names)
+            ]
+        items.append(item)
+
+    pre, layers, post = _ordered_names(reference)
+    tied_extra = [n for n in TIED_WEIGHTS if n not in reference.tensors]
+
+    def check_extra(c: Checkpoint, where: str) -> None:
+        extra = sorted(set(c.tensors) - set(reference.tensors) - set(tied_extra))
+        if recipe.slices:
+            extra = [n for n in extra if layer_of(n) is None]
+        if extra:
+            raise UserError(
+                f"{where}: different tensor sets: {c.ref} has {len(extra)} tensor(s) that "
+                f"{reference.ref} lacks, e.g. {extra[0]}"
+            )
+        dropped = sorted(set(c.tensors) & set(tied_extra))
+        if dropped:
+            warnings.append(
+                f"{c.ref} has an untied {dropped[0]} but the output ties it to the input "
+                f"embedding like {reference.ref}; that tensor is not merged"
+            )
+
+    for g in groups:
+        for s in g.sources:
+            check_extra(s.ckpt, s.where)
+
+    first, last = groups[0], groups[-1]
+
+    def non_layer(name: str, g: SliceGroup) -> None:
+        add(name, g, [name] * len(g.sources), name if g.base else None, 0.0, reference, name)
+
+    for name in pre:
+        non_layer(name, first)
+    out_layer = 0
+    for g in groups:
+        for j in range(g.num_layers):
+            t = j / (g.num_layers - 1) if g.num_layers > 1 else 1.0
+            src0 = g.sources[0] if g.sources else g.base
+            assert src0 is not None
+            templ_ckpt = src0.ckpt
+            templ_layer = src0.layer_start + j
+            templ_names = [n for n in sorted(templ_ckpt.tensors)
+                           if (p := layer_of(n)) and p[1] == templ_layer]
+            if recipe.models:
+                templ_names = layers.get(j, [])
+                templ_ckpt = reference
+            for templ in templ_names:
+                out_name = _layer_name(templ, out_layer)
+                names = [_layer_name(templ, s.layer_start + j) for s in g.sources]
+                base_name = _layer_name(templ, g.base.layer_start + j) if g.base else None
+                add(out_name, g, names, base_name, t, templ_ckpt, templ)
+            out_layer += 1
+    for name in post:
+        non_layer(name, last)
+
+    tok_ref = recipe.tokenizer_source
+    tokenizer = reference if tok_ref in (None, "base") else load(tok_ref, "tokenizer_source")
+    return Plan(
+        recipe=recipe,
+        method=method,
+        items=items,
+        reference=reference,
+        tokenizer_source=tokenizer,
+        checkpoints=load.by_path,
+        num_layers=out_layer,
+        seed=seed,
+        warnings=warnings,
+    )
+
+
+# =============================================================================== execution
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, name)
+
+
+def compute_item(plan: Plan, item: PlanItem, device: str = "cpu") -> torch.Tensor:
+    """Read one output tensor's inputs, run the method, return it in the output dtype."""
+    import torch
+
+    from mergekit_math.methods import MergeInputs
+
+    recipe = plan.recipe
+    g = item.group
+    if item.copy_only:
+        src = g.base if g.base is not None and item.base_name else g.sources[0]
+        name = item.base_name if src is g.base else item.names[0]
+        return src.ckpt.read(name)  # type: ignore[arg-type]
+
+    compute = _torch_dtype(recipe.compute_dtype)
+    load = _torch_dtype(recipe.dtype) if recipe.dtype else None
+
+    def read(ckpt: Checkpoint, name: str) -> torch.Tensor:
+        t = ckpt.read(name)
+        if load is not None:
+            t = t.to(load)
+        return t.to(device=device, dtype=compute)
+
+    base = read(g.base.ckpt, item.base_name) if g.base is not None and item.base_name else None
+    tensors = []
+    for s, name in zip(g.sources, item.names):
+        x = read(s.ckpt, name)
+        if plan.method.kind == "delta":
+            assert base is not None
+            x = x.sub_(read(s.origin, name) if s.origin is not None else base)
+        tensors.append(x)
+    generators = None
+    if plan.method.random:
+        generators = []
+        for s in g.sources:
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(_seed_for(plan.seed, s.index, item.out.name))
+            generators.append(gen)
+    result = plan.method.merge(
+        MergeInputs(base=base, tensors=tensors, params=item.params, shared=item.shared,
+                    generators=generators)  # type: ignore[arg-type]
+    )
+    return result.to(_torch_dtype(item.out.dtype)).cpu()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+PARTIAL_MARK = ".mmath-partial-"
+
+
+def clean_stale_partials(out_dir: Path) -> None:
+    """Remove temporaries left by killed runs for this output (their pid is gone)."""
+    prefix = f".{out_dir.name}{PARTIAL_MARK}"
+    if not out_dir.parent.is_dir():
+        return
+    for p in out_dir.parent.glob(prefix + "*"):
+        try:
+            pid = int(p.name[len(prefix):])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+@contextmanager
+def atomic_output(out_dir: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary sibling folder; rename it to ``out_dir`` only on success.
+
+    On any exception (Ctrl-C and SIGTERM included) the temporary folder is removed. A run
+    killed with SIGKILL leaves ``.NAME.mmath-partial-PID``, which the next run removes.
+    """
+    out_dir = out_dir.absolute()
+    if out_dir.exists() and not force:
+        raise UserError(f"{out_dir} already exists; pass --force to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_partials(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}{PARTIAL_MARK}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.mmath-old-{os.getpid()}"
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+        _fsync_dir(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def execute(
+    plan: Plan,
+    out_dir: Path,
+    *,
+    device: str = "cpu",
+    max_shard_size: int = 5 * 10**9,
+    force: bool = False,
+    progress: bool = True,
+    on_tensor: Callable[[PlanItem], None] | None = None,
+) -> Path:
+    """Run the plan into ``out_dir`` atomically; returns the final path."""
+    import torch
+    from tqdm import tqdm
+
+    from mergekit_math.io.model_files import write_model_files
+    from mergekit_math.io.writer import ShardedWriter
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here")
+    out_dir = Path(out_dir)
+    with atomic_output(out_dir, force) as tmp:
+        writer = ShardedWriter(tmp, [i.out for i in plan.items], max_shard_size)
+        bar = tqdm(
+            total=plan.write_bytes,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=f"merge {plan.method.name}",
+            disable=not progress,
+            file=sys.stderr,
+        )
+        try:
+            with torch.inference_mode():
+                for item in plan.items:
+                    tensor = compute_item(plan, item, device)
+                    writer.write(item.out.name, tensor)
+                    del tensor
+                    bar.update(item.out.nbytes)
+                    if on_tensor is not None:
+                        on_tensor(item)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            bar.close()
+            for c in plan.checkpoints.values():
+                c.close()
+        write_model_files(plan, tmp)
+    return out_dir.absolute()

@@ -1,0 +1,1 @@
+"""Lazy checkpoint reading, streaming sharded writing, and model-file copying."""

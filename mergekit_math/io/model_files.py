@@ -1,0 +1,160 @@
+"""Everything written next to the weights: config, generation config, tokenizer files, the
+resolved recipe and the model card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from mergekit_math import __version__
+from mergekit_math.errors import UserError
+
+if TYPE_CHECKING:
+    from mergekit_math.engine import Plan
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+BUILTIN_TEMPLATES = {"chatml": CHATML}
+
+
+def output_config(plan: Plan) -> dict:
+    config = json.loads(json.dumps(plan.reference.config))
+    dtypes = Counter(i.out.dtype for i in plan.items if not i.copy_only)
+    if dtypes:
+        dtype = dtypes.most_common(1)[0][0]
+        key = "dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"
+        config[key] = dtype
+    key = plan.reference.layer_count_key
+    old_layers = plan.reference.num_layers
+    if key is not None and plan.num_layers != old_layers:
+        config[key] = plan.num_layers
+        # Per-layer lists (e.g. Qwen2's layer_types) follow the stacked layers.
+        for k, v in list(config.items()):
+            if isinstance(v, list) and len(v) == old_layers and k not in ("architectures",):
+                config[k] = _restack(plan, v)
+    return config
+
+
+def _restack(plan: Plan, values: list) -> list:
+    out = []
+    if plan.recipe.slices:
+        for s in plan.recipe.slices:
+            a, b = s.sources[0].layer_range
+            out.extend(values[a:b] if b <= len(values) else [values[-1]] * (b - a))
+    return out if len(out) == plan.num_layers else [values[0]] * plan.num_layers
+
+
+def copy_tokenizer(plan: Plan, out: Path) -> None:
+    src = plan.tokenizer_source.path
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+    template = plan.recipe.chat_template
+    if template and template != "auto":
+        text = BUILTIN_TEMPLATES.get(template, template)
+        if text == template and "{{" not in text and "{%" not in text:
+            raise UserError(
+                f"chat_template: {template!r} is neither a Jinja template nor a known name "
+                f"({', '.join(BUILTIN_TEMPLATES)})"
+            )
+        (out / "chat_template.jinja").write_text(text)
+        tok_cfg = out / "tokenizer_config.json"
+        if tok_cfg.is_file():
+            data = json.loads(tok_cfg.read_text())
+            if "chat_template" in data:
+                data["chat_template"] = text
+                tok_cfg.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def resolved_recipe(plan: Plan) -> dict:
+    """The recipe with absolute model paths, the seed and every default made explicit, so the
+    output can be rebuilt from this file alone."""
+    recipe = plan.recipe.model_copy(deep=True)
+    by_ref = {c.ref: str(c.path) for c in plan.checkpoints.values()}
+
+    def fix(ref: str | None) -> str | None:
+        return by_ref.get(ref, ref) if ref else ref
+
+    recipe.base_model = fix(recipe.base_model)
+    for m in recipe.models or []:
+        m.model = fix(m.model)  # type: ignore[assignment]
+        m.origin = fix(m.origin)
+    for s in recipe.slices or []:
+        s.base_model = fix(s.base_model)
+        for src in s.sources:
+            src.model = fix(src.model)  # type: ignore[assignment]
+            src.origin = fix(src.origin)
+    if recipe.tokenizer_source not in (None, "base"):
+        recipe.tokenizer_source = fix(recipe.tokenizer_source)
+    recipe.seed = plan.seed
+    data = recipe.model_dump(mode="json", exclude_none=True)
+    # Make the method's recipe-level defaults explicit.
+    params = dict(data.get("parameters") or {})
+    for item in plan.items:
+        if item.shared is not None:
+            for key, value in item.shared.model_dump(by_alias=True).items():
+                if value is not None:
+                    params.setdefault(key, value)
+            break
+    if params:
+        data["parameters"] = params
+    return data
+
+
+def model_card(plan: Plan, recipe_yaml: str) -> str:
+    m = plan.method
+    front = {
+        "base_model": plan.parents,
+        "library_name": "transformers",
+        "tags": ["merge", "mergekit-math", m.name],
+    }
+    parents = "\n".join(f"- {p}" for p in plan.parents)
+    return (
+        "---\n"
+        + yaml.safe_dump(front, sort_keys=False)
+        + "---\n\n"
+        + "# Merged model\n\n"
+        + f"This model was made with [mergekit-math](https://pypi.org/project/mergekit-math/) "
+        + f"{__version__}.\n\n"
+        + f"## Method\n\n[{m.pretty_name}]({m.paper_url}) (`{m.name}`): {m.description}\n\n"
+        + f"## Parents\n\n{parents}\n\n"
+        + f"## Recipe\n\n```yaml\n{recipe_yaml}```\n\n"
+        + "Rebuild it with `mmath merge mmath_recipe.yaml OUT_DIR`.\n"
+    )
+
+
+def write_model_files(plan: Plan, out: Path) -> None:
+    config = output_config(plan)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = plan.tokenizer_source.path / "generation_config.json"
+    if not gen.is_file():
+        gen = plan.reference.path / "generation_config.json"
+    if gen.is_file():
+        shutil.copy2(gen, out / "generation_config.json")
+    copy_tokenizer(plan, out)
+    data = resolved_recipe(plan)
+    text = yaml.safe_dump(data, sort_keys=False)
+    header = f"# mmath merge mmath_recipe.yaml OUT_DIR   (written by mergekit-math {__version__})\n"
+    (out / "mmath_recipe.yaml").write_text(header + text)
+    (out / "README.md").write_text(model_card(plan, text))

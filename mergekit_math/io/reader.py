@@ -1,0 +1,262 @@
+"""Lazy checkpoint reader: the plan comes from safetensors headers, tensors are read one at a time.
+
+Headers are parsed without torch (``mmath inspect`` and ``--dry-run`` stay light); tensor data
+is read through ``safetensors.safe_open`` (mmap) only when the engine asks for it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mergekit_math.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype code -> (torch dtype name, bytes per element)
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+}
+CODE_BY_DTYPE = {name: code for code, (name, _) in DTYPES.items()}
+FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16"}
+
+# Output-embedding names that transformers ties to an input embedding when absent from the files.
+TIED_WEIGHTS: dict[str, tuple[str, ...]] = {
+    "lm_head.weight": (
+        "model.embed_tokens.weight",
+        "transformer.wte.weight",
+        "model.decoder.embed_tokens.weight",
+        "transformer.word_embeddings.weight",
+        "model.embed_in.weight",
+    ),
+}
+
+# Decoder-layer tensor names: prefix, layer index, rest. Covers model.layers.{i}. (Llama, Qwen2,
+# Mistral, Gemma, Phi-3), transformer.h.{i}. (GPT-2, Falcon), gpt_neox.layers.{i}., …
+LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
+# Config keys holding the decoder-layer count, in lookup order.
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+# Non-layer tensors that come before the layers (the rest come after).
+PRE_LAYER_MARKERS = ("embed", "wte", "wpe", "word_embeddings")
+
+WEIGHT_INDEX = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: str  # torch dtype name, e.g. "bfloat16"
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPES[CODE_BY_DTYPE[self.dtype]][1]
+
+
+def layer_of(name: str) -> tuple[str, int, str] | None:
+    """(prefix, index, rest) for a decoder-layer tensor name, else None."""
+    m = LAYER_NAME.match(name)
+    if not m:
+        return None
+    return m["prefix"], int(m["index"]), m["rest"]
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise UserError(f"{path}: not a safetensors file (too short)")
+        (size,) = struct.unpack("<Q", raw)
+        if size > 100_000_000:
+            raise UserError(f"{path}: not a safetensors file (header size {size})")
+        try:
+            return json.loads(f.read(size))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: corrupt safetensors header ({exc})") from None
+
+
+class Checkpoint:
+    """One model folder, read lazily.
+
+    ``tensors`` maps every tensor name in the files to its :class:`TensorInfo`; nothing but
+    headers is read until :meth:`read` is called.
+    """
+
+    def __init__(self, path: str | Path, ref: str | None = None, allow_pickle: bool = False):
+        self.path = Path(path)
+        self.ref = ref or str(path)
+        self.allow_pickle = allow_pickle
+        self._handles: dict[Path, Any] = {}
+        self._pickled: dict[str, Any] | None = None
+        if not self.path.is_dir():
+            raise UserError(f"{self.ref}: model folder does not exist")
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise UserError(f"{self.ref}: no config.json in {self.path}")
+        try:
+            self.config: dict[str, Any] = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{self.path / 'config.json'}: invalid JSON ({exc})") from None
+        self.files: list[Path] = []
+        self.tensors: dict[str, TensorInfo] = {}
+        self._scan()
+
+    # ------------------------------------------------------------------ discovery
+
+    def _scan(self) -> None:
+        index = self.path / WEIGHT_INDEX
+        if index.is_file():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            files = sorted({self.path / f for f in weight_map.values()})
+            for f in files:
+                if not f.is_file():
+                    raise UserError(f"{self.ref}: shard {f.name} listed in {WEIGHT_INDEX} is missing")
+        elif (self.path / SINGLE_FILE).is_file():
+            files = [self.path / SINGLE_FILE]
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+        if files:
+            self.files = files
+            for f in files:
+                for name, entry in read_safetensors_header(f).items():
+                    if name == "__metadata__":
+                        continue
+                    code = entry["dtype"]
+                    if code not in DTYPES:
+                        raise UserError(f"{f}: tensor {name} has unsupported dtype {code}")
+                    self.tensors[name] = TensorInfo(name, f, DTYPES[code][0], tuple(entry["shape"]))
+            return
+        pickles = sorted(self.path.glob("pytorch_model*.bin"))
+        if pickles:
+            if not self.allow_pickle:
+                raise UserError(
+                    f"{self.ref}: only pickle weights (pytorch_model*.bin); they can run code when "
+                    "loaded. Convert to safetensors, or pass --allow-pickle to load them with "
+                    "torch.load(weights_only=True, mmap=True)"
+                )
+            self._load_pickles(pickles)
+            return
+        raise UserError(f"{self.ref}: no weights (*.safetensors) in {self.path}")
+
+    def _load_pickles(self, files: list[Path]) -> None:
+        import torch
+
+        self._pickled = {}
+        for f in files:
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            for name, tensor in state.items():
+                self._pickled[name] = tensor
+                dtype = str(tensor.dtype).removeprefix("torch.")
+                self.tensors[name] = TensorInfo(name, f, dtype, tuple(tensor.shape))
+        self.files = files
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or [self.config.get("model_type", "?")]
+        return str(archs[0])
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type", "?"))
+
+    @property
+    def vocab_size(self) -> int | None:
+        v = self.config.get("vocab_size")
+        if v is None and isinstance(self.config.get("text_config"), dict):
+            v = self.config["text_config"].get("vocab_size")
+        return v
+
+    @property
+    def num_layers(self) -> int:
+        for key in LAYER_COUNT_KEYS:
+            if isinstance(self.config.get(key), int):
+                return int(self.config[key])
+        indices = [li[1] for n in self.tensors if (li := layer_of(n))]
+        return max(indices) + 1 if indices else 0
+
+    @property
+    def layer_count_key(self) -> str | None:
+        for key in LAYER_COUNT_KEYS:
+            if isinstance(self.config.get(key), int):
+                return key
+        return None
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return any(
+            name not in self.tensors and any(src in self.tensors for src in sources)
+            for name, sources in TIED_WEIGHTS.items()
+        )
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    def resolve_name(self, name: str) -> str | None:
+        """The stored tensor that provides ``name`` (tied output embeddings resolve to the
+        input embedding, as transformers ties them), or None."""
+        if name in self.tensors:
+            return name
+        for src in TIED_WEIGHTS.get(name, ()):
+            if src in self.tensors:
+                return src
+        return None
+
+    def info(self, name: str) -> TensorInfo:
+        stored = self.resolve_name(name)
+        if stored is None:
+            raise KeyError(name)
+        return self.tensors[stored]
+
+    # ------------------------------------------------------------------ reading
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor (resolving tied names); nothing else is loaded."""
+        stored = self.resolve_name(name)
+        if stored is None:
+            raise KeyError(f"{self.ref}: no tensor {name}")
+        if self._pickled is not None:
+            return self._pickled[stored]
+        info = self.tensors[stored]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            from safetensors import safe_open
+
+            handle = safe_open(str(info.file), framework="pt", device="cpu")
+            self._handles[info.file] = handle
+        return handle.get_tensor(stored)
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._pickled = None

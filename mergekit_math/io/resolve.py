@@ -1,0 +1,55 @@
+"""Turn a recipe's model reference into a local folder (Hub ids are fetched, weights only)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from mergekit_math.errors import UserError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Files fetched for a Hub model: config, tokenizer, safetensors weights — no pickles.
+HUB_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "tokenizer.model",
+    "*.tiktoken",
+    "*.txt",
+    "*.jinja",
+]
+
+
+def resolve_model(ref: str, where: str, base_dir: Path | None = None) -> Path:
+    """A local folder for ``ref``: an existing path (relative to ``base_dir`` if not found
+    as given), else a Hub id fetched with ``snapshot_download``."""
+    candidates = [Path(ref).expanduser()]
+    if base_dir is not None and not Path(ref).is_absolute():
+        candidates.append(base_dir / ref)
+    for c in candidates:
+        if c.exists():
+            return c.resolve()
+    if HUB_ID.match(ref) and not ref.startswith((".", "/")):
+        return _download(ref, where)
+    raise UserError(f"{where}: model path does not exist: {ref}")
+
+
+def _download(repo_id: str, where: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError(
+            f"{where}: {repo_id!r} is not a local folder and huggingface_hub is not installed "
+            "(pip install 'mergekit-math[hub]')"
+        ) from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        path = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
+    except Exception as exc:  # huggingface_hub raises many types for "not reachable"
+        hint = " (HF_HUB_OFFLINE is set)" if offline else ""
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{where}: {repo_id!r} is not a local folder and could not be fetched from the "
+            f"Hub{hint}: {first}"
+        ) from None
+    return Path(path)

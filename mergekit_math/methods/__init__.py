@@ -1,0 +1,104 @@
+"""Merge methods: pure functions registered once by name with typed parameters.
+
+A method never does IO, logging or uses global RNG. The engine hands it tensors already
+upcast to the compute dtype and, for delta methods, the deltas ``model - origin``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from mergekit_math.errors import UserError
+from mergekit_math.recipe import suggest
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Params(BaseModel):
+    """Base of every parameter model: unknown names are errors, ``lambda`` is spelled as is."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+def param_keys(model: type[BaseModel]) -> dict[str, str]:
+    """YAML key -> field name (``lambda`` -> ``lambda_``)."""
+    return {(info.alias or name): name for name, info in model.model_fields.items()}
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """What one output tensor's merge gets.
+
+    ``tensors`` are the non-base inputs in recipe order: deltas (``model - origin``) for
+    delta methods, raw tensors otherwise. ``generators`` has one seeded generator per input
+    for random methods, else ``None``.
+    """
+
+    base: torch.Tensor | None
+    tensors: list[torch.Tensor]
+    params: list[BaseModel]
+    shared: BaseModel
+    generators: list[torch.Generator] | None = None
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    pretty_name: str
+    paper_url: str
+    merge: Callable[[MergeInputs], torch.Tensor]
+    shared_params: type[BaseModel]
+    model_params: type[BaseModel]
+    # delta: inputs are model - origin and the result is added to the base by the method;
+    # tensors: inputs are raw tensors.
+    kind: Literal["delta", "tensors"] = "tensors"
+    # required: base_model must be given; ignored: a listed base is an ordinary input.
+    base: Literal["required", "ignored"] = "ignored"
+    min_models: int = 1
+    max_models: int | None = None
+    random: bool = False
+    description: str = ""
+    # Cross-field check of the recipe-level parameters; returns an error message or None.
+    check_shared: Callable[[BaseModel], str | None] | None = None
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    if method.name in _REGISTRY:
+        raise ValueError(f"merge method {method.name!r} is already registered")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def _load_all() -> None:
+    from mergekit_math.methods import (  # noqa: F401
+        linear,
+        model_stock,
+        passthrough,
+        slerp,
+        task_arithmetic,
+    )
+
+
+def get_method(name: str, where: str = "merge_method") -> MergeMethod:
+    _load_all()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = sorted(_REGISTRY)
+        raise UserError(
+            f"{where}: unknown merge method {name!r}{suggest(name, known)}; "
+            f"known methods: {', '.join(known)}"
+        ) from None
+
+
+def all_methods() -> list[MergeMethod]:
+    _load_all()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]

@@ -1,0 +1,45 @@
+"""Linear (weighted average) merge — "Model soups", Wortsman et al. 2022."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from mergekit_math.methods import MergeInputs, MergeMethod, Params, register
+
+
+class LinearShared(Params):
+    normalize: bool = Field(True, description="Divide by the sum of the weights.")
+
+
+class LinearModel(Params):
+    weight: float = Field(description="Coefficient of this model.")
+
+
+def linear(inputs: MergeInputs) -> torch.Tensor:
+    """sum_i w_i * x_i, divided by sum_i w_i when ``normalize``."""
+    first = inputs.tensors[0]
+    result = torch.zeros_like(first)
+    for tensor, p in zip(inputs.tensors, inputs.params):
+        result.add_(tensor, alpha=p.weight)  # type: ignore[attr-defined]
+    if inputs.shared.normalize:  # type: ignore[attr-defined]
+        total = torch.tensor(
+            [p.weight for p in inputs.params], dtype=first.dtype  # type: ignore[attr-defined]
+        ).sum()
+        if total.abs() < 1e-8:
+            raise ValueError("linear: the weights sum to zero; set normalize: false")
+        result.div_(total)
+    return result
+
+
+register(
+    MergeMethod(
+        name="linear",
+        pretty_name="Linear",
+        paper_url="https://arxiv.org/abs/2203.05482",
+        merge=linear,
+        shared_params=LinearShared,
+        model_params=LinearModel,
+        description="Weighted average of the models.",
+    )
+)

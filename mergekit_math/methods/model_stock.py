@@ -1,0 +1,66 @@
+"""Model Stock: interpolate the average of fine-tunes towards the base by their angle."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from mergekit_math.methods import MergeInputs, MergeMethod, Params, register
+
+
+class ModelStockShared(Params):
+    filter_wise: bool = Field(False, description="One ratio per row instead of per tensor.")
+
+
+class ModelStockModel(Params):
+    pass
+
+
+def pairwise_cosine(offsets: list[torch.Tensor]) -> torch.Tensor:
+    """Mean cosine between every pair of offsets (over the last dimension)."""
+    cosines = []
+    for i, a in enumerate(offsets):
+        for b in offsets[i + 1 :]:
+            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
+            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    return torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+
+
+def model_stock(inputs: MergeInputs) -> torch.Tensor:
+    """t = N·cosθ / (1 + (N−1)·cosθ); out = t·mean(models) + (1−t)·base."""
+    assert inputs.base is not None
+    base, models = inputs.base, inputs.tensors
+    shape = base.shape
+    if inputs.shared.filter_wise:  # type: ignore[attr-defined]
+        if base.dim() == 1:
+            base = base.unsqueeze(0)
+            models = [m.unsqueeze(0) for m in models]
+    else:
+        base = base.reshape(-1)
+        models = [m.reshape(-1) for m in models]
+    cos = pairwise_cosine([m - base for m in models])
+    n = len(models)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6
+    ratio = torch.where(
+        singular,
+        torch.zeros_like(cos),
+        (n * cos) / torch.where(singular, torch.ones_like(denominator), denominator),
+    )
+    average = sum(models) / n
+    return (ratio * average + (1 - ratio) * base).reshape(shape)
+
+
+register(
+    MergeMethod(
+        name="model_stock",
+        pretty_name="Model Stock",
+        paper_url="https://arxiv.org/abs/2403.19522",
+        merge=model_stock,
+        shared_params=ModelStockShared,
+        model_params=ModelStockModel,
+        base="required",
+        min_models=2,
+        description="Angle-based interpolation of the fine-tunes' average towards the base.",
+    )
+)

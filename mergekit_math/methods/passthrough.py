@@ -1,0 +1,40 @@
+"""Passthrough: copy one input tensor (optionally scaled) — used for layer stacking."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from mergekit_math.methods import MergeInputs, MergeMethod, Params, register
+
+
+class PassthroughShared(Params):
+    pass
+
+
+class PassthroughModel(Params):
+    scale: float | None = Field(None, description="Multiply the copied tensor by this.")
+
+
+def passthrough(inputs: MergeInputs) -> torch.Tensor:
+    """The single input, times ``scale`` when given."""
+    if len(inputs.tensors) != 1:
+        raise ValueError(f"passthrough takes exactly one input, got {len(inputs.tensors)}")
+    scale = inputs.params[0].scale  # type: ignore[attr-defined]
+    tensor = inputs.tensors[0]
+    return tensor if scale is None else tensor * scale
+
+
+register(
+    MergeMethod(
+        name="passthrough",
+        pretty_name="Passthrough",
+        paper_url="https://github.com/arcee-ai/mergekit#passthrough",
+        merge=passthrough,
+        shared_params=PassthroughShared,
+        model_params=PassthroughModel,
+        min_models=1,
+        max_models=1,
+        description="Copy tensors from one model per slice (layer stacking / frankenmerges).",
+    )
+)

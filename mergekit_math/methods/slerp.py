@@ -1,0 +1,68 @@
+"""SLERP: spherical linear interpolation between the base and one other model."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from mergekit_math.methods import MergeInputs, MergeMethod, Params, register
+
+
+class SlerpShared(Params):
+    t: float = Field(ge=0.0, le=1.0, description="0 gives the base model, 1 the other model.")
+
+
+class SlerpModel(Params):
+    pass
+
+
+def slerp(
+    t: float,
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    dot_threshold: float = 0.9995,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Interpolate along the great circle between the flattened tensors.
+
+    Directions come from the normalised tensors; nearly (anti)parallel pairs
+    (|cos| > ``dot_threshold``) fall back to linear interpolation.
+    """
+    a = v0.reshape(-1)
+    b = v1.reshape(-1)
+    if a.numel() == 0:
+        return ((1 - t) * v0 + t * v1).reshape(v0.shape)
+    norm_a = torch.linalg.vector_norm(a)
+    norm_b = torch.linalg.vector_norm(b)
+    norm_a = torch.where(norm_a > eps, norm_a, 1)
+    norm_b = torch.where(norm_b > eps, norm_b, 1)
+    dot = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)
+    if dot.abs() > dot_threshold:
+        coef_a, coef_b = 1 - t, t
+    else:
+        theta = torch.acos(dot)
+        sin_theta = torch.sin(theta)
+        coef_a = torch.sin((1 - t) * theta) / sin_theta
+        coef_b = torch.sin(t * theta) / sin_theta
+    return (coef_a * a + coef_b * b).reshape(v0.shape)
+
+
+def slerp_merge(inputs: MergeInputs) -> torch.Tensor:
+    assert inputs.base is not None and len(inputs.tensors) == 1
+    return slerp(inputs.shared.t, inputs.base, inputs.tensors[0])  # type: ignore[attr-defined]
+
+
+register(
+    MergeMethod(
+        name="slerp",
+        pretty_name="SLERP",
+        paper_url="https://en.wikipedia.org/wiki/Slerp",
+        merge=slerp_merge,
+        shared_params=SlerpShared,
+        model_params=SlerpModel,
+        base="required",
+        min_models=1,
+        max_models=1,
+        description="Spherical interpolation between base_model and one other model.",
+    )
+)

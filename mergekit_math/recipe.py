@@ -1,0 +1,263 @@
+"""Recipe schema: a superset of mergekit's YAML, validated strictly before any tensor is read.
+
+Every error is a :class:`UserError` whose message starts with the YAML path of the offending
+key (``models[1].parameters.density: ...``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from mergekit_math.errors import UserError
+
+Scalar = Union[bool, int, float, str]
+DTypeName = Literal["float32", "float16", "bfloat16", "float64"]
+
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "float": "float32",
+    "fp16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+    "fp64": "float64",
+    "double": "float64",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ConditionalParameter(_Strict):
+    """One entry of a filtered parameter list: the first entry whose ``filter`` is a substring
+    of the tensor name wins; an entry without ``filter`` (or with ``*``) is the fallback."""
+
+    value: Union[Scalar, list[Scalar]]
+    filter: str | None = None
+
+
+# A parameter value as mergekit reads it: a scalar, a gradient (list of scalars interpolated
+# across layers) or a list of filtered values.
+Setting = Union[Scalar, list[Scalar], ConditionalParameter, list[ConditionalParameter]]
+Parameters = dict[str, Setting]
+
+
+class InputModel(_Strict):
+    model: str = Field(description="Local folder or Hub id of a checkpoint.")
+    parameters: Parameters | None = None
+    origin: str | None = Field(
+        default=None,
+        description="mmath extension: this model's delta is model - origin instead of "
+        "model - base_model (PortLLM patches, CoT-Valve directions).",
+    )
+
+
+class InputSlice(_Strict):
+    model: str
+    layer_range: tuple[int, int] = Field(description="Half-open [start, end) layer range.")
+    parameters: Parameters | None = None
+    origin: str | None = None
+
+
+class OutputSlice(_Strict):
+    sources: list[InputSlice]
+    base_model: str | None = None
+    parameters: Parameters | None = None
+
+
+class Recipe(_Strict):
+    """A merge recipe. Fields mirror mergekit's; ``seed``, ``compute_dtype`` and per-model
+    ``origin`` are mmath extensions."""
+
+    merge_method: str
+    base_model: str | None = None
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: Parameters | None = None
+    dtype: DTypeName | None = Field(
+        default=None, description="Inputs are rounded to this dtype when read (as mergekit)."
+    )
+    out_dtype: DTypeName | None = Field(
+        default=None, description="Dtype of the written tensors; defaults to dtype, else input."
+    )
+    compute_dtype: DTypeName = Field(
+        default="float32",
+        description="mmath extension: arithmetic dtype (inputs upcast once, output cast once).",
+    )
+    tokenizer_source: str | None = Field(
+        default=None, description="'base' or a model path: tokenizer files are copied from it."
+    )
+    chat_template: str | None = None
+    seed: int | None = Field(default=None, description="mmath extension: seed for DARE/DELLA.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise_dtypes(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("dtype", "out_dtype", "compute_dtype"):
+                value = data.get(key)
+                if isinstance(value, str):
+                    data[key] = _DTYPE_ALIASES.get(value.lower(), value.lower())
+        return data
+
+    def model_refs(self) -> list[tuple[str, str]]:
+        """(YAML path, reference) of every checkpoint the recipe names, base first."""
+        refs: list[tuple[str, str]] = []
+        if self.base_model:
+            refs.append(("base_model", self.base_model))
+        for i, m in enumerate(self.models or []):
+            refs.append((f"models[{i}].model", m.model))
+            if m.origin:
+                refs.append((f"models[{i}].origin", m.origin))
+        for i, s in enumerate(self.slices or []):
+            if s.base_model:
+                refs.append((f"slices[{i}].base_model", s.base_model))
+            for j, src in enumerate(s.sources):
+                refs.append((f"slices[{i}].sources[{j}].model", src.model))
+                if src.origin:
+                    refs.append((f"slices[{i}].sources[{j}].origin", src.origin))
+        if self.tokenizer_source and self.tokenizer_source not in ("base", "union"):
+            refs.append(("tokenizer_source", self.tokenizer_source))
+        return refs
+
+
+def _yaml_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after[_normalise_dtypes(), Recipe]",):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<recipe>"
+
+
+def _first_error(exc: ValidationError) -> str:
+    """One line for the most useful pydantic error (pydantic lists one per union branch)."""
+    errors = exc.errors()
+    # Prefer "extra field" / "missing" errors: they are what the user typed wrong.
+    for kind in ("extra_forbidden", "missing"):
+        for err in errors:
+            if err["type"] == kind:
+                return _format_error(err)
+    return _format_error(errors[0])
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p and "]" in p))
+    path = _yaml_path(loc)
+    if err["type"] == "extra_forbidden":
+        return f"{path}: unknown key {loc[-1]!r}"
+    if err["type"] == "missing":
+        return f"{path}: required key is missing"
+    return f"{path}: {err['msg']} (got {err.get('input')!r})"
+
+
+def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
+    """Validate a recipe mapping; errors name the YAML path."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(f"{source}: {_first_error(exc)}") from None
+    if bool(recipe.models) == bool(recipe.slices):
+        raise UserError(f"{source}: give exactly one of 'models' or 'slices'")
+    if recipe.tokenizer_source == "union":
+        raise UserError(
+            f"{source}: tokenizer_source: 'union' (vocabulary merging) is not supported; "
+            "use 'base' or a model path"
+        )
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_recipe(data, source=str(path))
+
+
+# --------------------------------------------------------------------------- parameter values
+
+
+def suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def iter_leaves(setting: Setting) -> list[Scalar]:
+    """Every scalar a setting can produce, for validation before any tensor is read."""
+    if isinstance(setting, ConditionalParameter):
+        return iter_leaves(setting.value)  # type: ignore[arg-type]
+    if isinstance(setting, list):
+        out: list[Scalar] = []
+        for item in setting:
+            out.extend(iter_leaves(item))  # type: ignore[arg-type]
+        return out
+    return [setting]
+
+
+def evaluate_setting(setting: Setting, tensor_name: str, t: float) -> Scalar | None:
+    """The value of ``setting`` for one tensor, as mergekit evaluates it.
+
+    - scalar: itself;
+    - list of scalars: a gradient; numbers are interpolated linearly at ``t`` (layer position
+      in [0, 1]), other values are picked at ``int(t * (n - 1))``;
+    - filtered list: the first entry whose filter is a substring of the name (or has no filter).
+    """
+    if isinstance(setting, ConditionalParameter):
+        setting = [setting]
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(not isinstance(e, ConditionalParameter) for e in setting):
+            values = list(setting)
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            if not numeric:
+                return values[int(t * (len(values) - 1))]  # type: ignore[return-value]
+            scaled = t * (len(values) - 1)
+            i0 = int(scaled)
+            i1 = min(len(values) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * values[i0] + frac * values[i1]  # type: ignore[operator]
+        for cond in setting:
+            if not isinstance(cond, ConditionalParameter):
+                continue
+            if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
+                return evaluate_setting(cond.value, tensor_name, t)  # type: ignore[arg-type]
+        return None
+    return setting
+
+
+def field_adapter(model: type[BaseModel], name: str) -> TypeAdapter[Any]:
+    """A validator for one field of a parameter model, with its constraints."""
+    from typing import Annotated
+
+    info = model.model_fields[name]
+    if not info.metadata:
+        return TypeAdapter(info.annotation)
+    return TypeAdapter(Annotated[(info.annotation, *info.metadata)])  # type: ignore[misc]
+
+
+def check_value(model: type[BaseModel], name: str, value: Any, where: str) -> Any:
+    try:
+        return field_adapter(model, name).validate_python(value)
+    except ValidationError as exc:
+        msg = exc.errors()[0]["msg"]
+        raise UserError(f"{where}: {msg} (got {value!r})") from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    data = recipe.model_dump(mode="json", exclude_none=True)
+    return yaml.safe_dump(data, sort_keys=False)

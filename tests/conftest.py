@@ -1,0 +1,133 @@
+"""Tiny checkpoints built in the tests: Llama, Qwen2 and GPT-2 shapes, tied or untied,
+sharded or not, in fp32/bf16/fp16, with a real (tiny) tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+VOCAB = 96
+
+
+def build_tokenizer(folder: Path) -> None:
+    """A character-level tokenizer made with the ``tokenizers`` library."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?!+-*/=#:\n")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
+    fast.save_pretrained(folder)
+
+
+def make_config(arch: str, tied: bool, layers: int = 3):
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    if arch == "llama":
+        return LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            max_position_embeddings=128,
+            tie_word_embeddings=tied,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    if arch == "qwen2":
+        return Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            max_position_embeddings=128,
+            tie_word_embeddings=tied,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    if arch == "gpt2":
+        return GPT2Config(
+            n_embd=32,
+            n_layer=layers,
+            n_head=4,
+            n_positions=128,
+            vocab_size=VOCAB,
+            tie_word_embeddings=tied,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    raise ValueError(arch)
+
+
+def make_model(
+    folder: Path,
+    *,
+    arch: str = "llama",
+    seed: int = 0,
+    base: Path | None = None,
+    noise: float = 0.02,
+    dtype: str = "float32",
+    tied: bool = False,
+    layers: int = 3,
+    shard_size: str | None = None,
+) -> Path:
+    """Save a tiny causal LM. With ``base``, the weights are base + N(0, noise) (a 'fine-tune')."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    if base is not None:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        gen = torch.Generator().manual_seed(seed + 1000)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * noise)
+    else:
+        model = AutoModelForCausalLM.from_config(make_config(arch, tied, layers))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.2)
+    model = model.to(getattr(torch, dtype))
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    build_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory) -> dict[str, Path]:
+    """A base and three fine-tunes of a tiny Llama (fp32), shared by many tests."""
+    root = tmp_path_factory.mktemp("zoo")
+    base = make_model(root / "base", seed=0)
+    return {
+        "base": base,
+        "a": make_model(root / "a", base=base, seed=1),
+        "b": make_model(root / "b", base=base, seed=2),
+        "c": make_model(root / "c", base=base, seed=3),
+        "root": root,
+    }
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
