@@ -131,3 +131,26 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def ulp(x, dtype):
+    """Spacing of ``dtype`` at each value of ``x`` (a float32/float64 tensor)."""
+    import torch
+
+    info = torch.finfo(dtype)
+    mag = x.abs().double().clamp(min=info.tiny)
+    return torch.exp2(torch.floor(torch.log2(mag))) * info.eps
+
+
+def assert_ulp_close(got, expect, ulps: float = 1.0):
+    """``got`` (any float dtype) within ``ulps`` units in the last place of its dtype."""
+    import torch
+
+    diff = (got.double() - expect.double()).abs()
+    limit = ulps * ulp(expect.double(), got.dtype)
+    bad = diff > limit
+    assert not bad.any(), (
+        f"{int(bad.sum())}/{bad.numel()} entries beyond {ulps} ulp of {got.dtype}; "
+        f"max diff {diff.max().item():.3g}"
+    )
+    return diff.max().item() if diff.numel() else 0.0
