@@ -82,12 +82,9 @@ def export_smollm2(out_dir: Path, dtype: str = "bfloat16") -> Path:
     del loaded
     # A plain model from the config alone: nothing of the GGUF loading path is kept.
     config.dtype = torch_dtype
-    for key in ("quantization_config", "_name_or_path"):
-        if hasattr(config, key):
-            try:
-                delattr(config, key)
-            except AttributeError:
-                pass
+    # GGUF loading may leave a quantization config and the GGUF's display name behind.
+    for key in ("quantization_config", "_model_name_or_path"):
+        config.__dict__.pop(key, None)
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied output embeddings are absent from a tied model's state dict keys only by name.

@@ -238,3 +238,54 @@ def test_density_out_of_range_is_a_validation_error():
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValidationError):
             m.model_params.model_validate({"weight": 1, "density": bad})
+
+
+def test_magnitude_prune_ties_at_threshold_keep_exactly_k_in_index_order():
+    delta = torch.tensor([0.5, -0.5, 0.5, 0.1, 0.9, -0.5])
+    kept = magnitude_prune(delta, 0.5, None)  # k = 3: 0.9 and the first two 0.5s
+    assert torch.equal(kept, torch.tensor([0.5, -0.5, 0.0, 0.0, 0.9, 0.0]))
+
+
+@pytest.mark.parametrize(
+    "name,per_model,shared",
+    [
+        ("slerp", [{}], {"t": 0.3}),
+        ("model_stock", [{}, {}], {}),
+        ("ties", [{"weight": 0.5, "density": 0.3}] * 2, {"rescale": "l1"}),
+        ("dare_ties", [{"weight": 0.5, "density": 0.3}] * 2, {"rescale": "l1"}),
+        ("della", [{"weight": 0.5, "density": 0.3}] * 2, {}),
+        ("breadcrumbs", [{"weight": 0.5, "density": 0.3}] * 2, {}),
+    ],
+)
+def test_large_tensors_do_not_depend_on_thread_count(name, per_model, shared):
+    """float32 CPU reductions over many elements change with the thread count; ours don't."""
+    base = _rand(700, 600, seed=0).bfloat16().float()  # bf16 values: many equal magnitudes
+    others = [base + _rand(700, 600, seed=s).bfloat16().float() * 0.01 for s in (1, 2)]
+    m = get_method(name)
+    tensors = [o - base for o in others] if m.kind == "delta" else others
+    tensors = tensors[: len(per_model)]
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            _, inp = _inputs(name, base, [t.clone() for t in tensors], per_model, shared)
+            results.append(m.merge(inp))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def test_reduce_sum_is_thread_independent():
+    from mergekit_math.methods import reduce_norm, reduce_sum
+
+    x = _rand(3_000_000, seed=9)
+    before = torch.get_num_threads()
+    try:
+        vals = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            vals.append((reduce_sum(x.abs()).item(), reduce_norm(x).item()))
+    finally:
+        torch.set_num_threads(before)
+    assert vals[0] == vals[1] == vals[2]

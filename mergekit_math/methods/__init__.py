@@ -25,6 +25,37 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
 
+# torch reduces tensors up to this many elements on one thread (at::internal::GRAIN_SIZE).
+SINGLE_THREAD_REDUCTION = 32768
+
+
+def reduce_sum(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum that does not depend on the thread count, in ``x``'s dtype.
+
+    float32 sums of large CPU tensors change in the last bits with the number of threads.
+    Reductions over up to 32768 elements run on one thread, so they are summed as torch (and
+    mergekit) sums them; longer ones accumulate in float64 and are rounded once.
+    """
+    import torch
+
+    length = x.numel() if dim is None else x.shape[dim]
+    if length <= SINGLE_THREAD_REDUCTION or x.dtype == torch.float64:
+        return x.sum() if dim is None else x.sum(dim=dim)
+    out = x.sum(dtype=torch.float64) if dim is None else x.sum(dim=dim, dtype=torch.float64)
+    return out.to(x.dtype)
+
+
+def reduce_norm(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """L2 norm with the thread-count independence of :func:`reduce_sum`."""
+    import torch
+
+    length = x.numel() if dim is None else x.shape[dim]
+    if length <= SINGLE_THREAD_REDUCTION or x.dtype == torch.float64:
+        return torch.linalg.vector_norm(x) if dim is None else torch.linalg.vector_norm(x, dim=dim)
+    kwargs = {} if dim is None else {"dim": dim}
+    return torch.linalg.vector_norm(x, dtype=torch.float64, **kwargs).to(x.dtype)
+
+
 def param_keys(model: type[BaseModel]) -> dict[str, str]:
     """YAML key -> field name (``lambda`` -> ``lambda_``)."""
     return {(info.alias or name): name for name, info in model.model_fields.items()}

