@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -43,7 +43,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        Optional[bool],
+        bool | None,
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
     ] = None,
 ) -> None:
@@ -56,10 +56,10 @@ def merge(
     out_dir: Annotated[Path, typer.Argument(help="Output folder; must not exist unless --force.")],
     device: Annotated[str, typer.Option(help="Where to compute: cpu or cuda.")] = "cpu",
     threads: Annotated[
-        Optional[int], typer.Option(help="torch intra-op threads (default: torch's choice).")
+        int | None, typer.Option(help="torch intra-op threads (default: torch's choice).")
     ] = None,
     seed: Annotated[
-        Optional[int], typer.Option(help="Seed for DARE/DELLA; overrides the recipe's seed.")
+        int | None, typer.Option(help="Seed for DARE/DELLA; overrides the recipe's seed.")
     ] = None,
     out_shard_size: Annotated[
         str, typer.Option(help="Maximum shard size: bytes or 500M, 2G, 5G.")
@@ -112,7 +112,11 @@ def merge(
 
             torch.set_num_threads(threads)
         final = execute(
-            plan, out_dir, device=device, max_shard_size=shard_size, force=force,
+            plan,
+            out_dir,
+            device=device,
+            max_shard_size=shard_size,
+            force=force,
             progress=not quiet,
         )
     except UserError as exc:

@@ -220,8 +220,7 @@ def _resolve_params(
         prefix = f"{missing_where}.parameters" if missing_where else "parameters"
         if err["type"] == "missing":
             raise UserError(
-                f"{prefix}.{key}: missing required parameter {key!r} "
-                f"(no value for tensor {tensor})"
+                f"{prefix}.{key}: missing required parameter {key!r} (no value for tensor {tensor})"
             ) from None
         raise UserError(f"{prefix}.{key}: {err['msg']}") from None
 
@@ -362,7 +361,9 @@ def build_plan(
                     (src.layer_range[0] for src in s.sources if load(src.model, "") is sbase), 0
                 )
                 sbase_src = Source(-1, f"slices[{i}].base_model", sbase, None, None, start)
-            groups.append(SliceGroup(f"slices[{i}]", sources, sbase_src, s.parameters, lengths.pop()))
+            groups.append(
+                SliceGroup(f"slices[{i}]", sources, sbase_src, s.parameters, lengths.pop())
+            )
 
     for g in groups:
         n = len(g.sources)
@@ -379,9 +380,7 @@ def build_plan(
     reference = base or groups[0].sources[0].ckpt
     everyone = [(c.ref, c) for c in load.by_path.values() if c is not reference]
     wheres = {id(c): w for w, c in [(s.where, s.ckpt) for g in groups for s in g.sources]}
-    _check_compatible(
-        reference, [(wheres.get(id(c), ref), c) for ref, c in everyone]
-    )
+    _check_compatible(reference, [(wheres.get(id(c), ref), c) for ref, c in everyone])
 
     # ------------------------------------------------ shared params and seeds
     seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else DEFAULT_SEED)
@@ -390,8 +389,15 @@ def build_plan(
     out_dtype = recipe.out_dtype or recipe.dtype
     items: list[PlanItem] = []
 
-    def add(out_name: str, group: SliceGroup, names: list[str], base_name: str | None, t: float,
-            ref_ckpt: Checkpoint, ref_name: str) -> None:
+    def add(
+        out_name: str,
+        group: SliceGroup,
+        names: list[str],
+        base_name: str | None,
+        t: float,
+        ref_ckpt: Checkpoint,
+        ref_name: str,
+    ) -> None:
         ref_info = ref_ckpt.info(ref_name)
         for s, n in zip(group.sources, names):
             _check_tensor(out_name, ref_info, s.ckpt, n, s.where)
@@ -422,8 +428,11 @@ def build_plan(
                 _resolve_params(
                     method.model_params,
                     [(f"{s.where}.parameters", s.parameters)]
-                    + ([(f"{group.where}.parameters", group.parameters)]
-                       if group.parameters else [])
+                    + (
+                        [(f"{group.where}.parameters", group.parameters)]
+                        if group.parameters
+                        else []
+                    )
                     + [("parameters", recipe.parameters)],
                     n,
                     t,
@@ -471,8 +480,9 @@ def build_plan(
             assert src0 is not None
             templ_ckpt = src0.ckpt
             templ_layer = src0.layer_start + j
-            templ_names = [n for n in sorted(templ_ckpt.tensors)
-                           if (p := layer_of(n)) and p[1] == templ_layer]
+            templ_names = [
+                n for n in sorted(templ_ckpt.tensors) if (p := layer_of(n)) and p[1] == templ_layer
+            ]
             if recipe.models:
                 templ_names = layers.get(j, [])
                 templ_ckpt = reference
@@ -485,6 +495,9 @@ def build_plan(
     for name in post:
         non_layer(name, last)
 
+    from mergekit_math.io.model_files import chat_template_text
+
+    chat_template_text(recipe.chat_template)  # an unknown template name fails here
     tok_ref = recipe.tokenizer_source
     tokenizer = reference if tok_ref in (None, "base") else load(tok_ref, "tokenizer_source")
     return Plan(
@@ -547,8 +560,13 @@ def compute_item(plan: Plan, item: PlanItem, device: str = "cpu") -> torch.Tenso
             gen.manual_seed(_seed_for(plan.seed, s.index, item.out.name))
             generators.append(gen)
     result = plan.method.merge(
-        MergeInputs(base=base, tensors=tensors, params=item.params, shared=item.shared,
-                    generators=generators)  # type: ignore[arg-type]
+        MergeInputs(
+            base=base,
+            tensors=tensors,
+            params=item.params,
+            shared=item.shared,
+            generators=generators,
+        )  # type: ignore[arg-type]
     )
     return result.to(_torch_dtype(item.out.dtype)).cpu()
 
@@ -573,7 +591,7 @@ def clean_stale_partials(out_dir: Path) -> None:
         return
     for p in out_dir.parent.glob(prefix + "*"):
         try:
-            pid = int(p.name[len(prefix):])
+            pid = int(p.name[len(prefix) :])
         except ValueError:
             continue
         if not _pid_alive(pid):

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from mergekit_math.errors import UserError
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 DTypeName = Literal["float32", "float16", "bfloat16", "float64"]
 
 _DTYPE_ALIASES = {
@@ -37,13 +37,13 @@ class ConditionalParameter(_Strict):
     """One entry of a filtered parameter list: the first entry whose ``filter`` is a substring
     of the tensor name wins; an entry without ``filter`` (or with ``*``) is the fallback."""
 
-    value: Union[Scalar, list[Scalar]]
+    value: Scalar | list[Scalar]
     filter: str | None = None
 
 
 # A parameter value as mergekit reads it: a scalar, a gradient (list of scalars interpolated
 # across layers) or a list of filtered values.
-Setting = Union[Scalar, list[Scalar], ConditionalParameter, list[ConditionalParameter]]
+Setting = Scalar | list[Scalar] | ConditionalParameter | list[ConditionalParameter]
 Parameters = dict[str, Setting]
 
 

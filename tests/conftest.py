@@ -144,7 +144,6 @@ def ulp(x, dtype):
 
 def assert_ulp_close(got, expect, ulps: float = 1.0):
     """``got`` (any float dtype) within ``ulps`` units in the last place of its dtype."""
-    import torch
 
     diff = (got.double() - expect.double()).abs()
     limit = ulps * ulp(expect.double(), got.dtype)

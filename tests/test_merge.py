@@ -108,8 +108,15 @@ seed: 42
     )
     out = tmp_path / "out"
     assert mmath("merge", recipe, out).exit_code == 0
-    for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "mmath_recipe.yaml", "README.md", "model.safetensors"):
+    for f in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "mmath_recipe.yaml",
+        "README.md",
+        "model.safetensors",
+    ):
         assert (out / f).is_file(), f
     card = (out / "README.md").read_text()
     front = card.split("---")[1]
@@ -224,7 +231,9 @@ dtype: bfloat16
     q = "self_attn.q_proj.weight"
     src = [(ta, 0), (ta, 1), (tb, 1), (tb, 2), (tc, 2)]
     for i, (model, layer) in enumerate(src):
-        assert torch.equal(got[f"model.layers.{i}.{q}"], model[f"model.layers.{layer}.{q}"].bfloat16())
+        assert torch.equal(
+            got[f"model.layers.{i}.{q}"], model[f"model.layers.{layer}.{q}"].bfloat16()
+        )
     assert torch.equal(got["model.embed_tokens.weight"], ta["model.embed_tokens.weight"].bfloat16())
     assert torch.equal(got["lm_head.weight"], tc["lm_head.weight"].bfloat16())
     assert got["model.norm.weight"].dtype == torch.bfloat16
@@ -395,7 +404,8 @@ def test_sigkill_mid_merge_leaves_no_model_at_out(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-c", script, "merge", str(recipe), str(out), "-q"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     deadline = time.time() + 60
     while time.time() < deadline and not list(tmp_path.glob(".out.mmath-partial-*/*")):
@@ -409,7 +419,8 @@ def test_sigkill_mid_merge_leaves_no_model_at_out(tmp_path):
     # SIGTERM instead: the handler removes the partial itself
     proc = subprocess.Popen(
         [sys.executable, "-c", script, "merge", str(recipe), str(out), "-q"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     while not [p for p in tmp_path.glob(".out.mmath-partial-*/*") if str(proc.pid) in str(p)]:
         time.sleep(0.05)

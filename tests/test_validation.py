@@ -41,8 +41,15 @@ def fails(tmp_path: Path, recipe_text: str, *expected: str) -> str:
     return lines[0]
 
 
-def two_models(zoo, method="ties", a_params="{weight: 0.5, density: 0.5}",
-               b_params="{weight: 0.5, density: 0.5}", extra="", a=None, b=None) -> str:
+def two_models(
+    zoo,
+    method="ties",
+    a_params="{weight: 0.5, density: 0.5}",
+    b_params="{weight: 0.5, density: 0.5}",
+    extra="",
+    a=None,
+    b=None,
+) -> str:
     return f"""
 merge_method: {method}
 base_model: {zoo["base"]}
@@ -74,8 +81,11 @@ def test_unknown_top_level_key(tmp_path, zoo):
 
 
 def test_unknown_key_in_model_entry(tmp_path, zoo):
-    text = two_models(zoo).replace("    parameters: {weight: 0.5, density: 0.5}\n  - model",
-                                   "    paramters: {weight: 0.5}\n  - model", 1)
+    text = two_models(zoo).replace(
+        "    parameters: {weight: 0.5, density: 0.5}\n  - model",
+        "    paramters: {weight: 0.5}\n  - model",
+        1,
+    )
     fails(tmp_path, text, "models[0]", "unknown key 'paramters'")
 
 
@@ -165,8 +175,14 @@ def test_folder_without_weights(tmp_path, zoo):
 def test_different_architectures(tmp_path, zoo):
     qwen = make_model(tmp_path.parent / f"{tmp_path.name}-qwen", arch="qwen2")
     text = two_models(zoo, b=str(qwen))
-    fails(tmp_path, text, "models[1]", "different architectures", "Qwen2ForCausalLM",
-          "LlamaForCausalLM")
+    fails(
+        tmp_path,
+        text,
+        "models[1]",
+        "different architectures",
+        "Qwen2ForCausalLM",
+        "LlamaForCausalLM",
+    )
 
 
 def test_different_tensor_sets(tmp_path, zoo):
@@ -211,8 +227,9 @@ def test_different_vocabulary_sizes(tmp_path, zoo):
 
 
 def test_slerp_takes_exactly_one_other_model(tmp_path, zoo):
-    text = two_models(zoo, method="slerp", a_params="{}", b_params="{}",
-                      extra="parameters: {t: 0.5}")
+    text = two_models(
+        zoo, method="slerp", a_params="{}", b_params="{}", extra="parameters: {t: 0.5}"
+    )
     fails(tmp_path, text, "slerp takes exactly 1")
 
 
@@ -239,8 +256,12 @@ slices:
 
 
 def test_paper_rescale_refused_for_ties(tmp_path, zoo):
-    fails(tmp_path, two_models(zoo, extra="parameters: {rescale: paper}"),
-          "parameters", "random drops")
+    fails(
+        tmp_path,
+        two_models(zoo, extra="parameters: {rescale: paper}"),
+        "parameters",
+        "random drops",
+    )
 
 
 def test_bad_yaml_and_missing_recipe(tmp_path):
@@ -252,14 +273,41 @@ def test_bad_yaml_and_missing_recipe(tmp_path):
 
 
 def test_both_models_and_slices(tmp_path, zoo):
-    text = two_models(zoo) + f"slices:\n  - sources:\n      - model: {zoo['a']}\n" \
+    text = (
+        two_models(zoo) + f"slices:\n  - sources:\n      - model: {zoo['a']}\n"
         "        layer_range: [0, 1]\n"
+    )
     fails(tmp_path, text, "exactly one of 'models' or 'slices'")
 
 
 def test_bad_cli_values(tmp_path, zoo):
     recipe = write_recipe(tmp_path / "r.yaml", two_models(zoo))
-    res = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "o"), "--out-shard-size", "lots"])
+    res = runner.invoke(
+        app, ["merge", str(recipe), str(tmp_path / "o"), "--out-shard-size", "lots"]
+    )
     assert res.exit_code == 2 and "--out-shard-size" in res.output
     res = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "o"), "--device", "tpu"])
     assert res.exit_code == 2 and "--device" in res.output
+
+
+def test_unknown_chat_template_name(tmp_path, zoo):
+    fails(tmp_path, two_models(zoo, extra="chat_template: chatmlx"), "chat_template", "'chatmlx'")
+
+
+def test_hub_id_is_fetched_with_weights_only_patterns(tmp_path, zoo, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append((repo_id, allow_patterns))
+        return str(zoo["b"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    recipe = write_recipe(tmp_path / "recipe.yaml", two_models(zoo, b="someorg/some-model"))
+    res = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "out"), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert calls and calls[0][0] == "someorg/some-model"
+    patterns = calls[0][1]
+    assert "*.safetensors" in patterns and "*.json" in patterns
+    assert not any("bin" in p or "pt" == p.rsplit(".", 1)[-1] for p in patterns)

@@ -65,19 +65,26 @@ def _restack(plan: Plan, values: list) -> list:
     return out if len(out) == plan.num_layers else [values[0]] * plan.num_layers
 
 
+def chat_template_text(template: str | None) -> str | None:
+    """The Jinja text for the recipe's ``chat_template`` (None or 'auto': keep the donor's)."""
+    if not template or template == "auto":
+        return None
+    text = BUILTIN_TEMPLATES.get(template, template)
+    if text == template and "{{" not in text and "{%" not in text:
+        raise UserError(
+            f"chat_template: {template!r} is neither a Jinja template nor a known name "
+            f"({', '.join(BUILTIN_TEMPLATES)}, auto)"
+        )
+    return text
+
+
 def copy_tokenizer(plan: Plan, out: Path) -> None:
     src = plan.tokenizer_source.path
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
-    template = plan.recipe.chat_template
-    if template and template != "auto":
-        text = BUILTIN_TEMPLATES.get(template, template)
-        if text == template and "{{" not in text and "{%" not in text:
-            raise UserError(
-                f"chat_template: {template!r} is neither a Jinja template nor a known name "
-                f"({', '.join(BUILTIN_TEMPLATES)})"
-            )
+    text = chat_template_text(plan.recipe.chat_template)
+    if text is not None:
         (out / "chat_template.jinja").write_text(text)
         tok_cfg = out / "tokenizer_config.json"
         if tok_cfg.is_file():
@@ -135,7 +142,7 @@ def model_card(plan: Plan, recipe_yaml: str) -> str:
         + yaml.safe_dump(front, sort_keys=False)
         + "---\n\n"
         + "# Merged model\n\n"
-        + f"This model was made with [mergekit-math](https://pypi.org/project/mergekit-math/) "
+        + "This model was made with [mergekit-math](https://pypi.org/project/mergekit-math/) "
         + f"{__version__}.\n\n"
         + f"## Method\n\n[{m.pretty_name}]({m.paper_url}) (`{m.name}`): {m.description}\n\n"
         + f"## Parents\n\n{parents}\n\n"

@@ -49,7 +49,9 @@ TIED_WEIGHTS: dict[str, tuple[str, ...]] = {
 
 # Decoder-layer tensor names: prefix, layer index, rest. Covers model.layers.{i}. (Llama, Qwen2,
 # Mistral, Gemma, Phi-3), transformer.h.{i}. (GPT-2, Falcon), gpt_neox.layers.{i}., …
-LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
+LAYER_NAME = re.compile(
+    r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$"
+)
 # Config keys holding the decoder-layer count, in lookup order.
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 # Non-layer tensors that come before the layers (the rest come after).
@@ -65,6 +67,7 @@ class TensorInfo:
     file: Path
     dtype: str  # torch dtype name, e.g. "bfloat16"
     shape: tuple[int, ...]
+    offset: int = -1  # absolute byte offset of the data in ``file`` (-1: not a safetensors file)
 
     @property
     def numel(self) -> int:
@@ -95,9 +98,11 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         if size > 100_000_000:
             raise UserError(f"{path}: not a safetensors file (header size {size})")
         try:
-            return json.loads(f.read(size))
+            header = json.loads(f.read(size))
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}: corrupt safetensors header ({exc})") from None
+    header["__header_size__"] = size
+    return header
 
 
 class Checkpoint:
@@ -135,7 +140,9 @@ class Checkpoint:
             files = sorted({self.path / f for f in weight_map.values()})
             for f in files:
                 if not f.is_file():
-                    raise UserError(f"{self.ref}: shard {f.name} listed in {WEIGHT_INDEX} is missing")
+                    raise UserError(
+                        f"{self.ref}: shard {f.name} listed in {WEIGHT_INDEX} is missing"
+                    )
         elif (self.path / SINGLE_FILE).is_file():
             files = [self.path / SINGLE_FILE]
         else:
@@ -143,13 +150,25 @@ class Checkpoint:
         if files:
             self.files = files
             for f in files:
-                for name, entry in read_safetensors_header(f).items():
+                header = read_safetensors_header(f)
+                data_start = 8 + header.pop("__header_size__")
+                for name, entry in header.items():
                     if name == "__metadata__":
                         continue
                     code = entry["dtype"]
                     if code not in DTYPES:
                         raise UserError(f"{f}: tensor {name} has unsupported dtype {code}")
-                    self.tensors[name] = TensorInfo(name, f, DTYPES[code][0], tuple(entry["shape"]))
+                    info = TensorInfo(
+                        name,
+                        f,
+                        DTYPES[code][0],
+                        tuple(entry["shape"]),
+                        data_start + int(entry["data_offsets"][0]),
+                    )
+                    end = data_start + int(entry["data_offsets"][1])
+                    if end - info.offset != info.nbytes:
+                        raise UserError(f"{f}: tensor {name} has inconsistent data offsets")
+                    self.tensors[name] = info
             return
         pickles = sorted(self.path.glob("pytorch_model*.bin"))
         if pickles:
@@ -242,7 +261,13 @@ class Checkpoint:
     # ------------------------------------------------------------------ reading
 
     def read(self, name: str) -> torch.Tensor:
-        """Read one tensor (resolving tied names); nothing else is loaded."""
+        """Read one tensor (resolving tied names) into fresh memory; nothing else is loaded.
+
+        Bytes are read with plain file reads at the offset the header gives, not through mmap:
+        mapped pages stay resident and would make the process's memory grow with the model.
+        """
+        import torch
+
         stored = self.resolve_name(name)
         if stored is None:
             raise KeyError(f"{self.ref}: no tensor {name}")
@@ -251,12 +276,22 @@ class Checkpoint:
         info = self.tensors[stored]
         handle = self._handles.get(info.file)
         if handle is None:
-            from safetensors import safe_open
-
-            handle = safe_open(str(info.file), framework="pt", device="cpu")
+            handle = open(info.file, "rb", buffering=0)
             self._handles[info.file] = handle
-        return handle.get_tensor(stored)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        handle.seek(info.offset)
+        done = 0
+        while done < info.nbytes:
+            n = handle.readinto(view[done:])
+            if not n:
+                raise UserError(f"{info.file}: truncated data for tensor {stored}")
+            done += n
+        dtype = getattr(torch, info.dtype)
+        return buf.view(dtype).reshape(info.shape)
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
         self._pickled = None

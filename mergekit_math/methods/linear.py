@@ -24,7 +24,8 @@ def linear(inputs: MergeInputs) -> torch.Tensor:
         result.add_(tensor, alpha=p.weight)  # type: ignore[attr-defined]
     if inputs.shared.normalize:  # type: ignore[attr-defined]
         total = torch.tensor(
-            [p.weight for p in inputs.params], dtype=first.dtype  # type: ignore[attr-defined]
+            [p.weight for p in inputs.params],
+            dtype=first.dtype,  # type: ignore[attr-defined]
         ).sum()
         if total.abs() < 1e-8:
             raise ValueError("linear: the weights sum to zero; set normalize: false")

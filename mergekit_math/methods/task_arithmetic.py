@@ -206,7 +206,9 @@ def make_merge(variant: Variant):
         stacked = torch.stack(deltas)
         del deltas
         weights = torch.tensor(
-            [p.weight for p in inputs.params], dtype=stacked.dtype, device=stacked.device  # type: ignore[attr-defined]
+            [p.weight for p in inputs.params],
+            dtype=stacked.dtype,
+            device=stacked.device,  # type: ignore[attr-defined]
         ).reshape((-1,) + (1,) * base.dim())
         stacked.mul_(weights)
         if variant.consensus:
