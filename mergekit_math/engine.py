@@ -357,8 +357,10 @@ def build_plan(
                 )
             sbase_src = None
             if sbase is not None:
+                # the base's layers: its own source in the slice, else the first source's range
                 start = next(
-                    (src.layer_range[0] for src in s.sources if load(src.model, "") is sbase), 0
+                    (src.layer_range[0] for src in s.sources if load(src.model, "") is sbase),
+                    s.sources[0].layer_range[0],
                 )
                 sbase_src = Source(-1, f"slices[{i}].base_model", sbase, None, None, start)
             groups.append(

@@ -459,3 +459,60 @@ models:
     got, tb = load_dir(tmp_path / "out"), load_dir(zoo["b"])
     for name, t in got.items():
         torch.testing.assert_close(t, (state[name] + tb[name]) / 2)
+
+
+def test_non_float_tensors_are_copied_from_the_base(tmp_path, zoo):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    models = {}
+    for key in ("base", "a"):
+        folder = tmp_path / key
+        shutil.copytree(zoo[key], folder)
+        state = load_file(folder / "model.safetensors")
+        state["model.rotary_ids"] = torch.arange(8, dtype=torch.int64) * (1 if key == "base" else 3)
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        models[key] = folder
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"""
+merge_method: task_arithmetic
+base_model: {models["base"]}
+models:
+  - model: {models["a"]}
+    parameters: {{weight: 0.5}}
+out_dtype: bfloat16
+""",
+    )
+    assert mmath("merge", recipe, tmp_path / "out").exit_code == 0
+    got = load_dir(tmp_path / "out")
+    assert torch.equal(got["model.rotary_ids"], torch.arange(8, dtype=torch.int64))
+    assert got["model.norm.weight"].dtype == torch.bfloat16
+
+
+def test_tied_base_with_untied_model_warns_and_stays_tied(tmp_path):
+    base = make_model(tmp_path / "base", tied=True)
+    untied = make_model(tmp_path / "untied", base=base, seed=1)
+    # give the variant its own lm_head, as an untied fine-tune would have
+    from safetensors.torch import save_file
+
+    state = load_file(untied / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone() + 1
+    save_file(state, untied / "model.safetensors", metadata={"format": "pt"})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"""
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {untied}
+    parameters: {{weight: 1.0}}
+""",
+    )
+    res = mmath("merge", recipe, tmp_path / "out")
+    assert res.exit_code == 0
+    assert "warning:" in res.output and "lm_head.weight" in res.output
+    got = load_dir(tmp_path / "out")
+    assert "lm_head.weight" not in got
+    reload_and_generate(tmp_path / "out")

@@ -311,3 +311,14 @@ def test_hub_id_is_fetched_with_weights_only_patterns(tmp_path, zoo, monkeypatch
     patterns = calls[0][1]
     assert "*.safetensors" in patterns and "*.json" in patterns
     assert not any("bin" in p or "pt" == p.rsplit(".", 1)[-1] for p in patterns)
+
+
+def test_cuda_requested_without_a_gpu(tmp_path, zoo):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    recipe = write_recipe(tmp_path / "recipe.yaml", two_models(zoo))
+    res = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "out"), "--device", "cuda"])
+    assert res.exit_code == 2 and "no CUDA device" in res.output
+    assert not (tmp_path / "out").exists()
