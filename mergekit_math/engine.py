@@ -155,7 +155,7 @@ class _Loader:
         return self.by_path[key]
 
 
-def _check_param_names(recipe: Recipe, method: MergeMethod) -> None:
+def _check_param_names(recipe: Recipe, method: MergeMethod, warnings: list[str]) -> None:
     shared = param_keys(method.shared_params)
     per_model = param_keys(method.model_params)
     known = sorted(set(shared) | set(per_model))
@@ -174,6 +174,8 @@ def _check_param_names(recipe: Recipe, method: MergeMethod) -> None:
                     f"{path}: {key!r} applies to the whole merge; set it under the top-level "
                     "'parameters'"
                 )
+            if key in method.ignored:
+                warnings.append(f"{path}: {key!r} has no effect for {method.name}")
             model = method.shared_params if key in shared else method.model_params
             field_name = (shared if key in shared else per_model)[key]
             for leaf in iter_leaves(setting):
@@ -293,9 +295,9 @@ def build_plan(
 ) -> Plan:
     """Validate ``recipe`` against the checkpoints' headers and plan every output tensor."""
     method = get_method(recipe.merge_method)
-    _check_param_names(recipe, method)
-    load = _Loader(recipe_dir, allow_pickle)
     warnings: list[str] = []
+    _check_param_names(recipe, method, warnings)
+    load = _Loader(recipe_dir, allow_pickle)
 
     if method.base == "required" and not recipe.base_model:
         raise UserError(f"base_model: {method.name} needs a base_model")
@@ -422,10 +424,6 @@ def build_plan(
             if group.parameters:
                 shared_chain.insert(0, (f"{group.where}.parameters", group.parameters))
             item.shared = _resolve_params(method.shared_params, shared_chain, out_name, t, "")
-            if method.check_shared is not None:
-                problem = method.check_shared(item.shared)
-                if problem:
-                    raise UserError(f"parameters: {problem}")
             item.params = [
                 _resolve_params(
                     method.model_params,
@@ -442,6 +440,14 @@ def build_plan(
                 )
                 for s, n in zip(group.sources, names)
             ]
+            if method.check is not None:
+                problem = method.check(item.shared, item.params)
+                if problem is not None:
+                    idx, key, message = problem
+                    where = (
+                        "parameters" if idx is None else f"{group.sources[idx].where}.parameters"
+                    )
+                    raise UserError(f"{where}.{key}: {message} (tensor {out_name})")
         items.append(item)
 
     pre, layers, post = _ordered_names(reference)

@@ -227,8 +227,8 @@ def test_zero_deltas_return_the_base(name, extra):
 def test_paper_rescale_refused_for_magnitude_methods():
     m = get_method("ties")
     shared = m.shared_params.model_validate({"rescale": "paper"})
-    assert "random drops" in m.check_shared(shared)
-    assert get_method("dare_ties").check_shared(shared) is None
+    assert "random drops" in m.check(shared, [])[2]
+    assert get_method("dare_ties").check(shared, []) is None
 
 
 def test_density_out_of_range_is_a_validation_error():

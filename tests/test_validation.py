@@ -322,3 +322,34 @@ def test_cuda_requested_without_a_gpu(tmp_path, zoo):
     res = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "out"), "--device", "cuda"])
     assert res.exit_code == 2 and "no CUDA device" in res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_della_epsilon_beyond_density(tmp_path, zoo):
+    fails(
+        tmp_path,
+        two_models(zoo, method="della", b_params="{weight: 0.5, density: 0.5, epsilon: 0.6}"),
+        "models[1].parameters.epsilon",
+        "0.5 ± 0.6",
+    )
+
+
+def test_linear_weights_summing_to_zero(tmp_path, zoo):
+    fails(
+        tmp_path,
+        two_models(zoo, method="linear", a_params="{weight: 1}", b_params="{weight: -1}"),
+        "parameters.normalize",
+        "sum to zero",
+    )
+
+
+def test_ignored_parameter_warns(tmp_path, zoo):
+    recipe = write_recipe(
+        tmp_path / "recipe.yaml",
+        two_models(zoo, method="task_arithmetic"),
+    )
+    res = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "out"), "--dry-run"])
+    assert res.exit_code == 0
+    assert (
+        "warning: models[0].parameters.density: 'density' has no effect for task_arithmetic"
+        in res.output
+    )

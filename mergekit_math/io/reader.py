@@ -1,7 +1,7 @@
 """Lazy checkpoint reader: the plan comes from safetensors headers, tensors are read one at a time.
 
 Headers are parsed without torch (``mmath inspect`` and ``--dry-run`` stay light); tensor data
-is read through ``safetensors.safe_open`` (mmap) only when the engine asks for it.
+is read with plain file reads at the header's offsets, one tensor at a time, when the engine asks.
 """
 
 from __future__ import annotations

@@ -61,6 +61,10 @@ def param_keys(model: type[BaseModel]) -> dict[str, str]:
     return {(info.alias or name): name for name, info in model.model_fields.items()}
 
 
+# (input index or None for a recipe-level parameter, YAML key, message)
+Problem = tuple[int | None, str, str]
+
+
 @dataclass(frozen=True)
 class MergeInputs:
     """What one output tensor's merge gets.
@@ -94,8 +98,11 @@ class MergeMethod:
     max_models: int | None = None
     random: bool = False
     description: str = ""
-    # Cross-field check of the recipe-level parameters; returns an error message or None.
-    check_shared: Callable[[BaseModel], str | None] | None = None
+    # Cross-field check of one tensor's resolved parameters (recipe-level, per input), run at
+    # plan time: returns (input index or None for recipe-level, YAML key, message) or None.
+    check: Callable[[BaseModel, list[BaseModel]], Problem | None] | None = None
+    # Parameters accepted for mergekit compatibility that have no effect (a warning is shown).
+    ignored: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, MergeMethod] = {}

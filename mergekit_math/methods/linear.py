@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from pydantic import Field
+from pydantic import BaseModel, Field
 
-from mergekit_math.methods import MergeInputs, MergeMethod, Params, register
+from mergekit_math.methods import MergeInputs, MergeMethod, Params, Problem, register
 
 
 class LinearShared(Params):
@@ -14,6 +14,16 @@ class LinearShared(Params):
 
 class LinearModel(Params):
     weight: float = Field(description="Coefficient of this model.")
+
+
+def check_weights(shared: BaseModel, params: list[BaseModel]) -> Problem | None:
+    if shared.normalize and abs(sum(p.weight for p in params)) < 1e-8:  # type: ignore[attr-defined]
+        return (
+            None,
+            "normalize",
+            "the weights sum to zero, so they cannot be normalized; set normalize: false",
+        )
+    return None
 
 
 def linear(inputs: MergeInputs) -> torch.Tensor:
@@ -39,6 +49,7 @@ register(
         pretty_name="Linear",
         paper_url="https://arxiv.org/abs/2203.05482",
         merge=linear,
+        check=check_weights,
         shared_params=LinearShared,
         model_params=LinearModel,
         description="Weighted average of the models.",

@@ -14,7 +14,14 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field
 
-from mergekit_math.methods import MergeInputs, MergeMethod, Params, reduce_sum, register
+from mergekit_math.methods import (
+    MergeInputs,
+    MergeMethod,
+    Params,
+    Problem,
+    reduce_sum,
+    register,
+)
 
 Sparsification = Literal["none", "magnitude", "random", "magnitude_outliers", "della"]
 Rescale = Literal["paper", "l1"]
@@ -172,10 +179,19 @@ def _rescale_mode(variant: Variant, value: Rescale | bool | None) -> Rescale | N
     return value
 
 
-def check_shared(variant: Variant):
-    def check(shared: BaseModel) -> str | None:
+def check_params(variant: Variant):
+    def check(shared: BaseModel, params: list[BaseModel]) -> Problem | None:
         if shared.rescale == "paper" and variant.sparsification not in ("random", "della"):  # type: ignore[attr-defined]
-            return "rescale: 'paper' applies to random drops (DARE, DELLA); use 'l1' or false"
+            return (
+                None,
+                "rescale",
+                "'paper' applies to random drops (DARE, DELLA); use 'l1' or false",
+            )
+        if variant.sparsification == "della":
+            for i, p in enumerate(params):
+                d, e = p.density, p.epsilon  # type: ignore[attr-defined]
+                if d < 1 and not (0 < d - e and d + e < 1):
+                    return i, "epsilon", f"density ± epsilon must lie inside (0, 1), got {d} ± {e}"
         return None
 
     return check
@@ -240,6 +256,7 @@ def _register(
     variant: Variant,
     model_params: type[DeltaModel] = DeltaModel,
     description: str = "",
+    ignored: tuple[str, ...] = (),
 ) -> None:
     register(
         MergeMethod(
@@ -247,7 +264,8 @@ def _register(
             pretty_name=pretty,
             paper_url=url,
             merge=make_merge(variant),
-            check_shared=check_shared(variant),
+            check=check_params(variant),
+            ignored=ignored,
             shared_params=DeltaShared,
             model_params=model_params,
             kind="delta",
@@ -270,6 +288,7 @@ _register(
     _TA,
     Variant("none", False, False, None),
     description="base + λ·Σ w_i·(model_i − origin_i).",
+    ignored=("density", "rescale"),
 )
 _register(
     "ties",
