@@ -135,8 +135,8 @@ def _print_plan(plan, shard_size: int) -> None:  # type: ignore[no-untyped-def]
     shards = plan_shards([i.out for i in plan.items], shard_size)
     typer.echo(f"method:        {plan.method.name} ({plan.method.pretty_name})")
     typer.echo(f"inputs:        {len(plan.checkpoints)} checkpoints")
-    for p in plan.parents:
-        typer.echo(f"  - {p}")
+    for c in plan.checkpoints.values():
+        typer.echo(f"  - {c.ref} -> {c.path}" if str(c.path) != c.ref else f"  - {c.ref}")
     typer.echo(f"output layers: {plan.num_layers}")
     typer.echo(f"tensors:       {len(plan.items)}")
     typer.echo(f"read:          {_human(plan.read_bytes)}")

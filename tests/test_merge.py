@@ -123,6 +123,12 @@ seed: 42
     assert "library_name: transformers" in front and "mergekit-math" in front
     assert str(zoo["a"]) in front and str(zoo["base"]) in front
     assert "https://arxiv.org/abs/2311.03099" in card
+    import yaml
+
+    resolved = yaml.safe_load((out / "mmath_recipe.yaml").read_text())
+    assert resolved["seed"] == 42 and resolved["base_model"] == str(zoo["base"])
+    assert resolved["parameters"]["rescale"] == "paper"
+    assert resolved["parameters"]["normalize"] is False
     # the resolved recipe alone rebuilds identical bytes
     replay = tmp_path / "replay"
     res = mmath("merge", out / "mmath_recipe.yaml", replay)

@@ -353,3 +353,19 @@ def test_ignored_parameter_warns(tmp_path, zoo):
         "warning: models[0].parameters.density: 'density' has no effect for task_arithmetic"
         in res.output
     )
+
+
+def test_relative_path_found_in_two_places_is_ambiguous(tmp_path, zoo, monkeypatch):
+    import shutil
+
+    recipe_dir = tmp_path / "recipes"
+    recipe_dir.mkdir()
+    shutil.copytree(zoo["a"], recipe_dir / "m")
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    shutil.copytree(zoo["b"], cwd / "m")
+    monkeypatch.chdir(cwd)
+    recipe = write_recipe(recipe_dir / "r.yaml", two_models(zoo, a="m"))
+    res = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "out")])
+    assert res.exit_code == 2
+    assert "models[0].model" in res.output and "ambiguous" in res.output

@@ -121,6 +121,8 @@ def resolved_recipe(plan: Plan) -> dict:
     for item in plan.items:
         if item.shared is not None:
             for key, value in item.shared.model_dump(by_alias=True).items():
+                if value is None:
+                    value = plan.method.shared_defaults.get(key)
                 if value is not None:
                     params.setdefault(key, value)
             break

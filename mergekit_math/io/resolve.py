@@ -21,14 +21,24 @@ HUB_PATTERNS = [
 
 
 def resolve_model(ref: str, where: str, base_dir: Path | None = None) -> Path:
-    """A local folder for ``ref``: an existing path (relative to ``base_dir`` if not found
-    as given), else a Hub id fetched with ``snapshot_download``."""
+    """A local folder for ``ref``: an existing path, else a Hub id fetched with
+    ``snapshot_download``.
+
+    A relative path is looked up from the current directory (as mergekit does) and from the
+    recipe's folder ``base_dir``; when both exist and differ, the reference is ambiguous and
+    refused rather than silently mixing folders.
+    """
     candidates = [Path(ref).expanduser()]
     if base_dir is not None and not Path(ref).is_absolute():
         candidates.append(base_dir / ref)
-    for c in candidates:
-        if c.exists():
-            return c.resolve()
+    found = [c.resolve() for c in candidates if c.exists()]
+    if len(found) == 2 and found[0] != found[1]:
+        raise UserError(
+            f"{where}: {ref!r} is ambiguous: it exists relative to the current directory "
+            f"({found[0]}) and to the recipe's folder ({found[1]}); write an absolute path"
+        )
+    if found:
+        return found[0]
     if HUB_ID.match(ref) and not ref.startswith((".", "/")):
         return _download(ref, where)
     raise UserError(f"{where}: model path does not exist: {ref}")

@@ -7,8 +7,8 @@ upcast to the compute dtype and, for delta methods, the deltas ``model - origin`
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -103,6 +103,8 @@ class MergeMethod:
     check: Callable[[BaseModel, list[BaseModel]], Problem | None] | None = None
     # Parameters accepted for mergekit compatibility that have no effect (a warning is shown).
     ignored: tuple[str, ...] = ()
+    # What a recipe-level parameter left unset (None) means for this method.
+    shared_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, MergeMethod] = {}

@@ -265,6 +265,10 @@ def _register(
             paper_url=url,
             merge=make_merge(variant),
             check=check_params(variant),
+            shared_defaults={
+                "normalize": variant.default_normalize,
+                "rescale": variant.default_rescale or False,
+            },
             ignored=ignored,
             shared_params=DeltaShared,
             model_params=model_params,
