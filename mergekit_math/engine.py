@@ -243,7 +243,12 @@ def _check_compatible(ref: Checkpoint, others: list[tuple[str, Checkpoint]]) -> 
 
 
 def _check_tensor(
-    item_name: str, ref_info: TensorInfo, src: Checkpoint, name: str, where: str
+    item_name: str,
+    ref_info: TensorInfo,
+    ref: Checkpoint,
+    src: Checkpoint,
+    name: str,
+    where: str,
 ) -> None:
     stored = src.resolve_name(name)
     if stored is None:
@@ -255,7 +260,7 @@ def _check_tensor(
     if info.shape != ref_info.shape:
         raise UserError(
             f"{where}: different shapes for {name}: {src.ref} has {list(info.shape)}, "
-            f"{ref_info.file.parent.name or ref_info.file} has {list(ref_info.shape)}"
+            f"{ref.ref} has {list(ref_info.shape)}"
         )
 
 
@@ -286,22 +291,10 @@ def _seed_for(seed: int, source_index: int, tensor: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def build_plan(
-    recipe: Recipe,
-    *,
-    recipe_dir: Path | None = None,
-    seed: int | None = None,
-    allow_pickle: bool = False,
-) -> Plan:
-    """Validate ``recipe`` against the checkpoints' headers and plan every output tensor."""
-    method = get_method(recipe.merge_method)
-    warnings: list[str] = []
-    _check_param_names(recipe, method, warnings)
-    load = _Loader(recipe_dir, allow_pickle)
-
-    if method.base == "required" and not recipe.base_model:
-        raise UserError(f"base_model: {method.name} needs a base_model")
-    base = load(recipe.base_model, "base_model") if recipe.base_model else None
+def _build_groups(
+    recipe: Recipe, method: MergeMethod, load: _Loader, base: Checkpoint | None
+) -> list[SliceGroup]:
+    """Normalise ``models:`` (one group over every layer) and ``slices:`` into groups."""
 
     def origin_of(ref: str | None, where: str) -> Checkpoint | None:
         if ref is None:
@@ -313,7 +306,10 @@ def build_plan(
             )
         return load(ref, f"{where}.origin")
 
-    # ------------------------------------------------ normalise models/slices into groups
+    def is_base(ckpt: Checkpoint, group_base: Checkpoint | None) -> bool:
+        # A base listed among the inputs of a method that needs one is the base, not an input.
+        return group_base is not None and ckpt is group_base and method.base == "required"
+
     groups: list[SliceGroup] = []
     index = 0
     if recipe.models:
@@ -322,21 +318,22 @@ def build_plan(
             where = f"models[{i}]"
             ckpt = load(m.model, f"{where}.model")
             origin = origin_of(m.origin, where)
-            if base is not None and ckpt is base and method.base == "required":
+            if is_base(ckpt, base):
                 if origin is not None:
                     raise UserError(f"{where}.origin: the base model cannot have an origin")
-                continue  # the base listed among the models is the base, not an input
+                continue
             sources.append(Source(index, where, ckpt, m.parameters, origin))
             index += 1
-        ref = base or sources[0].ckpt
+        layers = (base or sources[0].ckpt).num_layers if (base or sources) else 0
         base_src = Source(-1, "base_model", base, None) if base is not None else None
-        groups.append(SliceGroup("models", sources, base_src, None, ref.num_layers))
+        groups.append(SliceGroup("models", sources, base_src, None, layers))
     else:
         assert recipe.slices is not None
         for i, s in enumerate(recipe.slices):
             sbase = load(s.base_model, f"slices[{i}].base_model") if s.base_model else base
             sources = []
             lengths = set()
+            base_start = s.sources[0].layer_range[0]
             for j, src in enumerate(s.sources):
                 where = f"slices[{i}].sources[{j}]"
                 ckpt = load(src.model, f"{where}.model")
@@ -348,7 +345,8 @@ def build_plan(
                     )
                 lengths.add(b - a)
                 origin = origin_of(src.origin, where)
-                if sbase is not None and ckpt is sbase and method.base == "required":
+                if is_base(ckpt, sbase):
+                    base_start = a  # the base's layers come from its own source in the slice
                     continue
                 sources.append(Source(index, where, ckpt, src.parameters, origin, a))
                 index += 1
@@ -357,39 +355,84 @@ def build_plan(
                     f"slices[{i}].sources: every source of a slice needs the same number of "
                     f"layers, got {sorted(lengths)}"
                 )
-            sbase_src = None
+            base_src = None
             if sbase is not None:
-                # the base's layers: its own source in the slice, else the first source's range
-                start = next(
-                    (src.layer_range[0] for src in s.sources if load(src.model, "") is sbase),
-                    s.sources[0].layer_range[0],
-                )
-                sbase_src = Source(-1, f"slices[{i}].base_model", sbase, None, None, start)
+                base_src = Source(-1, f"slices[{i}].base_model", sbase, None, None, base_start)
             groups.append(
-                SliceGroup(f"slices[{i}]", sources, sbase_src, s.parameters, lengths.pop())
+                SliceGroup(f"slices[{i}]", sources, base_src, s.parameters, lengths.pop())
             )
 
     for g in groups:
         n = len(g.sources)
         if n < method.min_models or (method.max_models is not None and n > method.max_models):
             what = "inputs besides the base model" if method.base == "required" else "inputs"
-            want = (
-                f"exactly {method.min_models}"
-                if method.max_models == method.min_models
-                else f"at least {method.min_models}"
-                + (f" and at most {method.max_models}" if method.max_models else "")
-            )
+            if method.max_models == method.min_models:
+                want = f"exactly {method.min_models}"
+            else:
+                want = f"at least {method.min_models}"
+                if method.max_models is not None:
+                    want += f" and at most {method.max_models}"
             raise UserError(f"{g.where}: {method.name} takes {want} {what}, got {n}")
+    return groups
+
+
+def _resolve_item_params(recipe: Recipe, method: MergeMethod, item: PlanItem) -> None:
+    """Resolve the recipe-level and per-input parameters of one output tensor."""
+    group, name, t = item.group, item.out.name, item.t
+    group_chain = [(f"{group.where}.parameters", group.parameters)] if group.parameters else []
+    top = [("parameters", recipe.parameters)]
+    item.shared = _resolve_params(method.shared_params, group_chain + top, name, t, "")
+    item.params = [
+        _resolve_params(
+            method.model_params,
+            [(f"{s.where}.parameters", s.parameters)] + group_chain + top,
+            input_name,
+            t,
+            s.where,
+        )
+        for s, input_name in zip(group.sources, item.names)
+    ]
+    if method.check is not None:
+        problem = method.check(item.shared, item.params)
+        if problem is not None:
+            idx, key, message = problem
+            where = "parameters" if idx is None else f"{group.sources[idx].where}.parameters"
+            raise UserError(f"{where}.{key}: {message} (tensor {name})")
+
+
+def build_plan(
+    recipe: Recipe,
+    *,
+    recipe_dir: Path | None = None,
+    seed: int | None = None,
+    allow_pickle: bool = False,
+) -> Plan:
+    """Validate ``recipe`` against the checkpoints' headers and plan every output tensor.
+
+    Output tensors follow the reference checkpoint (``base_model``, else the first input):
+    its pre-layer tensors (embeddings) from the first group, the layers group by group, then
+    its post-layer tensors (final norm, lm_head) from the last group, as mergekit does.
+    """
+    from mergekit_math.io.model_files import chat_template_text
+
+    method = get_method(recipe.merge_method)
+    warnings: list[str] = []
+    _check_param_names(recipe, method, warnings)
+    chat_template_text(recipe.chat_template)  # an unknown template name fails here
+    load = _Loader(recipe_dir, allow_pickle)
+
+    if method.base == "required" and not recipe.base_model:
+        raise UserError(f"base_model: {method.name} needs a base_model")
+    base = load(recipe.base_model, "base_model") if recipe.base_model else None
+    groups = _build_groups(recipe, method, load, base)
 
     reference = base or groups[0].sources[0].ckpt
-    everyone = [(c.ref, c) for c in load.by_path.values() if c is not reference]
-    wheres = {id(c): w for w, c in [(s.where, s.ckpt) for g in groups for s in g.sources]}
-    _check_compatible(reference, [(wheres.get(id(c), ref), c) for ref, c in everyone])
-
-    # ------------------------------------------------ shared params and seeds
+    wheres = {id(s.ckpt): s.where for g in groups for s in g.sources}
+    _check_compatible(
+        reference,
+        [(wheres.get(id(c), c.ref), c) for c in load.by_path.values() if c is not reference],
+    )
     seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else DEFAULT_SEED)
-
-    # ------------------------------------------------ output tensors
     out_dtype = recipe.out_dtype or recipe.dtype
     items: list[PlanItem] = []
 
@@ -404,15 +447,21 @@ def build_plan(
     ) -> None:
         ref_info = ref_ckpt.info(ref_name)
         for s, n in zip(group.sources, names):
-            _check_tensor(out_name, ref_info, s.ckpt, n, s.where)
+            _check_tensor(out_name, ref_info, ref_ckpt, s.ckpt, n, s.where)
             if s.origin is not None:
-                _check_tensor(out_name, ref_info, s.origin, n, f"{s.where}.origin")
+                _check_tensor(out_name, ref_info, ref_ckpt, s.origin, n, f"{s.where}.origin")
         if group.base is not None and base_name is not None:
-            _check_tensor(out_name, ref_info, group.base.ckpt, base_name, group.base.where)
+            _check_tensor(
+                out_name, ref_info, ref_ckpt, group.base.ckpt, base_name, group.base.where
+            )
         is_float = ref_info.dtype in FLOAT_DTYPES
-        dtype = (out_dtype or ref_info.dtype) if is_float else ref_info.dtype
         item = PlanItem(
-            out=TensorInfo(out_name, ref_info.file, dtype, ref_info.shape),
+            out=TensorInfo(
+                out_name,
+                ref_info.file,
+                (out_dtype or ref_info.dtype) if is_float else ref_info.dtype,
+                ref_info.shape,
+            ),
             group=group,
             names=names,
             base_name=base_name,
@@ -420,92 +469,56 @@ def build_plan(
             copy_only=not is_float,
         )
         if not item.copy_only:
-            shared_chain = [("parameters", recipe.parameters)]
-            if group.parameters:
-                shared_chain.insert(0, (f"{group.where}.parameters", group.parameters))
-            item.shared = _resolve_params(method.shared_params, shared_chain, out_name, t, "")
-            item.params = [
-                _resolve_params(
-                    method.model_params,
-                    [(f"{s.where}.parameters", s.parameters)]
-                    + (
-                        [(f"{group.where}.parameters", group.parameters)]
-                        if group.parameters
-                        else []
-                    )
-                    + [("parameters", recipe.parameters)],
-                    n,
-                    t,
-                    s.where,
-                )
-                for s, n in zip(group.sources, names)
-            ]
-            if method.check is not None:
-                problem = method.check(item.shared, item.params)
-                if problem is not None:
-                    idx, key, message = problem
-                    where = (
-                        "parameters" if idx is None else f"{group.sources[idx].where}.parameters"
-                    )
-                    raise UserError(f"{where}.{key}: {message} (tensor {out_name})")
+            _resolve_item_params(recipe, method, item)
         items.append(item)
 
     pre, layers, post = _ordered_names(reference)
-    tied_extra = [n for n in TIED_WEIGHTS if n not in reference.tensors]
-
-    def check_extra(c: Checkpoint, where: str) -> None:
-        extra = sorted(set(c.tensors) - set(reference.tensors) - set(tied_extra))
-        if recipe.slices:
-            extra = [n for n in extra if layer_of(n) is None]
-        if extra:
-            raise UserError(
-                f"{where}: different tensor sets: {c.ref} has {len(extra)} tensor(s) that "
-                f"{reference.ref} lacks, e.g. {extra[0]}"
-            )
-        dropped = sorted(set(c.tensors) & set(tied_extra))
-        if dropped:
-            warnings.append(
-                f"{c.ref} has an untied {dropped[0]} but the output ties it to the input "
-                f"embedding like {reference.ref}; that tensor is not merged"
-            )
-
+    tied_extra = {n for n in TIED_WEIGHTS if n not in reference.tensors}
     for g in groups:
         for s in g.sources:
-            check_extra(s.ckpt, s.where)
-
-    first, last = groups[0], groups[-1]
+            extra = sorted(set(s.ckpt.tensors) - set(reference.tensors) - tied_extra)
+            if recipe.slices:
+                extra = [n for n in extra if layer_of(n) is None]
+            if extra:
+                raise UserError(
+                    f"{s.where}: different tensor sets: {s.ckpt.ref} has {len(extra)} "
+                    f"tensor(s) that {reference.ref} lacks, e.g. {extra[0]}"
+                )
+            untied = sorted(set(s.ckpt.tensors) & tied_extra)
+            if untied:
+                warnings.append(
+                    f"{s.ckpt.ref} has an untied {untied[0]} but the output ties it to the "
+                    f"input embedding like {reference.ref}; that tensor is not merged"
+                )
 
     def non_layer(name: str, g: SliceGroup) -> None:
         add(name, g, [name] * len(g.sources), name if g.base else None, 0.0, reference, name)
 
     for name in pre:
-        non_layer(name, first)
+        non_layer(name, groups[0])
     out_layer = 0
     for g in groups:
+        template = g.sources[0]
+        template_layers = _ordered_names(template.ckpt)[1] if recipe.slices else layers
         for j in range(g.num_layers):
+            # t runs from 0 to 1 across the group's layers (1 for a single layer, as mergekit)
             t = j / (g.num_layers - 1) if g.num_layers > 1 else 1.0
-            src0 = g.sources[0] if g.sources else g.base
-            assert src0 is not None
-            templ_ckpt = src0.ckpt
-            templ_layer = src0.layer_start + j
-            templ_names = [
-                n for n in sorted(templ_ckpt.tensors) if (p := layer_of(n)) and p[1] == templ_layer
-            ]
-            if recipe.models:
-                templ_names = layers.get(j, [])
-                templ_ckpt = reference
-            for templ in templ_names:
-                out_name = _layer_name(templ, out_layer)
-                names = [_layer_name(templ, s.layer_start + j) for s in g.sources]
+            names_j = template_layers.get(template.layer_start + j if recipe.slices else j, [])
+            for templ in names_j:
                 base_name = _layer_name(templ, g.base.layer_start + j) if g.base else None
-                add(out_name, g, names, base_name, t, templ_ckpt, templ)
+                add(
+                    _layer_name(templ, out_layer),
+                    g,
+                    [_layer_name(templ, s.layer_start + j) for s in g.sources],
+                    base_name,
+                    t,
+                    template.ckpt if recipe.slices else reference,
+                    templ,
+                )
             out_layer += 1
     for name in post:
-        non_layer(name, last)
+        non_layer(name, groups[-1])
 
-    from mergekit_math.io.model_files import chat_template_text
-
-    chat_template_text(recipe.chat_template)  # an unknown template name fails here
     tok_ref = recipe.tokenizer_source
     tokenizer = reference if tok_ref in (None, "base") else load(tok_ref, "tokenizer_source")
     return Plan(
