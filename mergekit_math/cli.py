@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from mergekit_math import __version__
 from mergekit_math.errors import UserError
+
+if TYPE_CHECKING:
+    from mergekit_math.engine import Plan
 
 app = typer.Typer(
     name="mmath",
@@ -18,6 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 
@@ -129,7 +133,7 @@ def merge(
     )
 
 
-def _print_plan(plan, shard_size: int) -> None:  # type: ignore[no-untyped-def]
+def _print_plan(plan: Plan, shard_size: int) -> None:
     from mergekit_math.io.writer import plan_shards
 
     shards = plan_shards([i.out for i in plan.items], shard_size)
