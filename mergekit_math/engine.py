@@ -474,9 +474,10 @@ def build_plan(
 
     pre, layers, post = _ordered_names(reference)
     tied_extra = {n for n in TIED_WEIGHTS if n not in reference.tensors}
+    expected = set(reference.tensors) | tied_extra
     for g in groups:
         for s in g.sources:
-            extra = sorted(set(s.ckpt.tensors) - set(reference.tensors) - tied_extra)
+            extra = sorted(set(s.ckpt.tensors) - expected)
             if recipe.slices:
                 extra = [n for n in extra if layer_of(n) is None]
             if extra:

@@ -153,17 +153,6 @@ slices:
         layer_range: [1, 4]
 dtype: float32
 """,
-    "bf16_compute_task_arithmetic": """
-merge_method: task_arithmetic
-base_model: {base}
-models:
-  - model: {a}
-    parameters: {{weight: 0.5}}
-  - model: {b}
-    parameters: {{weight: 0.5}}
-dtype: bfloat16
-compute_dtype: bfloat16
-""",
     "bf16_task_arithmetic": """
 merge_method: task_arithmetic
 base_model: {base}
@@ -175,6 +164,9 @@ models:
 dtype: bfloat16
 """,
 }
+
+# mmath's compute_dtype reproduces mergekit's arithmetic in `dtype` (mergekit ignores the key).
+CASES["bf16_compute_task_arithmetic"] = CASES["bf16_task_arithmetic"] + "compute_dtype: bfloat16\n"
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -89,7 +89,8 @@ def layer_of(name: str) -> tuple[str, int, str] | None:
     return m["prefix"], int(m["index"]), m["rest"]
 
 
-def read_safetensors_header(path: Path) -> dict[str, Any]:
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The parsed JSON header of a safetensors file and the byte offset where its data starts."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -101,8 +102,7 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             header = json.loads(f.read(size))
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}: corrupt safetensors header ({exc})") from None
-    header["__header_size__"] = size
-    return header
+    return header, 8 + size
 
 
 class Checkpoint:
@@ -150,8 +150,7 @@ class Checkpoint:
         if files:
             self.files = files
             for f in files:
-                header = read_safetensors_header(f)
-                data_start = 8 + header.pop("__header_size__")
+                header, data_start = read_safetensors_header(f)
                 for name, entry in header.items():
                     if name == "__metadata__":
                         continue

@@ -29,6 +29,14 @@ class Params(BaseModel):
 SINGLE_THREAD_REDUCTION = 32768
 
 
+def _accumulate_in_float64(x: torch.Tensor, dim: int | None) -> bool:
+    """Whether a reduction of ``x`` is long enough for torch to split it across threads."""
+    import torch
+
+    length = x.numel() if dim is None else x.shape[dim]
+    return length > SINGLE_THREAD_REDUCTION and x.dtype != torch.float64
+
+
 def reduce_sum(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Sum that does not depend on the thread count, in ``x``'s dtype.
 
@@ -38,21 +46,19 @@ def reduce_sum(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """
     import torch
 
-    length = x.numel() if dim is None else x.shape[dim]
-    if length <= SINGLE_THREAD_REDUCTION or x.dtype == torch.float64:
-        return x.sum() if dim is None else x.sum(dim=dim)
-    out = x.sum(dtype=torch.float64) if dim is None else x.sum(dim=dim, dtype=torch.float64)
-    return out.to(x.dtype)
+    kwargs = {} if dim is None else {"dim": dim}
+    if not _accumulate_in_float64(x, dim):
+        return x.sum(**kwargs)
+    return x.sum(dtype=torch.float64, **kwargs).to(x.dtype)
 
 
 def reduce_norm(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """L2 norm with the thread-count independence of :func:`reduce_sum`."""
     import torch
 
-    length = x.numel() if dim is None else x.shape[dim]
-    if length <= SINGLE_THREAD_REDUCTION or x.dtype == torch.float64:
-        return torch.linalg.vector_norm(x) if dim is None else torch.linalg.vector_norm(x, dim=dim)
     kwargs = {} if dim is None else {"dim": dim}
+    if not _accumulate_in_float64(x, dim):
+        return torch.linalg.vector_norm(x, **kwargs)
     return torch.linalg.vector_norm(x, dtype=torch.float64, **kwargs).to(x.dtype)
 
 

@@ -33,10 +33,8 @@ def linear(inputs: MergeInputs) -> torch.Tensor:
     for tensor, p in zip(inputs.tensors, inputs.params):
         result.add_(tensor, alpha=p.weight)  # type: ignore[attr-defined]
     if inputs.shared.normalize:  # type: ignore[attr-defined]
-        total = torch.tensor(
-            [p.weight for p in inputs.params],
-            dtype=first.dtype,  # type: ignore[attr-defined]
-        ).sum()
+        weights = [p.weight for p in inputs.params]  # type: ignore[attr-defined]
+        total = torch.tensor(weights, dtype=first.dtype).sum()
         if total.abs() < 1e-8:
             raise ValueError("linear: the weights sum to zero; set normalize: false")
         result.div_(total)

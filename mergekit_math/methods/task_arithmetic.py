@@ -172,8 +172,11 @@ class Variant:
 
 
 def _rescale_mode(variant: Variant, value: Rescale | bool | None) -> Rescale | None:
-    if value is None or value is True:
-        return variant.default_rescale if value is None else (variant.default_rescale or "l1")
+    """None: the method's default; true: that default, or L1 where it has none; false: drop."""
+    if value is None:
+        return variant.default_rescale
+    if value is True:
+        return variant.default_rescale or "l1"
     if value is False:
         return None
     return value
@@ -221,11 +224,10 @@ def make_merge(variant: Variant):
             deltas.append(delta)
         stacked = torch.stack(deltas)
         del deltas
-        weights = torch.tensor(
-            [p.weight for p in inputs.params],
-            dtype=stacked.dtype,
-            device=stacked.device,  # type: ignore[attr-defined]
-        ).reshape((-1,) + (1,) * base.dim())
+        coefficients = [p.weight for p in inputs.params]  # type: ignore[attr-defined]
+        weights = torch.tensor(coefficients, dtype=stacked.dtype, device=stacked.device).reshape(
+            (-1,) + (1,) * base.dim()
+        )
         stacked.mul_(weights)
         if variant.consensus:
             mask = agreement_mask(stacked, elect_sign(stacked))
