@@ -9,13 +9,18 @@ a temporary folder that is renamed into place only when everything is written.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import shutil
 import signal
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +37,7 @@ from mergekit_math.io.reader import (
 )
 from mergekit_math.io.resolve import resolve_model
 from mergekit_math.methods import MergeMethod, get_method, param_keys
+from mergekit_math.pipeline import Prefetcher, Unit, WriterThread
 from mergekit_math.recipe import (
     Parameters,
     Recipe,
@@ -113,18 +119,12 @@ class Plan:
     def write_bytes(self) -> int:
         return sum(i.out.nbytes for i in self.items)
 
-    def estimated_peak_bytes(self) -> int:
-        """Largest tensor in compute dtype times the copies a merge of it holds."""
+    def estimated_peak_bytes(self, max_memory: int | None = None, device: str = "cpu") -> int:
+        """Tensor data held at once: the largest item's working set plus the IO budgets."""
         if not self.items:
             return 0
-        cbytes = 8 if self.recipe.compute_dtype == "float64" else 4
-        peak = 0
-        for item in self.items:
-            n_inputs = len(item.names) + (1 if item.base_name else 0)
-            n_inputs += sum(1 for s in item.group.sources if s.origin is not None)
-            copies = n_inputs + len(item.names) + 3
-            peak = max(peak, item.out.numel * cbytes * copies)
-        return peak
+        chunk, io_budget = _budgets(max_memory)
+        return max(item_memory(self, i, device, chunk) for i in self.items) + 2 * io_budget
 
     @property
     def parents(self) -> list[str]:
@@ -544,53 +544,298 @@ def _torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def compute_item(plan: Plan, item: PlanItem, device: str = "cpu") -> torch.Tensor:
-    """Read one output tensor's inputs, run the method, return it in the output dtype."""
-    import torch
+# Elements per chunk for methods that run on chunks (CPU): small enough that a chunk's inputs
+# and temporaries stay in the CPU caches, large enough that per-op overhead is negligible.
+CHUNK_ELEMENTS = 1 << 18
+# Bytes the reader thread may run ahead, and the writer thread behind, by default.
+IO_BUDGET = 64 * 2**20
+_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
-    from mergekit_math.methods import MergeInputs
 
-    recipe = plan.recipe
+@dataclass
+class _Run:
+    """What ``execute`` shares with :func:`compute_item` while it runs."""
+
+    prefetch: Prefetcher | None
+    chunk: int
+    pool: ThreadPoolExecutor | None = None
+    workers: int = 1
+    scratch: torch.Tensor | None = None  # see _scratch
+
+
+_active: ContextVar[_Run | None] = ContextVar("mmath_run", default=None)
+
+
+def is_chunked(plan: Plan, item: PlanItem, device: str = "cpu") -> bool:
+    """Whether ``item`` runs on flat chunks (copies always do; methods when they can)."""
+    if item.copy_only:
+        return True
+    chunkable = plan.method.chunkable
+    return device == "cpu" and chunkable is not None and chunkable(item.shared, item.params)  # type: ignore[arg-type]
+
+
+def item_ranges(plan: Plan, item: PlanItem, device: str, chunk: int) -> list[tuple[int, int]]:
+    n = item.out.numel
+    if n <= chunk or not is_chunked(plan, item, device):
+        return [(0, n)]
+    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+
+def _item_inputs(plan: Plan, item: PlanItem) -> list[tuple[str, Checkpoint, str]]:
+    """(role, checkpoint, tensor name) of every tensor an item reads, in a fixed order:
+    ``base``, then per source ``source`` and, when it has its own origin, ``origin``."""
     g = item.group
     if item.copy_only:
-        src = g.base if g.base is not None and item.base_name else g.sources[0]
-        name = item.base_name if src is g.base else item.names[0]
-        return src.ckpt.read(name)  # type: ignore[arg-type]
+        if g.base is not None and item.base_name:
+            return [("source", g.base.ckpt, item.base_name)]
+        return [("source", g.sources[0].ckpt, item.names[0])]
+    out: list[tuple[str, Checkpoint, str]] = []
+    if g.base is not None and item.base_name:
+        out.append(("base", g.base.ckpt, item.base_name))
+    for s, name in zip(g.sources, item.names):
+        out.append(("source", s.ckpt, name))
+        if s.origin is not None and plan.method.kind == "delta":
+            out.append(("origin", s.origin, name))
+    return out
 
+
+def _range_bytes(plan: Plan, item: PlanItem, start: int, end: int) -> int:
+    return sum(
+        (end - start) * _ITEMSIZE.get(c.info(n).dtype, 8) for _, c, n in _item_inputs(plan, item)
+    )
+
+
+def _read_range(
+    plan: Plan, item: PlanItem, start: int, end: int, pin: bool = False
+) -> list[torch.Tensor]:
+    """The raw (stored dtype) inputs of ``item`` for flat elements ``[start, end)``."""
+    import torch
+
+    out = []
+    for _, ckpt, name in _item_inputs(plan, item):
+        buf = None
+        if pin:
+            info = ckpt.info(name)
+            size = (end - start) * _ITEMSIZE.get(info.dtype, 8)
+            buf = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        out.append(ckpt.read_range(name, start, end, out=buf))
+    return out
+
+
+def _prefault(plan: Plan, item: PlanItem, start: int, end: int, pin: bool = False) -> list:
+    """:func:`_read_range`, touching one byte per page so the page faults of the mapped
+    views happen here (in the read-ahead thread) rather than in the computation."""
+    import torch
+
+    views = _read_range(plan, item, start, end, pin)
+    for v in views:
+        if not pin and v.numel():
+            v.view(torch.uint8)[:: mmap.PAGESIZE].sum()
+    return views
+
+
+def _release_range(plan: Plan, item: PlanItem, start: int, end: int) -> None:
+    for _, ckpt, name in _item_inputs(plan, item):
+        ckpt.release_range(name, start, end)
+
+
+def compute_item(plan: Plan, item: PlanItem, device: str = "cpu") -> Iterator[torch.Tensor]:
+    """Read one output tensor's inputs, run the method, yield the result in the output dtype.
+
+    Yields the tensor whole, or as consecutive flat chunks when the method runs on chunks.
+    Inside :func:`execute` the inputs come from its read-ahead thread.
+    """
+    import torch
+
+    from mergekit_math.methods import MergeInputs, PrepareInputs
+
+    run = _active.get()
+    chunk = run.chunk if run is not None else CHUNK_ELEMENTS
+    ranges = item_ranges(plan, item, device, chunk)
+    whole = len(ranges) == 1
+
+    def fetch(start: int, end: int) -> tuple[list[torch.Tensor], int]:
+        if run is None or run.prefetch is None:
+            return _read_range(plan, item, start, end), 0
+        return run.prefetch.get(item, start, end)
+
+    def release(nbytes: int) -> None:
+        if run is not None and run.prefetch is not None and nbytes:
+            run.prefetch.done(nbytes)
+
+    roles = [r for r, _, _ in _item_inputs(plan, item)]
+    shapes = [c.info(n).shape for _, c, n in _item_inputs(plan, item)]
+    if item.copy_only:
+        for start, end in ranges:
+            raw, nbytes = fetch(start, end)
+            part = raw[0].reshape(shapes[0]) if whole else raw[0]
+            release(nbytes)
+            yield part
+        return
+
+    recipe = plan.recipe
     compute = _torch_dtype(recipe.compute_dtype)
     load = _torch_dtype(recipe.dtype) if recipe.dtype else None
+    out_dtype = _torch_dtype(item.out.dtype)
+    delta_kind = plan.method.kind == "delta"
 
-    def read(ckpt: Checkpoint, name: str) -> torch.Tensor:
-        t = ckpt.read(name)
-        if load is not None:
-            t = t.to(load)
-        return t.to(device=device, dtype=compute)
+    def upcast(t: torch.Tensor) -> torch.Tensor:
+        y = t.to(load) if load is not None else t
+        y = y.to(device=device, dtype=compute, non_blocking=True)
+        # never compute in place on the file mapping
+        return y.clone() if y.data_ptr() == t.data_ptr() and y.numel() else y
 
-    base = read(g.base.ckpt, item.base_name) if g.base is not None and item.base_name else None
-    tensors = []
-    for s, name in zip(g.sources, item.names):
-        x = read(s.ckpt, name)
-        if plan.method.kind == "delta":
-            assert base is not None
-            x = x.sub_(read(s.origin, name) if s.origin is not None else base)
-        tensors.append(x)
+    def inputs_of(raw: list[torch.Tensor], shaped: bool) -> tuple[Any, list[torch.Tensor]]:
+        """(base, per-source tensor or delta) in the compute dtype from one range's raw data."""
+        if shaped:
+            raw = [t.reshape(shape) for t, shape in zip(raw, shapes)]
+        base = None
+        tensors: list[torch.Tensor] = []
+        i = 0
+        while i < len(raw):
+            role = roles[i]
+            if role == "base":
+                base = upcast(raw[i])
+            else:
+                x = upcast(raw[i])
+                if delta_kind:
+                    if i + 1 < len(raw) and roles[i + 1] == "origin":
+                        i += 1
+                        x = x.sub_(upcast(raw[i]))
+                    else:
+                        assert base is not None
+                        x = x.sub_(base)
+                tensors.append(x)
+            i += 1
+        return base, tensors
+
     generators = None
     if plan.method.random:
         generators = []
-        for s in g.sources:
+        for s in item.group.sources:
             gen = torch.Generator(device="cpu")
             gen.manual_seed(_seed_for(plan.seed, s.index, item.out.name))
             generators.append(gen)
-    result = plan.method.merge(
-        MergeInputs(
-            base=base,
-            tensors=tensors,
-            params=item.params,
-            shared=item.shared,
-            generators=generators,
-        )  # type: ignore[arg-type]
-    )
-    return result.to(_torch_dtype(item.out.dtype)).cpu()
+
+    states = None
+    if not whole and plan.method.prepare is not None:
+
+        def fill(buf: torch.Tensor, i: int, start: int, end: int) -> None:
+            _, deltas = inputs_of(_read_range(plan, item, start, end), shaped=False)
+            buf[start:end] = deltas[i]
+            _release_range(plan, item, start, end)
+
+        def full_delta(i: int) -> torch.Tensor:
+            buf = _scratch(run, item.out.numel, compute, device)
+            pool = run.pool if run is not None else None
+            if pool is None:
+                for start, end in ranges:
+                    fill(buf, i, start, end)
+            else:
+                for future in [pool.submit(_in_worker, fill, buf, i, s, e) for s, e in ranges]:
+                    future.result()
+            return buf
+
+        states = plan.method.prepare(
+            PrepareInputs(
+                shared=item.shared,  # type: ignore[arg-type]
+                params=item.params,
+                generators=generators,
+                numel=item.out.numel,
+                ranges=ranges,
+                delta=full_delta,
+            )
+        )
+
+    def compute_range(raw: list[torch.Tensor], start: int) -> torch.Tensor:
+        base, tensors = inputs_of(raw, shaped=whole)
+        result = plan.method.merge(
+            MergeInputs(
+                base=base,
+                tensors=tensors,
+                params=item.params,
+                shared=item.shared,  # type: ignore[arg-type]
+                generators=generators,
+                offset=start,
+                states=states,
+            )
+        )
+        result = result.to(out_dtype).cpu()
+        _release_range(plan, item, start, start + (result.numel() if not whole else item.out.numel))
+        return result
+
+    pool = run.pool if run is not None else None
+    if whole or pool is None:
+        for start, end in ranges:
+            raw, nbytes = fetch(start, end)
+            result = compute_range(raw, start)
+            del raw
+            release(nbytes)
+            yield result
+        return
+    # Chunks run on the worker threads (one intra-op thread each); results come out in order.
+    pending: deque[tuple[Future[torch.Tensor], int]] = deque()
+    # Chunks in flight hold read-ahead budget until their result is taken: keep them few
+    # enough that the reader can always fetch the next one.
+    unit = max(1, _range_bytes(plan, item, *ranges[0]))
+    depth = max(1, min(2 * run.workers, run.prefetch.budget.limit // unit - 1))  # type: ignore[union-attr]
+    try:
+        for start, end in ranges:
+            raw, nbytes = fetch(start, end)
+            pending.append((pool.submit(_in_worker, compute_range, raw, start), nbytes))
+            del raw
+            if len(pending) >= depth:
+                future, nbytes = pending.popleft()
+                result = future.result()
+                release(nbytes)
+                yield result
+        while pending:
+            future, nbytes = pending.popleft()
+            result = future.result()
+            release(nbytes)
+            yield result
+    finally:
+        for future, _ in pending:
+            future.cancel()
+
+
+def _scratch(run: _Run | None, numel: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """A tensor of ``numel`` elements reused across tensors: a fresh allocation of the
+    largest tensor per item costs a page fault per 4 KB every time."""
+    import torch
+
+    if run is None:
+        return torch.empty(numel, dtype=dtype, device=device)
+    buf = run.scratch
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or str(buf.device) != device:
+        run.scratch = buf = None  # free the old one first
+        run.scratch = buf = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def _in_worker(fn: Callable[..., Any], *args: Any) -> Any:
+    import torch
+
+    with torch.inference_mode():
+        return fn(*args)
+
+
+def item_memory(
+    plan: Plan, item: PlanItem, device: str = "cpu", chunk: int = CHUNK_ELEMENTS
+) -> int:
+    """Bytes of tensor data one item holds at once while it is computed (an estimate)."""
+    n = item.out.numel
+    inputs = _item_inputs(plan, item)
+    raw = sum(_ITEMSIZE.get(c.info(name).dtype, 8) for _, c, name in inputs)
+    if item.copy_only:
+        return min(n, chunk) * raw
+    cbytes = _ITEMSIZE[plan.recipe.compute_dtype]
+    per_element = raw + cbytes * (2 * len(inputs) + 4)
+    if len(item_ranges(plan, item, device, chunk)) == 1:
+        return n * per_element
+    prepare = plan.method.prepare_buffers
+    buffers = prepare(item.shared, item.params) if prepare is not None else 0  # type: ignore[arg-type]
+    return chunk * per_element + buffers * n * cbytes
 
 
 def _pid_alive(pid: int) -> bool:
@@ -676,6 +921,37 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _budgets(max_memory: int | None) -> tuple[int, int]:
+    """(chunk elements, IO budget in bytes) for a memory limit."""
+    if max_memory is None:
+        return CHUNK_ELEMENTS, IO_BUDGET
+    io_budget = max(1 << 20, min(IO_BUDGET, max_memory // 8))
+    chunk = max(4096, min(CHUNK_ELEMENTS, max_memory // 8 // 64))
+    return chunk, io_budget
+
+
+def check_memory(plan: Plan, max_memory: int, device: str = "cpu") -> None:
+    """Raise UserError when some tensor needs more than ``max_memory`` at once."""
+    chunk, io_budget = _budgets(max_memory)
+    for item in plan.items:
+        need = item_memory(plan, item, device, chunk) + 2 * io_budget
+        if need > max_memory:
+            how = "on chunks" if is_chunked(plan, item, device) else "whole (it cannot be chunked)"
+            raise UserError(
+                f"--max-memory {_human(max_memory)}: {item.out.name} "
+                f"{list(item.out.shape)} needs about {_human(need)} with {plan.method.name} "
+                f"{how}; raise the limit"
+            )
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
 def execute(
     plan: Plan,
     out_dir: Path,
@@ -685,8 +961,16 @@ def execute(
     force: bool = False,
     progress: bool = True,
     on_tensor: Callable[[PlanItem], None] | None = None,
+    max_memory: int | None = None,
+    chunk_elements: int | None = None,
+    threads: int | None = None,
 ) -> Path:
-    """Run the plan into ``out_dir`` atomically; returns the final path."""
+    """Run the plan into ``out_dir`` atomically; returns the final path.
+
+    A reader thread reads the inputs ahead (pinned memory for CUDA), the main thread computes
+    and a writer thread streams the results into the shards; ``max_memory`` bounds the bytes
+    of tensor data held at once by shrinking chunks and read-ahead (checked before any read).
+    """
     import torch
     from tqdm import tqdm
 
@@ -695,6 +979,12 @@ def execute(
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here")
+    if max_memory is not None:
+        check_memory(plan, max_memory, device)
+    chunk, io_budget = _budgets(max_memory)
+    if chunk_elements is not None:
+        chunk = chunk_elements
+    pin = device.startswith("cuda")
     out_dir = Path(out_dir)
     with atomic_output(out_dir, force) as tmp:
         writer = ShardedWriter(tmp, [i.out for i in plan.items], max_shard_size)
@@ -707,20 +997,56 @@ def execute(
             disable=not progress,
             file=sys.stderr,
         )
+        units = (
+            Unit(
+                item,
+                start,
+                end,
+                _range_bytes(plan, item, start, end),
+                partial(_prefault, plan, item, start, end, pin),
+            )
+            for item in plan.items
+            for start, end in item_ranges(plan, item, device, chunk)
+        )
+        prefetch = Prefetcher(units, io_budget)
+        writes = WriterThread(
+            lambda part, name, last: writer.write_part(name, part, last), io_budget
+        )
+        workers = threads or torch.get_num_threads()
+        pool = ThreadPoolExecutor(
+            workers,
+            thread_name_prefix="mmath-compute",
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        )
+        token = _active.set(_Run(prefetch, chunk, pool, workers))
         try:
             with torch.inference_mode():
                 for item in plan.items:
-                    tensor = compute_item(plan, item, device)
-                    writer.write(item.out.name, tensor)
-                    del tensor
-                    bar.update(item.out.nbytes)
+                    parts = compute_item(plan, item, device)
+                    if isinstance(parts, torch.Tensor):
+                        parts = iter([parts])
+                    name = item.out.name
+                    pending = next(parts)
+                    for part in parts:
+                        writes.put(pending, name, False)
+                        bar.update(pending.numel() * pending.element_size())
+                        pending = part
+                    writes.put(pending, name, True)
+                    bar.update(pending.numel() * pending.element_size())
+                    del pending
                     if on_tensor is not None:
                         on_tensor(item)
+            writes.finish()
             writer.close()
         except BaseException:
+            writes.abort()
             writer.abort()
             raise
         finally:
+            _active.reset(token)
+            pool.shutdown(wait=True, cancel_futures=True)
+            prefetch.close()
             bar.close()
             for c in plan.checkpoints.values():
                 c.close()

@@ -7,8 +7,11 @@ is read with plain file reads at the header's offsets, one tensor at a time, whe
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import re
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -116,7 +119,9 @@ class Checkpoint:
         self.path = Path(path)
         self.ref = ref or str(path)
         self.allow_pickle = allow_pickle
-        self._handles: dict[Path, Any] = {}
+        self._handles: dict[Path, int] = {}
+        self._lock = threading.RLock()
+        self._maps: dict[Path, mmap.mmap] = {}
         self._pickled: dict[str, Any] | None = None
         if not self.path.is_dir():
             raise UserError(f"{self.ref}: model folder does not exist")
@@ -260,37 +265,109 @@ class Checkpoint:
     # ------------------------------------------------------------------ reading
 
     def read(self, name: str) -> torch.Tensor:
-        """Read one tensor (resolving tied names) into fresh memory; nothing else is loaded.
-
-        Bytes are read with plain file reads at the offset the header gives, not through mmap:
-        mapped pages stay resident and would make the process's memory grow with the model.
-        """
+        """Read one tensor (resolving tied names) into fresh memory; nothing else is loaded."""
         import torch
 
+        info = self.info_or_error(name)
+        if self._pickled is not None:
+            return self._pickled[info.name]
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        return self.read_range(name, 0, info.numel, out=buf).reshape(info.shape)
+
+    def info_or_error(self, name: str) -> TensorInfo:
         stored = self.resolve_name(name)
         if stored is None:
             raise KeyError(f"{self.ref}: no tensor {name}")
-        if self._pickled is not None:
-            return self._pickled[stored]
-        info = self.tensors[stored]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = open(info.file, "rb", buffering=0)
-            self._handles[info.file] = handle
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
-        handle.seek(info.offset)
-        done = 0
-        while done < info.nbytes:
-            n = handle.readinto(view[done:])
-            if not n:
-                raise UserError(f"{info.file}: truncated data for tensor {stored}")
-            done += n
+        return self.tensors[stored]
+
+    def read_range(
+        self, name: str, start: int, end: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Elements ``[start, end)`` of the flattened tensor, as a 1-D tensor.
+
+        Without ``out`` the result is a zero-copy view of the file's shared mapping: the
+        page cache serves it without a copy. Call :meth:`release_range` when done so the
+        pages leave this process's resident set (the page cache keeps them). With ``out``
+        (uint8, ``(end - start) * itemsize`` bytes, e.g. pinned memory) the bytes are read
+        into it. Thread-safe.
+        """
+        import torch
+
+        info = self.info_or_error(name)
         dtype = getattr(torch, info.dtype)
-        return buf.view(dtype).reshape(info.shape)
+        if self._pickled is not None:
+            flat = self._pickled[info.name].reshape(-1)[start:end]
+            return flat if out is None else out.view(dtype).copy_(flat)
+        itemsize = DTYPES[CODE_BY_DTYPE[info.dtype]][1]
+        nbytes = (end - start) * itemsize
+        offset = info.offset + start * itemsize
+        if out is None:
+            if nbytes == 0:
+                return torch.empty(0, dtype=dtype)
+            mapping = self._map(info.file)
+            if offset + nbytes > len(mapping):
+                raise UserError(f"{info.file}: truncated data for tensor {info.name}")
+            return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=offset).view(
+                dtype
+            )
+        fd = self._fd(info.file)
+        view = memoryview(out.numpy())
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:nbytes]], offset + done)
+            if not n:
+                raise UserError(f"{info.file}: truncated data for tensor {info.name}")
+            done += n
+        return out[:nbytes].view(dtype)
+
+    def release_range(self, name: str, start: int, end: int) -> None:
+        """Drop the mapped pages of elements ``[start, end)`` from the resident set.
+
+        The pages stay in the page cache, so a later read of the same bytes (a neighbouring
+        chunk sharing a page) faults them back in cheaply.
+        """
+        if self._pickled is not None or end <= start:
+            return
+        info = self.info_or_error(name)
+        mapping = self._maps.get(info.file)
+        if mapping is None:
+            return
+        itemsize = DTYPES[CODE_BY_DTYPE[info.dtype]][1]
+        first = (info.offset + start * itemsize) // mmap.PAGESIZE * mmap.PAGESIZE
+        last = min(len(mapping), info.offset + end * itemsize)
+        if last > first:
+            mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def _map(self, file: Path) -> mmap.mmap:
+        mapping = self._maps.get(file)
+        if mapping is None:
+            with self._lock:
+                mapping = self._maps.get(file)
+                if mapping is None:
+                    fd = self._fd(file)
+                    # private: a stray in-place op on a view copies the page, never the file
+                    mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                    self._maps[file] = mapping
+        return mapping
+
+    def _fd(self, file: Path) -> int:
+        fd = self._handles.get(file)
+        if fd is None:
+            with self._lock:
+                fd = self._handles.get(file)
+                if fd is None:
+                    fd = os.open(file, os.O_RDONLY)
+                    self._handles[file] = fd
+        return fd
 
     def close(self) -> None:
-        for handle in self._handles.values():
-            handle.close()
+        for mapping in self._maps.values():
+            try:
+                mapping.close()
+            except BufferError:  # a tensor still views it; it closes when that is freed
+                pass
+        self._maps.clear()
+        for fd in self._handles.values():
+            os.close(fd)
         self._handles.clear()
         self._pickled = None

@@ -7,13 +7,15 @@ never holds more than the tensor being written.
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
 import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 from mergekit_math.io.reader import CODE_BY_DTYPE, SINGLE_FILE, WEIGHT_INDEX, TensorInfo
 
@@ -78,53 +80,178 @@ def _header(shard: Shard, metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+class _ShardFile:
+    """One output file written sequentially, with ``O_DIRECT`` where the filesystem allows.
+
+    Direct writes skip the page cache: the bytes go to the disk while the merge goes on, the
+    final fsync has nothing left to flush, and the inputs stay cached. Data is staged in an
+    aligned buffer and written in whole blocks; the last block is padded and the file cut to
+    its real size. Where ``O_DIRECT`` is refused (tmpfs, some network filesystems) the file
+    is written normally.
+    """
+
+    BLOCK = 4096
+    STAGE = 8 << 20
+
+    def __init__(self, path: Path, direct: bool = True):
+        import torch
+
+        self.path = path
+        self.size = 0
+        self.offset = 0  # bytes already on disk (a multiple of BLOCK in direct mode)
+        self.fill = 0
+        self.stage: torch.Tensor | None = None
+        self._map: mmap.mmap | None = None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self.fd = -1
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
+                self._map = mmap.mmap(-1, self.STAGE)  # page-aligned
+                with torch.inference_mode(False):  # a normal tensor: updated in any mode
+                    self.stage = torch.frombuffer(self._map, dtype=torch.uint8)
+            except OSError:
+                self.fd = -1
+        if self.fd < 0:
+            self.fd = os.open(path, flags, 0o644)
+
+    def write(self, data: torch.Tensor) -> None:
+        """Append the bytes of a 1-D uint8 tensor."""
+        self.size += data.numel()
+        if self.stage is None:
+            self._write_all(memoryview(data.numpy()))
+            return
+        done, total = 0, data.numel()
+        while done < total:
+            n = min(total - done, self.STAGE - self.fill)
+            self.stage[self.fill : self.fill + n].copy_(data[done : done + n])
+            self.fill += n
+            done += n
+            if self.fill == self.STAGE:
+                self._flush(self.STAGE)
+
+    def _write_all(self, view: memoryview) -> None:
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+
+    def _flush(self, nbytes: int) -> None:
+        assert self._map is not None
+        view = memoryview(self._map)[:nbytes]
+        try:
+            done = 0
+            while done < nbytes:
+                done += os.pwrite(self.fd, view[done:], self.offset + done)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or self.offset:
+                raise
+            self._fall_back()  # direct IO refused on first use: write normally instead
+            self._write_all(view)
+            self.fill = 0
+            return
+        finally:
+            view.release()
+        self.offset += nbytes
+        self.fill = 0
+
+    def _fall_back(self) -> None:
+        os.close(self.fd)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.stage = None
+
+    def finish(self) -> None:
+        """Write what is staged, cut the file to its size, fsync and close."""
+        if self.stage is not None and self.fill:
+            padded = -(-self.fill // self.BLOCK) * self.BLOCK
+            self.stage[self.fill : padded].zero_()
+            self._flush(padded)
+            os.ftruncate(self.fd, self.size)  # drop the padding
+        os.fsync(self.fd)
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.stage = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+
 class ShardedWriter:
     """Write tensors, in plan order, into pre-planned shards inside ``folder``."""
 
-    def __init__(self, folder: Path, tensors: list[TensorInfo], max_shard_size: int):
+    def __init__(
+        self, folder: Path, tensors: list[TensorInfo], max_shard_size: int, direct: bool = True
+    ):
         self.folder = folder
+        self.direct = direct
         self.shards = plan_shards(tensors, max_shard_size)
         self._order = [(si, t) for si, s in enumerate(self.shards) for t in s.tensors]
         self._next = 0
-        self._file: BinaryIO | None = None
+        self._written = 0  # elements of the current tensor written so far
+        self._file: _ShardFile | None = None
         self._shard_index = -1
 
-    def _open(self, shard_index: int) -> BinaryIO:
+    def _open(self, shard_index: int) -> _ShardFile:
         if self._file is not None:
             self._finish_file()
+        import torch
+
         shard = self.shards[shard_index]
-        f = open(self.folder / shard.filename, "wb")
-        f.write(_header(shard, {"format": "pt"}))
+        f = _ShardFile(self.folder / shard.filename, self.direct)
+        f.write(torch.frombuffer(bytearray(_header(shard, {"format": "pt"})), dtype=torch.uint8))
         self._file = f
         self._shard_index = shard_index
         return f
 
     def _finish_file(self) -> None:
         assert self._file is not None
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
+        file, self._file = self._file, None
+        file.finish()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor of the plan; its name, dtype and shape must match the plan."""
-        shard_index, info = self._order[self._next]
-        if name != info.name:
-            raise RuntimeError(f"writer expected tensor {info.name}, got {name}")
-        dtype = str(tensor.dtype).removeprefix("torch.")
-        if dtype != info.dtype or tuple(tensor.shape) != info.shape:
+        info = self._order[self._next][1] if self._next < len(self._order) else None
+        if info is not None and name == info.name and tuple(tensor.shape) != info.shape:
+            dtype = str(tensor.dtype).removeprefix("torch.")
             raise RuntimeError(
                 f"{name}: planned {info.dtype}{list(info.shape)}, "
                 f"computed {dtype}{list(tensor.shape)}"
+            )
+        self.write_part(name, tensor, last=True)
+
+    def write_part(self, name: str, part: torch.Tensor, last: bool) -> None:
+        """Append the next elements (in row-major order) of the plan's current tensor.
+
+        ``last`` marks the tensor's final part: by then exactly its planned element count must
+        have been written.
+        """
+        if self._next >= len(self._order):
+            raise RuntimeError(f"writer got tensor {name} after the last planned one")
+        shard_index, info = self._order[self._next]
+        if name != info.name:
+            raise RuntimeError(f"writer expected tensor {info.name}, got {name}")
+        dtype = str(part.dtype).removeprefix("torch.")
+        if dtype != info.dtype:
+            raise RuntimeError(f"{name}: planned {info.dtype}, computed {dtype}")
+        self._written += part.numel()
+        if self._written > info.numel or (last and self._written != info.numel):
+            raise RuntimeError(
+                f"{name}: planned {info.numel} elements {list(info.shape)}, "
+                f"computed {self._written}"
             )
         f = self._file if shard_index == self._shard_index else self._open(shard_index)
         assert f is not None
         import torch
 
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        data = part.detach().to("cpu").contiguous().reshape(-1)
         if data.numel():
-            f.write(memoryview(data.view(torch.uint8).numpy()))
-        self._next += 1
+            f.write(data.view(torch.uint8))
+        if last:
+            self._next += 1
+            self._written = 0
 
     def close(self) -> None:
         """Finish the last shard and write the index when there are several shards."""

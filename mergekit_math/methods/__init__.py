@@ -85,6 +85,24 @@ class MergeInputs:
     params: list[BaseModel]
     shared: BaseModel
     generators: list[torch.Generator] | None = None
+    # Chunked execution: the flat index of this chunk's first element, and what ``prepare``
+    # returned for the whole tensor (None when the method sees the whole tensor at once).
+    offset: int = 0
+    states: list[Any] | None = None
+
+
+@dataclass(frozen=True)
+class PrepareInputs:
+    """What a chunked method's ``prepare`` gets before the chunks of one tensor."""
+
+    shared: BaseModel
+    params: list[BaseModel]
+    generators: list[torch.Generator] | None
+    numel: int
+    ranges: list[tuple[int, int]]  # the chunks the merge will get, as flat [start, end)
+    # delta(i): input i's whole delta, flat, in the compute dtype (read only when asked for;
+    # the buffer is reused: valid until the next call).
+    delta: Callable[[int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -111,6 +129,13 @@ class MergeMethod:
     ignored: tuple[str, ...] = ()
     # What a recipe-level parameter left unset (None) means for this method.
     shared_defaults: dict[str, Any] = field(default_factory=dict)
+    # Whether, with these resolved parameters, the merge can run on row-major chunks of a
+    # tensor: every output element depends only on the inputs at the same position, given
+    # the per-input states ``prepare`` computes once per tensor (chunks arrive in order).
+    chunkable: Callable[[BaseModel, list[BaseModel]], bool] | None = None
+    prepare: Callable[[PrepareInputs], list[Any]] | None = None
+    # How many whole-tensor compute-dtype buffers ``prepare`` holds at once (memory estimate).
+    prepare_buffers: Callable[[BaseModel, list[BaseModel]], int] | None = None
 
 
 _REGISTRY: dict[str, MergeMethod] = {}

@@ -48,6 +48,7 @@ register(
         paper_url="https://arxiv.org/abs/2203.05482",
         merge=linear,
         check=check_weights,
+        chunkable=lambda shared, params: True,
         shared_params=LinearShared,
         model_params=LinearModel,
         description="Weighted average of the models.",

@@ -31,6 +31,7 @@ register(
         pretty_name="Passthrough",
         paper_url="https://github.com/arcee-ai/mergekit#passthrough",
         merge=passthrough,
+        chunkable=lambda shared, params: True,
         shared_params=PassthroughShared,
         model_params=PassthroughModel,
         min_models=1,

@@ -1,0 +1,171 @@
+"""The threads around the computation: a reader that runs ahead, a writer that runs behind.
+
+Reading (``os.preadv``), writing and torch ops all release the GIL, so one reader thread and
+one writer thread overlap file IO with the computation in the main thread. Both are bounded
+by bytes in flight, so read-ahead never holds more than its budget whatever the tensor sizes.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Stopped(Exception):
+    """The pipeline was shut down while a thread waited."""
+
+
+class ByteBudget:
+    """A counting semaphore in bytes. One request larger than the limit is let through alone."""
+
+    def __init__(self, limit: int):
+        self.limit = max(1, limit)
+        self.used = 0
+        self.stopped = False
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int) -> None:
+        with self._cond:
+            while self.used and self.used + n > self.limit and not self.stopped:
+                self._cond.wait()
+            if self.stopped:
+                raise Stopped
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self.stopped = True
+            self._cond.notify_all()
+
+
+@dataclass
+class Unit:
+    """One read: a flat element range of one output tensor's inputs."""
+
+    key: Any
+    start: int
+    end: int
+    nbytes: int
+    read: Callable[[], Any]
+
+
+class Prefetcher:
+    """Runs ``unit.read()`` for the units in order in a thread, at most ``budget`` bytes ahead.
+
+    :meth:`get` must be called with the units' keys and ranges in the same order; the caller
+    :meth:`done` s each unit's bytes once it no longer needs them.
+    """
+
+    def __init__(self, units: Iterable[Unit], budget: int, init: Callable[[], None] | None = None):
+        self.budget = ByteBudget(budget)
+        self._init = init
+        self._queue: queue.Queue[tuple[Unit, Any, BaseException | None]] = queue.Queue()
+        self._thread = threading.Thread(
+            target=self._run, args=(iter(units),), name="mmath-reader", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, units: Iterable[Unit]) -> None:
+        if self._init is not None:
+            self._init()
+        for unit in units:
+            try:
+                self.budget.acquire(unit.nbytes)
+            except Stopped:
+                return
+            try:
+                data = unit.read()
+            except BaseException as exc:  # handed to the consumer, which raises it
+                self._queue.put((unit, None, exc))
+                return
+            self._queue.put((unit, data, None))
+
+    def get(self, key: Any, start: int, end: int) -> tuple[Any, int]:
+        """The data of the next unit, which must be (key, start, end), and its byte count."""
+        unit, data, error = self._queue.get()
+        if error is not None:
+            raise error
+        if unit.key is not key or unit.start != start or unit.end != end:
+            raise RuntimeError(
+                f"reader out of step: expected {start}:{end}, got {unit.start}:{unit.end}"
+            )
+        return data, unit.nbytes
+
+    def done(self, nbytes: int) -> None:
+        self.budget.release(nbytes)
+
+    def close(self) -> None:
+        self.budget.stop()
+        self._thread.join(timeout=60)
+
+
+class WriterThread:
+    """Performs ``write(*args)`` calls in order in a thread, at most ``budget`` bytes behind.
+
+    An exception in the thread is raised by the next :meth:`put` or by :meth:`finish`.
+    """
+
+    def __init__(
+        self, write: Callable[..., None], budget: int, init: Callable[[], None] | None = None
+    ):
+        self._write = write
+        self._init = init
+        self.budget = ByteBudget(budget)
+        self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="mmath-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        if self._init is not None:
+            self._init()
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            nbytes, args = job
+            if self._error is None:
+                try:
+                    self._write(*args)
+                except BaseException as exc:
+                    self._error = exc
+                    self.budget.stop()
+            self.budget.release(nbytes)
+
+    def put(self, tensor: torch.Tensor, *args: Any) -> None:
+        """Queue ``write(tensor, *args)``; blocks while the queue holds its budget."""
+        if self._error is not None:
+            raise self._error
+        nbytes = tensor.numel() * tensor.element_size()
+        try:
+            self.budget.acquire(nbytes)
+        except Stopped:
+            assert self._error is not None
+            raise self._error from None
+        self._queue.put((nbytes, (tensor, *args)))
+
+    def finish(self) -> None:
+        """Wait until everything queued is written; raise the thread's error if any."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        """Drop what is still queued and stop the thread."""
+        if self._error is None:
+            self._error = Stopped("aborted")
+        self.budget.stop()
+        self._queue.put(None)
+        self._thread.join(timeout=60)

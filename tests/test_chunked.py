@@ -1,0 +1,225 @@
+"""Chunked execution gives the same bytes as whole-tensor execution.
+
+The engine runs elementwise methods on row-major chunks (read ahead by a thread, written
+behind by another); every result here is compared bit for bit with a run that sees each
+tensor whole.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_model, write_recipe
+from safetensors.torch import load_file
+
+from mergekit_math.engine import build_plan, execute, is_chunked
+from mergekit_math.errors import UserError
+from mergekit_math.methods.task_arithmetic import (
+    KeepMask,
+    MagnitudeTrim,
+    kth_largest,
+    magnitude_prune,
+)
+from mergekit_math.recipe import load_recipe
+
+
+def load_dir(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def run(recipe: Path, out: Path, **kwargs) -> dict[str, torch.Tensor]:
+    plan = build_plan(load_recipe(recipe), recipe_dir=recipe.parent)
+    execute(plan, out, progress=False, **kwargs)
+    return load_dir(out)
+
+
+@pytest.fixture(scope="module")
+def bf16_zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bf16zoo")
+    base = make_model(root / "base", seed=0, dtype="bfloat16", tied=True)
+    return {
+        "base": base,
+        "a": make_model(root / "a", base=base, seed=1, dtype="bfloat16"),
+        "b": make_model(root / "b", base=base, seed=2, dtype="bfloat16"),
+        "c": make_model(root / "c", base=base, seed=3, dtype="bfloat16"),
+    }
+
+
+RECIPES = {
+    "task_arithmetic": "{weight: 0.7}",
+    "ties": "{weight: 0.6, density: 0.3}",
+    "dare_ties": "{weight: 0.5, density: 0.2}",
+    "dare_linear": "{weight: 0.5, density: 0.7}",
+    "linear": "{weight: 0.4}",
+}
+
+
+@pytest.mark.parametrize("method", sorted(RECIPES))
+@pytest.mark.parametrize("zoo_name", ["zoo", "bf16_zoo"])
+def test_chunked_equals_whole(tmp_path, request, method, zoo_name):
+    zoo = request.getfixturevalue(zoo_name)
+    params = RECIPES[method]
+    base_line = "" if method == "linear" else f"base_model: {zoo['base']}\n"
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"merge_method: {method}\n{base_line}seed: 3\nmodels:\n"
+        f"  - model: {zoo['a']}\n    parameters: {params}\n"
+        f"  - model: {zoo['b']}\n    parameters: {params}\n"
+        f"  - model: {zoo['c']}\n    parameters: {params}\n",
+    )
+    plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
+    assert all(is_chunked(plan, item) for item in plan.items)
+    whole = run(recipe, tmp_path / "whole", chunk_elements=10**9)
+    # 997 elements: chunk boundaries fall mid-row and every tensor has several chunks
+    chunked = run(recipe, tmp_path / "chunked", chunk_elements=997, max_shard_size=30_000)
+    assert whole.keys() == chunked.keys()
+    for name in whole:
+        assert torch.equal(whole[name].view(torch.uint8), chunked[name].view(torch.uint8)), name
+
+
+def test_chunked_with_per_model_origin(tmp_path, zoo):
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"merge_method: ties\nbase_model: {zoo['base']}\nmodels:\n"
+        f"  - model: {zoo['a']}\n    origin: {zoo['c']}\n"
+        f"    parameters: {{weight: 1.0, density: 0.5}}\n"
+        f"  - model: {zoo['b']}\n    parameters: {{weight: 0.5, density: 0.5}}\n",
+    )
+    whole = run(recipe, tmp_path / "whole", chunk_elements=10**9)
+    chunked = run(recipe, tmp_path / "chunked", chunk_elements=1500)
+    for name in whole:
+        assert torch.equal(whole[name], chunked[name]), name
+
+
+def test_l1_rescale_and_slerp_run_whole(tmp_path, zoo):
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"merge_method: ties\nbase_model: {zoo['base']}\nparameters: {{rescale: l1}}\n"
+        f"models:\n  - model: {zoo['a']}\n    parameters: {{weight: 1, density: 0.5}}\n",
+    )
+    plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
+    assert not any(is_chunked(plan, i) for i in plan.items if not i.copy_only)
+
+
+def test_max_memory_too_small_for_a_whole_tensor_method(tmp_path, zoo):
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"merge_method: slerp\nbase_model: {zoo['base']}\nparameters: {{t: 0.5}}\n"
+        f"models:\n  - model: {zoo['base']}\n  - model: {zoo['a']}\n",
+    )
+    plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
+    with pytest.raises(UserError, match=r"--max-memory .*needs about .* slerp whole"):
+        execute(plan, tmp_path / "out", progress=False, max_memory=2**20)
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_memory_runs_in_small_chunks(tmp_path, zoo):
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"merge_method: ties\nbase_model: {zoo['base']}\nmodels:\n"
+        f"  - model: {zoo['a']}\n    parameters: {{weight: 1, density: 0.4}}\n",
+    )
+    whole = run(recipe, tmp_path / "whole", chunk_elements=10**9)
+    limited = run(recipe, tmp_path / "limited", max_memory=16 * 2**20)
+    for name in whole:
+        assert torch.equal(whole[name], limited[name]), name
+
+
+# ----------------------------------------------------------------------------- the pieces
+
+
+@pytest.mark.parametrize("n,density", [(3_000_000, 0.3), (2_500_001, 0.01), (1_500_000, 0.97)])
+def test_kth_largest_is_exact_on_large_tensors_with_ties(n, density):
+    g = torch.Generator().manual_seed(n)
+    # bf16-rounded values: many exact ties, as deltas of bf16 checkpoints have
+    values = torch.randn(n, generator=g).to(torch.bfloat16).float().abs()
+    k = max(1, int(density * n))
+    expect = float(torch.kthvalue(values, n - k + 1).values)
+    assert kth_largest(values, k) == expect
+
+
+def test_kth_largest_when_the_sample_misleads():
+    # the strided sample sees only zeros; the counts catch it and the fallback is exact
+    n = 2_000_000
+    values = torch.zeros(n)
+    values[1::2] = torch.arange(n // 2, dtype=torch.float32)
+    values[:: n // 65536] = 0
+    for k in (1, 1000, n // 2, n):
+        assert kth_largest(values, k) == float(torch.kthvalue(values, n - k + 1).values)
+
+
+def test_magnitude_trim_in_chunks_keeps_exactly_k_with_ties_in_index_order():
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randint(-3, 4, (40_000,), generator=g).float()  # very many ties
+    whole = magnitude_prune(delta, 0.25, None)
+    ranges = [(s, min(s + 777, delta.numel())) for s in range(0, delta.numel(), 777)]
+    trim = MagnitudeTrim(delta.abs(), 0.25, ranges)
+    parts = {s: trim.apply(delta[s:e], s) for s, e in reversed(ranges)}  # any order
+    assert torch.equal(torch.cat([parts[s] for s, _ in ranges]), whole)
+    assert int(torch.count_nonzero(whole)) == int(0.25 * delta.numel())
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9, 1 / 3])
+def test_keep_mask_is_torch_rand_in_any_chunking(density):
+    n = 50_000
+    expect = torch.rand(n, generator=torch.Generator().manual_seed(9)) < density
+    bounds = [0, 1, 624, 625, 9_999, 31_337, n]
+    ranges = list(zip(bounds, bounds[1:]))
+    mask = KeepMask(n, density, torch.Generator().manual_seed(9), ranges)
+    assert mask.stream is not None  # the fast path is in use on this torch
+    parts = {a: mask.take(a, b) for a, b in [ranges[3], ranges[0], *ranges[4:], *ranges[1:3]]}
+    assert torch.equal(torch.cat([parts[a] for a, _ in ranges]), expect.float())
+    with pytest.raises(ValueError, match="not an undrawn range"):
+        mask.take(0, 1)
+
+
+@pytest.mark.parametrize("mode", ["direct", "buffered", "direct_refused"])
+def test_shard_files_are_identical_with_and_without_direct_io(tmp_path, zoo, monkeypatch, mode):
+    import errno
+    import os
+
+    from mergekit_math.io import writer as writer_module
+
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"merge_method: linear\nmodels:\n  - model: {zoo['a']}\n    parameters: {{weight: 1}}\n",
+    )
+    plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
+    direct = mode != "buffered"
+    if mode == "direct_refused":
+        real = os.pwrite
+
+        def refuse(fd, data, offset):
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+        monkeypatch.setattr(writer_module.os, "pwrite", refuse)
+    real_init = writer_module.ShardedWriter.__init__
+
+    def init(self, folder, tensors, size, direct_=direct):
+        real_init(self, folder, tensors, size, direct_)
+
+    monkeypatch.setattr(writer_module.ShardedWriter, "__init__", init)
+    execute(plan, tmp_path / "out", progress=False, max_shard_size=50_000)
+    if mode == "direct_refused":
+        monkeypatch.setattr(writer_module.os, "pwrite", real)
+    files = sorted((tmp_path / "out").glob("*.safetensors"))
+    assert len(files) > 2
+    source = load_dir(zoo["a"])
+    merged = load_dir(tmp_path / "out")
+    assert merged.keys() == source.keys()
+    for name, tensor in source.items():
+        assert torch.equal(merged[name], tensor), name
+    for f in files:  # no padding left behind: the header's offsets end where the file ends
+        import json
+        import struct
+
+        raw = f.read_bytes()
+        (size,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8 : 8 + size])
+        end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+        assert len(raw) == 8 + size + end
