@@ -68,6 +68,15 @@ def merge(
     out_shard_size: Annotated[
         str, typer.Option(help="Maximum shard size: bytes or 500M, 2G, 5G.")
     ] = "5G",
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Bound the tensor data held at once (e.g. 2G): smaller chunks and read-ahead. "
+            "Checked before any read; methods that need whole tensors (slerp, model_stock, "
+            "breadcrumbs, della, L1 rescale) fail if their largest tensor does not fit. "
+            "Python and torch themselves add about 300 MB.",
+        ),
+    ] = None,
     allow_pickle: Annotated[
         bool,
         typer.Option(help="Accept pytorch_model*.bin inputs (loaded with weights_only=True)."),
@@ -95,6 +104,12 @@ def merge(
         shard_size = parse_size(out_shard_size)
     except ValueError as exc:
         _fail(f"--out-shard-size: {exc}")
+    limit = None
+    if max_memory is not None:
+        try:
+            limit = parse_size(max_memory)
+        except ValueError as exc:
+            _fail(f"--max-memory: {exc}")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         _fail(f"--device: expected cpu or cuda, got {device!r}")
     if threads is not None and threads < 1:
@@ -109,7 +124,11 @@ def merge(
         for w in plan.warnings:
             typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
         if dry_run:
-            _print_plan(plan, shard_size)
+            _print_plan(plan, shard_size, limit, device)
+            if limit is not None:
+                from mergekit_math.engine import check_memory
+
+                check_memory(plan, limit, device)
             return
         if threads is not None:
             import torch
@@ -122,6 +141,7 @@ def merge(
             max_shard_size=shard_size,
             force=force,
             progress=not quiet,
+            max_memory=limit,
         )
     except UserError as exc:
         _fail(str(exc))
@@ -133,7 +153,7 @@ def merge(
     )
 
 
-def _print_plan(plan: Plan, shard_size: int) -> None:
+def _print_plan(plan: Plan, shard_size: int, max_memory: int | None, device: str) -> None:
     from mergekit_math.io.writer import plan_shards
 
     shards = plan_shards([i.out for i in plan.items], shard_size)
@@ -145,7 +165,8 @@ def _print_plan(plan: Plan, shard_size: int) -> None:
     typer.echo(f"tensors:       {len(plan.items)}")
     typer.echo(f"read:          {_human(plan.read_bytes)}")
     typer.echo(f"write:         {_human(plan.write_bytes)} in {len(shards)} shard(s)")
-    typer.echo(f"est. peak mem: {_human(plan.estimated_peak_bytes())} (working tensors)")
+    peak = plan.estimated_peak_bytes(max_memory, device)
+    typer.echo(f"est. peak mem: {_human(peak)} of tensor data (plus ~300 MB for Python/torch)")
     typer.echo(f"seed:          {plan.seed}")
     typer.echo("dry run: nothing was read or written")
 
@@ -200,6 +221,208 @@ def methods() -> None:
         typer.echo(f"{m.name:<17} {m.pretty_name} — {m.paper_url}")
         typer.echo(f"{'':<17} {m.description}")
         typer.echo(f"{'':<17} per model: {per_model or '-'}; recipe-level: {shared or '-'}")
+
+
+# =============================================================================== mmath patch
+
+patch_app = typer.Typer(
+    help="PortLLM portable patches: extract a fine-tune's delta (dense, low-rank or sparse) or "
+    "import a LoRA adapter, inspect it, and apply it to a new base.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+app.add_typer(patch_app, name="patch")
+
+
+@patch_app.command("extract")
+def patch_extract(
+    base: Annotated[Path, typer.Option(help="The base the fine-tune started from (OLD).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Patch folder to write.")],
+    finetuned: Annotated[
+        Path | None, typer.Option(help="The fine-tuned model (FT); Δ = FT − OLD.")
+    ] = None,
+    from_lora: Annotated[
+        Path | None,
+        typer.Option("--from-lora", help="A PEFT LoRA adapter folder instead of --finetuned."),
+    ] = None,
+    encoding: Annotated[
+        str | None,
+        typer.Option(help="dense, lowrank or sparse (default: dense; lowrank with --from-lora)."),
+    ] = None,
+    rank: Annotated[
+        int | None, typer.Option(help="lowrank: rank R of every factorization.")
+    ] = None,
+    energy: Annotated[
+        float | None, typer.Option(help="lowrank: smallest rank keeping this fraction of Σσ².")
+    ] = None,
+    drop: Annotated[float, typer.Option(help="sparse: DARE drop rate p in [0, 1).")] = 0.9,
+    seed: Annotated[int, typer.Option(help="sparse: seed of the per-tensor masks.")] = 0,
+    include: Annotated[
+        str | None, typer.Option(help="Only tensors whose name matches this regex.")
+    ] = None,
+    exclude: Annotated[
+        str | None, typer.Option(help="Leave out tensors whose name matches this regex.")
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="Storage dtype: float32, bfloat16, float16 or float64.")
+    ] = "float32",
+    lowrank_embeddings: Annotated[
+        bool, typer.Option(help="lowrank: also factorize embeddings and lm_head.")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Extract Δ = FT − OLD (or a LoRA adapter's ΔW) into a patch folder.
+
+    Checks architectures, tensor sets and shapes before reading any weight; streams one tensor
+    at a time; the folder appears only once complete.
+
+    Example: mmath patch extract --base old --finetuned ft -o p --encoding lowrank --rank 64
+    """
+    from mergekit_math.patch.extract import extract, make_options, plan_extract
+
+    try:
+        options = make_options(
+            encoding=encoding or ("lowrank" if from_lora is not None else "dense"),
+            rank=rank,
+            energy=energy,
+            drop=drop,
+            seed=seed,
+            include=include,
+            exclude=exclude,
+            dtype=dtype,
+            lowrank_embeddings=lowrank_embeddings,
+        )
+        if output.exists() and not force:
+            raise UserError(f"{output} already exists; pass --force to replace it")
+        plan = plan_extract(base, options, finetuned=finetuned, lora=from_lora)
+        for w in plan.warnings:
+            typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
+        final = extract(plan, output, force=force, progress=not quiet)
+    except UserError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written to the output folder", code=130)
+    from mergekit_math.patch import Patch
+
+    p = Patch.open(final)
+    typer.echo(
+        f"extracted {len(p.tensors)} tensors ({options.encoding}, {_human(p.stored_bytes)}, "
+        f"{p.dense_bytes / p.stored_bytes:.2f}× smaller than dense float32) into {final}"
+    )
+
+
+@patch_app.command("apply")
+def patch_apply(
+    patch: Annotated[Path, typer.Option(help="Patch folder (from mmath patch extract).")],
+    base: Annotated[Path, typer.Option(help="The model to patch (NEW).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output model folder.")],
+    scale: Annotated[float, typer.Option(help="out = NEW + scale·Δ.")] = 1.0,
+    out_shard_size: Annotated[
+        str, typer.Option(help="Maximum shard size: bytes or 500M, 2G, 5G.")
+    ] = "5G",
+    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Write NEW + scale·Δ: patched tensors computed in float32 and cast to NEW's dtype, the
+    rest copied bit for bit.
+
+    Architecture, tensor presence and shapes are checked before any weight is read. Applying a
+    patch to its own source base is allowed, with a warning.
+
+    Example: mmath patch apply --patch p --base new -o out/ported
+    """
+    from mergekit_math.io.writer import parse_size
+    from mergekit_math.patch.apply import apply_patch, plan_apply
+
+    try:
+        shard_size = parse_size(out_shard_size)
+    except ValueError as exc:
+        _fail(f"--out-shard-size: {exc}")
+    try:
+        if output.exists() and not force:
+            raise UserError(f"{output} already exists; pass --force to replace it")
+        plan = plan_apply(patch, base, scale)
+        for w in plan.warnings:
+            typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
+        final = apply_patch(
+            plan, output, force=force, progress=not quiet, max_shard_size=shard_size
+        )
+    except UserError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written to the output folder", code=130)
+    typer.echo(
+        f"applied {len(plan.patch.tensors)} patched tensors (scale {scale:g}) to "
+        f"{plan.base.ref}: {final}"
+    )
+
+
+@patch_app.command("info")
+def patch_info(
+    patch: Annotated[Path, typer.Argument(help="Patch folder.")],
+    against: Annotated[
+        tuple[Path, Path] | None,
+        typer.Option(metavar="OLD FT", help="Measure the error against the exact delta FT − OLD."),
+    ] = None,
+    tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
+) -> None:
+    """Describe a patch: source, encodings, parameters covered, size vs dense, error.
+
+    Example: mmath patch info p --against old ft
+    """
+    from collections import Counter
+
+    from mergekit_math.patch import Patch
+    from mergekit_math.patch.extract import measure_errors, overall_relative
+
+    try:
+        p = Patch.open(patch)
+        errors = measure_errors(p, against[0], against[1]) if against else None
+    except UserError as exc:
+        _fail(str(exc))
+    m = p.manifest
+    src = m.source
+    base_params = src.base_parameters or 1
+    counts = Counter(e.encoding for e in p.tensors.values())
+    ranks = sorted({e.rank for e in p.tensors.values() if e.rank is not None})
+    encodings = ", ".join(f"{k} ×{n}" for k, n in counts.most_common())
+    if ranks:
+        encodings += f" (ranks {ranks[0]}–{ranks[-1]})" if len(ranks) > 1 else f" (rank {ranks[0]})"
+    origin = f"LoRA adapter {src.lora}" if src.kind == "lora" else str(src.finetuned)
+    typer.echo(f"patch:          {p.path.resolve()}")
+    typer.echo(f"format:         {m.format} v{m.format_version} ({m.created_by})")
+    typer.echo(f"architecture:   {p.architecture} ({p.model_type})")
+    typer.echo(f"source:         {origin}")
+    typer.echo(f"base:           {src.base}")
+    typer.echo(f"fingerprint:    {p.fingerprint}")
+    typer.echo(f"command:        {m.command}")
+    typer.echo(f"encodings:      {encodings}")
+    typer.echo(f"tensors:        {len(p.tensors)} ({m.unchanged} unchanged left out)")
+    typer.echo(
+        f"parameters:     {p.num_parameters:,} of {src.base_parameters:,} "
+        f"({100 * p.num_parameters / base_params:.1f}%)"
+    )
+    typer.echo(f"size on disk:   {_human(p.stored_bytes)}")
+    typer.echo(f"dense size:     {_human(p.dense_bytes)} (float32)")
+    typer.echo(f"compression:    {p.dense_bytes / p.stored_bytes:.2f}×")
+    if p.recorded_error is not None:
+        typer.echo(f"relative error: {p.recorded_error:.4g} (recorded at extraction)")
+    if tensors and errors is None:
+        width = max(len(n) for n in p.tensors)
+        typer.echo("")
+        for name, e in p.tensors.items():
+            rel = e.error_norm / e.delta_norm if e.error_norm is not None and e.delta_norm else 0
+            typer.echo(f"{name:<{width}}  {e.label:<28} {list(e.shape)}  rel. error {rel:.4g}")
+    if errors is not None:
+        width = max(len(e.name) for e in errors)
+        typer.echo("")
+        typer.echo(f"{'tensor':<{width}}  {'encoding':<28} relative error")
+        for e in errors:
+            typer.echo(f"{e.name:<{width}}  {e.encoding:<28} {e.relative:.4g}")
+        typer.echo(f"overall relative error vs FT − OLD: {overall_relative(errors):.4g}")
 
 
 def main() -> None:

@@ -1,0 +1,442 @@
+"""The patch format: a folder with ``patch.safetensors`` (encoded deltas) and ``patch.json``.
+
+``patch.json`` is the manifest: format version, the architecture and fingerprint of the base
+the patch was extracted against, the command that made it, and one :class:`PatchEntry` per
+patched tensor (shape, encoding, storage dtype). ``patch.safetensors`` holds each entry's
+parts under ``NAME`` (dense), ``NAME::B`` and ``NAME::A`` (low rank, Δ ≈ B·A) or
+``NAME::values`` plus ``NAME::indices`` or ``NAME::bitmask`` (sparse).
+
+:class:`Patch` reads a patch lazily, like :class:`~mergekit_math.io.reader.Checkpoint`:
+opening it reads the manifest and the safetensors header; :meth:`Patch.delta` decodes one
+tensor when asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mergekit_math.errors import UserError
+from mergekit_math.io.reader import (
+    CODE_BY_DTYPE,
+    DTYPES,
+    FLOAT_DTYPES,
+    Checkpoint,
+    TensorInfo,
+    read_safetensors_header,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+FORMAT = "mmath-patch"
+FORMAT_VERSION = 1
+MANIFEST = "patch.json"
+WEIGHTS = "patch.safetensors"
+PART_SEP = "::"
+# Elements sampled per tensor for a base's fingerprint.
+FINGERPRINT_SAMPLES = 4
+
+Encoding = Literal["dense", "lowrank", "sparse"]
+StorageDtype = Literal["float32", "bfloat16", "float16", "float64"]
+IndexKind = Literal["indices", "bitmask"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PatchEntry(_Strict):
+    """One patched tensor: what its delta decodes to and how it is stored."""
+
+    encoding: Encoding
+    shape: tuple[int, ...] = Field(description="Shape of the decoded delta (= the base tensor's).")
+    dtype: str = Field(description="dtype of the tensor in the source model (out dtype).")
+    storage_dtype: StorageDtype = Field(description="dtype of the stored values or factors.")
+    rank: int | None = Field(None, ge=1, description="lowrank: rank of B·A.")
+    drop: float | None = Field(None, ge=0.0, lt=1.0, description="sparse: DARE drop rate p.")
+    index: IndexKind | None = Field(None, description="sparse: how kept positions are stored.")
+    nnz: int | None = Field(None, ge=0, description="sparse: number of kept entries.")
+    delta_norm: float = Field(description="‖Δ‖_F of the exact delta at extraction.")
+    error_norm: float | None = Field(
+        None, description="‖Δ − decoded‖_F at extraction (None: not measured)."
+    )
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def label(self) -> str:
+        """'dense', 'lowrank r=16', 'sparse p=0.9 (bitmask)'."""
+        if self.encoding == "lowrank":
+            return f"lowrank r={self.rank}"
+        if self.encoding == "sparse":
+            return f"sparse p={self.drop} ({self.index})"
+        return "dense"
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """(rows, columns) of the delta seen as a matrix (first dimension × the rest)."""
+        rows = self.shape[0] if self.shape else 1
+        return rows, self.numel // rows if rows else 0
+
+    def parts(self, name: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Stored key -> (dtype, shape) of every part of this entry in ``patch.safetensors``."""
+        s = self.storage_dtype
+        if self.encoding == "dense":
+            return {name: (s, self.shape)}
+        if self.encoding == "lowrank":
+            assert self.rank is not None
+            m, n = self.matrix_shape
+            return {
+                f"{name}{PART_SEP}B": (s, (m, self.rank)),
+                f"{name}{PART_SEP}A": (s, (self.rank, n)),
+            }
+        assert self.nnz is not None and self.index is not None
+        out = {f"{name}{PART_SEP}values": (s, (self.nnz,))}
+        if self.index == "indices":
+            out[f"{name}{PART_SEP}indices"] = (index_dtype(self.numel), (self.nnz,))
+        else:
+            out[f"{name}{PART_SEP}bitmask"] = ("uint8", ((self.numel + 7) // 8,))
+        return out
+
+
+def index_dtype(numel: int) -> str:
+    """int32 positions while they fit, int64 for tensors of 2³¹ elements or more."""
+    return "int32" if numel <= 2**31 - 1 else "int64"
+
+
+class PatchSource(_Strict):
+    """Where the patch came from."""
+
+    kind: Literal["finetuned", "lora"]
+    base: str = Field(description="The base the delta was taken against (or shape-checked on).")
+    finetuned: str | None = None
+    lora: str | None = None
+    fingerprint: str = Field(description="fingerprint() of the base.")
+    base_parameters: int = Field(ge=0)
+    base_tensors: int = Field(ge=0)
+
+
+class PatchManifest(_Strict):
+    """The schema of ``patch.json``."""
+
+    format: Literal["mmath-patch"] = FORMAT
+    format_version: int = FORMAT_VERSION
+    created_by: str
+    command: str = Field(description="The command line that made the patch.")
+    architecture: str
+    model_type: str
+    encoding: Encoding = Field(description="The requested encoding.")
+    options: dict[str, Any] = Field(default_factory=dict)
+    source: PatchSource
+    unchanged: int = Field(0, ge=0, description="Selected tensors left out: their delta was 0.")
+    tensors: dict[str, PatchEntry]
+
+    @field_validator("format_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v > FORMAT_VERSION:
+            raise ValueError(
+                f"format version {v} is newer than this mmath understands ({FORMAT_VERSION}); "
+                "upgrade mergekit-math"
+            )
+        if v < 1:
+            raise ValueError(f"invalid format version {v}")
+        return v
+
+
+# =============================================================================== fingerprint
+
+
+def _sample_positions(numel: int) -> list[int]:
+    if numel == 0:
+        return []
+    k = min(FINGERPRINT_SAMPLES, numel)
+    return sorted({(numel - 1) * i // max(k - 1, 1) for i in range(k)})
+
+
+def fingerprint(ckpt: Checkpoint) -> str:
+    """A hash of a checkpoint's tensor names, shapes, dtypes and a few sampled values.
+
+    Only :data:`FINGERPRINT_SAMPLES` elements of each tensor are read (by seeking to them), so
+    fingerprinting a large model costs a few thousand small reads, not a pass over its weights.
+    Two checkpoints with the same fingerprint are, for all practical purposes, the same base.
+    """
+    h = hashlib.sha256()
+    handles: dict[Path, Any] = {}
+    try:
+        for name in sorted(ckpt.tensors):
+            info = ckpt.tensors[name]
+            h.update(f"{name}\x00{info.dtype}\x00{list(info.shape)}\x00".encode())
+            h.update(_sampled_bytes(ckpt, info, handles))
+    finally:
+        for f in handles.values():
+            f.close()
+    return "sha256:" + h.hexdigest()
+
+
+def _sampled_bytes(ckpt: Checkpoint, info: TensorInfo, handles: dict[Path, Any]) -> bytes:
+    size = DTYPES[CODE_BY_DTYPE[info.dtype]][1]
+    positions = _sample_positions(info.numel)
+    if info.offset < 0:  # a pickled checkpoint: its tensors are already mapped
+        flat = ckpt.read(info.name).reshape(-1)
+        return b"".join(flat[p : p + 1].contiguous().numpy().tobytes() for p in positions)
+    f = handles.get(info.file)
+    if f is None:
+        f = handles[info.file] = open(info.file, "rb")
+    out = bytearray()
+    for p in positions:
+        f.seek(info.offset + p * size)
+        out += f.read(size)
+    return bytes(out)
+
+
+# =============================================================================== writing
+
+
+class PatchFileWriter:
+    """Write ``patch.safetensors`` when part sizes are only known once each tensor is encoded.
+
+    Parts are appended to a spill file as they are produced (memory holds one tensor's parts);
+    :meth:`finish` writes the header and streams the spill file after it.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._spill_path = path.with_name(path.name + ".spill")
+        self._spill = open(self._spill_path, "w+b")
+        self._header: dict[str, Any] = {}
+        self._offset = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        import torch
+
+        if key in self._header:
+            raise RuntimeError(f"patch part {key} written twice")
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        nbytes = data.numel() * data.element_size()
+        if nbytes:
+            self._spill.write(memoryview(data.view(torch.uint8).numpy()))
+        self._header[key] = {
+            "dtype": CODE_BY_DTYPE[dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self._offset, self._offset + nbytes],
+        }
+        self._offset += nbytes
+
+    def finish(self, metadata: dict[str, str]) -> None:
+        header = {"__metadata__": metadata, **self._header}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._spill.flush()
+        self._spill.seek(0)
+        with open(self.path, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            shutil.copyfileobj(self._spill, f, 16 * 2**20)
+            f.flush()
+            os.fsync(f.fileno())
+        self.abort()
+
+    def abort(self) -> None:
+        if not self._spill.closed:
+            self._spill.close()
+        self._spill_path.unlink(missing_ok=True)
+
+
+# =============================================================================== reading
+
+
+class Patch:
+    """A patch folder, read lazily: a source whose tensors are deltas.
+
+    ``tensors`` maps each patched tensor name to its :class:`PatchEntry`; :meth:`delta` decodes
+    one of them. :meth:`check_against` validates a checkpoint the patch is to be applied to
+    without reading any weight.
+    """
+
+    def __init__(self, path: Path, manifest: PatchManifest, header: dict[str, Any], start: int):
+        self.path = path
+        self.manifest = manifest
+        self._header = header
+        self._data_start = start
+        self._handle: Any = None
+
+    @classmethod
+    def open(cls, path: str | Path) -> Patch:
+        """Read and validate ``patch.json`` and the header of ``patch.safetensors``."""
+        path = Path(path)
+        if not path.is_dir():
+            raise UserError(f"{path}: patch folder does not exist")
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            raise UserError(f"{path}: not a patch (no {MANIFEST})")
+        try:
+            data = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{mpath}: corrupt patch manifest, not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise UserError(f'{mpath}: not an mmath patch manifest (no "format": "{FORMAT}")')
+        try:
+            manifest = PatchManifest.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "(top)"
+            raise UserError(f"{mpath}: corrupt patch manifest: {where}: {err['msg']}") from None
+        wpath = path / WEIGHTS
+        if not wpath.is_file():
+            raise UserError(f"{path}: incomplete patch (no {WEIGHTS})")
+        header, start = read_safetensors_header(wpath)
+        size = wpath.stat().st_size
+        for name, entry in manifest.tensors.items():
+            for key, (dtype, shape) in entry.parts(name).items():
+                h = header.get(key)
+                if h is None:
+                    raise UserError(f"{wpath}: corrupt patch: no stored part {key} for {name}")
+                code = CODE_BY_DTYPE[dtype]
+                begin, end = h["data_offsets"]
+                nbytes = DTYPES[code][1]
+                for d in shape:
+                    nbytes *= d
+                if (
+                    h["dtype"] != code
+                    or tuple(h["shape"]) != tuple(shape)
+                    or end - begin != nbytes
+                    or start + end > size
+                ):
+                    raise UserError(
+                        f"{wpath}: corrupt patch: part {key} is {h['dtype']}{h['shape']}, "
+                        f"patch.json expects {code}{list(shape)}"
+                    )
+        return cls(path, manifest, header, start)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def tensors(self) -> dict[str, PatchEntry]:
+        return self.manifest.tensors
+
+    @property
+    def architecture(self) -> str:
+        return self.manifest.architecture
+
+    @property
+    def model_type(self) -> str:
+        return self.manifest.model_type
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest.source.fingerprint
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameters covered: elements of the tensors the patch changes."""
+        return sum(e.numel for e in self.tensors.values())
+
+    @property
+    def stored_bytes(self) -> int:
+        """Size on disk: ``patch.safetensors`` plus ``patch.json``."""
+        return (self.path / WEIGHTS).stat().st_size + (self.path / MANIFEST).stat().st_size
+
+    @property
+    def dense_bytes(self) -> int:
+        """Size of the same deltas stored dense in float32 (the reference for compression)."""
+        return 4 * self.num_parameters
+
+    @property
+    def recorded_error(self) -> float | None:
+        """Overall relative Frobenius error measured at extraction, sqrt(Σ err²)/sqrt(Σ ‖Δ‖²);
+        None when some tensor's error was not measured."""
+        entries = list(self.tensors.values())
+        if any(e.error_norm is None for e in entries):
+            return None
+        num = sum(e.error_norm**2 for e in entries)  # type: ignore[operator]
+        den = sum(e.delta_norm**2 for e in entries)
+        return (num / den) ** 0.5 if den else 0.0
+
+    # ------------------------------------------------------------------ checks
+
+    def check_against(self, ckpt: Checkpoint, where: str = "--base") -> bool:
+        """Check that the patch fits ``ckpt``: architecture, and each patched tensor's presence,
+        dtype kind and shape. Reads headers only. Returns whether ``ckpt`` is the base the patch
+        was extracted against (same fingerprint)."""
+        if ckpt.architecture != self.architecture or ckpt.model_type != self.model_type:
+            raise UserError(
+                f"{where}: {ckpt.ref} is {ckpt.architecture} ({ckpt.model_type}) but the patch "
+                f"{self.path} was made for {self.architecture} ({self.model_type})"
+            )
+        for name, entry in self.tensors.items():
+            info = ckpt.tensors.get(name)
+            if info is None:
+                tied = ckpt.resolve_name(name)
+                if tied is not None:
+                    raise UserError(
+                        f"{where}: the patch changes {name}, which {ckpt.ref} ties to {tied}; "
+                        "untie it in the base or extract the patch without it (--exclude)"
+                    )
+                raise UserError(f"{where}: {ckpt.ref} has no tensor {name} (the patch changes it)")
+            if info.shape != entry.shape:
+                raise UserError(
+                    f"{where}: shape mismatch for {name}: the patch has {list(entry.shape)}, "
+                    f"{ckpt.ref} has {list(info.shape)}"
+                )
+            if info.dtype not in FLOAT_DTYPES:
+                raise UserError(
+                    f"{where}: {name} is {info.dtype} in {ckpt.ref}; only floating tensors "
+                    "can be patched"
+                )
+        return fingerprint(ckpt) == self.fingerprint
+
+    # ------------------------------------------------------------------ reading
+
+    def read_part(self, key: str) -> torch.Tensor:
+        """One stored part, read with plain file reads at its header offsets."""
+        import torch
+
+        h = self._header[key]
+        begin, end = h["data_offsets"]
+        dtype = getattr(torch, DTYPES[h["dtype"]][0])
+        if self._handle is None:
+            self._handle = open(self.path / WEIGHTS, "rb", buffering=0)
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        self._handle.seek(self._data_start + begin)
+        done = 0
+        while done < end - begin:
+            n = self._handle.readinto(view[done:])
+            if not n:
+                raise UserError(f"{self.path / WEIGHTS}: truncated data for {key}")
+            done += n
+        return buf.view(dtype).reshape(h["shape"])
+
+    def delta(
+        self, name: str, dtype: torch.dtype | None = None, device: str = "cpu"
+    ) -> torch.Tensor:
+        """The decoded dense delta of ``name`` in ``dtype`` (float32 by default)."""
+        import torch
+
+        from mergekit_math.patch.encode import decode
+
+        entry = self.tensors[name]
+        parts = {
+            key[len(name) + len(PART_SEP) :] if key != name else "": self.read_part(key)
+            for key in entry.parts(name)
+        }
+        return decode(entry, parts, dtype or torch.float32, device)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
