@@ -37,6 +37,7 @@ from mergekit_math.io.reader import (
 )
 from mergekit_math.io.resolve import resolve_model
 from mergekit_math.methods import MergeMethod, get_method, param_keys
+from mergekit_math.patch.source import PatchDeltas, open_patch_source
 from mergekit_math.pipeline import Prefetcher, Unit, WriterThread
 from mergekit_math.recipe import (
     Parameters,
@@ -63,6 +64,8 @@ class Source:
     parameters: Parameters | None
     origin: Checkpoint | None = None
     layer_start: int = 0
+    # A recipe entry ``patch: PATH``: the deltas come from the patch (``ckpt`` is the base).
+    patch: PatchDeltas | None = None
 
 
 @dataclass(frozen=True)
@@ -316,6 +319,17 @@ def _build_groups(
         sources: list[Source] = []
         for i, m in enumerate(recipe.models):
             where = f"models[{i}]"
+            if m.patch is not None:
+                if method.kind != "delta" or base is None:
+                    raise UserError(
+                        f"{where}.patch: only delta methods with a base_model (task_arithmetic, "
+                        f"ties, dare_*, breadcrumbs*, della*) take a patch, not {method.name}"
+                    )
+                deltas = open_patch_source(m.patch, f"{where}.patch", load.recipe_dir, base)
+                sources.append(Source(index, where, base, m.parameters, None, patch=deltas))
+                index += 1
+                continue
+            assert m.model is not None
             ckpt = load(m.model, f"{where}.model")
             origin = origin_of(m.origin, where)
             if is_base(ckpt, base):
@@ -593,6 +607,9 @@ def _item_inputs(plan: Plan, item: PlanItem) -> list[tuple[str, Checkpoint, str]
     if g.base is not None and item.base_name:
         out.append(("base", g.base.ckpt, item.base_name))
     for s, name in zip(g.sources, item.names):
+        if s.patch is not None:
+            out.append(("delta", s.patch, name))  # type: ignore[arg-type]
+            continue
         out.append(("source", s.ckpt, name))
         if s.origin is not None and plan.method.kind == "delta":
             out.append(("origin", s.origin, name))
@@ -696,6 +713,9 @@ def compute_item(plan: Plan, item: PlanItem, device: str = "cpu") -> Iterator[to
             role = roles[i]
             if role == "base":
                 base = upcast(raw[i])
+            elif role == "delta":  # from a patch: already a delta, not rounded to ``dtype``
+                d = raw[i].to(device=device, dtype=compute)
+                tensors.append(d.clone() if d.data_ptr() == raw[i].data_ptr() else d)
             else:
                 x = upcast(raw[i])
                 if delta_kind:
@@ -1050,5 +1070,9 @@ def execute(
             bar.close()
             for c in plan.checkpoints.values():
                 c.close()
+            for g in {id(i.group): i.group for i in plan.items}.values():
+                for s in g.sources:
+                    if s.patch is not None:
+                        s.patch.close()
         write_model_files(plan, tmp)
     return out_dir.absolute()

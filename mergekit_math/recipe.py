@@ -48,13 +48,26 @@ Parameters = dict[str, Setting]
 
 
 class InputModel(_Strict):
-    model: str = Field(description="Local folder or Hub id of a checkpoint.")
+    model: str | None = Field(None, description="Local folder or Hub id of a checkpoint.")
+    patch: str | None = Field(
+        None,
+        description="mmath extension, instead of model: a patch folder (mmath patch extract) "
+        "whose delta is this input's delta (PortLLM: port a fine-tune to the recipe's base).",
+    )
     parameters: Parameters | None = None
     origin: str | None = Field(
         default=None,
         description="mmath extension: this model's delta is model - origin instead of "
         "model - base_model (PortLLM patches, CoT-Valve directions).",
     )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputModel:
+        if (self.model is None) == (self.patch is None):
+            raise ValueError("give exactly one of model and patch")
+        if self.patch is not None and self.origin is not None:
+            raise ValueError("a patch is already a delta; it takes no origin")
+        return self
 
 
 class InputSlice(_Strict):
@@ -111,7 +124,8 @@ class Recipe(_Strict):
         if self.base_model:
             refs.append(("base_model", self.base_model))
         for i, m in enumerate(self.models or []):
-            refs.append((f"models[{i}].model", m.model))
+            if m.model is not None:
+                refs.append((f"models[{i}].model", m.model))
             if m.origin:
                 refs.append((f"models[{i}].origin", m.origin))
         for i, s in enumerate(self.slices or []):

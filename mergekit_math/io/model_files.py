@@ -104,9 +104,13 @@ def resolved_recipe(plan: Plan) -> dict:
         return by_ref.get(ref, ref) if ref else ref
 
     recipe.base_model = fix(recipe.base_model)
-    for m in recipe.models or []:
-        m.model = fix(m.model)  # type: ignore[assignment]
+    groups = {id(i.group): i.group for i in plan.items}.values()
+    patches = {s.where: str(s.patch.path) for g in groups for s in g.sources if s.patch}
+    for i, m in enumerate(recipe.models or []):
+        m.model = fix(m.model)
         m.origin = fix(m.origin)
+        if m.patch is not None:
+            m.patch = patches.get(f"models[{i}]", m.patch)
     for s in recipe.slices or []:
         s.base_model = fix(s.base_model)
         for src in s.sources:
