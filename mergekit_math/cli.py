@@ -10,6 +10,7 @@ import typer
 
 from mergekit_math import __version__
 from mergekit_math.errors import UserError
+from mergekit_math.io.writer import human_bytes
 
 if TYPE_CHECKING:
     from mergekit_math.engine import Plan
@@ -28,14 +29,6 @@ app = typer.Typer(
 def _fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _version(value: bool) -> None:
@@ -148,7 +141,7 @@ def merge(
     except KeyboardInterrupt:
         _fail("interrupted; nothing was written to the output folder", code=130)
     typer.echo(
-        f"merged {len(plan.items)} tensors ({_human(plan.write_bytes)}) with "
+        f"merged {len(plan.items)} tensors ({human_bytes(plan.write_bytes)}) with "
         f"{plan.method.name} into {final}"
     )
 
@@ -163,10 +156,10 @@ def _print_plan(plan: Plan, shard_size: int, max_memory: int | None, device: str
         typer.echo(f"  - {c.ref} -> {c.path}" if str(c.path) != c.ref else f"  - {c.ref}")
     typer.echo(f"output layers: {plan.num_layers}")
     typer.echo(f"tensors:       {len(plan.items)}")
-    typer.echo(f"read:          {_human(plan.read_bytes)}")
-    typer.echo(f"write:         {_human(plan.write_bytes)} in {len(shards)} shard(s)")
+    typer.echo(f"read:          {human_bytes(plan.read_bytes)}")
+    typer.echo(f"write:         {human_bytes(plan.write_bytes)} in {len(shards)} shard(s)")
     peak = plan.estimated_peak_bytes(max_memory, device)
-    typer.echo(f"est. peak mem: {_human(peak)} of tensor data (plus ~300 MB for Python/torch)")
+    typer.echo(f"est. peak mem: {human_bytes(peak)} of tensor data (plus ~300 MB for Python/torch)")
     typer.echo(f"seed:          {plan.seed}")
     typer.echo("dry run: nothing was read or written")
 
@@ -199,8 +192,8 @@ def inspect(
     typer.echo(f"tied embeddings: {'yes' if ckpt.tied_embeddings else 'no'}")
     typer.echo(f"shards:          {len(ckpt.files)}")
     for f in ckpt.files:
-        typer.echo(f"  - {f.name} ({_human(f.stat().st_size)})")
-    typer.echo(f"tensor bytes:    {_human(ckpt.total_bytes)}")
+        typer.echo(f"  - {f.name} ({human_bytes(f.stat().st_size)})")
+    typer.echo(f"tensor bytes:    {human_bytes(ckpt.total_bytes)}")
     if tensors:
         width = max((len(n) for n in ckpt.tensors), default=4)
         typer.echo("")
@@ -309,7 +302,7 @@ def patch_extract(
 
     p = Patch.open(final)
     typer.echo(
-        f"extracted {len(p.tensors)} tensors ({options.encoding}, {_human(p.stored_bytes)}, "
+        f"extracted {len(p.tensors)} tensors ({options.encoding}, {human_bytes(p.stored_bytes)}, "
         f"{p.dense_bytes / p.stored_bytes:.2f}× smaller than dense float32) into {final}"
     )
 
@@ -405,8 +398,8 @@ def patch_info(
         f"parameters:     {p.num_parameters:,} of {src.base_parameters:,} "
         f"({100 * p.num_parameters / base_params:.1f}%)"
     )
-    typer.echo(f"size on disk:   {_human(p.stored_bytes)}")
-    typer.echo(f"dense size:     {_human(p.dense_bytes)} (float32)")
+    typer.echo(f"size on disk:   {human_bytes(p.stored_bytes)}")
+    typer.echo(f"dense size:     {human_bytes(p.dense_bytes)} (float32)")
     typer.echo(f"compression:    {p.dense_bytes / p.stored_bytes:.2f}×")
     if p.recorded_error is not None:
         typer.echo(f"relative error: {p.recorded_error:.4g} (recorded at extraction)")

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 from mergekit_math.errors import UserError
 from mergekit_math.io.reader import (
     FLOAT_DTYPES,
+    ITEMSIZE,
     PRE_LAYER_MARKERS,
     TIED_WEIGHTS,
     Checkpoint,
@@ -36,6 +37,7 @@ from mergekit_math.io.reader import (
     layer_of,
 )
 from mergekit_math.io.resolve import resolve_model
+from mergekit_math.io.writer import human_bytes
 from mergekit_math.methods import MergeMethod, get_method, param_keys
 from mergekit_math.patch.source import PatchDeltas, open_patch_source
 from mergekit_math.pipeline import Prefetcher, Unit, WriterThread
@@ -50,6 +52,7 @@ from mergekit_math.recipe import (
 
 if TYPE_CHECKING:
     import torch
+    from tqdm import tqdm
 
 DEFAULT_SEED = 0
 
@@ -563,7 +566,6 @@ def _torch_dtype(name: str) -> torch.dtype:
 CHUNK_ELEMENTS = 1 << 18
 # Bytes the reader thread may run ahead, and the writer thread behind, by default.
 IO_BUDGET = 64 * 2**20
-_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass
@@ -617,9 +619,7 @@ def _item_inputs(plan: Plan, item: PlanItem) -> list[tuple[str, Checkpoint, str]
 
 
 def _range_bytes(plan: Plan, item: PlanItem, start: int, end: int) -> int:
-    return sum(
-        (end - start) * _ITEMSIZE.get(c.info(n).dtype, 8) for _, c, n in _item_inputs(plan, item)
-    )
+    return sum((end - start) * ITEMSIZE[c.info(n).dtype] for _, c, n in _item_inputs(plan, item))
 
 
 def _read_range(
@@ -633,7 +633,7 @@ def _read_range(
         buf = None
         if pin:
             info = ckpt.info(name)
-            size = (end - start) * _ITEMSIZE.get(info.dtype, 8)
+            size = (end - start) * ITEMSIZE[info.dtype]
             buf = torch.empty(size, dtype=torch.uint8, pin_memory=True)
         out.append(ckpt.read_range(name, start, end, out=buf))
     return out
@@ -680,8 +680,9 @@ def compute_item(plan: Plan, item: PlanItem, device: str = "cpu") -> Iterator[to
         if run is not None and run.prefetch is not None and nbytes:
             run.prefetch.done(nbytes)
 
-    roles = [r for r, _, _ in _item_inputs(plan, item)]
-    shapes = [c.info(n).shape for _, c, n in _item_inputs(plan, item)]
+    inputs = _item_inputs(plan, item)
+    roles = [r for r, _, _ in inputs]
+    shapes = [c.info(n).shape for _, c, n in inputs]
     if item.copy_only:
         for start, end in ranges:
             raw, nbytes = fetch(start, end)
@@ -767,7 +768,7 @@ def compute_item(plan: Plan, item: PlanItem, device: str = "cpu") -> Iterator[to
             )
         )
 
-    def compute_range(raw: list[torch.Tensor], start: int) -> torch.Tensor:
+    def compute_range(raw: list[torch.Tensor], start: int, end: int) -> torch.Tensor:
         base, tensors = inputs_of(raw, shaped=whole)
         result = plan.method.merge(
             MergeInputs(
@@ -781,14 +782,14 @@ def compute_item(plan: Plan, item: PlanItem, device: str = "cpu") -> Iterator[to
             )
         )
         result = result.to(out_dtype).cpu()
-        _release_range(plan, item, start, start + (result.numel() if not whole else item.out.numel))
+        _release_range(plan, item, start, end)
         return result
 
     pool = run.pool if run is not None else None
     if whole or pool is None:
         for start, end in ranges:
             raw, nbytes = fetch(start, end)
-            result = compute_range(raw, start)
+            result = compute_range(raw, start, end)
             del raw
             release(nbytes)
             yield result
@@ -802,7 +803,7 @@ def compute_item(plan: Plan, item: PlanItem, device: str = "cpu") -> Iterator[to
     try:
         for start, end in ranges:
             raw, nbytes = fetch(start, end)
-            pending.append((pool.submit(_in_worker, compute_range, raw, start), nbytes))
+            pending.append((pool.submit(_in_worker, compute_range, raw, start, end), nbytes))
             del raw
             if len(pending) >= depth:
                 future, nbytes = pending.popleft()
@@ -846,16 +847,31 @@ def item_memory(
     """Bytes of tensor data one item holds at once while it is computed (an estimate)."""
     n = item.out.numel
     inputs = _item_inputs(plan, item)
-    raw = sum(_ITEMSIZE.get(c.info(name).dtype, 8) for _, c, name in inputs)
+    raw = sum(ITEMSIZE[c.info(name).dtype] for _, c, name in inputs)
     if item.copy_only:
         return min(n, chunk) * raw
-    cbytes = _ITEMSIZE[plan.recipe.compute_dtype]
+    cbytes = ITEMSIZE[plan.recipe.compute_dtype]
     per_element = raw + cbytes * (2 * len(inputs) + 4)
     if len(item_ranges(plan, item, device, chunk)) == 1:
         return n * per_element
     prepare = plan.method.prepare_buffers
     buffers = prepare(item.shared, item.params) if prepare is not None else 0  # type: ignore[arg-type]
     return chunk * per_element + buffers * n * cbytes
+
+
+def byte_progress(total: int, desc: str, enabled: bool = True) -> tqdm:
+    """The progress bar of long commands: bytes, on stderr, off with ``-q``."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=desc,
+        disable=not enabled,
+        file=sys.stderr,
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -958,18 +974,10 @@ def check_memory(plan: Plan, max_memory: int, device: str = "cpu") -> None:
         if need > max_memory:
             how = "on chunks" if is_chunked(plan, item, device) else "whole (it cannot be chunked)"
             raise UserError(
-                f"--max-memory {_human(max_memory)}: {item.out.name} "
-                f"{list(item.out.shape)} needs about {_human(need)} with {plan.method.name} "
+                f"--max-memory {human_bytes(max_memory)}: {item.out.name} "
+                f"{list(item.out.shape)} needs about {human_bytes(need)} with {plan.method.name} "
                 f"{how}; raise the limit"
             )
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def execute(
@@ -992,7 +1000,6 @@ def execute(
     of tensor data held at once by shrinking chunks and read-ahead (checked before any read).
     """
     import torch
-    from tqdm import tqdm
 
     from mergekit_math.io.model_files import write_model_files
     from mergekit_math.io.writer import ShardedWriter
@@ -1008,15 +1015,7 @@ def execute(
     out_dir = Path(out_dir)
     with atomic_output(out_dir, force) as tmp:
         writer = ShardedWriter(tmp, [i.out for i in plan.items], max_shard_size)
-        bar = tqdm(
-            total=plan.write_bytes,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=f"merge {plan.method.name}",
-            disable=not progress,
-            file=sys.stderr,
-        )
+        bar = byte_progress(plan.write_bytes, f"merge {plan.method.name}", progress)
         units = (
             Unit(
                 item,

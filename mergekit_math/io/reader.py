@@ -7,6 +7,7 @@ is read with plain file reads at the header's offsets, one tensor at a time, whe
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import re
@@ -37,6 +38,7 @@ DTYPES: dict[str, tuple[str, int]] = {
     "F8_E5M2": ("float8_e5m2", 1),
 }
 CODE_BY_DTYPE = {name: code for code, (name, _) in DTYPES.items()}
+ITEMSIZE = {name: size for name, size in DTYPES.values()}  # torch dtype name -> bytes
 FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16"}
 
 # Output-embedding names that transformers ties to an input embedding when absent from the files.
@@ -74,14 +76,11 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
-        return self.numel * DTYPES[CODE_BY_DTYPE[self.dtype]][1]
+        return self.numel * ITEMSIZE[self.dtype]
 
 
 def layer_of(name: str) -> tuple[str, int, str] | None:
@@ -298,7 +297,7 @@ class Checkpoint:
         if self._pickled is not None:
             flat = self._pickled[info.name].reshape(-1)[start:end]
             return flat if out is None else out.view(dtype).copy_(flat)
-        itemsize = DTYPES[CODE_BY_DTYPE[info.dtype]][1]
+        itemsize = ITEMSIZE[info.dtype]
         nbytes = (end - start) * itemsize
         offset = info.offset + start * itemsize
         if out is None:
@@ -332,7 +331,7 @@ class Checkpoint:
         mapping = self._maps.get(info.file)
         if mapping is None:
             return
-        itemsize = DTYPES[CODE_BY_DTYPE[info.dtype]][1]
+        itemsize = ITEMSIZE[info.dtype]
         first = (info.offset + start * itemsize) // mmap.PAGESIZE * mmap.PAGESIZE
         last = min(len(mapping), info.offset + end * itemsize)
         if last > first:

@@ -20,9 +20,8 @@ HUB_PATTERNS = [
 ]
 
 
-def resolve_model(ref: str, where: str, base_dir: Path | None = None) -> Path:
-    """A local folder for ``ref``: an existing path, else a Hub id fetched with
-    ``snapshot_download``.
+def find_local(ref: str, where: str, base_dir: Path | None = None) -> Path | None:
+    """The existing local path ``ref`` names, or None.
 
     A relative path is looked up from the current directory (as mergekit does) and from the
     recipe's folder ``base_dir``; when both exist and differ, the reference is ambiguous and
@@ -37,8 +36,18 @@ def resolve_model(ref: str, where: str, base_dir: Path | None = None) -> Path:
             f"{where}: {ref!r} is ambiguous: it exists relative to the current directory "
             f"({found[0]}) and to the recipe's folder ({found[1]}); write an absolute path"
         )
-    if found:
-        return found[0]
+    return found[0] if found else None
+
+
+def resolve_model(ref: str, where: str, base_dir: Path | None = None) -> Path:
+    """A local folder for ``ref``: an existing path, else a Hub id fetched with
+    ``snapshot_download``.
+
+    Local paths are found as :func:`find_local` finds them.
+    """
+    found = find_local(ref, where, base_dir)
+    if found is not None:
+        return found
     if HUB_ID.match(ref) and not ref.startswith((".", "/")):
         return _download(ref, where)
     raise UserError(f"{where}: model path does not exist: {ref}")

@@ -42,6 +42,15 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB' (binary units, as the progress bars show them)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 @dataclass
 class Shard:
     filename: str

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,24 +72,15 @@ def apply_patch(
 ) -> Path:
     """Write NEW + scale·Δ to ``out_dir`` atomically; returns its absolute path."""
     import torch
-    from tqdm import tqdm
 
-    from mergekit_math.engine import atomic_output
+    from mergekit_math.engine import atomic_output, byte_progress
     from mergekit_math.io.writer import ShardedWriter
 
     out_dir = Path(out_dir)
     patch, base = plan.patch, plan.base
     with atomic_output(out_dir, force) as tmp:
         writer = ShardedWriter(tmp, plan.outputs, max_shard_size)
-        bar = tqdm(
-            total=plan.write_bytes,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc="patch apply",
-            disable=not progress,
-            file=sys.stderr,
-        )
+        bar = byte_progress(plan.write_bytes, "patch apply", progress)
         try:
             with torch.inference_mode():
                 for info in plan.outputs:

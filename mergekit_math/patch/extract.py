@@ -251,9 +251,8 @@ def extract(
 ) -> Path:
     """Encode every planned tensor into ``out_dir`` (atomically); returns its absolute path."""
     import torch
-    from tqdm import tqdm
 
-    from mergekit_math.engine import atomic_output
+    from mergekit_math.engine import atomic_output, byte_progress
     from mergekit_math.patch.format import PatchFileWriter
 
     out_dir = Path(out_dir)
@@ -263,15 +262,7 @@ def extract(
     unchanged = 0
     with atomic_output(out_dir, force) as tmp:
         writer = PatchFileWriter(tmp / WEIGHTS)
-        bar = tqdm(
-            total=plan.read_bytes,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=f"extract {o.encoding}",
-            disable=not progress,
-            file=sys.stderr,
-        )
+        bar = byte_progress(plan.read_bytes, f"extract {o.encoding}", progress)
         try:
             with torch.inference_mode():
                 for name in plan.names:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from mergekit_math.errors import UserError
 from mergekit_math.io.reader import Checkpoint, TensorInfo
+from mergekit_math.io.resolve import find_local
 from mergekit_math.patch.format import Patch
 
 if TYPE_CHECKING:
@@ -78,19 +79,11 @@ def open_patch_source(
 ) -> PatchDeltas:
     """Open the patch ``ref`` (relative to the working directory or the recipe's folder) and
     check it against ``base`` (architecture, every patched tensor's shape) from headers."""
-    candidates = [Path(ref).expanduser()]
-    if recipe_dir is not None and not Path(ref).is_absolute():
-        candidates.append(recipe_dir / ref)
-    found = [c.resolve() for c in candidates if c.exists()]
-    if len(found) == 2 and found[0] != found[1]:
-        raise UserError(
-            f"{where}: {ref!r} is ambiguous: it exists relative to the current directory "
-            f"({found[0]}) and to the recipe's folder ({found[1]}); write an absolute path"
-        )
-    if not found:
+    found = find_local(ref, where, recipe_dir)
+    if found is None:
         raise UserError(f"{where}: patch folder does not exist: {ref}")
     try:
-        patch = Patch.open(found[0])
+        patch = Patch.open(found)
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from None
     return PatchDeltas(patch, base, where)
