@@ -14,6 +14,25 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 VOCAB = 96
 
 
+def mmath(*args: object):
+    """Run the CLI in-process (exceptions other than exits propagate)."""
+    from typer.testing import CliRunner
+
+    from mergekit_math.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def load_dir(folder: Path) -> dict:
+    """Every tensor of a model folder, by name."""
+    from safetensors.torch import load_file
+
+    out: dict = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
 def build_tokenizer(folder: Path) -> None:
     """A character-level tokenizer made with the ``tokenizers`` library."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model, write_recipe
-from safetensors.torch import load_file
+from conftest import load_dir, make_model, write_recipe
 
 from mergekit_math.engine import build_plan, execute, is_chunked
 from mergekit_math.errors import UserError
@@ -23,13 +22,6 @@ from mergekit_math.methods.task_arithmetic import (
     magnitude_prune,
 )
 from mergekit_math.recipe import load_recipe
-
-
-def load_dir(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def run(recipe: Path, out: Path, **kwargs) -> dict[str, torch.Tensor]:

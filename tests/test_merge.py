@@ -8,24 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_ulp_close, make_model, write_recipe
+from conftest import assert_ulp_close, load_dir, make_model, mmath, write_recipe
 from safetensors.torch import load_file
-from typer.testing import CliRunner
-
-from mergekit_math.cli import app
-
-runner = CliRunner()
-
-
-def mmath(*args: str):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def load_dir(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def reload_and_generate(folder: Path) -> torch.Tensor:

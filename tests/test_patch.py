@@ -13,28 +13,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_ulp_close, build_tokenizer, make_config, make_model, write_recipe
+from conftest import (
+    assert_ulp_close,
+    build_tokenizer,
+    load_dir,
+    make_config,
+    make_model,
+    mmath,
+    write_recipe,
+)
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from mergekit_math.cli import app
 from mergekit_math.io.reader import Checkpoint
 from mergekit_math.patch import Patch
 from mergekit_math.patch.encode import choose_rank, encode_lowrank, sparse_size_bound
 from mergekit_math.patch.format import fingerprint
-
-runner = CliRunner()
-
-
-def mmath(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def load_dir(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def extract(base: Path, out: Path, *args: object, finetuned: Path | None = None) -> Path:
