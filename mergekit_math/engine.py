@@ -828,7 +828,11 @@ def _scratch(run: _Run | None, numel: int, dtype: torch.dtype, device: str) -> t
     if run is None:
         return torch.empty(numel, dtype=dtype, device=device)
     buf = run.scratch
-    if buf is None or buf.numel() < numel or buf.dtype != dtype or str(buf.device) != device:
+    want = torch.device(device)
+    same_device = buf is not None and buf.device.type == want.type
+    if same_device and want.index is not None:
+        same_device = buf.device.index == want.index  # type: ignore[union-attr]
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or not same_device:
         run.scratch = buf = None  # free the old one first
         run.scratch = buf = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]

@@ -249,8 +249,9 @@ def machine() -> str:
         mk = version("mergekit")
     except Exception:
         mk = "not installed"
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (
-        f"{cpu}, {os.cpu_count()} cores, {human(psutil.virtual_memory().total)} RAM, "
+        f"{cpu}, {os.cpu_count()} cores, {human(psutil.virtual_memory().total)} RAM{gpu}, "
         f"Python {platform.python_version()}, torch {torch.__version__}, mergekit {mk}"
     )
 
@@ -271,6 +272,12 @@ def main() -> None:
     ap.add_argument("--no-mergekit", action="store_true", help="time mmath only")
     ap.add_argument("--mmath-args", default="", help="extra arguments for mmath merge")
     ap.add_argument("--markdown", type=Path, help="also write the report to this file")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu or cuda: mmath gets --device, mergekit gets --cuda (compute on the GPU)",
+    )
+    ap.add_argument("--mergekit-cmd", help="how to run mergekit-yaml (default: found on PATH)")
     args = ap.parse_args()
 
     shape_name = args.shape
@@ -289,6 +296,8 @@ def main() -> None:
         if Path(sys.executable).with_name("mergekit-yaml").exists()
         else None
     )
+    if args.mergekit_cmd:
+        mergekit = args.mergekit_cmd
     if args.no_mergekit:
         mergekit = None
 
@@ -317,9 +326,11 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 if tool == "mmath":
                     cmd = [sys.executable, "-m", "mergekit_math", "merge", str(recipe), str(out)]
-                    cmd += ["-q", *args.mmath_args.split()]
+                    cmd += ["-q", "--device", args.device, *args.mmath_args.split()]
                 else:
-                    cmd = [mergekit, str(recipe), str(out)]  # type: ignore[list-item]
+                    cmd = [*mergekit.split(), str(recipe), str(out)]  # type: ignore[union-attr]
+                    if args.device.startswith("cuda"):
+                        cmd.append("--cuda")
                 run = measure(cmd, env)
                 results[method][tool].append(run)
                 print(
@@ -347,6 +358,7 @@ def main() -> None:
         f"median of {args.reps} alternating runs, warm page cache.",
         "",
         f"Machine: {machine()}. Run {started:%Y-%m-%d %H:%M} UTC"
+        + (f"; compute on `{args.device}` (mergekit `--cuda`)" if args.device != "cpu" else "")
         + (f"; mmath args: `{args.mmath_args}`" if args.mmath_args else "")
         + ".",
         "",

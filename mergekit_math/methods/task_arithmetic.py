@@ -154,7 +154,9 @@ class MagnitudeTrim:
         kept_ties = selection.ties[: k - selection.above]
         self.ties: dict[int, torch.Tensor] = {}
         for start, end in ranges or [(0, n)]:
-            lo, hi = torch.searchsorted(kept_ties, torch.tensor([start, end])).tolist()
+            lo, hi = torch.searchsorted(
+                kept_ties, torch.tensor([start, end], device=kept_ties.device)
+            ).tolist()
             self.ties[start] = kept_ties[lo:hi] - start
 
     def apply(self, delta: torch.Tensor, start: int = 0) -> torch.Tensor:
