@@ -1,0 +1,1 @@
+"""Offline data sets for evaluating merged math models (pure stdlib; never imports torch)."""
