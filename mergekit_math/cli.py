@@ -79,6 +79,34 @@ def merge(
         bool, typer.Option(help="Validate and print the plan; read no tensor, write nothing.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    evaluate: Annotated[
+        bool | None,
+        typer.Option(
+            "--eval/--no-eval",
+            help="Evaluate the merged model (default: when the recipe has an evaluate: block).",
+        ),
+    ] = None,
+    push: Annotated[
+        str | None,
+        typer.Option(
+            "--push",
+            help="After evaluating, publish to this Hub repo if every --require bar is met "
+            "(default: the recipe's push: block).",
+        ),
+    ] = None,
+    no_push: Annotated[
+        bool, typer.Option("--no-push", help="Ignore the recipe's push: block.")
+    ] = False,
+    require: RequireOption = None,
+    tasks: TasksOption = None,
+    data: DataOption = None,
+    limit: LimitOption = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            help="Hub token for --push (default: HF_TOKEN or the saved login).", show_default=False
+        ),
+    ] = None,
 ) -> None:
     """Merge the models of RECIPE into OUT_DIR.
 
@@ -87,7 +115,14 @@ def merge(
     OUT_DIR only once complete: a failed or interrupted merge leaves nothing that looks like a
     model.
 
+    With --eval (or an evaluate: block in the recipe) the output is evaluated as by `mmath
+    eval`; with --push REPO (or a push: block) it is then published as by `mmath push`, only
+    if it clears the --require bars (or evaluate.require).
+
     Example: mmath merge recipes/ties.yaml out/ties-merge
+
+    Example: mmath merge recipes/ties.yaml out/ties-merge --eval --push me/ties-merge
+    --tasks gsm8k_cot_local --require 'gsm8k_cot_local:exact_match,flexible-extract>=0.4'
     """
     from mergekit_math.engine import build_plan, execute
     from mergekit_math.io.writer import parse_size
@@ -109,6 +144,18 @@ def merge(
         _fail("--threads must be at least 1")
     try:
         parsed = load_recipe(recipe)
+        after = _after_merge(
+            parsed,
+            recipe.resolve().parent,
+            evaluate,
+            push,
+            no_push,
+            require,
+            tasks,
+            data,
+            limit,
+            device,
+        )
         plan = build_plan(
             parsed, recipe_dir=recipe.resolve().parent, seed=seed, allow_pickle=allow_pickle
         )
@@ -144,6 +191,106 @@ def merge(
         f"merged {len(plan.items)} tensors ({human_bytes(plan.write_bytes)}) with "
         f"{plan.method.name} into {final}"
     )
+    if after is not None:
+        _evaluate_and_push(final, after, token)
+
+
+class _AfterMerge:
+    """What `mmath merge` does with its output: evaluate, check the bar, publish."""
+
+    def __init__(self, options, requirements, settings) -> None:
+        self.options = options
+        self.requirements = requirements
+        self.settings = settings
+
+
+def _after_merge(
+    parsed, recipe_dir: Path, evaluate, push, no_push, require, tasks, data, limit, device
+) -> _AfterMerge | None:
+    """Validate the evaluate/push settings of a merge before any tensor is read."""
+    from mergekit_math.hub.publish import PushSettings, parse_requirements
+
+    block = parsed.evaluate
+    if block is not None and block.data is not None:
+        block.data = str((recipe_dir / block.data).resolve())
+    settings = None
+    if push is not None:
+        settings = PushSettings(push)
+    elif parsed.push is not None and not no_push:
+        settings = PushSettings(**parsed.push.model_dump())
+    do_eval = evaluate if evaluate is not None else block is not None or settings is not None
+    if settings is not None and evaluate is False:
+        raise UserError(
+            "--push needs the evaluation (drop --no-eval); use `mmath push "
+            "--no-eval --force` to publish unevaluated"
+        )
+    if not do_eval:
+        return None
+    requirements = parse_requirements(require or (block.require if block else None) or [])
+    if settings is not None and not requirements:
+        raise UserError(
+            "--push needs a bar: --require 'TASK:METRIC,FILTER>=VALUE' or evaluate.require "
+            "in the recipe"
+        )
+    task_list = tasks or (block.tasks if block else None)
+    if isinstance(task_list, list):
+        task_list = ",".join(task_list)
+    if not task_list and not requirements:
+        raise UserError("--eval: name the tasks with --tasks or an evaluate: block")
+    b = block
+    options = _eval_options(
+        task_list,
+        data if data is not None else (Path(b.data) if b and b.data else None),
+        device,
+        (b.dtype if b and b.dtype else "auto"),
+        str(b.batch_size) if b and b.batch_size is not None else "8",
+        limit if limit is not None else (str(b.limit) if b and b.limit is not None else None),
+        b.num_fewshot if b else None,
+        bool(b.apply_chat_template) if b else False,
+        ",".join(f"{k}={v}" for k, v in (b.gen_kwargs or {}).items()) if b else None,
+        b.seed if b else None,
+        False,
+        False,
+    )
+    from mergekit_math.hub.publish import gate_options
+
+    return _AfterMerge(gate_options(requirements, options), requirements, settings)
+
+
+def _evaluate_and_push(model_dir: Path, after: _AfterMerge, token: str | None) -> None:
+    from mergekit_math.eval.run import evaluate, format_table
+    from mergekit_math.hub.gate import check, format_gate_table
+    from mergekit_math.hub.publish import GateFailed, publish
+
+    try:
+        report = evaluate(model_dir, after.options)
+        typer.echo(format_table(report))
+        if after.requirements and after.settings is None:
+            rows = check(after.requirements, report.results)
+            typer.echo(format_gate_table(rows))
+            if not all(r.passed for r in rows):
+                _fail("the merged model misses a --require bar", code=1)
+            return
+        if after.settings is None:
+            return
+        result = publish(
+            model_dir,
+            after.settings,
+            requirements=after.requirements,
+            options=after.options,
+            token=token,
+            echo=typer.echo,
+            warn=lambda m: typer.secho(f"warning: {m}", fg=typer.colors.YELLOW, err=True),
+            report=report,
+        )
+    except GateFailed as exc:
+        typer.echo(exc.table)
+        _fail(f"{exc}; the merge is kept at {model_dir}, nothing was pushed", code=1)
+    except UserError as exc:
+        _fail(f"{exc} (the merge is kept at {model_dir})")
+    except KeyboardInterrupt:
+        _fail(f"interrupted; the merge is kept at {model_dir}", code=130)
+    _echo_pushed(result)
 
 
 def _print_plan(plan: Plan, shard_size: int, max_memory: int | None, device: str) -> None:
@@ -416,6 +563,315 @@ def patch_info(
         for e in errors:
             typer.echo(f"{e.name:<{width}}  {e.encoding:<28} {e.relative:.4g}")
         typer.echo(f"overall relative error vs FT − OLD: {overall_relative(errors):.4g}")
+
+
+# =============================================================================== mmath data
+
+data_app = typer.Typer(
+    help="Offline evaluation data: generated GSM8K-format problem sets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("gsm-symbolic")
+def data_gsm_symbolic(
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSONL file to write.")],
+    n: Annotated[int, typer.Option("-n", help="Number of problems.")] = 200,
+    seed: Annotated[int, typer.Option(help="Same seed, same problems.")] = 0,
+    template: Annotated[
+        list[str] | None,
+        typer.Option(help="Only these templates (repeatable); see --list-templates."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+) -> None:
+    """Write N grade-school word problems with worked solutions in GSM8K format.
+
+    Problems come from symbolic templates (GSM-Symbolic style) with varied names, objects and
+    numbers; each has 2-5 calculation steps written as <<a*b=c>> annotations and ends with
+    '#### N', and every answer is computed by the generator. Use the file with
+    `mmath eval MODEL --tasks gsm8k_local --data FILE`.
+
+    Example: mmath data gsm-symbolic -n 200 --seed 0 -o problems.jsonl
+    """
+    from mergekit_math.data.gsm_symbolic import TEMPLATES, generate, write_jsonl
+
+    if output.exists() and not force:
+        _fail(f"{output} already exists; pass --force to replace it")
+    try:
+        problems = generate(n, seed=seed, templates=template or None)
+        write_jsonl(problems, output)
+    except UserError as exc:
+        _fail(str(exc))
+    used = sorted({p.template for p in problems})
+    typer.echo(
+        f"wrote {len(problems)} problems from {len(used)} of {len(TEMPLATES)} templates "
+        f"(seed {seed}) to {output}"
+    )
+
+
+# =============================================================================== mmath eval
+
+TasksOption = Annotated[
+    str | None,
+    typer.Option(
+        "--tasks",
+        "-t",
+        help="Comma-separated tasks: gsm8k_local, gsm8k_cot_local (shipped, offline), any "
+        "lm-eval task name, a task YAML file or a folder of them.",
+    ),
+]
+DataOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="GSM8K-format JSONL for gsm8k_local/gsm8k_cot_local ({question, answer} with "
+        "'#### N'); default: 200 generated gsm-symbolic problems (seed 0).",
+    ),
+]
+EvalDeviceOption = Annotated[str, typer.Option(help="cpu or cuda.")]
+DtypeOption = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
+BatchOption = Annotated[str, typer.Option(help="Batch size, or 'auto'.")]
+LimitOption = Annotated[
+    str | None, typer.Option(help="Evaluate the first N problems (or a fraction below 1).")
+]
+FewshotOption = Annotated[
+    int | None, typer.Option(help="Few-shot examples (default: the task's own).")
+]
+ChatOption = Annotated[bool, typer.Option(help="Wrap prompts in the model's chat template.")]
+GenKwargsOption = Annotated[
+    str | None,
+    typer.Option(help="Generation settings k=v,... e.g. max_gen_toks=256,temperature=0."),
+]
+EvalSeedOption = Annotated[int | None, typer.Option(help="Seed for sampling and few-shot.")]
+OnlineOption = Annotated[
+    bool,
+    typer.Option(help="Allow the Hub (built-in lm-eval tasks need it); default: offline."),
+]
+NoCacheOption = Annotated[
+    bool, typer.Option("--no-cache", help="Evaluate again even when a cached result exists.")
+]
+
+
+def _eval_options(
+    tasks: str | None,
+    data: Path | None,
+    device: str,
+    dtype: str,
+    batch_size: str,
+    limit: str | None,
+    num_fewshot: int | None,
+    apply_chat_template: bool,
+    gen_kwargs: str | None,
+    seed: int | None,
+    online: bool,
+    no_cache: bool,
+):
+    from mergekit_math.eval.run import EvalOptions, parse_gen_kwargs, parse_limit
+    from mergekit_math.eval.tasks import split_tasks
+
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"--device: expected cpu or cuda, got {device!r}")
+    batch: int | str = batch_size
+    if batch_size != "auto":
+        try:
+            batch = int(batch_size)
+        except ValueError:
+            raise UserError(
+                f"--batch-size: expected a number or 'auto', got {batch_size!r}"
+            ) from None
+    return EvalOptions(
+        tasks=split_tasks(tasks) if tasks else [],
+        data=data,
+        device=device,
+        dtype=dtype,
+        batch_size=batch,
+        limit=parse_limit(limit),
+        num_fewshot=num_fewshot,
+        apply_chat_template=apply_chat_template,
+        gen_kwargs=parse_gen_kwargs(gen_kwargs),
+        seed=seed,
+        online=online,
+        use_cache=not no_cache,
+    )
+
+
+@app.command("eval")
+def eval_(
+    model_dir: Annotated[Path, typer.Argument(help="Model folder (e.g. a merge output).")],
+    tasks: TasksOption = None,
+    data: DataOption = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write results.json and samples_<task>.jsonl here."),
+    ] = None,
+    device: EvalDeviceOption = "cpu",
+    dtype: DtypeOption = "auto",
+    batch_size: BatchOption = "8",
+    limit: LimitOption = None,
+    num_fewshot: FewshotOption = None,
+    apply_chat_template: ChatOption = False,
+    gen_kwargs: GenKwargsOption = None,
+    seed: EvalSeedOption = None,
+    online: OnlineOption = False,
+    no_cache: NoCacheOption = False,
+    verbose: Annotated[bool, typer.Option(help="Show lm-eval's log messages.")] = False,
+) -> None:
+    """Evaluate MODEL_DIR with lm-eval and print accuracy and chain-of-thought lengths.
+
+    The model is loaded once for all tasks. Results are cached by (model fingerprint, task
+    config, limit, few-shot, generation settings): a repeated evaluation is instant unless
+    --no-cache. Runs offline unless --online. For generative tasks the table also shows the
+    tokens generated per problem (the stored response re-tokenised with the model's tokenizer,
+    cut at the first stop string): mean / median / 90th percentile.
+
+    Example: mmath eval out/ties-merge --tasks gsm8k_cot_local --data problems.jsonl --limit 50
+    """
+    try:
+        if not tasks:
+            raise UserError("--tasks: name at least one task (e.g. gsm8k_cot_local)")
+        options = _eval_options(
+            tasks,
+            data,
+            device,
+            dtype,
+            batch_size,
+            limit,
+            num_fewshot,
+            apply_chat_template,
+            gen_kwargs,
+            seed,
+            online,
+            no_cache,
+        )
+        from mergekit_math.eval.run import evaluate, format_table, write_output
+
+        report = evaluate(model_dir, options, verbose=verbose)
+        if output is not None:
+            write_output(report, options, output)
+    except UserError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; no result was cached for the tasks in progress", code=130)
+    typer.echo(format_table(report))
+    hits = [t for t, hit in report.cached.items() if hit]
+    note = f"; from cache: {', '.join(hits)}" if hits else ""
+    typer.echo(f"\n{report.model} ({report.fingerprint[:20]}…) in {report.seconds:.1f} s{note}")
+    if output is not None:
+        typer.echo(f"results written to {output / 'results.json'}")
+
+
+# =============================================================================== mmath push
+
+RequireOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--require",
+        help="Bar to clear before publishing, repeatable: 'TASK:METRIC[,FILTER]>=VALUE' "
+        "(>=, >, <=, <), e.g. 'gsm8k_cot_local:exact_match,flexible-extract>=0.40'.",
+    ),
+]
+
+
+@app.command()
+def push(
+    model_dir: Annotated[Path, typer.Argument(help="Model folder to publish.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repository, NAMESPACE/NAME.")],
+    require: RequireOption = None,
+    private: Annotated[bool, typer.Option(help="Create the repository private.")] = False,
+    revision: Annotated[
+        str | None, typer.Option(help="Branch to commit to (created from main).")
+    ] = None,
+    commit_message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
+    create_pr: Annotated[
+        bool, typer.Option(help="Open a pull request instead of committing.")
+    ] = False,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            help="Hub token (default: HF_TOKEN, then the saved login). Never printed or stored.",
+            show_default=False,
+        ),
+    ] = None,
+    no_eval: Annotated[
+        bool, typer.Option("--no-eval", help="Skip the eval gate (needs --force too).")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="With --no-eval: publish unevaluated.")] = False,
+    tasks: TasksOption = None,
+    data: DataOption = None,
+    device: EvalDeviceOption = "cpu",
+    dtype: DtypeOption = "auto",
+    batch_size: BatchOption = "8",
+    limit: LimitOption = None,
+    num_fewshot: FewshotOption = None,
+    apply_chat_template: ChatOption = False,
+    gen_kwargs: GenKwargsOption = None,
+    seed: EvalSeedOption = None,
+    online: OnlineOption = False,
+    no_cache: NoCacheOption = False,
+) -> None:
+    """Publish MODEL_DIR to the Hub as REPO_ID, only if it clears every --require bar.
+
+    The gate uses the cached evaluation of this exact model (same fingerprint, task config
+    and options) or runs it first, with the same task options as `mmath eval`; the required
+    tasks are evaluated even when --tasks does not name them. If a bar is missed, the table
+    shows the failing row, the command exits with status 1 and nothing is sent to the Hub.
+    The uploaded README gets the results as model-index metadata and an Evaluation table;
+    base_model keeps Hub ids only.
+
+    Example: mmath push out/ties-merge me/qwen-math-ties --data problems.jsonl --limit 200
+    --require 'gsm8k_cot_local:exact_match,flexible-extract>=0.40'
+    """
+    from mergekit_math.hub.publish import GateFailed, PushSettings, parse_requirements, publish
+
+    try:
+        if no_eval and not force:
+            raise UserError("--no-eval publishes an unevaluated model: add --force to confirm")
+        if no_eval and require:
+            raise UserError("--require and --no-eval contradict each other")
+        requirements = parse_requirements(require or [])
+        options = None
+        if not no_eval:
+            options = _eval_options(
+                tasks,
+                data,
+                device,
+                dtype,
+                batch_size,
+                limit,
+                num_fewshot,
+                apply_chat_template,
+                gen_kwargs,
+                seed,
+                online,
+                no_cache,
+            )
+        result = publish(
+            model_dir,
+            PushSettings(repo_id, private, revision, commit_message, create_pr),
+            requirements=requirements,
+            options=options,
+            token=token,
+            echo=typer.echo,
+            warn=lambda m: typer.secho(f"warning: {m}", fg=typer.colors.YELLOW, err=True),
+        )
+    except GateFailed as exc:
+        typer.echo(exc.table)
+        _fail(f"{exc}; nothing was pushed", code=1)
+    except UserError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted", code=130)
+    _echo_pushed(result)
+
+
+def _echo_pushed(result) -> None:
+    typer.echo(f"pushed to {result.url}")
+    typer.echo(f"commit {result.commit_id}: {result.commit_url}")
+    if result.pr_url:
+        typer.echo(f"pull request: {result.pr_url}")
 
 
 def main() -> None:

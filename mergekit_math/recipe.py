@@ -83,6 +83,33 @@ class OutputSlice(_Strict):
     parameters: Parameters | None = None
 
 
+class EvaluateBlock(_Strict):
+    """mmath extension: evaluate the merged model right after merging (as `mmath eval`)."""
+
+    tasks: list[str] | str = Field(description="Tasks, as `mmath eval --tasks`.")
+    data: str | None = Field(None, description="GSM8K JSONL, relative to the recipe's folder.")
+    limit: int | float | None = Field(None, gt=0)
+    num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int | str | None = None
+    dtype: str | None = None
+    apply_chat_template: bool | None = None
+    gen_kwargs: dict[str, Scalar] | None = None
+    seed: int | None = None
+    require: list[str] | None = Field(
+        None, description="Bars for publishing: 'TASK:METRIC[,FILTER]>=VALUE'."
+    )
+
+
+class PushBlock(_Strict):
+    """mmath extension: publish the merged model after it clears ``evaluate.require``."""
+
+    repo_id: str
+    private: bool = False
+    revision: str | None = None
+    commit_message: str | None = None
+    create_pr: bool = False
+
+
 class Recipe(_Strict):
     """A merge recipe. Fields mirror mergekit's; ``seed``, ``compute_dtype`` and per-model
     ``origin`` are mmath extensions."""
@@ -107,6 +134,12 @@ class Recipe(_Strict):
     )
     chat_template: str | None = None
     seed: int | None = Field(default=None, description="mmath extension: seed for DARE/DELLA.")
+    evaluate: EvaluateBlock | None = Field(
+        default=None, description="mmath extension: evaluate after merging."
+    )
+    push: PushBlock | None = Field(
+        default=None, description="mmath extension: gated Hub push after evaluating."
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -4,11 +4,14 @@ sharded or not, in fp32/bf16/fp16, with a real (tiny) tokenizer."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Evaluation results and fingerprints are cached; tests never touch the user's cache.
+os.environ.setdefault("MMATH_CACHE_DIR", tempfile.mkdtemp(prefix="mmath-test-cache-"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 VOCAB = 96

@@ -119,6 +119,8 @@ def resolved_recipe(plan: Plan) -> dict:
     if recipe.tokenizer_source not in (None, "base"):
         recipe.tokenizer_source = fix(recipe.tokenizer_source)
     recipe.seed = plan.seed
+    # Publishing is an action on the output, not part of what the model is.
+    recipe.push = None
     data = recipe.model_dump(mode="json", exclude_none=True)
     # Make the method's recipe-level defaults explicit.
     params = dict(data.get("parameters") or {})

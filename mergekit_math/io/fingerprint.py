@@ -1,0 +1,102 @@
+"""A content hash of a model folder: what an evaluation result or a sweep row is about.
+
+Unlike the patch format's sampled fingerprint (a quick identity check of a base), this one
+reads every byte of the weights, config and tokenizer files, so two folders share it only when
+they would load as the same model. Hashing runs at disk speed (about 1 GB/s); the result is
+remembered per file by (size, mtime, inode) in the cache folder, so asking again is instant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from mergekit_math.errors import UserError
+
+# Files that change what the model computes or how its text is tokenised.
+_EXTRA_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_BLOCK = 8 << 20
+
+
+def cache_dir() -> Path:
+    """Where mmath keeps evaluation results and fingerprints: ``$MMATH_CACHE_DIR`` or
+    ``~/.cache/mergekit_math``."""
+    env = os.environ.get("MMATH_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mergekit_math"
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The files a model folder's fingerprint covers, in a stable order."""
+    weights = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    if not weights:
+        raise UserError(f"{folder}: no weights (*.safetensors or *.bin) in this folder")
+    extra = [folder / n for n in _EXTRA_FILES if (folder / n).is_file()]
+    return weights + extra
+
+
+def model_fingerprint(folder: Path | str, memo: bool = True) -> str:
+    """``blake2b:<hex>`` over every fingerprinted file's name and bytes."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a model folder")
+    memo_path = cache_dir() / "fingerprints.json"
+    known: dict[str, str] = {}
+    if memo:
+        try:
+            known = json.loads(memo_path.read_text())
+        except (OSError, ValueError):
+            known = {}
+    h = hashlib.blake2b(digest_size=20)
+    changed = False
+    for path in model_files(folder):
+        st = path.stat()
+        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        digest = known.get(key)
+        if digest is None:
+            digest = _file_digest(path)
+            known[key] = digest
+            changed = True
+        h.update(f"{path.name}\x00{digest}\x00".encode())
+    if memo and changed:
+        _save_memo(memo_path, known)
+    return "blake2b:" + h.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    buf = bytearray(_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(view):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _save_memo(path: Path, known: dict[str, str]) -> None:
+    # Keep the memo small: entries of files that no longer exist are dropped.
+    alive = {k: v for k, v in known.items() if Path(k.split("|", 1)[0]).exists()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(alive, indent=0))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the memo is only a shortcut
