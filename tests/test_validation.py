@@ -369,3 +369,16 @@ def test_relative_path_found_in_two_places_is_ambiguous(tmp_path, zoo, monkeypat
     res = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "out")])
     assert res.exit_code == 2
     assert "models[0].model" in res.output and "ambiguous" in res.output
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_recipes_parse_and_open_with_their_command(path):
+    from mergekit_math.recipe import load_recipe
+
+    recipe = load_recipe(path)
+    # Opens with the commands that run it (STYLE.md 8).
+    head = [line for line in path.read_text().splitlines() if line.startswith("# mmath ")]
+    assert any(line.startswith(f"# mmath merge recipes/{path.name} ") for line in head)
+    assert recipe.merge_method

@@ -325,7 +325,8 @@ def della_drop(
     if density - epsilon <= 0 or density + epsilon >= 1:
         raise ValueError(f"della needs density ± epsilon inside (0, 1), got {density} ± {epsilon}")
     rows = delta.unsqueeze(0) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)
+    # stable: equal magnitudes rank in index order, the same on every device
+    ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).to(torch.float32)
     span = (rows.shape[1] - 1) or 1
     probs = (density - epsilon) + (ranks / span) * (2 * epsilon)
     mask = torch.rand(rows.shape, generator=generator, dtype=torch.float32).to(rows.device) < probs
