@@ -12,88 +12,14 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from conftest import mmath, write_recipe
 from hub_server import TOKEN, hub_fixture  # noqa: F401  (the `hub` fixture)
+from tiny_math import new_model, train
 
 from mergekit_math.data.gsm_symbolic import generate, write_jsonl
 
-CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?!+-*/=#:$%'\n")
 GEN = "max_gen_toks=12"
-
-
-def build_tokenizer(folder: Path) -> None:
-    """One token per character; decoding joins them back without spaces."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
-    for c in CHARS:
-        vocab.setdefault(c, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-    ).save_pretrained(folder)
-
-
-def new_model(folder: Path, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(CHARS) + 4,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    build_tokenizer(folder)
-    return model
-
-
-def train_to_answer(folder: Path, problems, steps: int = 300) -> None:
-    """Teach the model `Question: q\\nAnswer: #### N</s>` for each problem (loss on the
-    answer only), the gsm8k_local prompt at zero shots."""
-    from transformers import AutoTokenizer
-
-    model = new_model(folder)
-    tok = AutoTokenizer.from_pretrained(folder)
-    rows, masks = [], []
-    for p in problems:
-        prompt = tok(f"Question: {p.question}\nAnswer:", add_special_tokens=False).input_ids
-        answer = tok(f" #### {p.final}", add_special_tokens=False).input_ids + [2]
-        rows.append(prompt + answer)
-        masks.append([0] * len(prompt) + [1] * len(answer))
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [3] * (width - len(r)) for r in rows])
-    labels = ids.clone()
-    labels[torch.tensor([m + [0] * (width - len(m)) for m in masks]) == 0] = -100
-    attention = (torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]).long()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 1e-3:
-            break
-    model.eval()
-    model.save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +29,7 @@ def math_models(tmp_path_factory) -> dict[str, Path]:
     data = root / "problems.jsonl"
     write_jsonl(problems, data)
     trained, untrained = root / "trained", root / "untrained"
-    train_to_answer(trained, problems)
+    train(trained, problems)
     new_model(untrained, seed=1).save_pretrained(untrained)
     return {"trained": trained, "untrained": untrained, "data": data, "root": root}
 

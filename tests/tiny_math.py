@@ -1,0 +1,106 @@
+"""Tiny character-level Llamas that tests train in seconds on CPU to answer generated math
+problems in the gsm8k_local format (``Question: q\\nAnswer:`` at zero shots), so evaluation
+results are known in advance."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?!+-*/=#:$%'<>\n")
+
+
+def build_tokenizer(folder: Path) -> None:
+    """One token per character; decoding joins them back without spaces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for c in CHARS:
+        vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    ).save_pretrained(folder)
+
+
+def new_model(folder: Path, seed: int = 0):
+    """An untrained model (not saved) with its tokenizer saved into ``folder``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(CHARS) + 4,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    build_tokenizer(folder)
+    return model
+
+
+def bare_answer(problem) -> str:
+    return f" #### {problem.final}"
+
+
+def train(
+    folder: Path,
+    problems: Sequence,
+    answer: Callable = bare_answer,
+    *,
+    start: Path | None = None,
+    steps: int = 300,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> Path:
+    """Teach ``Question: q\\nAnswer:<answer(p)></s>`` (loss on the answer only) from a fresh
+    model, or from the model in ``start``; saves into ``folder``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if start is None:
+        model = new_model(folder, seed)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
+        build_tokenizer(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    rows, masks = [], []
+    for p in problems:
+        prompt = tok(f"Question: {p.question}\nAnswer:", add_special_tokens=False).input_ids
+        target = tok(answer(p), add_special_tokens=False).input_ids + [2]
+        rows.append(prompt + target)
+        masks.append([0] * len(prompt) + [1] * len(target))
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [3] * (width - len(r)) for r in rows])
+    labels = ids.clone()
+    labels[torch.tensor([m + [0] * (width - len(m)) for m in masks]) == 0] = -100
+    lengths = torch.tensor([len(r) for r in rows])
+    attention = (torch.arange(width)[None] < lengths[:, None]).long()
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 1e-3:
+            break
+    model.eval()
+    model.save_pretrained(folder)
+    return folder
