@@ -307,3 +307,55 @@ def test_answer_extraction_and_best_alpha():
     assert best_alpha(rows, 0.1).alpha == 1
     assert best_alpha(rows, 0.0).alpha == 0
     assert best_alpha(rows[1:], 0.01) is None
+
+
+def test_direction_from_a_lora_matches_peft(tmp_path, zoo):
+    """--lora: Δ is the adapter's ΔW; θ(1) is peft's merge_and_unload, θ(0.5) half of it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(zoo["a"], dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]),
+    )
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    model.save_pretrained(tmp_path / "adapter")
+    merged = {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+    res = mmath(
+        "valve",
+        "extract",
+        "--base",
+        zoo["a"],
+        "--lora",
+        tmp_path / "adapter",
+        "-o",
+        tmp_path / "dir",
+        "-q",
+    )
+    assert res.exit_code == 0, res.output
+    assert "lowrank" in res.output
+    long = load_dir(zoo["a"])
+    for alpha in (1.0, 0.5):
+        out = tmp_path / f"a{alpha}"
+        res = mmath(
+            "valve",
+            "apply",
+            "--model",
+            zoo["a"],
+            "--direction",
+            tmp_path / "dir",
+            "--alpha",
+            alpha,
+            "-o",
+            out,
+            "-q",
+        )
+        assert res.exit_code == 0, res.output
+        got = load_dir(out)
+        for name, t in got.items():
+            want = long[name] + alpha * (merged[name] - long[name])
+            torch.testing.assert_close(t, want, atol=1e-5, rtol=0, msg=name)
