@@ -14,21 +14,10 @@ import os
 from pathlib import Path
 
 from mergekit_math.errors import UserError
+from mergekit_math.io.model_files import TOKENIZER_FILES
 
 # Files that change what the model computes or how its text is tokenised.
-_EXTRA_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "chat_template.jinja",
-)
+_EXTRA_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _BLOCK = 8 << 20
 
