@@ -565,6 +565,17 @@ def patch_info(
         typer.echo(f"overall relative error vs FT − OLD: {overall_relative(errors):.4g}")
 
 
+# =============================================================================== mmath ul2r
+
+from mergekit_math.ul2r.cli import ul2r_app  # noqa: E402  (typer only; torch loads in commands)
+
+app.add_typer(ul2r_app, name="ul2r")
+
+from mergekit_math.sweep.cli import sweep_app  # noqa: E402  (typer only; the rest in commands)
+
+app.add_typer(sweep_app, name="sweep")
+
+
 # =============================================================================== mmath data
 
 data_app = typer.Typer(

@@ -94,13 +94,20 @@ def train(
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
-    for _ in range(steps):
-        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 1e-3:
-            break
+    # One thread: these tensors are too small for two, and the result does not depend on the
+    # machine's core count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if loss.item() < 1e-3:
+                break
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     model.save_pretrained(folder)
     return folder

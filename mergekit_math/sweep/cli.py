@@ -1,0 +1,441 @@
+"""`mmath sweep`: merge and evaluate a recipe at many settings, locally or on Ray.
+
+``mmath sweep RECIPE --set ... -o DIR`` runs a sweep (it is ``mmath sweep run``);
+``mmath sweep report DIR`` rebuilds its reports. Heavy imports happen inside the commands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from mergekit_math.errors import UserError
+
+
+class _RunByDefault(TyperGroup):
+    """A group whose first argument, when it is not a subcommand, starts ``run``: so
+    ``mmath sweep RECIPE ...`` is ``mmath sweep run RECIPE ...``."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().resolve_command(ctx, args)
+
+
+sweep_app = typer.Typer(
+    cls=_RunByDefault,
+    help="Sweep merge settings: merge and evaluate a recipe at every point of a grid (or a "
+    "random sample of it), locally or on a Ray cluster. `mmath sweep RECIPE ...` is "
+    "`mmath sweep run RECIPE ...`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _warn(message: str) -> None:
+    typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+
+
+MetricOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Primary metric, TASK:METRIC[,FILTER] (e.g. gsm8k_local:exact_match,strict-match); "
+        "default: the first metric of the first task.",
+    ),
+]
+
+
+@sweep_app.command("run")
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML to sweep.")],
+    sets: Annotated[
+        list[str],
+        typer.Option(
+            "--set",
+            "-s",
+            help="KEY=VALUES, repeatable (several form a grid). KEY: a recipe path such as "
+            "models[1].parameters.weight, parameters.density, parameters.lambda or seed. "
+            "VALUES: START:STOP:STEP (STOP included), log:START:STOP:N, or a comma list.",
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="SWEEP_DIR: results.jsonl, points/, report.md, sweep.png."
+        ),
+    ],
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            "--tasks",
+            "-t",
+            help="Comma-separated tasks, as `mmath eval --tasks` (gsm8k_local, "
+            "gsm8k_cot_local, lm-eval task names, task YAML files).",
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="GSM8K-format JSONL for gsm8k_local/gsm8k_cot_local."),
+    ] = None,
+    limit: Annotated[
+        str | None, typer.Option(help="Evaluate the first N problems (or a fraction below 1).")
+    ] = None,
+    num_fewshot: Annotated[
+        int | None, typer.Option(help="Few-shot examples (default: the task's own).")
+    ] = None,
+    gen_kwargs: Annotated[
+        str | None, typer.Option(help="Generation settings k=v,... e.g. max_gen_toks=256.")
+    ] = None,
+    apply_chat_template: Annotated[
+        bool, typer.Option(help="Wrap prompts in the model's chat template.")
+    ] = False,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    batch_size: Annotated[str, typer.Option(help="Evaluation batch size, or 'auto'.")] = "8",
+    eval_seed: Annotated[
+        int | None, typer.Option(help="Seed for sampling and few-shot selection.")
+    ] = None,
+    online: Annotated[bool, typer.Option(help="Allow the Hub during evaluation.")] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Evaluate even when a cached result exists.")
+    ] = False,
+    metric: MetricOption = None,
+    random: Annotated[
+        int | None,
+        typer.Option("--random", help="Sample N distinct grid points instead of all of them."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of --random (same seed, same points).")] = 0,
+    keep: Annotated[
+        str,
+        typer.Option(help="Weights to keep after evaluating: none, all or best."),
+    ] = "none",
+    jobs: Annotated[
+        int, typer.Option("--jobs", "-j", help="Local worker processes (points at once).")
+    ] = 1,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="torch threads per point (default: cores / jobs, or cpus-per-point)."),
+    ] = None,
+    backend: Annotated[str, typer.Option(help="local or ray.")] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster: auto or ray://HOST:PORT (default: start Ray here)."),
+    ] = None,
+    cpus_per_point: Annotated[
+        float | None, typer.Option(help="Ray: CPUs each point reserves (default 1).")
+    ] = None,
+    gpus_per_point: Annotated[
+        float | None, typer.Option(help="Ray: GPUs each point reserves (default 0).")
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="cpu or cuda for merging and evaluating (default: cuda with GPUs)."),
+    ] = None,
+    push_best: Annotated[
+        str | None,
+        typer.Option(
+            help="After the sweep, publish the best point to this Hub repo if it "
+            "clears every --require bar."
+        ),
+    ] = None,
+    require: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--require",
+            help="Bar for --push-best, repeatable: 'TASK:METRIC[,FILTER]>=VALUE'.",
+        ),
+    ] = None,
+    private: Annotated[bool, typer.Option(help="--push-best: create the repo private.")] = False,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            help="Hub token for --push-best (default: HF_TOKEN or the saved login).",
+            show_default=False,
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Discard SWEEP_DIR's recorded points and start over.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="List the points and which are recorded; run nothing.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Merge and evaluate RECIPE at every point of the --set grid; rows go to
+    SWEEP_DIR/results.jsonl as points finish.
+
+    Each point's resolved recipe is written to SWEEP_DIR/points/ID/recipe.yaml; it is merged
+    into a scratch folder, evaluated as by `mmath eval`, recorded (values, metrics,
+    chain-of-thought lengths, timings, output fingerprint) and its weights deleted unless
+    --keep. The same command again skips the points already recorded, so an interrupted
+    sweep resumes where it stopped. At the end report.md, sweep.png and best_recipe.yaml are
+    written (`mmath sweep report` rebuilds them).
+
+    Example: mmath sweep recipes/ties.yaml --set models[0].parameters.density=0.2:1:0.2
+    --set models[0].parameters.weight=0.5,1 --tasks gsm8k_local --data problems.jsonl
+    --limit 50 -o sweeps/ties --jobs 2
+
+    Example: mmath sweep recipes/dare_ties.yaml --set parameters.lambda=log:0.25:4:5
+    --tasks gsm8k_cot_local --backend ray --address auto --gpus-per-point 1 -o sweeps/dare
+    """
+    from mergekit_math.cli import _eval_options
+
+    try:
+        if keep not in ("none", "all", "best"):
+            raise UserError(f"--keep: expected none, all or best, got {keep!r}")
+        if backend not in ("local", "ray"):
+            raise UserError(f"--backend: expected local or ray, got {backend!r}")
+        if backend == "local":
+            for flag, value in (
+                ("--address", address),
+                ("--cpus-per-point", cpus_per_point),
+                ("--gpus-per-point", gpus_per_point),
+            ):
+                if value is not None:
+                    raise UserError(f"{flag} is for --backend ray")
+        elif jobs != 1:
+            raise UserError(
+                "--jobs is for --backend local; on Ray as many points run at once as "
+                "--cpus-per-point and --gpus-per-point allow"
+            )
+        if jobs < 1:
+            raise UserError("--jobs must be at least 1")
+        if threads is not None and threads < 1:
+            raise UserError("--threads must be at least 1")
+        if random is not None and random < 1:
+            raise UserError("--random: N must be at least 1")
+        if (cpus_per_point is not None and cpus_per_point <= 0) or (
+            gpus_per_point is not None and gpus_per_point < 0
+        ):
+            raise UserError("--cpus-per-point must be positive and --gpus-per-point not negative")
+        if device is None:
+            device = "cuda" if gpus_per_point else "cpu"
+        if require and not push_best:
+            raise UserError("--require is the bar of --push-best; give --push-best REPO too")
+        requirements = []
+        if push_best:
+            from mergekit_math.hub.publish import parse_requirements
+
+            if not require:
+                raise UserError("--push-best needs a bar: --require 'TASK:METRIC,FILTER>=VALUE'")
+            requirements = parse_requirements(require)
+        if not tasks:
+            raise UserError("--tasks: name at least one task (e.g. gsm8k_local)")
+        options = _eval_options(
+            tasks,
+            data.resolve() if data is not None else None,
+            device,
+            dtype,
+            batch_size,
+            limit,
+            num_fewshot,
+            apply_chat_template,
+            gen_kwargs,
+            eval_seed,
+            online,
+            no_cache,
+        )
+        from mergekit_math.sweep.report import parse_metric
+        from mergekit_math.sweep.runner import SweepSettings, plan_sweep
+
+        if metric is not None:
+            parse_metric(metric)
+        settings = SweepSettings(
+            recipe=recipe,
+            sets=sets,
+            out=output,
+            eval=options.model_dump(mode="json"),
+            random=random,
+            seed=seed,
+            metric=metric,
+            keep=keep,  # type: ignore[arg-type]
+            jobs=jobs,
+            threads=threads,
+            backend=backend,  # type: ignore[arg-type]
+            address=address,
+            cpus_per_point=cpus_per_point or 1.0,
+            gpus_per_point=gpus_per_point or 0.0,
+            device=device,
+            force=force,
+        )
+        sweep = plan_sweep(settings)
+    except UserError as exc:
+        _fail(str(exc))
+    for w in sweep.warnings:
+        _warn(w)
+    done = len(sweep.points) - len(sweep.todo)
+    if dry_run:
+        _print_points(sweep)
+        return
+    where = (
+        f"on Ray ({address or 'a local instance'})"
+        if backend == "ray"
+        else f"in {jobs} worker processes"
+        if jobs > 1
+        else "in this process"
+    )
+    typer.echo(
+        f"sweep: {len(sweep.points)} points of {sweep.manifest.method} "
+        f"({done} recorded, {len(sweep.todo)} to run) {where} -> {output}"
+    )
+    outcome = None
+    try:
+        if sweep.todo:
+            from mergekit_math.sweep.runner import run_sweep
+
+            outcome = run_sweep(sweep, echo=typer.echo, progress=not quiet)
+    except UserError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _try_report(output, metric)
+        _fail(
+            "interrupted; every finished point is recorded in "
+            f"{output / 'results.jsonl'}; run the same command again to resume",
+            code=130,
+        )
+    files = _report(output, metric)
+    if outcome is not None and outcome.failed:
+        _fail(
+            f"{len(outcome.failed)} of {len(sweep.todo)} points failed (first: "
+            f"{outcome.failed[0][1]}); run the same command again to retry them",
+            code=1,
+        )
+    if push_best and files is not None:
+        _push_best(
+            output, files, sweep.manifest.eval, push_best, requirements, private, token, quiet
+        )
+
+
+def _print_points(sweep: Any) -> None:
+    from mergekit_math.sweep.grid import describe
+
+    recorded = {r.get("recipe_hash") for r in sweep.rows}
+    for p in sweep.points:
+        status = "recorded" if p.hash in recorded else "to run"
+        typer.echo(f"{p.id}  {status:<8}  {describe(p.point)}")
+    typer.echo(
+        f"dry run: {len(sweep.points)} points ({len(sweep.points) - len(sweep.todo)} recorded, "
+        f"{len(sweep.todo)} to run); nothing was merged"
+    )
+
+
+def _report(folder: Path, metric: str | None) -> Any:
+    from mergekit_math.sweep.report import markdown_table, write_report
+
+    try:
+        files = write_report(folder, metric)
+    except UserError as exc:
+        _fail(str(exc))
+    for w in files.warnings:
+        _warn(w)
+    typer.echo("")
+    typer.echo(markdown_table(files.manifest, files.rows, files.ranking, limit=10))
+    if len(files.rows) > 10:
+        typer.echo(f"({len(files.rows) - 10} more in {files.markdown})")
+    typer.echo("")
+    typer.echo(f"report: {files.markdown}")
+    if files.plot is not None:
+        typer.echo(f"plot:   {files.plot}")
+    if files.best_recipe is not None:
+        typer.echo(f"best:   {files.best_recipe}")
+    return files
+
+
+def _try_report(folder: Path, metric: str | None) -> None:
+    """After an interrupt: the report of what was recorded, if anything was."""
+    from mergekit_math.sweep.report import write_report
+
+    try:
+        write_report(folder, metric)
+    except (UserError, ImportError, OSError):
+        pass
+
+
+def _push_best(
+    folder: Path,
+    files: Any,
+    eval_options: dict,
+    repo: str,
+    requirements: list,
+    private: bool,
+    token: str | None,
+    quiet: bool,
+) -> None:
+    from mergekit_math.eval.run import EvalOptions
+    from mergekit_math.hub.publish import GateFailed, PushSettings, publish
+    from mergekit_math.sweep.point import MODEL
+    from mergekit_math.sweep.results import POINTS
+
+    best = files.best
+    if best is None:
+        _fail("--push-best: no point has a value of the primary metric")
+    model_dir = folder / POINTS / best["id"] / MODEL
+    try:
+        if not model_dir.is_dir():
+            model_dir = _merge_best(folder, best, quiet)
+        typer.echo(f"--push-best: point {best['id'][:8]} from {model_dir}")
+        result = publish(
+            model_dir,
+            PushSettings(repo, private=private),
+            requirements=requirements,
+            options=EvalOptions(**eval_options),
+            token=token,
+            echo=typer.echo,
+            warn=_warn,
+        )
+    except GateFailed as exc:
+        typer.echo(exc.table)
+        _fail(f"{exc}; the best point was not pushed", code=1)
+    except UserError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was pushed", code=130)
+    typer.echo(f"pushed to {result.url}")
+    typer.echo(f"commit {result.commit_id}: {result.commit_url}")
+
+
+def _merge_best(folder: Path, best: dict, quiet: bool) -> Path:
+    """The best point's weights were not kept: merge its resolved recipe again (merges are
+    deterministic) into SWEEP_DIR/best and check the fingerprint matches its row's."""
+    from mergekit_math.engine import build_plan, execute
+    from mergekit_math.io.fingerprint import model_fingerprint
+    from mergekit_math.recipe import parse_recipe
+    from mergekit_math.sweep.runner import BEST
+
+    out = folder / BEST
+    plan = build_plan(parse_recipe(best["recipe"], source="best_recipe.yaml"), recipe_dir=folder)
+    execute(plan, out, force=True, progress=not quiet)
+    if model_fingerprint(out) != best["fingerprint"]:
+        raise UserError(
+            f"{out}: merging the best recipe again gave other weights than point {best['id']} "
+            "(did an input model change?); nothing was pushed"
+        )
+    return out
+
+
+@sweep_app.command("report")
+def report(
+    sweep_dir: Annotated[Path, typer.Argument(help="A sweep folder (mmath sweep -o).")],
+    metric: MetricOption = None,
+) -> None:
+    """Rebuild SWEEP_DIR's report.md, sweep.png and best_recipe.yaml from its results.jsonl.
+
+    Example: mmath sweep report sweeps/ties --metric gsm8k_local:exact_match,flexible-extract
+    """
+    if metric is not None:
+        from mergekit_math.sweep.report import parse_metric
+
+        try:
+            parse_metric(metric)
+        except UserError as exc:
+            _fail(str(exc))
+    _report(sweep_dir, metric)
