@@ -10,6 +10,22 @@ import typer
 
 from mergekit_math import __version__
 from mergekit_math.errors import UserError
+from mergekit_math.eval.options import (
+    BatchOption,
+    ChatOption,
+    DataOption,
+    DtypeOption,
+    EvalDeviceOption,
+    EvalSeedOption,
+    FewshotOption,
+    GenKwargsOption,
+    LimitOption,
+    NoCacheOption,
+    OnlineOption,
+    RequireOption,
+    TasksOption,
+    eval_options,
+)
 from mergekit_math.io.writer import human_bytes
 
 if TYPE_CHECKING:
@@ -238,7 +254,7 @@ def _after_merge(
     if not task_list and not requirements:
         raise UserError("--eval: name the tasks with --tasks or an evaluate: block")
     b = block
-    options = _eval_options(
+    options = eval_options(
         task_list,
         data if data is not None else (Path(b.data) if b and b.data else None),
         device,
@@ -626,88 +642,6 @@ def data_gsm_symbolic(
 
 # =============================================================================== mmath eval
 
-TasksOption = Annotated[
-    str | None,
-    typer.Option(
-        "--tasks",
-        "-t",
-        help="Comma-separated tasks: gsm8k_local, gsm8k_cot_local (shipped, offline), any "
-        "lm-eval task name, a task YAML file or a folder of them.",
-    ),
-]
-DataOption = Annotated[
-    Path | None,
-    typer.Option(
-        help="GSM8K-format JSONL for gsm8k_local/gsm8k_cot_local ({question, answer} with "
-        "'#### N'); default: 200 generated gsm-symbolic problems (seed 0).",
-    ),
-]
-EvalDeviceOption = Annotated[str, typer.Option(help="cpu or cuda.")]
-DtypeOption = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
-BatchOption = Annotated[str, typer.Option(help="Batch size, or 'auto'.")]
-LimitOption = Annotated[
-    str | None, typer.Option(help="Evaluate the first N problems (or a fraction below 1).")
-]
-FewshotOption = Annotated[
-    int | None, typer.Option(help="Few-shot examples (default: the task's own).")
-]
-ChatOption = Annotated[bool, typer.Option(help="Wrap prompts in the model's chat template.")]
-GenKwargsOption = Annotated[
-    str | None,
-    typer.Option(help="Generation settings k=v,... e.g. max_gen_toks=256,temperature=0."),
-]
-EvalSeedOption = Annotated[int | None, typer.Option(help="Seed for sampling and few-shot.")]
-OnlineOption = Annotated[
-    bool,
-    typer.Option(help="Allow the Hub (built-in lm-eval tasks need it); default: offline."),
-]
-NoCacheOption = Annotated[
-    bool, typer.Option("--no-cache", help="Evaluate again even when a cached result exists.")
-]
-
-
-def _eval_options(
-    tasks: str | None,
-    data: Path | None,
-    device: str,
-    dtype: str,
-    batch_size: str,
-    limit: str | None,
-    num_fewshot: int | None,
-    apply_chat_template: bool,
-    gen_kwargs: str | None,
-    seed: int | None,
-    online: bool,
-    no_cache: bool,
-):
-    from mergekit_math.eval.run import EvalOptions, parse_gen_kwargs, parse_limit
-    from mergekit_math.eval.tasks import split_tasks
-
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UserError(f"--device: expected cpu or cuda, got {device!r}")
-    batch: int | str = batch_size
-    if batch_size != "auto":
-        try:
-            batch = int(batch_size)
-        except ValueError:
-            raise UserError(
-                f"--batch-size: expected a number or 'auto', got {batch_size!r}"
-            ) from None
-    return EvalOptions(
-        tasks=split_tasks(tasks) if tasks else [],
-        data=data,
-        device=device,
-        dtype=dtype,
-        batch_size=batch,
-        limit=parse_limit(limit),
-        num_fewshot=num_fewshot,
-        apply_chat_template=apply_chat_template,
-        gen_kwargs=parse_gen_kwargs(gen_kwargs),
-        seed=seed,
-        online=online,
-        use_cache=not no_cache,
-    )
-
 
 @app.command("eval")
 def eval_(
@@ -743,7 +677,7 @@ def eval_(
     try:
         if not tasks:
             raise UserError("--tasks: name at least one task (e.g. gsm8k_cot_local)")
-        options = _eval_options(
+        options = eval_options(
             tasks,
             data,
             device,
@@ -775,15 +709,6 @@ def eval_(
 
 
 # =============================================================================== mmath push
-
-RequireOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--require",
-        help="Bar to clear before publishing, repeatable: 'TASK:METRIC[,FILTER]>=VALUE' "
-        "(>=, >, <=, <), e.g. 'gsm8k_cot_local:exact_match,flexible-extract>=0.40'.",
-    ),
-]
 
 
 @app.command()
@@ -845,7 +770,7 @@ def push(
         requirements = parse_requirements(require or [])
         options = None
         if not no_eval:
-            options = _eval_options(
+            options = eval_options(
                 tasks,
                 data,
                 device,
@@ -1047,7 +972,7 @@ def valve_sweep(
 
     try:
         values = parse_alphas(alphas)
-        options = _eval_options(
+        options = eval_options(
             tasks,
             data,
             device,

@@ -13,6 +13,20 @@ import typer
 from typer.core import TyperGroup
 
 from mergekit_math.errors import UserError
+from mergekit_math.eval.options import (
+    BatchOption,
+    ChatOption,
+    DataOption,
+    DtypeOption,
+    EvalSeedOption,
+    FewshotOption,
+    GenKwargsOption,
+    LimitOption,
+    NoCacheOption,
+    OnlineOption,
+    TasksOption,
+    eval_options,
+)
 
 
 class _RunByDefault(TyperGroup):
@@ -74,40 +88,17 @@ def run(
             "--output", "-o", help="SWEEP_DIR: results.jsonl, points/, report.md, sweep.png."
         ),
     ],
-    tasks: Annotated[
-        str | None,
-        typer.Option(
-            "--tasks",
-            "-t",
-            help="Comma-separated tasks, as `mmath eval --tasks` (gsm8k_local, "
-            "gsm8k_cot_local, lm-eval task names, task YAML files).",
-        ),
-    ] = None,
-    data: Annotated[
-        Path | None,
-        typer.Option(help="GSM8K-format JSONL for gsm8k_local/gsm8k_cot_local."),
-    ] = None,
-    limit: Annotated[
-        str | None, typer.Option(help="Evaluate the first N problems (or a fraction below 1).")
-    ] = None,
-    num_fewshot: Annotated[
-        int | None, typer.Option(help="Few-shot examples (default: the task's own).")
-    ] = None,
-    gen_kwargs: Annotated[
-        str | None, typer.Option(help="Generation settings k=v,... e.g. max_gen_toks=256.")
-    ] = None,
-    apply_chat_template: Annotated[
-        bool, typer.Option(help="Wrap prompts in the model's chat template.")
-    ] = False,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
-    batch_size: Annotated[str, typer.Option(help="Evaluation batch size, or 'auto'.")] = "8",
-    eval_seed: Annotated[
-        int | None, typer.Option(help="Seed for sampling and few-shot selection.")
-    ] = None,
-    online: Annotated[bool, typer.Option(help="Allow the Hub during evaluation.")] = False,
-    no_cache: Annotated[
-        bool, typer.Option("--no-cache", help="Evaluate even when a cached result exists.")
-    ] = False,
+    tasks: TasksOption = None,
+    data: DataOption = None,
+    limit: LimitOption = None,
+    num_fewshot: FewshotOption = None,
+    gen_kwargs: GenKwargsOption = None,
+    apply_chat_template: ChatOption = False,
+    dtype: DtypeOption = "auto",
+    batch_size: BatchOption = "8",
+    eval_seed: EvalSeedOption = None,
+    online: OnlineOption = False,
+    no_cache: NoCacheOption = False,
     metric: MetricOption = None,
     random: Annotated[
         int | None,
@@ -187,8 +178,6 @@ def run(
     Example: mmath sweep recipes/dare_ties.yaml --set parameters.lambda=log:0.25:4:5
     --tasks gsm8k_cot_local --backend ray --address auto --gpus-per-point 1 -o sweeps/dare
     """
-    from mergekit_math.cli import _eval_options
-
     try:
         if keep not in ("none", "all", "best"):
             raise UserError(f"--keep: expected none, all or best, got {keep!r}")
@@ -230,7 +219,7 @@ def run(
             requirements = parse_requirements(require)
         if not tasks:
             raise UserError("--tasks: name at least one task (e.g. gsm8k_local)")
-        options = _eval_options(
+        options = eval_options(
             tasks,
             data.resolve() if data is not None else None,
             device,
