@@ -25,6 +25,7 @@ from mergekit_math.hub.push import DEFAULT_COMMIT_MESSAGE, push_model
 LM_EVAL_RESULTS = {
     "gsm8k": {
         "alias": "gsm8k",
+        "sample_len": 1319,  # lm-eval 0.4.13 bookkeeping, not a metric
         "exact_match,strict-match": 0.41,
         "exact_match_stderr,strict-match": 0.0135,
         "exact_match,flexible-extract": 0.62,

@@ -365,29 +365,6 @@ def _merge(report: EvalReport, entry: dict) -> None:
 # ----------------------------------------------------------------------------- output
 
 
-def metric_rows(report: EvalReport) -> list[dict[str, Any]]:
-    """One row per (task, metric, filter) with its value and stderr."""
-    rows = []
-    for task in _ordered_tasks(report):
-        res = report.results.get(task, {})
-        for key, value in res.items():
-            metric, sep, filt = key.partition(",")
-            if not sep or metric.endswith("_stderr"):
-                continue
-            stderr = res.get(f"{metric}_stderr,{filt}")
-            rows.append(
-                {
-                    "task": task,
-                    "metric": metric,
-                    "filter": filt,
-                    "value": value,
-                    "stderr": stderr if isinstance(stderr, (int, float)) else None,
-                    "num_fewshot": report.data["n-shot"].get(task),
-                }
-            )
-    return rows
-
-
 def _ordered_tasks(report: EvalReport) -> list[str]:
     out: list[str] = []
     for name in report.tasks:
@@ -399,9 +376,16 @@ def _ordered_tasks(report: EvalReport) -> list[str]:
 
 def format_table(report: EvalReport) -> str:
     header = ["task", "filter", "n-shot", "metric", "value", "± stderr", "tokens mean/median/p90"]
+    from mergekit_math.hub.card import rows_from_lm_eval
+
+    rows = [
+        row
+        for task in _ordered_tasks(report)
+        for row in rows_from_lm_eval({task: report.results.get(task, {})}, report.data["n-shot"])
+    ]
     lines = []
     shown: set[str] = set()
-    for row in metric_rows(report):
+    for row in rows:
         task = row["task"]
         lengths = ""
         if task not in shown and task in report.lengths and report.lengths[task].get("n"):
@@ -411,10 +395,10 @@ def format_table(report: EvalReport) -> str:
         lines.append(
             [
                 task if task not in shown else "",
-                row["filter"],
+                row["filter"] or "none",
                 "" if row["num_fewshot"] is None else str(row["num_fewshot"]),
                 row["metric"],
-                f"{value:.4f}" if isinstance(value, (int, float)) else str(value),
+                f"{value:.4f}",
                 "" if row["stderr"] is None else f"{row['stderr']:.4f}",
                 lengths,
             ]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TypedDict
 
 from mergekit_math.errors import UserError
+from mergekit_math.hub.gate import NOT_METRICS
 from mergekit_math.io.resolve import HUB_ID
 
 LM_EVAL_NAME = "lm-evaluation-harness"
@@ -37,7 +38,7 @@ def rows_from_lm_eval(
     """lm-eval's ``results`` dict as :class:`EvalRow` s, each value paired with its stderr.
 
     ``n_shot`` is lm-eval's ``"n-shot"`` dict (task → shots); ``limit`` its ``--limit``.
-    Stderr keys, ``alias`` and values that are not finite numbers are left out.
+    Stderr keys, :data:`NOT_METRICS` and values that are not finite numbers are left out.
     """
     rows: list[EvalRow] = []
     for task, metrics in results.items():
@@ -46,7 +47,7 @@ def rows_from_lm_eval(
         for key, raw in metrics.items():
             metric, comma, filt = key.partition(",")
             value = _number(raw)
-            if metric.endswith("_stderr") or value is None:
+            if metric.endswith("_stderr") or key in NOT_METRICS or value is None:
                 continue
             stderr_key = f"{metric}_stderr,{filt}" if comma else f"{metric}_stderr"
             shots = (n_shot or {}).get(task)

@@ -23,6 +23,9 @@ OPS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt,
 }
 FORM = "TASK:METRIC[,FILTER]>=VALUE (or >, <=, <), e.g. gsm8k:exact_match,flexible-extract>=0.55"
+# Bookkeeping lm-eval puts among a task's results that is not a metric (0.4.13 adds the number
+# of samples evaluated).
+NOT_METRICS = frozenset({"alias", "sample_len"})
 _OP = re.compile(r">=|<=|==|!=|=>|=<|>|<|=")
 _NAME = re.compile(r"^[^\s:,<>=]+$")
 
@@ -123,11 +126,13 @@ def check(requirements: Iterable[Requirement], results: dict) -> list[GateRow]:
 
 
 def metric_keys(metrics: dict) -> list[str]:
-    """The metric keys of one task's results: no stderr keys, no alias, numbers only."""
+    """The metric keys of one task's results: no stderr keys, no NOT_METRICS, numbers only."""
     return [
         k
         for k, v in metrics.items()
-        if not k.partition(",")[0].endswith("_stderr") and _number(v) is not None
+        if not k.partition(",")[0].endswith("_stderr")
+        and k not in NOT_METRICS
+        and _number(v) is not None
     ]
 
 
