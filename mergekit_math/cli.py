@@ -275,19 +275,14 @@ def _after_merge(
 
 def _evaluate_and_push(model_dir: Path, after: _AfterMerge, token: str | None) -> None:
     from mergekit_math.eval.run import evaluate, format_table
-    from mergekit_math.hub.gate import check, format_gate_table
-    from mergekit_math.hub.publish import GateFailed, publish
+    from mergekit_math.hub.publish import GateFailed, publish, run_gate
 
     try:
         report = evaluate(model_dir, after.options)
         typer.echo(format_table(report))
-        if after.requirements and after.settings is None:
-            rows = check(after.requirements, report.results)
-            typer.echo(format_gate_table(rows))
-            if not all(r.passed for r in rows):
-                _fail("the merged model misses a --require bar", code=1)
-            return
         if after.settings is None:
+            if after.requirements:
+                run_gate(model_dir, after.requirements, after.options, typer.echo, report)
             return
         result = publish(
             model_dir,
@@ -301,7 +296,8 @@ def _evaluate_and_push(model_dir: Path, after: _AfterMerge, token: str | None) -
         )
     except GateFailed as exc:
         typer.echo(exc.table)
-        _fail(f"{exc}; the merge is kept at {model_dir}, nothing was pushed", code=1)
+        pushed = ", nothing was pushed" if after.settings is not None else ""
+        _fail(f"{exc}; the merge is kept at {model_dir}{pushed}", code=1)
     except UserError as exc:
         _fail(f"{exc} (the merge is kept at {model_dir})")
     except KeyboardInterrupt:

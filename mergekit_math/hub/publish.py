@@ -52,9 +52,15 @@ def gate_options(requirements: list[Requirement], options: EvalOptions) -> EvalO
 
 
 def run_gate(
-    model_dir: Path, requirements: list[Requirement], options: EvalOptions, echo: Callable
+    model_dir: Path,
+    requirements: list[Requirement],
+    options: EvalOptions,
+    echo: Callable,
+    report: EvalReport | None = None,
 ) -> EvalReport:
-    """Evaluate (cache first) and check ``requirements``; raises GateFailed."""
+    """Check ``requirements`` against ``report`` (an evaluation already made of this model
+    with ``options``), evaluating first (cache first) when there is none or it lacks a
+    required task; raises GateFailed."""
     from mergekit_math.eval.run import evaluate
 
     if not requirements:
@@ -63,7 +69,8 @@ def run_gate(
             "'gsm8k_cot_local:exact_match,flexible-extract>=0.4'); skip the gate with "
             "--no-eval --force"
         )
-    report = evaluate(model_dir, gate_options(requirements, options))
+    if report is None or any(req.task not in report.results for req in requirements):
+        report = evaluate(model_dir, gate_options(requirements, options))
     rows = check(requirements, report.results)
     if not all(r.passed for r in rows):
         raise GateFailed(rows)
@@ -84,16 +91,15 @@ def publish(
 ) -> PushResult:
     """Gate (unless ``options`` is None: --no-eval --force), then push with an updated card.
 
-    ``report`` is an evaluation already made of this model (``mmath merge --eval``); the gate
-    still checks it and evaluates any required task it lacks.
+    ``report`` is an evaluation already made of this model with ``options`` (``mmath merge
+    --eval``); the gate checks it, evaluating again only when it lacks a required task.
     """
     from mergekit_math.hub.card import local_parents, publish_card, rows_from_lm_eval
     from mergekit_math.hub.push import push_model
 
     model_dir = Path(model_dir)
     if options is not None:
-        gated = run_gate(model_dir, requirements, options, echo)
-        report = _combine(report, gated)
+        report = run_gate(model_dir, requirements, options, echo, report)
     rows = None
     if report is not None:
         limit = options.limit if options is not None else None
@@ -115,13 +121,3 @@ def publish(
         create_pr=settings.create_pr,
         card_text=card,
     )
-
-
-def _combine(first: EvalReport | None, second: EvalReport) -> EvalReport:
-    if first is None or first.fingerprint != second.fingerprint:
-        return second
-    for key, values in second.data.items():
-        first.data[key].update(values)
-    first.lengths.update(second.lengths)
-    first.tasks += [t for t in second.tasks if t not in first.tasks]
-    return first
