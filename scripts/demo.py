@@ -124,6 +124,12 @@ def main(argv: list[str] | None = None) -> None:
     times["inspect"] = time.perf_counter() - t
 
     t = step(f"5/5 ask the models (greedy, {args.tokens} tokens): {args.prompt!r}")
+    print(
+        "note: the base is SmolLM2-135M-Instruct rebuilt from a 4-bit (Q4_1) GGUF file and the "
+        "'fine-tunes' are noise-perturbed copies of it, so expect fluent text, not correct "
+        "arithmetic: the demo shows the pipeline, not a math model.",
+        flush=True,
+    )
     for label, folder in (("base", base), ("merged", merged)):
         reply = answer(folder, args.prompt, args.tokens)
         print(f"{label:>7}: {reply!r}")
