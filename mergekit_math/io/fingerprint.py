@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 
 from mergekit_math.errors import UserError
-from mergekit_math.io.model_files import TOKENIZER_FILES
+from mergekit_math.io.reader import TOKENIZER_FILES
+from mergekit_math.io.resolve import inside
 
 # Files that change what the model computes or how its text is tokenised.
 _EXTRA_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
@@ -38,6 +39,8 @@ def model_files(folder: Path) -> list[Path]:
     if not weights:
         raise UserError(f"{folder}: no weights (*.safetensors or *.bin) in this folder")
     extra = [folder / n for n in _EXTRA_FILES if (folder / n).is_file()]
+    for p in weights + extra:  # a symlink out of the folder is refused, as the reader does
+        inside(folder, p.name, f"{folder}: {p.name}")
     return weights + extra
 
 

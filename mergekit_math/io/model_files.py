@@ -4,6 +4,7 @@ resolved recipe and the model card."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -13,22 +14,11 @@ import yaml
 
 from mergekit_math import __version__
 from mergekit_math.errors import UserError
+from mergekit_math.io.reader import TOKENIZER_FILES
+from mergekit_math.io.resolve import inside
 
 if TYPE_CHECKING:
     from mergekit_math.engine import Plan
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
@@ -78,18 +68,34 @@ def chat_template_text(template: str | None) -> str | None:
     return text
 
 
+def _copy_side_file(folder: Path, name: str, out: Path) -> bool:
+    """Copy ``folder/name`` into ``out`` if it is there: only a regular file inside the folder
+    (checked again here, as the reader checked it at planning time)."""
+    src = folder / name
+    if not os.path.lexists(src):
+        return False
+    real = inside(folder, name, f"{folder}: {name}")
+    if not real.is_file():
+        raise UserError(f"{folder}: {name} is not a regular file")
+    shutil.copyfile(real, out / name)
+    shutil.copystat(real, out / name)
+    return True
+
+
 def copy_tokenizer(plan: Plan, out: Path) -> None:
     src = plan.tokenizer_source.path
     for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, out / name)
+        _copy_side_file(src, name, out)
     text = chat_template_text(plan.recipe.chat_template)
     if text is not None:
         (out / "chat_template.jinja").write_text(text)
         tok_cfg = out / "tokenizer_config.json"
         if tok_cfg.is_file():
-            data = json.loads(tok_cfg.read_text())
-            if "chat_template" in data:
+            try:
+                data = json.loads(tok_cfg.read_text())
+            except ValueError as exc:
+                raise UserError(f"{src / 'tokenizer_config.json'}: invalid JSON ({exc})") from None
+            if isinstance(data, dict) and "chat_template" in data:
                 data["chat_template"] = text
                 tok_cfg.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
@@ -162,11 +168,9 @@ def model_card(plan: Plan, recipe_yaml: str) -> str:
 def write_model_files(plan: Plan, out: Path) -> None:
     config = output_config(plan)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    gen = plan.tokenizer_source.path / "generation_config.json"
-    if not gen.is_file():
-        gen = plan.reference.path / "generation_config.json"
-    if gen.is_file():
-        shutil.copy2(gen, out / "generation_config.json")
+    gen = "generation_config.json"
+    if not _copy_side_file(plan.tokenizer_source.path, gen, out):
+        _copy_side_file(plan.reference.path, gen, out)
     copy_tokenizer(plan, out)
     data = resolved_recipe(plan)
     text = yaml.safe_dump(data, sort_keys=False)

@@ -11,32 +11,17 @@ import math
 import mmap
 import os
 import re
-import struct
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergekit_math.errors import UserError
+from mergekit_math.io.input_file import DTYPES, InputFile, read_safetensors_header
+from mergekit_math.io.resolve import inside
 
 if TYPE_CHECKING:
     import torch
 
-# safetensors dtype code -> (torch dtype name, bytes per element)
-DTYPES: dict[str, tuple[str, int]] = {
-    "F64": ("float64", 8),
-    "F32": ("float32", 4),
-    "F16": ("float16", 2),
-    "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8),
-    "I32": ("int32", 4),
-    "I16": ("int16", 2),
-    "I8": ("int8", 1),
-    "U8": ("uint8", 1),
-    "BOOL": ("bool", 1),
-    "F8_E4M3": ("float8_e4m3fn", 1),
-    "F8_E5M2": ("float8_e5m2", 1),
-}
 CODE_BY_DTYPE = {name: code for code, (name, _) in DTYPES.items()}
 ITEMSIZE = {name: size for name, size in DTYPES.values()}  # torch dtype name -> bytes
 FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16"}
@@ -61,6 +46,24 @@ LAYER_NAME = re.compile(
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 # Non-layer tensors that come before the layers (the rest come after).
 PRE_LAYER_MARKERS = ("embed", "wte", "wpe", "word_embeddings")
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+# Files of a model folder besides the weights that mmath reads or copies; a Checkpoint checks at
+# planning time that each one present is a regular file inside its folder (a symlink that
+# leaves the folder is refused: copying it would put an arbitrary file into the output).
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 WEIGHT_INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -91,22 +94,6 @@ def layer_of(name: str) -> tuple[str, int, str] | None:
     return m["prefix"], int(m["index"]), m["rest"]
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The parsed JSON header of a safetensors file and the byte offset where its data starts."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise UserError(f"{path}: not a safetensors file (too short)")
-        (size,) = struct.unpack("<Q", raw)
-        if size > 100_000_000:
-            raise UserError(f"{path}: not a safetensors file (header size {size})")
-        try:
-            header = json.loads(f.read(size))
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}: corrupt safetensors header ({exc})") from None
-    return header, 8 + size
-
-
 class Checkpoint:
     """One model folder, read lazily.
 
@@ -118,60 +105,81 @@ class Checkpoint:
         self.path = Path(path)
         self.ref = ref or str(path)
         self.allow_pickle = allow_pickle
-        self._handles: dict[Path, int] = {}
-        self._lock = threading.RLock()
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._inputs: dict[Path, InputFile] = {}
         self._pickled: dict[str, Any] | None = None
+        self._pickle_stats: dict[Path, tuple[int, int, int]] = {}
         if not self.path.is_dir():
             raise UserError(f"{self.ref}: model folder does not exist")
-        config_path = self.path / "config.json"
-        if not config_path.is_file():
+        self.side_files = self._side_files()
+        if "config.json" not in self.side_files:
             raise UserError(f"{self.ref}: no config.json in {self.path}")
-        try:
-            self.config: dict[str, Any] = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{self.path / 'config.json'}: invalid JSON ({exc})") from None
+        self.config: dict[str, Any] = _read_json_object(self.side_files["config.json"])
         self.files: list[Path] = []
         self.tensors: dict[str, TensorInfo] = {}
-        self._scan()
+        try:
+            self._scan()
+        except BaseException:
+            self.close()
+            raise
+
+    def _side_files(self) -> dict[str, Path]:
+        """The config, generation config and tokenizer files present in the folder, each
+        checked to be inside it (a symlink out of the folder is refused, not followed)."""
+        found = {}
+        for name in SIDE_FILES:
+            p = self.path / name
+            if os.path.lexists(p):
+                found[name] = inside(self.path, name, f"{self.ref}: {name}")
+                if not p.is_file():
+                    raise UserError(f"{self.ref}: {name} is not a regular file")
+        return found
 
     # ------------------------------------------------------------------ discovery
 
-    def _scan(self) -> None:
+    def _weight_files(self) -> list[Path]:
         index = self.path / WEIGHT_INDEX
-        if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            files = sorted({self.path / f for f in weight_map.values()})
-            for f in files:
+        if os.path.lexists(index):
+            inside(self.path, WEIGHT_INDEX, f"{self.ref}: {WEIGHT_INDEX}")
+            data = _read_json_object(index)
+            weight_map = data.get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise UserError(f"{index}: no weight_map (a map of tensor name -> shard file)")
+            files: set[Path] = set()
+            for tensor, shard in weight_map.items():
+                f = inside(self.path, shard, f"{index}: weight_map[{tensor!r}]")
                 if not f.is_file():
                     raise UserError(
-                        f"{self.ref}: shard {f.name} listed in {WEIGHT_INDEX} is missing"
+                        f"{self.ref}: shard {shard} listed in {WEIGHT_INDEX} is missing"
                     )
-        elif (self.path / SINGLE_FILE).is_file():
-            files = [self.path / SINGLE_FILE]
-        else:
-            files = sorted(self.path.glob("*.safetensors"))
+                files.add(f)
+            return sorted(files)
+        if os.path.lexists(self.path / SINGLE_FILE):
+            return [inside(self.path, SINGLE_FILE, f"{self.ref}: {SINGLE_FILE}")]
+        names = sorted(p.name for p in self.path.glob("*.safetensors"))
+        return [inside(self.path, n, f"{self.ref}: {n}") for n in names]
+
+    def _scan(self) -> None:
+        files = self._weight_files()
         if files:
             self.files = files
             for f in files:
-                header, data_start = read_safetensors_header(f)
+                self._inputs[f] = handle = InputFile(f)
+                header, data_start = read_safetensors_header(handle)
                 for name, entry in header.items():
                     if name == "__metadata__":
                         continue
-                    code = entry["dtype"]
-                    if code not in DTYPES:
-                        raise UserError(f"{f}: tensor {name} has unsupported dtype {code}")
-                    info = TensorInfo(
+                    if name in self.tensors:
+                        raise UserError(
+                            f"{self.ref}: tensor {name} is stored twice "
+                            f"({self.tensors[name].file.name} and {f.name})"
+                        )
+                    self.tensors[name] = TensorInfo(
                         name,
                         f,
-                        DTYPES[code][0],
+                        DTYPES[entry["dtype"]][0],
                         tuple(entry["shape"]),
-                        data_start + int(entry["data_offsets"][0]),
+                        data_start + entry["data_offsets"][0],
                     )
-                    end = data_start + int(entry["data_offsets"][1])
-                    if end - info.offset != info.nbytes:
-                        raise UserError(f"{f}: tensor {name} has inconsistent data offsets")
-                    self.tensors[name] = info
             return
         pickles = sorted(self.path.glob("pytorch_model*.bin"))
         if pickles:
@@ -181,21 +189,32 @@ class Checkpoint:
                     "loaded. Convert to safetensors, or pass --allow-pickle to load them with "
                     "torch.load(weights_only=True, mmap=True)"
                 )
-            self._load_pickles(pickles)
+            self._load_pickles(
+                [inside(self.path, p.name, f"{self.ref}: {p.name}") for p in pickles]
+            )
             return
         raise UserError(f"{self.ref}: no weights (*.safetensors) in {self.path}")
 
     def _load_pickles(self, files: list[Path]) -> None:
-        import torch
-
         self._pickled = {}
         for f in files:
-            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            st = f.stat()
+            state = _load_pickle(f)
+            self._pickle_stats[f] = (st.st_size, st.st_mtime_ns, st.st_ino)
             for name, tensor in state.items():
                 self._pickled[name] = tensor
                 dtype = str(tensor.dtype).removeprefix("torch.")
                 self.tensors[name] = TensorInfo(name, f, dtype, tuple(tensor.shape))
         self.files = files
+
+    def _check_pickle(self, file: Path) -> None:
+        """Pickled weights are mapped by torch: refuse to touch them if the file changed."""
+        try:
+            st = file.stat()
+        except OSError:
+            st = None
+        if st is None or (st.st_size, st.st_mtime_ns, st.st_ino) != self._pickle_stats[file]:
+            raise UserError(f"{file} changed during the merge; nothing was written")
 
     # ------------------------------------------------------------------ properties
 
@@ -269,6 +288,7 @@ class Checkpoint:
 
         info = self.info_or_error(name)
         if self._pickled is not None:
+            self._check_pickle(info.file)
             return self._pickled[info.name]
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         return self.read_range(name, 0, info.numel, out=buf).reshape(info.shape)
@@ -288,35 +308,32 @@ class Checkpoint:
         page cache serves it without a copy. Call :meth:`release_range` when done so the
         pages leave this process's resident set (the page cache keeps them). With ``out``
         (uint8, ``(end - start) * itemsize`` bytes, e.g. pinned memory) the bytes are read
-        into it. Thread-safe.
+        into it. Either way the file is first checked to be the one planned on (same size,
+        mtime and inode): a file truncated or replaced since stops the merge with one error.
+        Thread-safe.
         """
         import torch
 
         info = self.info_or_error(name)
         dtype = getattr(torch, info.dtype)
         if self._pickled is not None:
+            self._check_pickle(info.file)
             flat = self._pickled[info.name].reshape(-1)[start:end]
             return flat if out is None else out.view(dtype).copy_(flat)
         itemsize = ITEMSIZE[info.dtype]
         nbytes = (end - start) * itemsize
         offset = info.offset + start * itemsize
+        handle = self._inputs[info.file]
         if out is None:
             if nbytes == 0:
                 return torch.empty(0, dtype=dtype)
-            mapping = self._map(info.file)
-            if offset + nbytes > len(mapping):
-                raise UserError(f"{info.file}: truncated data for tensor {info.name}")
+            # The header was checked against the file's size at planning time and check()
+            # (inside mapping()) finds it unchanged, so the view lies inside the file.
+            mapping = handle.mapping()
             return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=offset).view(
                 dtype
             )
-        fd = self._fd(info.file)
-        view = memoryview(out.numpy())
-        done = 0
-        while done < nbytes:
-            n = os.preadv(fd, [view[done:nbytes]], offset + done)
-            if not n:
-                raise UserError(f"{info.file}: truncated data for tensor {info.name}")
-            done += n
+        handle.read_into(memoryview(out.numpy())[:nbytes], offset)
         return out[:nbytes].view(dtype)
 
     def release_range(self, name: str, start: int, end: int) -> None:
@@ -328,7 +345,8 @@ class Checkpoint:
         if self._pickled is not None or end <= start:
             return
         info = self.info_or_error(name)
-        mapping = self._maps.get(info.file)
+        handle = self._inputs.get(info.file)
+        mapping = handle.mapped if handle is not None else None
         if mapping is None:
             return
         itemsize = ITEMSIZE[info.dtype]
@@ -337,36 +355,51 @@ class Checkpoint:
         if last > first:
             mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
 
-    def _map(self, file: Path) -> mmap.mmap:
-        mapping = self._maps.get(file)
-        if mapping is None:
-            with self._lock:
-                mapping = self._maps.get(file)
-                if mapping is None:
-                    fd = self._fd(file)
-                    # private: a stray in-place op on a view copies the page, never the file
-                    mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
-                    self._maps[file] = mapping
-        return mapping
-
-    def _fd(self, file: Path) -> int:
-        fd = self._handles.get(file)
-        if fd is None:
-            with self._lock:
-                fd = self._handles.get(file)
-                if fd is None:
-                    fd = os.open(file, os.O_RDONLY)
-                    self._handles[file] = fd
-        return fd
-
     def close(self) -> None:
-        for mapping in self._maps.values():
-            try:
-                mapping.close()
-            except BufferError:  # a tensor still views it; it closes when that is freed
-                pass
-        self._maps.clear()
-        for fd in self._handles.values():
-            os.close(fd)
-        self._handles.clear()
+        """Close the kept descriptors and mappings. A later read opens the files again, and
+        only if they are still the files that were planned on."""
+        for handle in self._inputs.values():
+            handle.close()
         self._pickled = None
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; one error line otherwise."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, OSError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a JSON {type(data).__name__}, expected an object")
+    return data
+
+
+def _load_pickle(path: Path) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` of one pickle file, its refusals as one error line."""
+    import pickle
+
+    import torch
+
+    def load(mmap: bool) -> Any:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        try:
+            state = load(True)
+        except RuntimeError as exc:
+            if "mmap can only be used with files saved with" not in str(exc):
+                raise
+            state = load(False)  # the legacy (pre-zip) format cannot be mapped
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: refused by torch.load(weights_only=True): {first}") from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError, … for junk
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise UserError(f"{path}: not a PyTorch state dict (a map of tensor name -> tensor)")
+    if not state:
+        raise UserError(f"{path}: no tensors in this checkpoint")
+    return state

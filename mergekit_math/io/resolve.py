@@ -20,6 +20,42 @@ HUB_PATTERNS = [
 ]
 
 
+def _roots(folder: Path) -> list[Path]:
+    """Where the files of ``folder`` may really live: the folder itself and, for a Hub cache
+    snapshot (``models--ORG--NAME/snapshots/REV``, whose files are symlinks to
+    ``../../blobs/HASH``), that repository's ``blobs`` folder."""
+    real = Path(os.path.realpath(folder))
+    roots = [real]
+    parent = real.parent
+    if parent.name == "snapshots" and parent.parent.name.startswith(("models--", "datasets--")):
+        roots.append(parent.parent / "blobs")
+    return roots
+
+
+def inside(folder: Path, name: object, what: str) -> Path:
+    """``folder / name``, refused unless it stays inside ``folder``.
+
+    ``name`` comes from data (an index's ``weight_map``, a manifest, a folder listing):
+    an absolute path, ``..`` or a symlink whose target leaves the folder is refused with one
+    error naming ``what`` (the file and entry that named it), before anything is opened.
+    Symlinks that stay inside, and a Hub cache snapshot's links to its blobs, are followed.
+    """
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise UserError(f"{what}: {name!r} is not a file name")
+    if os.path.isabs(name):
+        raise UserError(
+            f"{what}: {name!r} is an absolute path; it must name a file inside {folder}"
+        )
+    path = Path(folder) / name
+    real = Path(os.path.realpath(path))
+    if not any(real.is_relative_to(root) for root in _roots(folder)):
+        raise UserError(
+            f"{what}: {name!r} resolves outside the folder {folder} (to {real}); "
+            "refusing to read it"
+        )
+    return path
+
+
 def find_local(ref: str, where: str, base_dir: Path | None = None) -> Path | None:
     """The existing local path ``ref`` names, or None.
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mergekit_math.errors import UserError
+from mergekit_math.io.input_file import InputFile, read_tensor
 from mergekit_math.io.reader import (
     CODE_BY_DTYPE,
     DTYPES,
@@ -33,6 +34,7 @@ from mergekit_math.io.reader import (
     TensorInfo,
     read_safetensors_header,
 )
+from mergekit_math.io.resolve import inside
 
 if TYPE_CHECKING:
     import torch
@@ -173,31 +175,22 @@ def fingerprint(ckpt: Checkpoint) -> str:
     Two checkpoints with the same fingerprint are, for all practical purposes, the same base.
     """
     h = hashlib.sha256()
-    handles: dict[Path, Any] = {}
-    try:
-        for name in sorted(ckpt.tensors):
-            info = ckpt.tensors[name]
-            h.update(f"{name}\x00{info.dtype}\x00{list(info.shape)}\x00".encode())
-            h.update(_sampled_bytes(ckpt, info, handles))
-    finally:
-        for f in handles.values():
-            f.close()
+    for name in sorted(ckpt.tensors):
+        info = ckpt.tensors[name]
+        h.update(f"{name}\x00{info.dtype}\x00{list(info.shape)}\x00".encode())
+        h.update(_sampled_bytes(ckpt, info))
     return "sha256:" + h.hexdigest()
 
 
-def _sampled_bytes(ckpt: Checkpoint, info: TensorInfo, handles: dict[Path, Any]) -> bytes:
+def _sampled_bytes(ckpt: Checkpoint, info: TensorInfo) -> bytes:
+    """The stored bytes of a few elements, read through the checkpoint's kept handles."""
+    import torch
+
     size = DTYPES[CODE_BY_DTYPE[info.dtype]][1]
-    positions = _sample_positions(info.numel)
-    if info.offset < 0:  # a pickled checkpoint: its tensors are already mapped
-        flat = ckpt.read(info.name).reshape(-1)
-        return b"".join(flat[p : p + 1].contiguous().numpy().tobytes() for p in positions)
-    f = handles.get(info.file)
-    if f is None:
-        f = handles[info.file] = open(info.file, "rb")
     out = bytearray()
-    for p in positions:
-        f.seek(info.offset + p * size)
-        out += f.read(size)
+    for p in _sample_positions(info.numel):
+        buf = torch.empty(size, dtype=torch.uint8)
+        out += ckpt.read_range(info.name, p, p + 1, out=buf).view(torch.uint8).numpy().tobytes()
     return bytes(out)
 
 
@@ -257,6 +250,22 @@ class PatchFileWriter:
 # =============================================================================== reading
 
 
+def _check_parts(wpath: Path, manifest: PatchManifest, header: dict[str, Any]) -> None:
+    """Every part ``patch.json`` names is stored with the dtype and shape it expects (the
+    header itself, offsets and file size included, was validated by the reader)."""
+    for name, entry in manifest.tensors.items():
+        for key, (dtype, shape) in entry.parts(name).items():
+            h = header.get(key)
+            if h is None:
+                raise UserError(f"{wpath}: corrupt patch: no stored part {key} for {name}")
+            code = CODE_BY_DTYPE[dtype]
+            if h["dtype"] != code or tuple(h["shape"]) != tuple(shape):
+                raise UserError(
+                    f"{wpath}: corrupt patch: part {key} is {h['dtype']}{h['shape']}, "
+                    f"patch.json expects {code}{list(shape)}"
+                )
+
+
 class Patch:
     """A patch folder, read lazily: a source whose tensors are deltas.
 
@@ -265,12 +274,19 @@ class Patch:
     without reading any weight.
     """
 
-    def __init__(self, path: Path, manifest: PatchManifest, header: dict[str, Any], start: int):
+    def __init__(
+        self,
+        path: Path,
+        manifest: PatchManifest,
+        header: dict[str, Any],
+        start: int,
+        weights: InputFile,
+    ):
         self.path = path
         self.manifest = manifest
         self._header = header
         self._data_start = start
-        self._handle: Any = None
+        self._weights = weights  # opened once, when the patch is opened; reads check it
 
     @classmethod
     def open(cls, path: str | Path) -> Patch:
@@ -279,8 +295,11 @@ class Patch:
         if not path.is_dir():
             raise UserError(f"{path}: patch folder does not exist")
         mpath = path / MANIFEST
-        if not mpath.is_file():
+        if not os.path.lexists(mpath):
             raise UserError(f"{path}: not a patch (no {MANIFEST})")
+        inside(path, MANIFEST, f"{path}: {MANIFEST}")
+        if not mpath.is_file():
+            raise UserError(f"{mpath}: not a regular file")
         try:
             data = json.loads(mpath.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -294,31 +313,16 @@ class Patch:
             where = ".".join(str(p) for p in err["loc"]) or "(top)"
             raise UserError(f"{mpath}: corrupt patch manifest: {where}: {err['msg']}") from None
         wpath = path / WEIGHTS
-        if not wpath.is_file():
+        if not os.path.lexists(wpath):
             raise UserError(f"{path}: incomplete patch (no {WEIGHTS})")
-        header, start = read_safetensors_header(wpath)
-        size = wpath.stat().st_size
-        for name, entry in manifest.tensors.items():
-            for key, (dtype, shape) in entry.parts(name).items():
-                h = header.get(key)
-                if h is None:
-                    raise UserError(f"{wpath}: corrupt patch: no stored part {key} for {name}")
-                code = CODE_BY_DTYPE[dtype]
-                begin, end = h["data_offsets"]
-                nbytes = DTYPES[code][1]
-                for d in shape:
-                    nbytes *= d
-                if (
-                    h["dtype"] != code
-                    or tuple(h["shape"]) != tuple(shape)
-                    or end - begin != nbytes
-                    or start + end > size
-                ):
-                    raise UserError(
-                        f"{wpath}: corrupt patch: part {key} is {h['dtype']}{h['shape']}, "
-                        f"patch.json expects {code}{list(shape)}"
-                    )
-        return cls(path, manifest, header, start)
+        weights = InputFile(inside(path, WEIGHTS, f"{path}: {WEIGHTS}"))
+        try:
+            header, start = read_safetensors_header(weights, allow_empty=True)
+            _check_parts(wpath, manifest, header)
+        except BaseException:
+            weights.close()
+            raise
+        return cls(path, manifest, header, start, weights)
 
     # ------------------------------------------------------------------ properties
 
@@ -400,24 +404,9 @@ class Patch:
     # ------------------------------------------------------------------ reading
 
     def read_part(self, key: str) -> torch.Tensor:
-        """One stored part, read with plain file reads at its header offsets."""
-        import torch
-
-        h = self._header[key]
-        begin, end = h["data_offsets"]
-        dtype = getattr(torch, DTYPES[h["dtype"]][0])
-        if self._handle is None:
-            self._handle = open(self.path / WEIGHTS, "rb", buffering=0)
-        buf = torch.empty(end - begin, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
-        self._handle.seek(self._data_start + begin)
-        done = 0
-        while done < end - begin:
-            n = self._handle.readinto(view[done:])
-            if not n:
-                raise UserError(f"{self.path / WEIGHTS}: truncated data for {key}")
-            done += n
-        return buf.view(dtype).reshape(h["shape"])
+        """One stored part, read through the handle kept since :meth:`open` (a file changed
+        or truncated since then is refused)."""
+        return read_tensor(self._weights, self._header[key], self._data_start)
 
     def delta(
         self, name: str, dtype: torch.dtype | None = None, device: str = "cpu"
@@ -435,6 +424,4 @@ class Patch:
         return decode(entry, parts, dtype or torch.float32, device)
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        self._weights.close()

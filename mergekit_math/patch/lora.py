@@ -22,6 +22,7 @@ read one module's tensors when the extraction asks.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mergekit_math.errors import UserError
+from mergekit_math.io.input_file import InputFile, read_tensor
 from mergekit_math.io.reader import FLOAT_DTYPES, Checkpoint, read_safetensors_header
+from mergekit_math.io.resolve import inside
 
 if TYPE_CHECKING:
     import torch
@@ -102,15 +105,14 @@ class LoraAdapter:
     path: Path
     config: LoraConfig
     modules: dict[str, LoraModule]  # base tensor name -> module, in base order
-    _handle: Any = None
+    weights: InputFile  # opened (and its header validated) when the adapter was opened
+    header: dict[str, Any]
+    data_start: int
 
     def _read(self, key: str) -> torch.Tensor:
         import torch
-        from safetensors import safe_open
 
-        if self._handle is None:
-            self._handle = safe_open(str(self.path / ADAPTER_WEIGHTS), framework="pt")
-        return self._handle.get_tensor(key).to(torch.float32)
+        return read_tensor(self.weights, self.header[key], self.data_start).to(torch.float32)
 
     def factors(self, m: LoraModule) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(B', A') in float32 with ΔW = B'·A' in the base weight's layout, scaling folded
@@ -126,7 +128,7 @@ class LoraAdapter:
         return None if m.full_key is None else self._read(m.full_key)
 
     def close(self) -> None:
-        self._handle = None
+        self.weights.close()
 
 
 def open_lora(path: str | Path, base: Checkpoint) -> LoraAdapter:
@@ -137,11 +139,12 @@ def open_lora(path: str | Path, base: Checkpoint) -> LoraAdapter:
     if not path.is_dir():
         raise UserError(f"{where}: adapter folder {path} does not exist")
     cfg_path = path / ADAPTER_CONFIG
-    if not cfg_path.is_file():
+    if not os.path.lexists(cfg_path):
         raise UserError(f"{where}: no {ADAPTER_CONFIG} in {path}")
+    inside(path, ADAPTER_CONFIG, f"{where}: {cfg_path}")
     try:
-        config = LoraConfig.model_validate(json.loads(cfg_path.read_text()))
-    except json.JSONDecodeError as exc:
+        config = LoraConfig.model_validate(json.loads(cfg_path.read_bytes()))
+    except (ValueError, OSError) as exc:  # JSONDecodeError, UnicodeDecodeError, a directory
         raise UserError(f"{cfg_path}: invalid JSON ({exc})") from None
     except ValidationError as exc:
         err = exc.errors()[0]
@@ -158,10 +161,23 @@ def open_lora(path: str | Path, base: Checkpoint) -> LoraAdapter:
         if getattr(config, flag):
             raise UserError(f"{cfg_path}: {what} are not supported by the patch import")
     weights = path / ADAPTER_WEIGHTS
-    if not weights.is_file():
+    if not os.path.lexists(weights):
         other = "" if not (path / "adapter_model.bin").is_file() else " (convert the .bin)"
         raise UserError(f"{where}: no {ADAPTER_WEIGHTS} in {path}{other}")
-    header, _ = read_safetensors_header(weights)
+    handle = InputFile(inside(path, ADAPTER_WEIGHTS, f"{where}: {weights}"))
+    try:
+        header, start = read_safetensors_header(handle)
+        modules = _modules(config, header, base, weights, where)
+    except BaseException:
+        handle.close()
+        raise
+    return LoraAdapter(path, config, modules, handle, header, start)
+
+
+def _modules(
+    config: LoraConfig, header: dict[str, Any], base: Checkpoint, weights: Path, where: str
+) -> dict[str, LoraModule]:
+    """The base tensors the adapter changes, with ranks, scalings and checked shapes."""
 
     modules: dict[str, LoraModule] = {}
 
@@ -234,5 +250,4 @@ def open_lora(path: str | Path, base: Checkpoint) -> LoraAdapter:
                 f"{list(out)}, {base.ref} has {list(shape)}"
             )
     order = {name: i for i, name in enumerate(base.tensors)}
-    ordered = dict(sorted(modules.items(), key=lambda kv: order[kv[0]]))
-    return LoraAdapter(path, config, ordered)
+    return dict(sorted(modules.items(), key=lambda kv: order[kv[0]]))
