@@ -390,12 +390,14 @@ def _load_pickle(path: Path) -> dict[str, Any]:
             if "mmap can only be used with files saved with" not in str(exc):
                 raise
             state = load(False)  # the legacy (pre-zip) format cannot be mapped
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: refused by torch.load(weights_only=True): {first}") from None
-    except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError, … for junk
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, … for junk
+        reason = _torch_load_reason(exc)
+        if isinstance(exc, pickle.UnpicklingError) and "global" in reason.lower():
+            raise UserError(
+                f"{path}: refused by torch.load(weights_only=True): {reason} (the file asks to "
+                "run code when loaded; nothing of it ran)"
+            ) from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
@@ -403,3 +405,11 @@ def _load_pickle(path: Path) -> dict[str, Any]:
     if not state:
         raise UserError(f"{path}: no tensors in this checkpoint")
     return state
+
+
+def _torch_load_reason(exc: BaseException) -> str:
+    """The informative lines of a torch.load error, without its boilerplate."""
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    keep = [line for line in lines if not line.startswith(boilerplate)]
+    return "; ".join(keep) or type(exc).__name__
