@@ -94,6 +94,15 @@ def layer_of(name: str) -> tuple[str, int, str] | None:
     return m["prefix"], int(m["index"]), m["rest"]
 
 
+def tensor_order(name: str) -> tuple[int, str, int, str]:
+    """Sort key for listing tensors as a model runs them: embeddings, then each decoder layer in
+    numeric order (layers.2 before layers.10), then the rest."""
+    parsed = layer_of(name)
+    if parsed is not None:
+        return 1, parsed[0], parsed[1], parsed[2]
+    return (0 if any(m in name for m in PRE_LAYER_MARKERS) else 2), name, 0, ""
+
+
 class Checkpoint:
     """One model folder, read lazily.
 
