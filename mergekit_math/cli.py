@@ -91,6 +91,10 @@ def merge(
         typer.Option(help="Accept pytorch_model*.bin inputs (loaded with weights_only=True)."),
     ] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing OUT_DIR.")] = False,
+    strict_finite: Annotated[
+        bool,
+        typer.Option(help="Refuse inputs with NaN or inf values (default: warn per tensor)."),
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option(help="Validate and print the plan; read no tensor, write nothing.")
     ] = False,
@@ -198,6 +202,7 @@ def merge(
             force=force,
             progress=not quiet,
             max_memory=limit,
+            strict_finite=strict_finite,
         )
     except UserError as exc:
         _fail(str(exc))

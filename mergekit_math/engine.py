@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import mmap
-import os
-import shutil
-import signal
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 from mergekit_math.errors import UserError
+from mergekit_math.io.atomic import atomic_output
+from mergekit_math.io.progress import byte_progress
 from mergekit_math.io.reader import (
     FLOAT_DTYPES,
     ITEMSIZE,
@@ -52,7 +51,6 @@ from mergekit_math.recipe import (
 
 if TYPE_CHECKING:
     import torch
-    from tqdm import tqdm
 
 DEFAULT_SEED = 0
 
@@ -577,6 +575,8 @@ class _Run:
     pool: ThreadPoolExecutor | None = None
     workers: int = 1
     scratch: torch.Tensor | None = None  # see _scratch
+    strict_finite: bool = False  # refuse inputs with NaN/inf instead of warning
+    warn: Callable[[str], None] | None = None
 
 
 _active: ContextVar[_Run | None] = ContextVar("mmath_run", default=None)
@@ -616,6 +616,71 @@ def _item_inputs(plan: Plan, item: PlanItem) -> list[tuple[str, Checkpoint, str]
         if s.origin is not None and plan.method.kind == "delta":
             out.append(("origin", s.origin, name))
     return out
+
+
+def _input_wheres(plan: Plan, item: PlanItem) -> list[str]:
+    """The YAML path of each input of :func:`_item_inputs` (same order), for messages."""
+    g = item.group
+    out: list[str] = []
+    if g.base is not None and item.base_name:
+        out.append(g.base.where)
+    for s in g.sources:
+        if s.patch is not None:
+            out.append(f"{s.where}.patch")
+            continue
+        out.append(s.where)
+        if s.origin is not None and plan.method.kind == "delta":
+            out.append(f"{s.where}.origin")
+    return out
+
+
+class _FiniteCheck:
+    """Counts the NaN/inf values of each input of one output tensor as its ranges are read
+    (they would pass through every method into the output), to warn once per tensor and
+    input, or refuses them with ``strict``.
+
+    One sum per input range is the test (NaN and inf survive a sum); only a sum that is not
+    finite (or overflowed) counts the values exactly.
+    """
+
+    def __init__(self, plan: Plan, item: PlanItem, run: _Run):
+        self.inputs = [
+            (f"{where} ({ckpt.ref})", name)
+            for where, (_, ckpt, name) in zip(_input_wheres(plan, item), _item_inputs(plan, item))
+        ]
+        self.counts = [0] * len(self.inputs)
+        self.strict = run.strict_finite
+        self.warn = run.warn
+        self._lock = threading.Lock()
+
+    def __call__(self, i: int, x: torch.Tensor) -> None:
+        import torch
+
+        wide = x.dtype if x.dtype == torch.float64 else torch.float32
+        if bool(torch.isfinite(x.sum(dtype=wide))):
+            return
+        bad = x.numel() - int(torch.isfinite(x).sum())
+        if not bad:
+            return
+        where, name = self.inputs[i]
+        if self.strict:
+            raise UserError(
+                f"{where}: tensor {name} has non-finite values (NaN or inf); "
+                "nothing was written (--strict-finite)"
+            )
+        with self._lock:
+            self.counts[i] += bad
+
+    def report(self) -> None:
+        for (where, name), bad in zip(self.inputs, self.counts):
+            if bad and self.warn is not None:
+                self.warn(f"{where}: tensor {name} has {bad} non-finite values (NaN or inf)")
+
+
+def _warn(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 def _range_bytes(plan: Plan, item: PlanItem, start: int, end: int) -> int:
@@ -696,6 +761,7 @@ def compute_item(plan: Plan, item: PlanItem, device: str = "cpu") -> Iterator[to
     load = _torch_dtype(recipe.dtype) if recipe.dtype else None
     out_dtype = _torch_dtype(item.out.dtype)
     delta_kind = plan.method.kind == "delta"
+    finite = _FiniteCheck(plan, item, run) if run is not None else None
 
     def upcast(t: torch.Tensor) -> torch.Tensor:
         y = t.to(load) if load is not None else t
@@ -703,26 +769,36 @@ def compute_item(plan: Plan, item: PlanItem, device: str = "cpu") -> Iterator[to
         # never compute in place on the file mapping
         return y.clone() if y.data_ptr() == t.data_ptr() and y.numel() else y
 
-    def inputs_of(raw: list[torch.Tensor], shaped: bool) -> tuple[Any, list[torch.Tensor]]:
+    def inputs_of(
+        raw: list[torch.Tensor], shaped: bool, check: bool = True
+    ) -> tuple[Any, list[torch.Tensor]]:
         """(base, per-source tensor or delta) in the compute dtype from one range's raw data."""
         if shaped:
             raw = [t.reshape(shape) for t, shape in zip(raw, shapes)]
+        check = check and finite is not None
+
+        def checked(i: int, x: torch.Tensor) -> torch.Tensor:
+            if check:
+                finite(i, x)  # type: ignore[misc]
+            return x
+
         base = None
         tensors: list[torch.Tensor] = []
         i = 0
         while i < len(raw):
             role = roles[i]
             if role == "base":
-                base = upcast(raw[i])
+                base = checked(i, upcast(raw[i]))
             elif role == "delta":  # from a patch: already a delta, not rounded to ``dtype``
                 d = raw[i].to(device=device, dtype=compute)
-                tensors.append(d.clone() if d.data_ptr() == raw[i].data_ptr() else d)
+                d = d.clone() if d.data_ptr() == raw[i].data_ptr() else d
+                tensors.append(checked(i, d))
             else:
-                x = upcast(raw[i])
+                x = checked(i, upcast(raw[i]))
                 if delta_kind:
                     if i + 1 < len(raw) and roles[i + 1] == "origin":
                         i += 1
-                        x = x.sub_(upcast(raw[i]))
+                        x = x.sub_(checked(i, upcast(raw[i])))
                     else:
                         assert base is not None
                         x = x.sub_(base)
@@ -742,7 +818,8 @@ def compute_item(plan: Plan, item: PlanItem, device: str = "cpu") -> Iterator[to
     if not whole and plan.method.prepare is not None:
 
         def fill(buf: torch.Tensor, i: int, start: int, end: int) -> None:
-            _, deltas = inputs_of(_read_range(plan, item, start, end), shaped=False)
+            # no finite check: the merge pass reads these ranges again and checks them
+            _, deltas = inputs_of(_read_range(plan, item, start, end), shaped=False, check=False)
             buf[start:end] = deltas[i]
             _release_range(plan, item, start, end)
 
@@ -793,6 +870,8 @@ def compute_item(plan: Plan, item: PlanItem, device: str = "cpu") -> Iterator[to
             del raw
             release(nbytes)
             yield result
+        if finite is not None:
+            finite.report()
         return
     # Chunks run on the worker threads (one intra-op thread each); results come out in order.
     pending: deque[tuple[Future[torch.Tensor], int]] = deque()
@@ -818,6 +897,8 @@ def compute_item(plan: Plan, item: PlanItem, device: str = "cpu") -> Iterator[to
     finally:
         for future, _ in pending:
             future.cancel()
+    if finite is not None:
+        finite.report()
 
 
 def _scratch(run: _Run | None, numel: int, dtype: torch.dtype, device: str) -> torch.Tensor:
@@ -863,104 +944,6 @@ def item_memory(
     return chunk * per_element + buffers * n * cbytes
 
 
-def byte_progress(total: int, desc: str, enabled: bool = True) -> tqdm:
-    """The progress bar of long commands: bytes, on stderr, off with ``-q``."""
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=desc,
-        disable=not enabled,
-        file=sys.stderr,
-    )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-PARTIAL_MARK = ".mmath-partial-"
-
-
-def clean_stale_partials(out_dir: Path) -> None:
-    """Remove temporaries left by killed runs for this output (their pid is gone)."""
-    prefix = f".{out_dir.name}{PARTIAL_MARK}"
-    if not out_dir.parent.is_dir():
-        return
-    for p in out_dir.parent.glob(prefix + "*"):
-        try:
-            pid = int(p.name[len(prefix) :])
-        except ValueError:
-            continue
-        if not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-@contextmanager
-def atomic_output(out_dir: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary sibling folder; rename it to ``out_dir`` only on success.
-
-    On any exception (Ctrl-C and SIGTERM included) the temporary folder is removed. A run
-    killed with SIGKILL leaves ``.NAME.mmath-partial-PID``, which the next run removes.
-    """
-    out_dir = out_dir.absolute()
-    if out_dir.exists() and not force:
-        raise UserError(f"{out_dir} already exists; pass --force to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_partials(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}{PARTIAL_MARK}{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = None
-    try:
-        previous = signal.signal(signal.SIGTERM, on_term)
-    except ValueError:  # not the main thread
-        previous = None
-    try:
-        yield tmp
-        _fsync_dir(tmp)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.mmath-old-{os.getpid()}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _budgets(max_memory: int | None) -> tuple[int, int]:
     """(chunk elements, IO budget in bytes) for a memory limit."""
     if max_memory is None:
@@ -996,12 +979,18 @@ def execute(
     max_memory: int | None = None,
     chunk_elements: int | None = None,
     threads: int | None = None,
+    strict_finite: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> Path:
     """Run the plan into ``out_dir`` atomically; returns the final path.
 
     A reader thread reads the inputs ahead (pinned memory for CUDA), the main thread computes
     and a writer thread streams the results into the shards; ``max_memory`` bounds the bytes
     of tensor data held at once by shrinking chunks and read-ahead (checked before any read).
+
+    An input tensor with NaN or inf values gets one warning per tensor and input (``warn``,
+    default: a ``warning:`` line on stderr); with ``strict_finite`` it stops the merge with a
+    :class:`UserError` and nothing is written.
     """
     import torch
 
@@ -1042,7 +1031,8 @@ def execute(
             initializer=torch.set_num_threads,
             initargs=(1,),
         )
-        token = _active.set(_Run(prefetch, chunk, pool, workers))
+        run = _Run(prefetch, chunk, pool, workers, strict_finite=strict_finite, warn=warn or _warn)
+        token = _active.set(run)
         try:
             with torch.inference_mode():
                 for item in plan.items:

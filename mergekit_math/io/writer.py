@@ -13,6 +13,8 @@ import mmap
 import os
 import re
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -188,6 +190,17 @@ class _ShardFile:
             self._map = None
 
 
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Give an ``OSError`` without a file name (``os.write`` on a full disk) the file's."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+
+
 class ShardedWriter:
     """Write tensors, in plan order, into pre-planned shards inside ``folder``."""
 
@@ -209,8 +222,15 @@ class ShardedWriter:
         import torch
 
         shard = self.shards[shard_index]
-        f = _ShardFile(self.folder / shard.filename, self.direct)
-        f.write(torch.frombuffer(bytearray(_header(shard, {"format": "pt"})), dtype=torch.uint8))
+        path = self.folder / shard.filename
+        with _naming(path):
+            f = _ShardFile(path, self.direct)
+            header = bytearray(_header(shard, {"format": "pt"}))
+            try:
+                f.write(torch.frombuffer(header, dtype=torch.uint8))
+            except BaseException:
+                f.close()
+                raise
         self._file = f
         self._shard_index = shard_index
         return f
@@ -218,7 +238,11 @@ class ShardedWriter:
     def _finish_file(self) -> None:
         assert self._file is not None
         file, self._file = self._file, None
-        file.finish()
+        try:
+            with _naming(file.path):
+                file.finish()
+        finally:
+            file.close()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor of the plan; its name, dtype and shape must match the plan."""
@@ -257,7 +281,8 @@ class ShardedWriter:
 
         data = part.detach().to("cpu").contiguous().reshape(-1)
         if data.numel():
-            f.write(data.view(torch.uint8))
+            with _naming(f.path):
+                f.write(data.view(torch.uint8))
         if last:
             self._next += 1
             self._written = 0
@@ -277,7 +302,8 @@ class ShardedWriter:
                 "metadata": {"total_size": sum(s.nbytes for s in self.shards)},
                 "weight_map": {t.name: s.filename for s in self.shards for t in s.tensors},
             }
-            (self.folder / WEIGHT_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            with _naming(self.folder / WEIGHT_INDEX):
+                (self.folder / WEIGHT_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
         if self._file is not None:

@@ -73,7 +73,8 @@ def apply_patch(
     """Write NEW + scale·Δ to ``out_dir`` atomically; returns its absolute path."""
     import torch
 
-    from mergekit_math.engine import atomic_output, byte_progress
+    from mergekit_math.io.atomic import atomic_output
+    from mergekit_math.io.progress import byte_progress
     from mergekit_math.io.writer import ShardedWriter
 
     out_dir = Path(out_dir)

@@ -252,7 +252,8 @@ def extract(
     """Encode every planned tensor into ``out_dir`` (atomically); returns its absolute path."""
     import torch
 
-    from mergekit_math.engine import atomic_output, byte_progress
+    from mergekit_math.io.atomic import atomic_output
+    from mergekit_math.io.progress import byte_progress
     from mergekit_math.patch.format import PatchFileWriter
 
     out_dir = Path(out_dir)
@@ -350,8 +351,8 @@ def measure_errors(
 ) -> list[TensorError]:
     """Relative Frobenius error of each patched tensor against the exact FT − OLD."""
     import torch
-    from tqdm import tqdm
 
+    from mergekit_math.io.progress import progress as tqdm
     from mergekit_math.patch.encode import frobenius
 
     try:

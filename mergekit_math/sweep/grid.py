@@ -93,7 +93,7 @@ def parse_values(text: str, key: str) -> list[Value]:
                 item = item.strip()
                 if not item:
                     raise UserError(f"{where}: empty value in {text!r}")
-                values.append(_scalar(item))
+                values.append(_scalar(item, where))
     if len(values) > MAX_VALUES:
         raise UserError(f"{where}: {len(values)} values; at most {MAX_VALUES}")
     _no_repeats(values, where)
@@ -111,11 +111,21 @@ def _number(text: str) -> int | float | None:
     return value if math.isfinite(value) else None
 
 
-def _scalar(text: str) -> Value:
+def _scalar(text: str, where: str) -> Value:
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     number = _number(text)
+    if number is None and _non_finite(text):
+        raise UserError(f"{where}: {text!r} is not a finite number")
     return text if number is None else number
+
+
+def _non_finite(text: str) -> bool:
+    """``nan``, ``inf``, ``-infinity``, ``1e400``: numbers that are not finite."""
+    try:
+        return not math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _range_values(parts: list[str], where: str) -> list[int | float]:
@@ -139,7 +149,7 @@ def _log_values(parts: list[str], where: str) -> list[float]:
         raise UserError(f"{where}: expected log:START:STOP:N, got log:{':'.join(parts)}")
     a, b, n = (_number(p) for p in parts)
     if a is None or b is None or a <= 0 or b <= 0:
-        raise UserError(f"{where}: log: START and STOP must be positive numbers")
+        raise UserError(f"{where}: log: START and STOP must be positive finite numbers")
     if not isinstance(n, int) or n < 1:
         raise UserError(f"{where}: log: N must be a whole number of values, at least 1")
     if n > MAX_VALUES:

@@ -493,7 +493,7 @@ class _Trainer:
     def run(self, stop_after: int | None, progress: bool, clear: bool = False) -> TrainResult:
         """Train up to ``stop_after`` (default: all) steps; ``clear`` empties the output
         folder first (``--force``)."""
-        from tqdm.auto import tqdm
+        from mergekit_math.io.progress import progress as tqdm
 
         t = self.config.training
         if clear:

@@ -144,7 +144,7 @@ def mixchain(
 ) -> tuple[dict[float, dict[str, Any]], int]:
     """Write MixChain records to ``out`` (questions with at least one correct solution);
     returns per-α {kept, total, mean_tokens, mean_tokens_all} and the records written."""
-    from tqdm import tqdm
+    from mergekit_math.io.progress import progress as tqdm
 
     if "{question}" not in prompt:
         raise UserError("--prompt: the template needs a {question} placeholder")
