@@ -105,7 +105,8 @@ seed: 42
     card = (out / "README.md").read_text()
     front = card.split("---")[1]
     assert "library_name: transformers" in front and "mergekit-math" in front
-    assert str(zoo["a"]) in front and str(zoo["base"]) in front
+    # local parents are named in the text; base_model lists Hub ids only
+    assert "base_model" not in front and f"- {zoo['a']}\n" in card and str(zoo["base"]) in card
     assert "https://arxiv.org/abs/2311.03099" in card
     import yaml
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TypedDict
 
@@ -65,14 +66,29 @@ def rows_from_lm_eval(
     return rows
 
 
-def is_hub_id(ref: str) -> bool:
-    """Whether a parent reference names a Hub repository rather than a local folder."""
-    return bool(HUB_ID.match(ref)) and not Path(ref).expanduser().exists()
+def is_hub_id(ref: str, resolved: Path | None = None) -> bool:
+    """Whether a parent reference names a Hub repository rather than a local folder: it reads
+    ``NAMESPACE/NAME`` and no such local path exists. When the folder it was resolved to is
+    known (at merge time), that folder must also be the repository's snapshot in the Hub cache
+    (``.../models--NAMESPACE--NAME/snapshots/REV``): a ``demo/base`` found next to the recipe
+    is local."""
+    if not HUB_ID.match(ref) or Path(ref).expanduser().exists():
+        return False
+    if resolved is None:
+        return True
+    return "models--" + ref.replace("/", "--") in Path(resolved).parts
 
 
-def split_parents(refs: list[str]) -> tuple[list[str], list[str]]:
-    """``(hub ids, local paths)``, each in the given order."""
-    hub = [r for r in refs if is_hub_id(r)]
+def split_parents(
+    refs: list[str], resolved: Mapping[str, Path] | None = None
+) -> tuple[list[str], list[str]]:
+    """``(hub ids, local paths)``, each in the given order; ``resolved`` maps a reference to
+    the folder it was resolved to, where known (see :func:`is_hub_id`).
+
+    The one rule for a card's ``base_model``: the card ``mmath merge`` writes and the card
+    ``mmath push`` uploads list the Hub ids only (local parents stay in the text)."""
+    resolved = resolved or {}
+    hub = [r for r in refs if is_hub_id(r, resolved.get(r))]
     return hub, [r for r in refs if r not in hub]
 
 

@@ -95,9 +95,10 @@ def publish(
     --eval``); the gate checks it, evaluating again only when it lacks a required task.
     """
     from mergekit_math.hub.card import local_parents, publish_card, rows_from_lm_eval
-    from mergekit_math.hub.push import push_model
+    from mergekit_math.hub.push import files_to_upload, push_model
 
     model_dir = Path(model_dir)
+    files_to_upload(model_dir)  # a folder that cannot be pushed fails before the evaluation
     if options is not None:
         report = run_gate(model_dir, requirements, options, echo, report)
     rows = None

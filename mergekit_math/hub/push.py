@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,19 +34,58 @@ class PushResult:
 
 
 def files_to_upload(model_dir: Path) -> list[tuple[str, Path]]:
-    """``(path in repo, local file)`` for every file of ``model_dir``, junk left out, sorted."""
+    """``(path in repo, local file)`` for every file of ``model_dir``, junk left out, sorted.
+
+    Only what is inside the folder is uploaded. A symlink to a regular file inside the folder
+    is uploaded as that file's content (the Hub has no symlinks); a symlink whose target is
+    outside the folder, a symlink to a folder, a dangling symlink and anything that is not a
+    regular file (FIFO, socket, device) is refused with a :class:`UserError` naming it, before
+    any request is made.
+    """
     if not model_dir.is_dir():
         raise UserError(f"model folder does not exist: {model_dir}")
+    root_dir = model_dir.resolve()
     out: list[tuple[str, Path]] = []
     for root, dirs, names in os.walk(model_dir):
         dirs[:] = sorted(d for d in dirs if not _is_junk(d))
+        for d in dirs:  # os.walk lists a symlinked folder here and never descends into it
+            if (Path(root) / d).is_symlink():
+                _refuse_link(Path(root) / d, root_dir)
         for name in sorted(names):
             if not _is_junk(name):
                 local = Path(root) / name
-                out.append((local.relative_to(model_dir).as_posix(), local))
+                out.append((local.relative_to(model_dir).as_posix(), _regular(local, root_dir)))
     if not out:
         raise UserError(f"{model_dir}: no files to upload")
     return out
+
+
+def _regular(local: Path, root_dir: Path) -> Path:
+    """The file to read for ``local``: itself, or the target of a symlink that stays inside
+    ``root_dir`` and names a regular file."""
+    if local.is_symlink():
+        target = local.resolve()
+        if not target.is_relative_to(root_dir) or not target.is_file():
+            _refuse_link(local, root_dir)
+        return target
+    if not stat.S_ISREG(local.lstat().st_mode):
+        raise UserError(
+            f"{local} is not a regular file (FIFO, socket or device); nothing was pushed"
+        )
+    return local
+
+
+def _refuse_link(local: Path, root_dir: Path) -> None:
+    target = local.resolve()
+    if not target.is_relative_to(root_dir):
+        why = f"is a symlink to {target} outside the model folder"
+    elif not target.exists():
+        why = f"is a symlink to {target}, which does not exist"
+    else:
+        why = (
+            f"is a symlink to {'the folder' if target.is_dir() else 'a non-regular file'} {target}"
+        )
+    raise UserError(f"{local} {why}; nothing was pushed")
 
 
 def _is_junk(name: str) -> bool:

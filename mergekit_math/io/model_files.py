@@ -144,9 +144,13 @@ def resolved_recipe(plan: Plan) -> dict:
 
 
 def model_card(plan: Plan, recipe_yaml: str) -> str:
+    from mergekit_math.hub.card import split_parents
+
     m = plan.method
+    # base_model lists Hub ids only (the rule mmath push applies); local parents are in the text.
+    hub, _ = split_parents(plan.parents, {c.ref: c.path for c in plan.checkpoints.values()})
     front = {
-        "base_model": plan.parents,
+        **({"base_model": hub} if hub else {}),
         "library_name": "transformers",
         "tags": ["merge", "mergekit-math", m.name],
     }
