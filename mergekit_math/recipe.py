@@ -7,6 +7,7 @@ key (``models[1].parameters.density: ...``).
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -88,7 +89,7 @@ class EvaluateBlock(_Strict):
 
     tasks: list[str] | str = Field(description="Tasks, as `mmath eval --tasks`.")
     data: str | None = Field(None, description="GSM8K JSONL, relative to the recipe's folder.")
-    limit: int | float | None = Field(None, gt=0)
+    limit: int | float | None = Field(None, gt=0, allow_inf_nan=False)
     num_fewshot: int | None = Field(None, ge=0)
     batch_size: int | str | None = None
     dtype: str | None = None
@@ -206,6 +207,43 @@ def _format_error(err: dict[str, Any]) -> str:
     return f"{path}: {err['msg']} (got {err.get('input')!r})"
 
 
+def _parameter_blocks(recipe: Recipe) -> list[tuple[str, Parameters | None]]:
+    """(YAML path, mapping) of every ``parameters:`` block of a recipe."""
+    blocks: list[tuple[str, Parameters | None]] = [("parameters", recipe.parameters)]
+    for i, m in enumerate(recipe.models or []):
+        blocks.append((f"models[{i}].parameters", m.parameters))
+    for i, s in enumerate(recipe.slices or []):
+        blocks.append((f"slices[{i}].parameters", s.parameters))
+        for j, src in enumerate(s.sources):
+            blocks.append((f"slices[{i}].sources[{j}].parameters", src.parameters))
+    return blocks
+
+
+def _leaf_paths(setting: Any, where: str) -> list[tuple[str, Any]]:
+    """(YAML path, scalar) of every scalar in a setting: ``weight[2]``, ``weight[0].value``."""
+    if isinstance(setting, ConditionalParameter):
+        return _leaf_paths(setting.value, f"{where}.value")
+    if isinstance(setting, list):
+        out: list[tuple[str, Any]] = []
+        for i, item in enumerate(setting):
+            out.extend(_leaf_paths(item, f"{where}[{i}]"))
+        return out
+    return [(where, setting)]
+
+
+def _check_finite(recipe: Recipe, source: str) -> None:
+    """Refuse NaN and infinite numbers (``.nan``, ``.inf``, ``1e400``) in parameters: every
+    method would turn them into an all-NaN model."""
+    blocks = _parameter_blocks(recipe)
+    if recipe.evaluate is not None and recipe.evaluate.gen_kwargs:
+        blocks.append(("evaluate.gen_kwargs", recipe.evaluate.gen_kwargs))  # type: ignore[arg-type]
+    for where, params in blocks:
+        for key, setting in (params or {}).items():
+            for path, value in _leaf_paths(setting, f"{where}.{key}"):
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise UserError(f"{source}: {path}: must be a finite number (got {value!r})")
+
+
 def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     """Validate a recipe mapping; errors name the YAML path."""
     if not isinstance(data, dict):
@@ -214,6 +252,7 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise UserError(f"{source}: {_first_error(exc)}") from None
+    _check_finite(recipe, source)
     if bool(recipe.models) == bool(recipe.slices):
         raise UserError(f"{source}: give exactly one of 'models' or 'slices'")
     if recipe.tokenizer_source == "union":
@@ -297,12 +336,29 @@ def field_adapter(model: type[BaseModel], name: str) -> TypeAdapter[Any]:
     return TypeAdapter(Annotated[(info.annotation, *info.metadata)])  # type: ignore[misc]
 
 
+MAX_MAGNITUDE = 1e4
+"""Largest magnitude of a real-valued merge parameter (weights, ``lambda``, ``scale``):
+densities, ``t``, ``gamma`` and ``epsilon`` have their own ranges within it; a larger one is
+a typo (``1e40``) that would overflow the output dtype."""
+
+
 def check_value(model: type[BaseModel], name: str, value: Any, where: str) -> Any:
+    """``value`` validated as field ``name`` of ``model``; real values must also be finite and
+    at most :data:`MAX_MAGNITUDE` in magnitude."""
     try:
-        return field_adapter(model, name).validate_python(value)
+        out = field_adapter(model, name).validate_python(value)
     except ValidationError as exc:
         msg = exc.errors()[0]["msg"]
         raise UserError(f"{where}: {msg} (got {value!r})") from None
+    if isinstance(out, float):
+        if not math.isfinite(out):
+            raise UserError(f"{where}: must be a finite number (got {value!r})")
+        if abs(out) > MAX_MAGNITUDE:
+            raise UserError(
+                f"{where}: {value!r} is out of range: merge parameters are at most "
+                f"{MAX_MAGNITUDE:g} in magnitude"
+            )
+    return out
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -204,8 +204,7 @@ class Tracker:
         echo: Echo,
         progress: bool,
     ):
-        from tqdm import tqdm
-
+        from mergekit_math.io.progress import progress as tqdm
         from mergekit_math.sweep.report import Ranking
 
         self.sweep = sweep
