@@ -5,7 +5,9 @@ workers, append the row. This is what a worker process or a Ray task runs."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -13,8 +15,10 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +27,20 @@ import yaml
 
 from mergekit_math import __version__
 from mergekit_math.errors import UserError
-from mergekit_math.sweep.results import append_row
+from mergekit_math.sweep.results import append_row, is_recorded, open_no_follow
 
 MODEL = "model"
 RECIPE = "recipe.yaml"
 LOG = "log.txt"
+LOCK = ".point.lock"
+"""Held (``flock``) by the process running the point, from its start to its row."""
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+WATCH_SECONDS = 0.5
+
+
+class PointSkipped(Exception):
+    """The point is not run here: another live process holds its lock, or its row is
+    recorded already (a worker of an earlier sweep finished it)."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +81,25 @@ def recipe_text(recipe: dict[str, Any], header: str) -> str:
 
 def run_point(task: PointTask) -> dict[str, Any]:
     """Merge, evaluate and record one point; returns its row. On any failure the point's
-    weights are removed, so a failed or interrupted point costs no disk."""
+    weights are removed, so a failed or interrupted point costs no disk.
+
+    The point's lock is held throughout, the row appended included: a second process given
+    the same point (a resumed sweep while a worker of the killed one still runs) raises
+    :class:`PointSkipped` instead of writing into the same folder, and so does a point whose
+    row was recorded by the time the lock is taken."""
+    folder = Path(task.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _refuse_links(folder)
+    with point_lock(folder, task.id):
+        if task.results is not None and is_recorded(Path(task.results), task.recipe_hash):
+            raise PointSkipped(f"point {task.id} is recorded already; not run again")
+        row = _merge_and_evaluate(task, folder)
+        if task.results is not None:
+            append_row(Path(task.results), row)
+    return row
+
+
+def _merge_and_evaluate(task: PointTask, folder: Path) -> dict[str, Any]:
     import torch
 
     from mergekit_math.engine import build_plan, execute
@@ -76,8 +107,6 @@ def run_point(task: PointTask) -> dict[str, Any]:
     from mergekit_math.recipe import parse_recipe
 
     _import_evaluation()  # once per process, so it does not count as the first point's time
-    folder = Path(task.folder)
-    folder.mkdir(parents=True, exist_ok=True)
     recipe_path = folder / RECIPE
     _write_atomic(
         recipe_path,
@@ -88,7 +117,8 @@ def run_point(task: PointTask) -> dict[str, Any]:
     if task.threads:
         torch.set_num_threads(task.threads)
     try:
-        with open(folder / LOG, "w") as log, _redirected(log):
+        log_fd = open_no_follow(folder / LOG, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with open(log_fd, "w") as log, _redirected(log):
             started = time.perf_counter()
             recipe = parse_recipe(task.recipe, source=str(recipe_path))
             plan = build_plan(recipe, recipe_dir=folder)
@@ -110,9 +140,39 @@ def run_point(task: PointTask) -> dict[str, Any]:
     row = make_row(task, report, merge_seconds, model_dir if task.keep else None)
     if not task.keep:
         shutil.rmtree(model_dir, ignore_errors=True)
-    if task.results is not None:
-        append_row(Path(task.results), row)
     return row
+
+
+def _refuse_links(folder: Path) -> None:
+    """The point folder and what the point writes in it are never symlinks: writing or
+    deleting through one would reach outside the sweep folder."""
+    for path in (folder, *(folder / n for n in (RECIPE, LOG, MODEL, LOCK))):
+        if path.is_symlink():
+            raise UserError(
+                f"{path} is a symlink (to {os.readlink(path)}); a sweep point writes only "
+                "inside its own folder: remove the link"
+            )
+
+
+@contextlib.contextmanager
+def point_lock(folder: Path, point: str) -> Iterator[None]:
+    """Hold ``folder/.point.lock`` (``flock``, released by the kernel however the holder
+    dies) with this process's pid in it; :class:`PointSkipped` when a live process has it."""
+    fd = open_no_follow(folder / LOCK, os.O_RDWR | os.O_CREAT)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise PointSkipped(
+                f"point {point} is being run by another process (pid {other}), perhaps a "
+                "worker of an earlier sweep; skipped, run the same command again once it ends"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _import_evaluation() -> None:
@@ -177,6 +237,8 @@ def run_point_safe(task: PointTask) -> tuple[str, str, Any]:
     so one failing point does not stop the others."""
     try:
         return ("ok", task.id, run_point(task))
+    except PointSkipped as exc:
+        return ("skipped", task.id, str(exc))
     except UserError as exc:
         return ("error", task.id, str(exc))
     except Exception as exc:
@@ -189,13 +251,42 @@ def run_point_safe(task: PointTask) -> tuple[str, str, Any]:
         )
 
 
-def init_worker(threads: int | None) -> None:
-    """Start of a local worker process: its thread budget (before torch is imported) and no
-    reaction to Ctrl-C, which the parent handles by stopping the workers."""
+def init_worker(threads: int | None, parent: int | None = None) -> None:
+    """Start of a local worker process: its thread budget (before torch is imported), no
+    reaction to Ctrl-C, which the parent handles by stopping the workers, and, given the
+    parent's pid, death with the parent (see :func:`die_with_parent`)."""
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent is not None:
+        die_with_parent(parent)
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process when ``parent`` ends, however it ends (SIGKILL included), so no
+    worker outlives its sweep and merges on beside the resumed one.
+
+    On Linux the kernel sends SIGKILL when the parent dies (``PR_SET_PDEATHSIG``); everywhere
+    a daemon thread also checks every half second that the parent is still this process's
+    parent and kills the process when it is not. A parent already gone exits at once."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: the watchdog alone
+            pass
+    if os.getppid() != parent:  # died before prctl took effect
+        os._exit(1)
+    threading.Thread(
+        target=_watch_parent, args=(parent,), name="mmath-parent-watch", daemon=True
+    ).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(WATCH_SECONDS)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def remove_model(folder: str) -> None:
@@ -223,5 +314,6 @@ def _ray_node() -> str | None:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)  # never write through a link planted there
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,10 @@ RESULTS = "results.jsonl"
 MANIFEST = "sweep.json"
 POINTS = "points"
 LOCK = ".sweep.lock"
+POINT_ID = re.compile(r"^[0-9a-f]{16}$")
+"""A point's id (its folder name under points/): 16 hex digits of its recipe hash."""
+# Names a sweep writes at its top level; none may be a symlink (a write would follow it).
+OWN_NAMES = (RESULTS, MANIFEST, LOCK, POINTS, "best", "report.md", "sweep.png", "best_recipe.yaml")
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
@@ -30,7 +35,7 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
     an exclusive ``flock``, then ``fsync``; concurrent writers never interleave and a crash
     leaves at most an unterminated last line, which :func:`read_rows` ignores."""
     line = (json.dumps(row, default=str) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
@@ -44,9 +49,46 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
         os.close(fd)
 
 
+def open_no_follow(path: Path, flags: int) -> int:
+    """``os.open`` that refuses a symlink at ``path`` (a UserError naming it) instead of
+    writing through it to wherever it points."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if path.is_symlink():
+            raise UserError(
+                f"{path} is a symlink (to {os.readlink(path)}); a sweep folder holds its own "
+                "files only: remove the link"
+            ) from None
+        raise UserError(f"{path}: cannot open ({exc.strerror})") from None
+
+
+def refuse_symlinks(folder: Path) -> None:
+    """A UserError naming the first of the sweep's own files, ``points/`` or a point folder
+    of ``folder`` that is a symlink: the sweep writes and deletes there, never elsewhere."""
+    paths = [folder / name for name in OWN_NAMES]
+    if (folder / POINTS).is_dir() and not (folder / POINTS).is_symlink():
+        paths += sorted((folder / POINTS).iterdir())
+    for path in paths:
+        if path.is_symlink():
+            raise UserError(
+                f"{path} is a symlink (to {os.readlink(path)}); a sweep folder holds its own "
+                "files only: remove the link"
+            )
+
+
+def valid_row(row: object) -> bool:
+    """A results row names its point by a point id: anything else (``../../x``) would make
+    paths built from it leave the sweep folder."""
+    return (
+        isinstance(row, dict) and isinstance(row.get("id"), str) and bool(POINT_ID.match(row["id"]))
+    )
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of a results file, in the order they were appended; an unterminated last line
-    (a writer killed mid-write) and unreadable lines are skipped."""
+    (a writer killed mid-write), unreadable lines and rows whose ``id`` is not a point id
+    (see :func:`valid_row`) are skipped."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -60,13 +102,14 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except ValueError:
             continue
-        if isinstance(row, dict) and "id" in row:
+        if valid_row(row):
             rows.append(row)
     return rows
 
 
 def latest_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per point (the last recorded), in the order points were first recorded."""
+    """One row per point (the last recorded), in the order points were first recorded: a
+    point recorded twice (by a sweep before per-point locks) is one row."""
     by_id: dict[str, dict[str, Any]] = {}
     for row in rows:
         by_id[row["id"]] = row
@@ -131,6 +174,7 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
             timespec="seconds"
         )
     tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)  # never write through a link planted there
     tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
     os.replace(tmp, folder / MANIFEST)
 
@@ -154,7 +198,7 @@ def sweep_lock(folder: Path) -> Iterator[None]:
     """One driver per sweep folder: a second `mmath sweep` on it is refused while the first
     runs (workers append rows under their own lock on the results file)."""
     path = folder / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_no_follow(path, os.O_RDWR | os.O_CREAT)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -169,3 +213,8 @@ def sweep_lock(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def is_recorded(path: Path, recipe_hash: str) -> bool:
+    """Whether the results file ``path`` has a row of the point ``recipe_hash``."""
+    return any(row.get("recipe_hash") == recipe_hash for row in read_rows(path))

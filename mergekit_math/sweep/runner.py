@@ -38,6 +38,7 @@ from mergekit_math.sweep.results import (
     manifest_differences,
     read_manifest,
     read_rows,
+    refuse_symlinks,
     sweep_lock,
     write_manifest,
 )
@@ -159,6 +160,8 @@ def plan_sweep(settings: SweepSettings) -> Sweep:
     old = read_manifest(out) if out.is_dir() else None
     if out.is_dir() and old is None and any(out.iterdir()):
         raise UserError(f"-o {out}: exists and is not a sweep folder (no {MANIFEST})")
+    if out.is_dir():
+        refuse_symlinks(out)
     rows: list[dict[str, Any]] = []
     if old is not None and not settings.force:
         diff = manifest_differences(old, manifest)
@@ -188,6 +191,8 @@ def plan_sweep(settings: SweepSettings) -> Sweep:
 class Outcome:
     ran: list[dict[str, Any]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """Points another live process holds (or had recorded by the time they were reached)."""
 
 
 class Tracker:
@@ -213,6 +218,7 @@ class Tracker:
         self.echo = echo
         self.outcome = Outcome()
         self.points = {p.id: p for p in sweep.todo}
+        self.recorded = {r.get("recipe_hash") for r in sweep.rows}
         self.ranking = Ranking(sweep.manifest.metric)
         self.best: dict[str, Any] | None = None
         kept = [r for r in sweep.rows if _model_dir(sweep, r).is_dir()]
@@ -234,8 +240,9 @@ class Tracker:
         point = self.points[pid].point
         if status == "ok":
             row = payload
-            if self.record:
+            if self.record and row["recipe_hash"] not in self.recorded:  # one row per point
                 append_row(self.sweep.out / RESULTS, row)
+                self.recorded.add(row["recipe_hash"])
             self.outcome.ran.append(row)
             if self.sweep.settings.keep == "best":
                 self._keep_best(row)
@@ -244,6 +251,9 @@ class Tracker:
             value = self.ranking.value(best) if best is not None else None
             if value is not None:
                 self.bar.set_postfix_str(f"best {value:.4g}", refresh=False)
+        elif status == "skipped":
+            self.outcome.skipped.append((pid, payload))
+            line = f"{pid[:8]}  {describe(point)}  skipped: {payload}"
         else:
             self.outcome.failed.append((pid, payload))
             line = f"{pid[:8]}  {describe(point)}  FAILED: {payload}"
@@ -303,6 +313,7 @@ def run_sweep(sweep: Sweep, *, echo: Echo, progress: bool = True) -> Outcome:
     out = s.out
     out.mkdir(parents=True, exist_ok=True)
     with sweep_lock(out), _sigterm_interrupts():
+        refuse_symlinks(out)
         if s.force:
             reset_folder(out)
         write_manifest(out, sweep.manifest)
@@ -340,7 +351,10 @@ def run_local(
             handle(run_point_safe(task))
         return
     ctx = multiprocessing.get_context("spawn")
-    pool = ctx.Pool(min(jobs, len(tasks)), initializer=_init_worker, initargs=(threads,))
+    # Each worker dies with this process, however it ends (see point.die_with_parent).
+    pool = ctx.Pool(
+        min(jobs, len(tasks)), initializer=_init_worker, initargs=(threads, os.getpid())
+    )
     try:
         for outcome in pool.imap_unordered(run_point_safe, tasks, chunksize=1):
             handle(outcome)
@@ -352,10 +366,10 @@ def run_local(
         pool.join()
 
 
-def _init_worker(threads: int | None) -> None:
+def _init_worker(threads: int | None, parent: int | None = None) -> None:
     from mergekit_math.sweep.point import init_worker
 
-    init_worker(threads)
+    init_worker(threads, parent)
 
 
 @contextlib.contextmanager
