@@ -265,10 +265,21 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a recipe file")
     if not path.is_file():
         raise UserError(f"recipe not found: {path}")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise UserError(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}, "
+            f"offset {exc.start})"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     return parse_recipe(data, source=str(path))

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
 
+from mergekit_math.cli_handler import HandledGroup, fail, on_interrupt, warn, warn_token
 from mergekit_math.errors import UserError
 from mergekit_math.eval.options import (
     BatchOption,
@@ -29,7 +29,7 @@ from mergekit_math.eval.options import (
 )
 
 
-class _RunByDefault(TyperGroup):
+class _RunByDefault(HandledGroup):
     """A group whose first argument, when it is not a subcommand, starts ``run``: so
     ``mmath sweep RECIPE ...`` is ``mmath sweep run RECIPE ...``."""
 
@@ -51,15 +51,6 @@ sweep_app = typer.Typer(
 )
 
 
-def _fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
-def _warn(message: str) -> None:
-    typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
-
-
 MetricOption = Annotated[
     str | None,
     typer.Option(
@@ -71,7 +62,7 @@ MetricOption = Annotated[
 
 @sweep_app.command("run")
 def run(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML to sweep.")],
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML to sweep.")],
     sets: Annotated[
         list[str],
         typer.Option(
@@ -149,7 +140,9 @@ def run(
     token: Annotated[
         str | None,
         typer.Option(
-            help="Hub token for --push-best (default: HF_TOKEN or the saved login).",
+            help="Hub token for --push-best. Visible in the process list while the sweep "
+            "runs: prefer HF_TOKEN in the environment (default: HF_TOKEN, then the saved "
+            "login).",
             show_default=False,
         ),
     ] = None,
@@ -178,89 +171,91 @@ def run(
     Example: mmath sweep recipes/dare_ties.yaml --set parameters.lambda=log:0.25:4:5
     --tasks gsm8k_cot_local --backend ray --address auto --gpus-per-point 1 -o sweeps/dare
     """
-    try:
-        if keep not in ("none", "all", "best"):
-            raise UserError(f"--keep: expected none, all or best, got {keep!r}")
-        if backend not in ("local", "ray"):
-            raise UserError(f"--backend: expected local or ray, got {backend!r}")
-        if backend == "local":
-            for flag, value in (
-                ("--address", address),
-                ("--cpus-per-point", cpus_per_point),
-                ("--gpus-per-point", gpus_per_point),
-            ):
-                if value is not None:
-                    raise UserError(f"{flag} is for --backend ray")
-        elif jobs != 1:
-            raise UserError(
-                "--jobs is for --backend local; on Ray as many points run at once as "
-                "--cpus-per-point and --gpus-per-point allow"
-            )
-        if jobs < 1:
-            raise UserError("--jobs must be at least 1")
-        if threads is not None and threads < 1:
-            raise UserError("--threads must be at least 1")
-        if random is not None and random < 1:
-            raise UserError("--random: N must be at least 1")
-        if (cpus_per_point is not None and cpus_per_point <= 0) or (
-            gpus_per_point is not None and gpus_per_point < 0
+    if token is not None:
+        warn_token()
+    if keep not in ("none", "all", "best"):
+        raise UserError(f"--keep: expected none, all or best, got {keep!r}")
+    if backend not in ("local", "ray"):
+        raise UserError(f"--backend: expected local or ray, got {backend!r}")
+    if backend == "local":
+        for flag, value in (
+            ("--address", address),
+            ("--cpus-per-point", cpus_per_point),
+            ("--gpus-per-point", gpus_per_point),
         ):
-            raise UserError("--cpus-per-point must be positive and --gpus-per-point not negative")
-        if device is None:
-            device = "cuda" if gpus_per_point else "cpu"
-        if require and not push_best:
-            raise UserError("--require is the bar of --push-best; give --push-best REPO too")
-        requirements = []
-        if push_best:
-            from mergekit_math.hub.publish import parse_requirements
-
-            if not require:
-                raise UserError("--push-best needs a bar: --require 'TASK:METRIC,FILTER>=VALUE'")
-            requirements = parse_requirements(require)
-        if not tasks:
-            raise UserError("--tasks: name at least one task (e.g. gsm8k_local)")
-        options = eval_options(
-            tasks,
-            data.resolve() if data is not None else None,
-            device,
-            dtype,
-            batch_size,
-            limit,
-            num_fewshot,
-            apply_chat_template,
-            gen_kwargs,
-            eval_seed,
-            online,
-            no_cache,
+            if value is not None:
+                raise UserError(f"{flag} is for --backend ray")
+    elif jobs != 1:
+        raise UserError(
+            "--jobs is for --backend local; on Ray as many points run at once as "
+            "--cpus-per-point and --gpus-per-point allow"
         )
-        from mergekit_math.sweep.report import parse_metric
-        from mergekit_math.sweep.runner import SweepSettings, plan_sweep
+    if jobs < 1:
+        raise UserError("--jobs must be at least 1")
+    if threads is not None and threads < 1:
+        raise UserError("--threads must be at least 1")
+    if random is not None and random < 1:
+        raise UserError("--random: N must be at least 1")
+    if (cpus_per_point is not None and cpus_per_point <= 0) or (
+        gpus_per_point is not None and gpus_per_point < 0
+    ):
+        raise UserError("--cpus-per-point must be positive and --gpus-per-point not negative")
+    if device is None:
+        device = "cuda" if gpus_per_point else "cpu"
+    if require and not push_best:
+        raise UserError("--require is the bar of --push-best; give --push-best REPO too")
+    requirements = []
+    if push_best:
+        from mergekit_math.after_merge import check_repo_id
+        from mergekit_math.hub.publish import parse_requirements
 
-        if metric is not None:
-            parse_metric(metric)
-        settings = SweepSettings(
-            recipe=recipe,
-            sets=sets,
-            out=output,
-            eval=options.model_dump(mode="json"),
-            random=random,
-            seed=seed,
-            metric=metric,
-            keep=keep,  # type: ignore[arg-type]
-            jobs=jobs,
-            threads=threads,
-            backend=backend,  # type: ignore[arg-type]
-            address=address,
-            cpus_per_point=cpus_per_point or 1.0,
-            gpus_per_point=gpus_per_point or 0.0,
-            device=device,
-            force=force,
-        )
-        sweep = plan_sweep(settings)
-    except UserError as exc:
-        _fail(str(exc))
+        check_repo_id(push_best, "--push-best")
+
+        if not require:
+            raise UserError("--push-best needs a bar: --require 'TASK:METRIC,FILTER>=VALUE'")
+        requirements = parse_requirements(require)
+    if not tasks:
+        raise UserError("--tasks: name at least one task (e.g. gsm8k_local)")
+    options = eval_options(
+        tasks,
+        data.resolve() if data is not None else None,
+        device,
+        dtype,
+        batch_size,
+        limit,
+        num_fewshot,
+        apply_chat_template,
+        gen_kwargs,
+        eval_seed,
+        online,
+        no_cache,
+    )
+    from mergekit_math.sweep.report import parse_metric
+    from mergekit_math.sweep.runner import SweepSettings, plan_sweep
+
+    if metric is not None:
+        parse_metric(metric)
+    settings = SweepSettings(
+        recipe=recipe,
+        sets=sets,
+        out=output,
+        eval=options.model_dump(mode="json"),
+        random=random,
+        seed=seed,
+        metric=metric,
+        keep=keep,  # type: ignore[arg-type]
+        jobs=jobs,
+        threads=threads,
+        backend=backend,  # type: ignore[arg-type]
+        address=address,
+        cpus_per_point=cpus_per_point or 1.0,
+        gpus_per_point=gpus_per_point or 0.0,
+        device=device,
+        force=force,
+    )
+    sweep = plan_sweep(settings)
     for w in sweep.warnings:
-        _warn(w)
+        warn(w)
     done = len(sweep.points) - len(sweep.todo)
     if dry_run:
         _print_points(sweep)
@@ -282,18 +277,16 @@ def run(
             from mergekit_math.sweep.runner import run_sweep
 
             outcome = run_sweep(sweep, echo=typer.echo, progress=not quiet)
-    except UserError as exc:
-        _fail(str(exc))
     except KeyboardInterrupt:
-        _try_report(output, metric)
-        _fail(
+        _try_report(output, metric)  # the report of what was recorded, then the one message
+        fail(
             "interrupted; every finished point is recorded in "
             f"{output / 'results.jsonl'}; run the same command again to resume",
             code=130,
         )
     files = _report(output, metric)
     if outcome is not None and outcome.failed:
-        _fail(
+        fail(
             f"{len(outcome.failed)} of {len(sweep.todo)} points failed (first: "
             f"{outcome.failed[0][1]}); run the same command again to retry them",
             code=1,
@@ -320,12 +313,9 @@ def _print_points(sweep: Any) -> None:
 def _report(folder: Path, metric: str | None) -> Any:
     from mergekit_math.sweep.report import markdown_table, write_report
 
-    try:
-        files = write_report(folder, metric)
-    except UserError as exc:
-        _fail(str(exc))
+    files = write_report(folder, metric)
     for w in files.warnings:
-        _warn(w)
+        warn(w)
     typer.echo("")
     typer.echo(markdown_table(files.manifest, files.rows, files.ranking, limit=10))
     if len(files.rows) > 10:
@@ -366,8 +356,9 @@ def _push_best(
 
     best = files.best
     if best is None:
-        _fail("--push-best: no point has a value of the primary metric")
+        raise UserError("--push-best: no point has a value of the primary metric")
     model_dir = folder / POINTS / best["id"] / MODEL
+    on_interrupt("nothing was pushed")
     try:
         if not model_dir.is_dir():
             model_dir = _merge_best(folder, best, quiet)
@@ -379,15 +370,11 @@ def _push_best(
             options=EvalOptions(**eval_options),
             token=token,
             echo=typer.echo,
-            warn=_warn,
+            warn=warn,
         )
     except GateFailed as exc:
         typer.echo(exc.table)
-        _fail(f"{exc}; the best point was not pushed", code=1)
-    except UserError as exc:
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        _fail("interrupted; nothing was pushed", code=130)
+        fail(f"{exc}; the best point was not pushed", code=1)
     typer.echo(f"pushed to {result.url}")
     typer.echo(f"commit {result.commit_id}: {result.commit_url}")
 
@@ -413,7 +400,9 @@ def _merge_best(folder: Path, best: dict, quiet: bool) -> Path:
 
 @sweep_app.command("report")
 def report(
-    sweep_dir: Annotated[Path, typer.Argument(help="A sweep folder (mmath sweep -o).")],
+    sweep_dir: Annotated[
+        Path, typer.Argument(metavar="SWEEP_DIR", help="A sweep folder (mmath sweep -o).")
+    ],
     metric: MetricOption = None,
 ) -> None:
     """Rebuild SWEEP_DIR's report.md, sweep.png and best_recipe.yaml from its results.jsonl.
@@ -423,8 +412,5 @@ def report(
     if metric is not None:
         from mergekit_math.sweep.report import parse_metric
 
-        try:
-            parse_metric(metric)
-        except UserError as exc:
-            _fail(str(exc))
+        parse_metric(metric)
     _report(sweep_dir, metric)

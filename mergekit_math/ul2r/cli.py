@@ -14,9 +14,11 @@ from typing import Annotated
 
 import typer
 
+from mergekit_math.cli_handler import HandledGroup, on_interrupt, warn
 from mergekit_math.errors import UserError
 
 ul2r_app = typer.Typer(
+    cls=HandledGroup,
     help="UL2R continued training: a mixture of denoisers (span corruption, prefix LM, causal "
     "LM) with mode tokens and sentinels, optional domain upsampling at the end, checkpoints "
     "that mmath merge accepts.",
@@ -25,15 +27,6 @@ ul2r_app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
-def _warn(message: str) -> None:
-    typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
 
 
 DataOption = Annotated[
@@ -83,7 +76,7 @@ def config_cmd(
     from mergekit_math.ul2r.presets import build_config, render_config
 
     if output.exists() and not force:
-        _fail(f"{output} already exists; pass --force to replace it")
+        raise UserError(f"{output} already exists; pass --force to replace it")
     overrides = {
         "training.sequence_length": sequence_length,
         "training.steps": steps,
@@ -92,15 +85,12 @@ def config_cmd(
         "data.text_template": text_template.replace("\\n", "\n") if text_template else None,
     }
     files = [p for item in data or [] for p in item.split(",") if p.strip()]
-    try:
-        config = build_config(
-            model,
-            preset,
-            data=files,
-            overrides={k: v for k, v in overrides.items() if v is not None},
-        )
-    except UserError as exc:
-        _fail(str(exc))
+    config = build_config(
+        model,
+        preset,
+        data=files,
+        overrides={k: v for k, v in overrides.items() if v is not None},
+    )
     data_arg = "" if files else " --data FILE"
     command = f"mmath ul2r train {shlex.quote(str(output))}{data_arg} -o out/ul2r"
     text = render_config(config, command)
@@ -118,7 +108,7 @@ def config_cmd(
 
 @ul2r_app.command("preview")
 def preview_cmd(
-    config: Annotated[Path, typer.Argument(help="UL2R config YAML.")],
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="UL2R config YAML.")],
     data: DataOption = None,
     examples: Annotated[int, typer.Option("--examples", "-n", help="Examples per denoiser.")] = 2,
     length: Annotated[
@@ -141,24 +131,21 @@ def preview_cmd(
 
     if color is None:
         color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-    try:
-        parsed = load_config(config)
-        text = preview(
-            parsed,
-            config_dir=config.resolve().parent,
-            data=data,
-            examples=examples,
-            length=length,
-            color=color,
-        )
-    except UserError as exc:
-        _fail(str(exc))
+    parsed = load_config(config)
+    text = preview(
+        parsed,
+        config_dir=config.resolve().parent,
+        data=data,
+        examples=examples,
+        length=length,
+        color=color,
+    )
     typer.echo(text, nl=False, color=color)
 
 
 @ul2r_app.command("train")
 def train_cmd(
-    config: Annotated[Path, typer.Argument(help="UL2R config YAML.")],
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="UL2R config YAML.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")],
     data: DataOption = None,
     device: Annotated[str, typer.Option(help="cpu or cuda (cuda:N).")] = "cpu",
@@ -194,29 +181,25 @@ def train_cmd(
         hf_logging.disable_progress_bar()
     if threads is not None:
         if threads < 1:
-            _fail("--threads must be at least 1")
+            raise UserError("--threads must be at least 1")
         import torch
 
         torch.set_num_threads(threads)
-    try:
-        parsed = load_config(config)
-        result = train(
-            parsed,
-            output,
-            config_dir=config.resolve().parent,
-            data=data,
-            device=device,
-            resume=resume,
-            force=force,
-            stop_after=stop_after,
-            progress=not quiet,
-            echo=typer.echo,
-            warn=_warn,
-        )
-    except UserError as exc:
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        _fail(f"interrupted; continue with --resume from the last checkpoint in {output}", code=130)
+    on_interrupt(f"continue with --resume from the last checkpoint in {output}")
+    parsed = load_config(config)
+    result = train(
+        parsed,
+        output,
+        config_dir=config.resolve().parent,
+        data=data,
+        device=device,
+        resume=resume,
+        force=force,
+        stop_after=stop_after,
+        progress=not quiet,
+        echo=typer.echo,
+        warn=warn,
+    )
     last = next((r for r in reversed(result.history) if "loss" in r), None)
     loss = f", last loss {last['loss']:.4f}" if last else ""
     if result.final is not None:
