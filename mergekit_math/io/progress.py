@@ -66,10 +66,12 @@ class LineStream:
         return len(text)
 
     def _emit(self) -> None:
-        if self._pending and self._pending != self._last:
+        # the same count again (tqdm redraws the final state on close) is not a new line
+        key = self._pending.split(" [", 1)[0]
+        if self._pending and key != self._last:
             self.stream.write(self._pending + "\n")
             self.stream.flush()
-            self._last = self._pending
+            self._last = key
             self._when = time.monotonic()
         self._pending = ""
 
