@@ -158,6 +158,17 @@ def test_merge_card_base_model_lists_hub_ids_only(zoo, tmp_path, monkeypatch):
     assert "base_model" not in card_front(tmp_path / "out2")
 
 
+def test_patch_apply_card_base_model_has_no_local_path(zoo, tmp_path):
+    patch = tmp_path / "patch"
+    res = mmath("patch", "extract", "--base", zoo["base"], "--finetuned", zoo["a"], "-o", patch)
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "out"
+    res = mmath("patch", "apply", "--patch", patch, "--base", zoo["b"], "-o", out, "-q")
+    assert res.exit_code == 0, res.output
+    assert "base_model" not in card_front(out)
+    assert str(zoo["b"].resolve()) in (out / "README.md").read_text()  # named in the text
+
+
 # ============================================================================ sweep folders
 
 

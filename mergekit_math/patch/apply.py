@@ -128,10 +128,14 @@ def apply_command(plan: ApplyPlan, out_dir: Path) -> str:
 
 
 def model_card(plan: ApplyPlan, command: str) -> str:
+    from mergekit_math.hub.card import split_parents
+
     m = plan.patch.manifest
     src = m.source
+    # base_model lists Hub ids only (the rule of mmath merge and push); the base is in the text.
+    hub, _ = split_parents([plan.base.ref], {plan.base.ref: plan.base.path})
     front = {
-        "base_model": [str(plan.base.path.resolve())],
+        **({"base_model": hub} if hub else {}),
         "library_name": "transformers",
         "tags": ["mergekit-math", "portllm", "model-patch"],
     }
