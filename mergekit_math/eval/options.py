@@ -54,6 +54,14 @@ OnlineOption = Annotated[
 NoCacheOption = Annotated[
     bool, typer.Option("--no-cache", help="Evaluate again even when a cached result exists.")
 ]
+VerboseOption = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        help="Show what lm-eval, datasets and transformers print (their log messages, "
+        "warnings and progress bars); default: mmath's own progress only.",
+    ),
+]
 
 
 def eval_options(
@@ -69,6 +77,7 @@ def eval_options(
     seed: int | None,
     online: bool,
     no_cache: bool,
+    verbose: bool = False,
 ) -> EvalOptions:
     """EvalOptions from the flags' raw values (validated, UserError naming the flag)."""
     from mergekit_math.eval.run import EvalOptions, parse_gen_kwargs, parse_limit
@@ -97,6 +106,7 @@ def eval_options(
         seed=seed,
         online=online,
         use_cache=not no_cache,
+        verbose=verbose,
     )
 
 

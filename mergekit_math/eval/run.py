@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import logging
 import os
 import statistics
 import sys
@@ -23,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from mergekit_math import __version__
 from mergekit_math.errors import UserError
 from mergekit_math.eval import cache
+from mergekit_math.eval.noise import library_output
+from mergekit_math.eval.progress import request_progress
 from mergekit_math.eval.tasks import LOCAL_TASKS, TaskSelection, select_tasks
 from mergekit_math.io.fingerprint import model_fingerprint
 
@@ -47,6 +48,7 @@ class EvalOptions(BaseModel):
     seed: int | None = None
     online: bool = False
     use_cache: bool = True
+    verbose: bool = Field(False, description="Show the libraries' own messages and bars.")
 
 
 @dataclass
@@ -137,14 +139,10 @@ def offline(online: bool) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _quiet_lm_eval(verbose: bool) -> None:
-    level = logging.INFO if verbose else logging.ERROR
-    for name in ("lm_eval", "lm-eval", "datasets", "transformers", "accelerate"):
-        logging.getLogger(name).setLevel(level)
-
-
 def evaluate(model_dir: Path | str, options: EvalOptions, verbose: bool = False) -> EvalReport:
-    """Evaluate ``model_dir`` on ``options.tasks``; cached tasks are not run again."""
+    """Evaluate ``model_dir`` on ``options.tasks``; cached tasks are not run again. The
+    libraries' own output is kept out unless ``verbose`` (or ``options.verbose``); progress
+    (what runs, how many samples, a bar per sample) goes to stderr."""
     started = time.perf_counter()
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -154,10 +152,13 @@ def evaluate(model_dir: Path | str, options: EvalOptions, verbose: bool = False)
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available here")
-    _quiet_lm_eval(verbose)
     fingerprint = model_fingerprint(model_dir)
     report = EvalReport(model_dir.absolute(), fingerprint, [])
-    with offline(options.online), tempfile.TemporaryDirectory(prefix="mmath-eval-") as work:
+    with (
+        library_output(verbose or options.verbose),
+        offline(options.online),
+        tempfile.TemporaryDirectory(prefix="mmath-eval-") as work,
+    ):
         sel = select_tasks(options.tasks, options.data, Path(work))
         report.tasks = sel.names
         manager = _task_manager(sel)
@@ -259,7 +260,10 @@ def _run(model_dir: Path, names: list[str], manager: Any, options: EvalOptions) 
         }
     # lm-eval records the git commit of the current directory, whatever repo that is, and
     # prints git's complaint when it is none; a merged model has no commit to record.
-    with mock.patch("lm_eval.evaluator.get_git_commit_hash", lambda: None):
+    with (
+        mock.patch("lm_eval.evaluator.get_git_commit_hash", lambda: None),
+        request_progress(lm, options.batch_size, options.device),
+    ):
         out = _simple_evaluate(lm_eval, lm, names, manager, options, seeds)
     if out is None:
         raise UserError("lm-eval returned no results")
