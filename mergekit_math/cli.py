@@ -309,15 +309,12 @@ def inspect(
 
 @app.command()
 def methods() -> None:
-    """List the merge methods with their parameters and papers."""
-    from mergekit_math.methods import all_methods, param_keys
+    """List the merge methods: paper, inputs, and every parameter with its default (* marks a
+    required one). Reads the method registry only; torch is not imported."""
+    from mergekit_math.methods.listing import listing
 
-    for m in all_methods():
-        shared = ", ".join(param_keys(m.shared_params))
-        per_model = ", ".join(param_keys(m.model_params))
-        typer.echo(f"{m.name:<17} {m.pretty_name} — {m.paper_url}")
-        typer.echo(f"{'':<17} {m.description}")
-        typer.echo(f"{'':<17} per model: {per_model or '-'}; recipe-level: {shared or '-'}")
+    for line in listing():
+        typer.echo(line)
 
 
 # =============================================================================== mmath ul2r
@@ -344,6 +341,16 @@ data_app = typer.Typer(
 app.add_typer(data_app, name="data")
 
 
+def _list_templates(value: bool) -> None:
+    if value:
+        from mergekit_math.data.gsm_symbolic import TEMPLATES
+
+        width = max(len(name) for name in TEMPLATES)
+        for t in TEMPLATES.values():
+            typer.echo(f"{t.name:<{width}}  {t.description}")
+        raise typer.Exit()
+
+
 @data_app.command("gsm-symbolic")
 def data_gsm_symbolic(
     output: Annotated[Path, typer.Option("--output", "-o", help="JSONL file to write.")],
@@ -354,6 +361,15 @@ def data_gsm_symbolic(
         typer.Option(help="Only these templates (repeatable); see --list-templates."),
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+    list_templates: Annotated[
+        bool | None,
+        typer.Option(
+            "--list-templates",
+            callback=_list_templates,
+            is_eager=True,
+            help="Print the template names with a one-line description and exit.",
+        ),
+    ] = None,
 ) -> None:
     """Write N grade-school word problems with worked solutions in GSM8K format.
 

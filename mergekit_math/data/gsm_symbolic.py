@@ -664,6 +664,9 @@ def write_jsonl(problems: Iterable[Problem], path: str | os.PathLike[str]) -> No
                 record = {**problem.to_json(), "id": f"gsm-symbolic-{i:05d}"}
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         os.replace(tmp, path)
+    except OSError as exc:  # a write error (disk full) names no file: name it
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write: {exc.strerror or exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel, Field
 
 from mergekit_math.methods import MergeInputs, MergeMethod, Params, Problem, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 class LinearShared(Params):
@@ -28,6 +32,8 @@ def check_weights(shared: BaseModel, params: list[BaseModel]) -> Problem | None:
 
 def linear(inputs: MergeInputs) -> torch.Tensor:
     """sum_i w_i * x_i, divided by sum_i w_i when ``normalize``."""
+    import torch
+
     first = inputs.tensors[0]
     result = torch.zeros_like(first)
     for tensor, p in zip(inputs.tensors, inputs.params):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
 from mergekit_math.methods import (
@@ -13,6 +14,9 @@ from mergekit_math.methods import (
     reduce_sum,
     register,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ModelStockShared(Params):
@@ -27,6 +31,8 @@ def pairwise_cosine(offsets: list[torch.Tensor]) -> torch.Tensor:
     """Mean cosine between every pair of offsets (over the last dimension).
 
     Reductions do not depend on the thread count (see :func:`reduce_sum`)."""
+    import torch
+
     cosines = []
     for i, a in enumerate(offsets):
         for b in offsets[i + 1 :]:
@@ -38,6 +44,8 @@ def pairwise_cosine(offsets: list[torch.Tensor]) -> torch.Tensor:
 
 def model_stock(inputs: MergeInputs) -> torch.Tensor:
     """t = N·cosθ / (1 + (N−1)·cosθ); out = t·mean(models) + (1−t)·base."""
+    import torch
+
     assert inputs.base is not None
     base, models = inputs.base, inputs.tensors
     shape = base.shape

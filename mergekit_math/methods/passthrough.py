@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
 from mergekit_math.methods import MergeInputs, MergeMethod, Params, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 class PassthroughShared(Params):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
 from mergekit_math.methods import (
@@ -13,6 +14,9 @@ from mergekit_math.methods import (
     reduce_sum,
     register,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SlerpShared(Params):
@@ -35,6 +39,8 @@ def slerp(
     Directions come from the normalised tensors; nearly (anti)parallel pairs
     (|cos| > ``dot_threshold``) fall back to linear interpolation.
     """
+    import torch
+
     a = v0.reshape(-1)
     b = v1.reshape(-1)
     if a.numel() == 0:

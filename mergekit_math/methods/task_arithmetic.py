@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, Field
 
 from mergekit_math.methods import (
@@ -24,6 +23,9 @@ from mergekit_math.methods import (
     reduce_sum,
     register,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 Sparsification = Literal["none", "magnitude", "random", "magnitude_outliers", "della"]
 Rescale = Literal["paper", "l1"]
@@ -82,6 +84,8 @@ class Selection:
 
 
 def _select_directly(values: torch.Tensor, k: int) -> Selection:
+    import torch
+
     n = values.numel()
     threshold = float(torch.kthvalue(values, n - k + 1).values)
     above, ties = 0, []
@@ -101,6 +105,8 @@ def kth_select(values: torch.Tensor, k: int) -> Selection:
     a kthvalue over those finishes. Should the bracket miss (the counts say so), it falls back
     to a kthvalue over everything, so the result is always exact.
     """
+    import torch
+
     n = values.numel()
     if n <= _DIRECT_SELECT:
         return _select_directly(values, k)
@@ -147,6 +153,8 @@ class MagnitudeTrim:
     def __init__(
         self, magnitude: torch.Tensor, density: float, ranges: list[tuple[int, int]] | None = None
     ):
+        import torch
+
         n = magnitude.numel()
         k = max(1, int(density * n))
         selection = kth_select(magnitude, k)
@@ -182,6 +190,8 @@ def magnitude_outliers_prune(
     delta: torch.Tensor, density: float, gamma: float, rescale: Rescale | None
 ) -> torch.Tensor:
     """Drop the ``gamma`` fraction of largest entries, then the smallest, keeping ``density``."""
+    import torch
+
     if density >= 1:
         return delta
     n = delta.numel()
@@ -209,6 +219,7 @@ def _numpy_stream(generator: torch.Generator) -> Any:
     import struct
 
     import numpy as np
+    import torch
 
     raw = generator.get_state().numpy().tobytes()
     if len(raw) < 24 + 624 * 8:
@@ -252,6 +263,8 @@ class KeepMask:
     ):
         import threading
 
+        import torch
+
         self.density = density
         self.generator = generator
         # rand() < density  <=>  (x & 0xFFFFFF) < ceil(float32(density) · 2**24)
@@ -264,6 +277,8 @@ class KeepMask:
         self._lock = threading.Lock()
 
     def _draw(self, count: int) -> torch.Tensor:
+        import torch
+
         if self.stream is None:
             return (torch.rand(count, generator=self.generator) < self.density).float()
         import numpy as np
@@ -305,6 +320,8 @@ def random_drop(
 
     ``paper`` divides the kept entries by ``density`` so the expected delta is unchanged.
     """
+    import torch
+
     if density >= 1:
         return delta
     mask = torch.rand(delta.shape, generator=generator, dtype=torch.float32) < density
@@ -320,6 +337,8 @@ def della_drop(
 ) -> torch.Tensor:
     """DELLA MagPrune: per row, keep probability rises linearly with magnitude rank from
     ``density - epsilon`` to ``density + epsilon``."""
+    import torch
+
     if density >= 1:
         return delta
     if density - epsilon <= 0 or density + epsilon >= 1:
@@ -350,6 +369,8 @@ def elect_sign(weighted: torch.Tensor) -> torch.Tensor:
 
     (A sum of -0 only arises when every entry is ±0, which agrees with no sign.)
     """
+    import torch
+
     total = weighted.sum(dim=0)
     return torch.copysign(torch.ones_like(total), total)
 
@@ -407,6 +428,8 @@ def check_params(variant: Variant):
 
 def make_merge(variant: Variant):
     def merge(inputs: MergeInputs) -> torch.Tensor:
+        import torch
+
         base = inputs.base
         assert base is not None
         if not inputs.tensors:
