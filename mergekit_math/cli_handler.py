@@ -18,15 +18,16 @@ Only typer and click are imported here.
 from __future__ import annotations
 
 import errno
+from contextvars import ContextVar
 from typing import Any, NoReturn
 
-import click
 import typer
 from typer.core import TyperArgument, TyperGroup
 
 from mergekit_math.errors import UserError
 
-_NOTE = "mmath.interrupt_note"
+# What Ctrl-C should tell the user, set by the running command (see on_interrupt).
+_NOTE: ContextVar[str | None] = ContextVar("mmath_interrupt_note", default=None)
 
 
 def error(message: str) -> None:
@@ -47,9 +48,7 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 def on_interrupt(note: str) -> None:
     """What Ctrl-C from here on should tell the user (e.g. that nothing was written)."""
-    ctx = click.get_current_context(silent=True)
-    if ctx is not None:
-        ctx.meta[_NOTE] = note
+    _NOTE.set(note)
 
 
 def warn_token(flag: str = "--token") -> None:
@@ -74,18 +73,21 @@ def describe_os_error(exc: OSError) -> str:
 class HandledGroup(TyperGroup):
     """The root group: runs the chosen command under the one error handler."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:
+        reset = _NOTE.set(None)
         try:
             return super().invoke(ctx)
         except UserError as exc:
             fail(str(exc))
         except KeyboardInterrupt:
-            note = ctx.meta.get(_NOTE)
+            note = _NOTE.get()
             fail(f"interrupted; {note}" if note else "interrupted", code=130)
         except OSError as exc:
             if exc.errno == errno.EPIPE:  # stdout closed (`mmath methods | head`): click's job
                 raise
             fail(describe_os_error(exc))
+        finally:
+            _NOTE.reset(reset)
 
 
 def _usage_name(self: TyperArgument) -> str:
