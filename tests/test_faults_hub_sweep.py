@@ -313,7 +313,7 @@ def test_sigkill_of_sweep_kills_its_workers_and_resume_has_no_duplicates(
     import psutil
 
     out = tmp_path / "sweep"
-    args = sweep_args(models, out, "0:1:0.5")
+    args = sweep_args(models, out, "0,1")
     env = {**os.environ, "MMATH_CACHE_DIR": str(tmp_path / "cache")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mergekit_math", *map(str, args), "--jobs", "2"],
@@ -322,6 +322,7 @@ def test_sigkill_of_sweep_kills_its_workers_and_resume_has_no_duplicates(
         stderr=subprocess.PIPE,
         text=True,
     )
+    workers: list = []
     try:
         deadline = time.monotonic() + 120
         while not list(out.glob("points/*/log.txt")):  # a worker is merging a point
@@ -336,12 +337,48 @@ def test_sigkill_of_sweep_kills_its_workers_and_resume_has_no_duplicates(
         while alive(workers) and time.monotonic() < gone:
             time.sleep(0.05)
         assert alive(workers) == [], [p.cmdline()[-3:] for p in alive(workers)]
-    finally:
-        for p in alive(psutil.Process().children(recursive=True)):
+    finally:  # a failing run leaves no process behind either
+        for p in alive(workers + psutil.Process().children(recursive=True)):
             p.kill()
     res = mmath(*args)
     assert res.exit_code == 0, res.output
     rows = rows_of(out)
-    assert len(rows) == 3 and len({r["id"] for r in rows}) == 3
-    assert len({r["recipe_hash"] for r in rows}) == 3
+    assert len(rows) == 2 and len({r["id"] for r in rows}) == 2
+    assert len({r["recipe_hash"] for r in rows}) == 2
     assert not list(out.rglob("*partial*"))
+
+
+def test_parent_watchdog_alone_ends_an_orphaned_worker(tmp_path):
+    """Without PR_SET_PDEATHSIG (not Linux), the watchdog thread ends a worker whose parent
+    is gone within about a second."""
+    import psutil
+
+    child = (
+        "import ctypes, sys, time\n"
+        "def no_libc(*args, **kwargs):\n"
+        "    raise OSError('no prctl here')  # as where there is no PR_SET_PDEATHSIG\n"
+        "ctypes.CDLL = no_libc\n"
+        "from mergekit_math.sweep.point import die_with_parent\n"
+        "die_with_parent(int(sys.argv[1]))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = (
+        "import os, subprocess, sys\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid())],"
+        " stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)\n"
+        "assert p.stdout.readline() == 'ready\\n'\n"
+        "print(p.pid, flush=True)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", parent], capture_output=True, text=True, timeout=60, check=True
+    )
+    orphan = psutil.Process(int(out.stdout.strip()))
+    try:
+        deadline = time.monotonic() + 3
+        while alive([orphan]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert alive([orphan]) == []
+    finally:
+        for p in alive([orphan]):
+            p.kill()
