@@ -462,15 +462,15 @@ def test_finite_inputs_give_no_warning(tmp_path, zoo):
 
 def test_progress_in_a_pipe_is_lines_without_carriage_returns(tmp_path, zoo):
     out = tmp_path / "out"
-    proc = subprocess.run(
+    proc = subprocess.run(  # bytes: text mode would turn "\r" into "\n"
         [sys.executable, "-m", "mergekit_math", "merge", str(linear(tmp_path, zoo["a"])), str(out)],
         capture_output=True,
-        text=True,
     )
-    assert proc.returncode == 0, proc.stderr
-    assert "\r" not in proc.stderr and "\x1b[" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("merge linear:")]
-    assert lines and lines[-1].startswith("merge linear: 100%"), proc.stderr
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 0, stderr
+    assert "\r" not in stderr and "\x1b[" not in stderr, repr(stderr)
+    lines = [line for line in stderr.split("\n") if line.startswith("merge linear:")]
+    assert lines and lines[-1].startswith("merge linear: 100%"), stderr
 
 
 def test_line_stream_prints_start_end_and_at_most_one_line_per_interval():
