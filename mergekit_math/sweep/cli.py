@@ -173,33 +173,7 @@ def run(
     """
     if token is not None:
         warn_token()
-    if keep not in ("none", "all", "best"):
-        raise UserError(f"--keep: expected none, all or best, got {keep!r}")
-    if backend not in ("local", "ray"):
-        raise UserError(f"--backend: expected local or ray, got {backend!r}")
-    if backend == "local":
-        for flag, value in (
-            ("--address", address),
-            ("--cpus-per-point", cpus_per_point),
-            ("--gpus-per-point", gpus_per_point),
-        ):
-            if value is not None:
-                raise UserError(f"{flag} is for --backend ray")
-    elif jobs != 1:
-        raise UserError(
-            "--jobs is for --backend local; on Ray as many points run at once as "
-            "--cpus-per-point and --gpus-per-point allow"
-        )
-    if jobs < 1:
-        raise UserError("--jobs must be at least 1")
-    if threads is not None and threads < 1:
-        raise UserError("--threads must be at least 1")
-    if random is not None and random < 1:
-        raise UserError("--random: N must be at least 1")
-    if (cpus_per_point is not None and cpus_per_point <= 0) or (
-        gpus_per_point is not None and gpus_per_point < 0
-    ):
-        raise UserError("--cpus-per-point must be positive and --gpus-per-point not negative")
+    _check_run_flags(keep, backend, address, cpus_per_point, gpus_per_point, jobs, threads, random)
     if device is None:
         device = "cuda" if gpus_per_point else "cpu"
     if require and not push_best:
@@ -210,7 +184,6 @@ def run(
         from mergekit_math.hub.publish import parse_requirements
 
         check_repo_id(push_best, "--push-best")
-
         if not require:
             raise UserError("--push-best needs a bar: --require 'TASK:METRIC,FILTER>=VALUE'")
         requirements = parse_requirements(require)
@@ -295,6 +268,46 @@ def run(
         _push_best(
             output, files, sweep.manifest.eval, push_best, requirements, private, token, quiet
         )
+
+
+def _check_run_flags(
+    keep: str,
+    backend: str,
+    address: str | None,
+    cpus_per_point: float | None,
+    gpus_per_point: float | None,
+    jobs: int,
+    threads: int | None,
+    random: int | None,
+) -> None:
+    """The flags of `mmath sweep run` that only need each other, checked before planning."""
+    if keep not in ("none", "all", "best"):
+        raise UserError(f"--keep: expected none, all or best, got {keep!r}")
+    if backend not in ("local", "ray"):
+        raise UserError(f"--backend: expected local or ray, got {backend!r}")
+    if backend == "local":
+        for flag, value in (
+            ("--address", address),
+            ("--cpus-per-point", cpus_per_point),
+            ("--gpus-per-point", gpus_per_point),
+        ):
+            if value is not None:
+                raise UserError(f"{flag} is for --backend ray")
+    elif jobs != 1:
+        raise UserError(
+            "--jobs is for --backend local; on Ray as many points run at once as "
+            "--cpus-per-point and --gpus-per-point allow"
+        )
+    if jobs < 1:
+        raise UserError("--jobs must be at least 1")
+    if threads is not None and threads < 1:
+        raise UserError("--threads must be at least 1")
+    if random is not None and random < 1:
+        raise UserError("--random: N must be at least 1")
+    if (cpus_per_point is not None and cpus_per_point <= 0) or (
+        gpus_per_point is not None and gpus_per_point < 0
+    ):
+        raise UserError("--cpus-per-point must be positive and --gpus-per-point not negative")
 
 
 def _print_points(sweep: Any) -> None:
