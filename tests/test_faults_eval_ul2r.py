@@ -306,7 +306,7 @@ def test_training_never_makes_the_full_vocabulary_logits(
         monkeypatch.setattr(LlamaForCausalLM, "forward", no_full_forward)
         return ok, reason
 
-    monkeypatch.setattr(loss, "probe_chunked_loss", probe_then_forbid)
+    monkeypatch.setattr("mergekit_math.ul2r.train.probe_chunked_loss", probe_then_forbid)
     result = train(
         _ul2r_config(ul2r_base, ul2r_corpus), tmp_path / "out", progress=False, echo=print
     )

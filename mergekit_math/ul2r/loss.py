@@ -108,3 +108,44 @@ def probe_chunked_loss(model: Any) -> tuple[bool, str]:
     if reference.shape != mine.shape or ((mine - reference).abs().max() / scale).item() > 1e-5:
         return False, "its logits are not the output layer of its last hidden state"
     return True, "chunked"
+
+
+# --------------------------------------------------------------------------- per denoiser
+
+
+def per_denoiser(
+    losses: torch.Tensor, batch: Batch, sums: dict[int, float], counts: dict[int, int]
+) -> None:
+    row_sum = losses.detach().sum(dim=1).tolist()
+    row_count = batch.loss_mask[:, 1:].sum(dim=1).tolist()
+    for d, s, c in zip(batch.denoisers, row_sum, row_count):
+        sums[d] = sums.get(d, 0.0) + s
+        counts[d] = counts.get(d, 0) + int(c)
+
+
+def evaluate(model, batches, config, style, device, autocast, chunked=False) -> dict[str, Any]:
+    """Target-token loss on the fixed held-out batches: the mean per denoiser, and their
+    mixture-weighted average as ``eval_loss``."""
+    import torch
+
+    from mergekit_math.ul2r.batch import model_inputs
+
+    attention = "prefix_lm" if style is not None else "causal"
+    sums: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            batch = batch.to(device)
+            with autocast():
+                losses = token_losses(
+                    model, batch, model_inputs(batch, attention, style, torch.float32), chunked
+                )
+            per_denoiser(losses, batch, sums, counts)
+    model.train()
+    means = {d: sums[d] / counts[d] for d in sorted(sums) if counts[d]}
+    weights = {d: config.denoisers[d].weight for d in means}
+    return {
+        "eval_loss": sum(weights[d] * means[d] for d in means) / max(sum(weights.values()), 1e-12),
+        "eval_denoisers": {config.denoisers[d].label: m for d, m in means.items()},
+    }

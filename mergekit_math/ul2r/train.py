@@ -39,6 +39,7 @@ from mergekit_math.errors import UserError
 from mergekit_math.io.resolve import find_local, resolve_model
 from mergekit_math.ul2r.config import UL2RConfig, dump_config, parse_config
 from mergekit_math.ul2r.data import Source, build_run_data, resolve_sources
+from mergekit_math.ul2r.loss import evaluate, per_denoiser, probe_chunked_loss, token_losses
 
 if TYPE_CHECKING:
     import torch
@@ -220,48 +221,6 @@ def step_batches(config: UL2RConfig, factory: Any, step: int, pad_id: int) -> li
     return out
 
 
-# --------------------------------------------------------------------------- loss
-
-
-def _per_denoiser(
-    losses: torch.Tensor, batch: Batch, sums: dict[int, float], counts: dict[int, int]
-) -> None:
-    row_sum = losses.detach().sum(dim=1).tolist()
-    row_count = batch.loss_mask[:, 1:].sum(dim=1).tolist()
-    for d, s, c in zip(batch.denoisers, row_sum, row_count):
-        sums[d] = sums.get(d, 0.0) + s
-        counts[d] = counts.get(d, 0) + int(c)
-
-
-def evaluate(model, batches, config, style, device, autocast, chunked=False) -> dict[str, Any]:
-    """Target-token loss on the fixed held-out batches: the mean per denoiser, and their
-    mixture-weighted average as ``eval_loss``."""
-    import torch
-
-    from mergekit_math.ul2r.batch import model_inputs
-    from mergekit_math.ul2r.loss import token_losses
-
-    attention = "prefix_lm" if style is not None else "causal"
-    sums: dict[int, float] = {}
-    counts: dict[int, int] = {}
-    model.eval()
-    with torch.no_grad():
-        for batch in batches:
-            batch = batch.to(device)
-            with autocast():
-                losses = token_losses(
-                    model, batch, model_inputs(batch, attention, style, torch.float32), chunked
-                )
-            _per_denoiser(losses, batch, sums, counts)
-    model.train()
-    means = {d: sums[d] / counts[d] for d in sorted(sums) if counts[d]}
-    weights = {d: config.denoisers[d].weight for d in means}
-    return {
-        "eval_loss": sum(weights[d] * means[d] for d in means) / max(sum(weights.values()), 1e-12),
-        "eval_denoisers": {config.denoisers[d].label: m for d, m in means.items()},
-    }
-
-
 # --------------------------------------------------------------------------- saving
 
 
@@ -415,8 +374,6 @@ class _Trainer:
                 )
             else:
                 self.attention = "prefix_lm"
-        from mergekit_math.ul2r.loss import probe_chunked_loss
-
         self.chunked, _ = probe_chunked_loss(self.model)
         self._setup_optimizer()
         self.step = 0
@@ -558,7 +515,6 @@ class _Trainer:
         import torch
 
         from mergekit_math.ul2r.batch import model_inputs
-        from mergekit_math.ul2r.loss import token_losses
 
         start = time.perf_counter()
         batches = step_batches(self.config, self.data.factory, self.step, self.data.pad_id)
@@ -578,7 +534,7 @@ class _Trainer:
                     self.chunked,
                 )
             (losses.sum() / max(targets, 1)).backward()
-            _per_denoiser(losses, batch, sums, counts)
+            per_denoiser(losses, batch, sums, counts)
             tokens += int(batch.valid.sum())
             del losses, batch  # the next micro-batch's graph is built without this one's
         max_norm = self.config.training.max_grad_norm
