@@ -336,3 +336,13 @@ def test_gradient_checkpointing_gives_the_same_weights_and_may_change_on_resume(
         assert torch.equal(wa[name], wb[name]), name
         assert torch.equal(wa[name], wc[name]), name
     assert [r.get("loss") for r in a.history] == [r.get("loss") for r in c.history]
+
+
+def test_train_help_states_the_expected_memory():
+    from typer.testing import CliRunner
+
+    from mergekit_math.ul2r.cli import ul2r_app
+
+    text = " ".join(CliRunner().invoke(ul2r_app, ["train", "--help"]).output.split())
+    assert "16 bytes per parameter" in text
+    assert "training.gradient_checkpointing: true" in text

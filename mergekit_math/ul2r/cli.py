@@ -168,6 +168,12 @@ def train_cmd(
     and data position) and the finished model to OUTPUT/final, in HF layout with safetensors,
     ready for mmath merge, patch extract and eval. Loss per step is logged to OUTPUT/log.jsonl.
 
+    Memory (float32 on a CPU): about 0.6 GB of libraries, 16 bytes per parameter (weights,
+    gradients, AdamW's two moments) and the activations of one micro-batch, which grow with
+    training.batch_size x training.sequence_length x layers. SmolLM2-135M at 8 x 512 tokens
+    peaks at about 9 GB, 4.6 GB with training.gradient_checkpointing: true; halving
+    batch_size (doubling gradient_accumulation_steps) halves the activations.
+
     Example: mmath ul2r train ul2r.yaml --data math.jsonl,web.jsonl -o out/ul2r --device cuda
 
     Example: mmath ul2r train ul2r.yaml --data math.jsonl -o out/ul2r --resume
