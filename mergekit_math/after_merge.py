@@ -115,6 +115,7 @@ def plan_after_merge(
     data: Path | None,
     limit: str | None,
     device: str,
+    verbose: bool = False,
 ) -> AfterMerge | None:
     """The evaluate/push settings of a merge (flags over the recipe's blocks), validated
     before any tensor is read; None when the merge is not evaluated. ``source`` names the
@@ -165,6 +166,7 @@ def plan_after_merge(
         b.seed if b else None,
         False,
         False,
+        verbose=verbose,
     )
     options = gate_options(requirements, options)
     try:

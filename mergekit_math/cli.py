@@ -26,6 +26,7 @@ from mergekit_math.eval.options import (
     OnlineOption,
     RequireOption,
     TasksOption,
+    VerboseOption,
     eval_options,
 )
 from mergekit_math.io.writer import human_bytes
@@ -133,6 +134,7 @@ def merge(
     tasks: TasksOption = None,
     data: DataOption = None,
     limit: LimitOption = None,
+    verbose: VerboseOption = False,
     token: Annotated[
         str | None, typer.Option(help=TOKEN_HELP.format(what=" for --push"), show_default=False)
     ] = None,
@@ -179,6 +181,7 @@ def merge(
         data=data,
         limit=limit,
         device=device,
+        verbose=verbose,
     )
     plan = build_plan(
         parsed, recipe_dir=recipe.resolve().parent, seed=seed, allow_pickle=allow_pickle
@@ -417,7 +420,7 @@ def eval_(
     seed: EvalSeedOption = None,
     online: OnlineOption = False,
     no_cache: NoCacheOption = False,
-    verbose: Annotated[bool, typer.Option(help="Show lm-eval's log messages.")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Evaluate MODEL_DIR with lm-eval and print accuracy and chain-of-thought lengths.
 
@@ -447,8 +450,9 @@ def eval_(
         seed,
         online,
         no_cache,
+        verbose=verbose,
     )
-    report = evaluate(model_dir, options, verbose=verbose)
+    report = evaluate(model_dir, options)
     if output is not None:
         write_output(report, options, output)
     typer.echo(format_table(report))
@@ -498,6 +502,7 @@ def push(
     seed: EvalSeedOption = None,
     online: OnlineOption = False,
     no_cache: NoCacheOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Publish MODEL_DIR to the Hub as REPO_ID, only if it clears every --require bar.
 
@@ -537,6 +542,7 @@ def push(
             seed,
             online,
             no_cache,
+            verbose=verbose,
         )
     try:
         result = publish(

@@ -23,6 +23,7 @@ from mergekit_math.eval.options import (
     NoCacheOption,
     OnlineOption,
     TasksOption,
+    VerboseOption,
     eval_options,
 )
 
@@ -158,6 +159,7 @@ def valve_sweep(
     seed: EvalSeedOption = None,
     online: OnlineOption = False,
     no_cache: NoCacheOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Evaluate θ(α) for every α: accuracy and generated tokens, valve.md and valve.png.
 
@@ -188,6 +190,7 @@ def valve_sweep(
         seed,
         online,
         no_cache,
+        verbose=verbose,
     )
     for w in check_direction(model, direction):
         warn(w)

@@ -346,3 +346,83 @@ def test_train_help_states_the_expected_memory():
     text = " ".join(CliRunner().invoke(ul2r_app, ["train", "--help"]).output.split())
     assert "16 bytes per parameter" in text
     assert "training.gradient_checkpointing: true" in text
+
+
+# ----------------------------------------------------------------------------- --verbose
+
+
+EVAL_COMMANDS = (["eval"], ["push"], ["merge"], ["valve", "sweep"], ["sweep", "run"])
+
+
+@pytest.mark.parametrize("command", EVAL_COMMANDS, ids=lambda c: " ".join(c))
+def test_every_evaluating_command_has_verbose(command):
+    result = mmath(*command, "--help")
+    assert result.exit_code == 0 and "--verbose" in result.output
+
+
+@pytest.fixture
+def verbose_seen(monkeypatch) -> list[bool]:
+    """What each evaluation was asked for; the evaluation then stops with a UserError."""
+    import contextlib
+
+    from mergekit_math.errors import UserError
+
+    seen: list[bool] = []
+
+    @contextlib.contextmanager
+    def recorder(verbose: bool):
+        seen.append(verbose)
+        raise UserError("stopped by the test")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr("mergekit_math.eval.run.library_output", recorder)
+    return seen
+
+
+def test_verbose_reaches_the_evaluation_of_each_command(
+    tmp_path, tiny_model, verbose_seen, monkeypatch
+):
+    from conftest import write_recipe
+
+    monkeypatch.setenv("MMATH_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "problems.jsonl"
+    write_jsonl(generate(3, seed=5), data)
+    flags = ["--tasks", "gsm8k_local", "--data", str(data)]
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"merge_method: linear\nmodels:\n  - model: {tiny_model}\n"
+        "    parameters: {weight: 1.0}\n",
+    )
+    runs = {
+        "eval": ["eval", tiny_model, *flags],
+        "push": ["push", tiny_model, "me/tiny", *flags, "--require", "gsm8k_local:acc>=0"],
+        "merge": ["merge", recipe, tmp_path / "merged", "-q", "--force", "--eval", *flags],
+    }
+    for name, args in runs.items():
+        for verbose in (False, True):
+            verbose_seen.clear()
+            result = mmath(*args, *(["--verbose"] if verbose else []))
+            assert "stopped by the test" in result.output, (name, result.output)
+            assert verbose_seen == [verbose], (name, verbose)
+
+
+def test_verbose_travels_with_the_options_to_sweep_workers():
+    from mergekit_math.eval.options import eval_options
+    from mergekit_math.eval.run import EvalOptions
+
+    options = eval_options(
+        "gsm8k_local",
+        None,
+        "cpu",
+        "auto",
+        "8",
+        None,
+        None,
+        False,
+        None,
+        None,
+        False,
+        False,
+        verbose=True,
+    )
+    assert EvalOptions(**options.model_dump(mode="json")).verbose is True

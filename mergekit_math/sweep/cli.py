@@ -25,6 +25,7 @@ from mergekit_math.eval.options import (
     NoCacheOption,
     OnlineOption,
     TasksOption,
+    VerboseOption,
     eval_options,
 )
 
@@ -90,6 +91,7 @@ def run(
     eval_seed: EvalSeedOption = None,
     online: OnlineOption = False,
     no_cache: NoCacheOption = False,
+    verbose: VerboseOption = False,
     metric: MetricOption = None,
     random: Annotated[
         int | None,
@@ -202,6 +204,7 @@ def run(
         eval_seed,
         online,
         no_cache,
+        verbose=verbose,
     )
     from mergekit_math.sweep.report import parse_metric
     from mergekit_math.sweep.runner import SweepSettings, plan_sweep
