@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -426,3 +427,27 @@ def test_verbose_travels_with_the_options_to_sweep_workers():
         verbose=True,
     )
     assert EvalOptions(**options.model_dump(mode="json")).verbose is True
+
+
+def test_cache_entries_keep_sample_files_inside_their_folder(tmp_path, monkeypatch) -> None:
+    """A task name that looks like a path (from a task YAML, or a tampered entry.json) never
+    makes the cache read or write outside the entry's folder."""
+    from mergekit_math.eval import cache
+
+    monkeypatch.setenv("MMATH_CACHE_DIR", str(tmp_path / "cache"))
+    outside = tmp_path / "cache" / "samples_secret.jsonl"
+    outside.parent.mkdir(parents=True)
+    outside.write_text('{"stolen": true}\n')
+    rows = [{"doc_id": 0}]
+    cache.store("k1", {"results": {}, "samples": {"../samples_secret": rows, "plain": rows}})
+    entry_dir = tmp_path / "cache" / "eval" / "k1"
+    assert outside.read_text() == '{"stolen": true}\n'  # not overwritten
+    assert (entry_dir / "samples_plain.jsonl").is_file()
+    assert all(p.parent == entry_dir for p in entry_dir.rglob("*"))
+    assert cache.load("k1")["samples"] == {"../samples_secret": rows, "plain": rows}
+
+    # tampered entry: names pointing out of the folder, or not names at all, are a miss
+    entry = entry_dir / "entry.json"
+    for tasks in (["../../samples_secret"], [{"a": 1}], "plain"):
+        entry.write_text(json.dumps({"results": {}, "sample_tasks": tasks}))
+        assert cache.load("k1") is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,17 @@ from typing import Any
 from mergekit_math.io.fingerprint import cache_dir
 
 ENTRY_VERSION = 1
+# Task names that are used as they are in file names; any other gets a hashed name, so a task
+# called "../x" (from a task YAML, or a tampered entry.json) cannot leave its folder.
+_PLAIN_TASK = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
+def samples_file(task: str) -> str:
+    """The file name of a task's logged samples: ``samples_<task>.jsonl``, inside its folder."""
+    if _PLAIN_TASK.fullmatch(task) and ".." not in task:
+        return f"samples_{task}.jsonl"
+    digest = hashlib.sha256(task.encode()).hexdigest()[:16]
+    return f"samples_task-{digest}.jsonl"
 
 
 def entry_key(fields: dict[str, Any]) -> str:
@@ -61,9 +73,12 @@ def load(key: str) -> dict | None:
     except (OSError, ValueError):
         return None
     samples: dict[str, list] = {}
-    for task in entry.get("sample_tasks", []):
+    tasks = entry.get("sample_tasks", [])
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        return None  # not an entry this code wrote: a miss, never a path
+    for task in tasks:
         try:
-            with open(folder / f"samples_{task}.jsonl") as f:
+            with open(folder / samples_file(task)) as f:
                 samples[task] = [json.loads(line) for line in f if line.strip()]
         except (OSError, ValueError):
             return None
@@ -81,7 +96,7 @@ def store(key: str, entry: dict) -> None:
     data = {k: v for k, v in entry.items() if k != "samples"}
     data["sample_tasks"] = sorted(samples)
     for task, rows in samples.items():
-        with open(tmp / f"samples_{task}.jsonl", "w") as f:
+        with open(tmp / samples_file(task), "w") as f:
             for row in rows:
                 f.write(json.dumps(row, default=to_json) + "\n")
     (tmp / "entry.json").write_text(json.dumps(data, indent=1, default=to_json))

@@ -457,7 +457,7 @@ def write_output(report: EvalReport, options: EvalOptions, out_dir: Path) -> Non
     _write_atomic(out_dir / "results.json", json.dumps(doc, indent=2, default=cache.to_json) + "\n")
     for task, rows in report.samples.items():
         text = "".join(json.dumps(r, default=cache.to_json) + "\n" for r in rows)
-        _write_atomic(out_dir / f"samples_{task}.jsonl", text)
+        _write_atomic(out_dir / cache.samples_file(task), text)
 
 
 def _write_atomic(path: Path, text: str) -> None:
