@@ -279,7 +279,8 @@ def test_locked_point_is_skipped_and_a_recorded_one_not_rerun(models, tmp_path):
         res = mmath(*args)
     finally:
         os.close(fd)
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 1, res.output  # the sweep is not complete: say so
+    assert "1 of 1 points are being run by another process" in res.output
     assert "(1 recorded, 1 to run)" in res.output
     assert f"point {busy.id} is being run by another process (pid 424242)" in res.output
     assert rows_of(out) == [done]

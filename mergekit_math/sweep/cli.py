@@ -267,6 +267,13 @@ def run(
             f"{outcome.failed[0][1]}); run the same command again to retry them",
             code=1,
         )
+    if outcome is not None and outcome.busy:
+        fail(
+            f"{len(outcome.busy)} of {len(sweep.todo)} points are being run by another "
+            "process (an earlier sweep's worker?) and were not recorded; run the same command "
+            "again once it ends",
+            code=1,
+        )
     if push_best and files is not None:
         _push_best(
             output, files, sweep.manifest.eval, push_best, requirements, private, token, quiet

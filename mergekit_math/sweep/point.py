@@ -43,6 +43,10 @@ class PointSkipped(Exception):
     recorded already (a worker of an earlier sweep finished it)."""
 
 
+class PointBusy(PointSkipped):
+    """Another live process holds the point's lock: it is neither recorded nor run here."""
+
+
 @dataclass(frozen=True)
 class PointTask:
     """Everything a worker needs for one point; plain data, so it pickles for any backend."""
@@ -164,7 +168,7 @@ def point_lock(folder: Path, point: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise PointSkipped(
+            raise PointBusy(
                 f"point {point} is being run by another process (pid {other}), perhaps a "
                 "worker of an earlier sweep; skipped, run the same command again once it ends"
             ) from None
@@ -237,6 +241,8 @@ def run_point_safe(task: PointTask) -> tuple[str, str, Any]:
     so one failing point does not stop the others."""
     try:
         return ("ok", task.id, run_point(task))
+    except PointBusy as exc:
+        return ("busy", task.id, str(exc))
     except PointSkipped as exc:
         return ("skipped", task.id, str(exc))
     except UserError as exc:

@@ -192,7 +192,9 @@ class Outcome:
     ran: list[dict[str, Any]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    """Points another live process holds (or had recorded by the time they were reached)."""
+    """Points another process had recorded by the time they were reached, or holds now."""
+    busy: list[tuple[str, str]] = field(default_factory=list)
+    """Points another live process holds: neither recorded nor run by this sweep."""
 
 
 class Tracker:
@@ -251,8 +253,10 @@ class Tracker:
             value = self.ranking.value(best) if best is not None else None
             if value is not None:
                 self.bar.set_postfix_str(f"best {value:.4g}", refresh=False)
-        elif status == "skipped":
+        elif status in ("skipped", "busy"):
             self.outcome.skipped.append((pid, payload))
+            if status == "busy":
+                self.outcome.busy.append((pid, payload))
             line = f"{pid[:8]}  {describe(point)}  skipped: {payload}"
         else:
             self.outcome.failed.append((pid, payload))
