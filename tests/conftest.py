@@ -175,3 +175,10 @@ def assert_ulp_close(got, expect, ulps: float = 1.0):
         f"max diff {diff.max().item():.3g}"
     )
     return diff.max().item() if diff.numel() else 0.0
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every test in tests/test_faults_*.py belongs to the fault suite (``-m faults``)."""
+    for item in items:
+        if item.path.name.startswith("test_faults_"):
+            item.add_marker(pytest.mark.faults)
