@@ -18,7 +18,7 @@ from conftest import make_model, mmath, write_recipe
 from typer.testing import CliRunner
 
 from mergekit_math.cli import app
-from mergekit_math.cli_handler import HandledGroup, on_interrupt
+from mergekit_math.cli.handler import HandledGroup, on_interrupt
 from mergekit_math.errors import UserError
 
 

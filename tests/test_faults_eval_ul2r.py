@@ -342,7 +342,7 @@ def test_gradient_checkpointing_gives_the_same_weights_and_may_change_on_resume(
 def test_train_help_states_the_expected_memory():
     from typer.testing import CliRunner
 
-    from mergekit_math.ul2r.cli import ul2r_app
+    from mergekit_math.cli.ul2r import ul2r_app
 
     text = " ".join(CliRunner().invoke(ul2r_app, ["train", "--help"]).output.split())
     assert "16 bytes per parameter" in text

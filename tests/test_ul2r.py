@@ -19,7 +19,7 @@ from conftest import build_tokenizer, make_config
 from typer.testing import CliRunner
 
 from mergekit_math.errors import UserError
-from mergekit_math.ul2r.cli import ul2r_app
+from mergekit_math.cli.ul2r import ul2r_app
 from mergekit_math.ul2r.config import (
     Denoiser,
     load_config,
@@ -555,7 +555,7 @@ def test_shipped_example_config_parses():
 def test_ul2r_help_and_config_do_not_import_torch(tmp_path):
     code = (
         "import sys\n"
-        "from mergekit_math.ul2r.cli import ul2r_app\n"
+        "from mergekit_math.cli.ul2r import ul2r_app\n"
         "for args in (['--help'], ['config', '--model', 'm', '-o', sys.argv[1]]):\n"
         "    try:\n        ul2r_app(args)\n    except SystemExit:\n        pass\n"
         "heavy = [m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules]\n"

@@ -1,6 +1,6 @@
 """``mmath patch``: PortLLM portable patches (extract, apply, info). Thin commands; torch is
 imported inside the library functions they call. Errors go through the one handler
-(:mod:`mergekit_math.cli_handler`)."""
+(:mod:`mergekit_math.cli.handler`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from mergekit_math.cli_handler import HandledGroup, on_interrupt, warn
+from mergekit_math.cli.handler import HandledGroup, on_interrupt, warn
 from mergekit_math.errors import UserError
 from mergekit_math.io.writer import human_bytes
 

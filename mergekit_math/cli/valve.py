@@ -1,5 +1,5 @@
 """``mmath valve``: CoT-Valve chain-length directions (extract, apply, sweep, mixchain). Thin
-commands; errors go through the one handler (:mod:`mergekit_math.cli_handler`)."""
+commands; errors go through the one handler (:mod:`mergekit_math.cli.handler`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from mergekit_math.cli_handler import HandledGroup, on_interrupt, warn
+from mergekit_math.cli.handler import HandledGroup, on_interrupt, warn
 from mergekit_math.errors import UserError
 from mergekit_math.eval.options import (
     BatchOption,

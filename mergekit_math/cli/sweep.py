@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mergekit_math.cli_handler import HandledGroup, fail, on_interrupt, warn, warn_token
+from mergekit_math.cli.handler import HandledGroup, fail, on_interrupt, warn, warn_token
 from mergekit_math.errors import UserError
 from mergekit_math.eval.options import (
     BatchOption,
@@ -182,7 +182,7 @@ def run(
         raise UserError("--require is the bar of --push-best; give --push-best REPO too")
     requirements = []
     if push_best:
-        from mergekit_math.after_merge import check_repo_id
+        from mergekit_math.cli.merge import check_repo_id
         from mergekit_math.hub.publish import parse_requirements
 
         check_repo_id(push_best, "--push-best")

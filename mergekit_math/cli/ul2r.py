@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from mergekit_math.cli_handler import HandledGroup, on_interrupt, warn
+from mergekit_math.cli.handler import HandledGroup, on_interrupt, warn
 from mergekit_math.errors import UserError
 
 ul2r_app = typer.Typer(

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from mergekit_math import __version__
-from mergekit_math.cli_handler import HandledGroup, fail, on_interrupt, warn, warn_token
-from mergekit_math.cli_patch import patch_app, size_option
-from mergekit_math.cli_valve import valve_app
+from mergekit_math.cli.handler import HandledGroup, fail, on_interrupt, warn, warn_token
+from mergekit_math.cli.patch import patch_app, size_option
+from mergekit_math.cli.valve import valve_app
 from mergekit_math.errors import UserError
 from mergekit_math.eval.options import (
     BatchOption,
@@ -32,7 +32,7 @@ from mergekit_math.eval.options import (
 from mergekit_math.io.writer import human_bytes
 
 if TYPE_CHECKING:
-    from mergekit_math.after_merge import AfterMerge
+    from mergekit_math.cli.merge import AfterMerge
     from mergekit_math.engine import Plan
 
 app = typer.Typer(
@@ -155,7 +155,7 @@ def merge(
     Example: mmath merge recipes/ties.yaml out/ties-merge --eval --push me/ties-merge
     --tasks gsm8k_cot_local --require 'gsm8k_cot_local:exact_match,flexible-extract>=0.4'
     """
-    from mergekit_math.after_merge import plan_after_merge
+    from mergekit_math.cli.merge import plan_after_merge
     from mergekit_math.engine import build_plan, execute
     from mergekit_math.recipe import load_recipe
 
@@ -322,11 +322,11 @@ def methods() -> None:
 
 # =============================================================================== mmath ul2r
 
-from mergekit_math.ul2r.cli import ul2r_app  # noqa: E402  (typer only; torch loads in commands)
+from mergekit_math.cli.ul2r import ul2r_app  # noqa: E402  (typer only; torch loads in commands)
 
 app.add_typer(ul2r_app, name="ul2r")
 
-from mergekit_math.sweep.cli import sweep_app  # noqa: E402  (typer only; the rest in commands)
+from mergekit_math.cli.sweep import sweep_app  # noqa: E402  (typer only; the rest in commands)
 
 app.add_typer(sweep_app, name="sweep")
 
@@ -516,7 +516,7 @@ def push(
     Example: mmath push out/ties-merge me/qwen-math-ties --data problems.jsonl --limit 200
     --require 'gsm8k_cot_local:exact_match,flexible-extract>=0.40'
     """
-    from mergekit_math.after_merge import check_repo_id
+    from mergekit_math.cli.merge import check_repo_id
     from mergekit_math.hub.publish import GateFailed, PushSettings, parse_requirements, publish
 
     if token is not None:
@@ -569,7 +569,7 @@ def _echo_pushed(result) -> None:
 
 def main() -> None:
     """The console script: ``app`` runs every command under the one error handler
-    (:class:`~mergekit_math.cli_handler.HandledGroup`)."""
+    (:class:`~mergekit_math.cli.handler.HandledGroup`)."""
     app()
 
 
