@@ -1,12 +1,14 @@
-"""What `mmath merge` does with its output: evaluate it, check the bar, publish it.
+"""``mmath merge``, and what it does with its output: evaluate it, check the bar, publish it.
 
-The settings come from the merge's flags and the recipe's ``evaluate:``/``push:`` blocks, and
-:func:`plan_after_merge` checks everything they need before the first tensor is read: the data
-file exists and every line is a GSM8K row, task files exist and declare a task, the ``require``
-bars parse, the repo id is a valid Hub id. (Built-in lm-eval task names are not looked up
-here: lm-eval's task index takes about 20 s to build; a wrong name fails at evaluation.)
+The after-merge settings come from the merge's flags and the recipe's ``evaluate:``/``push:``
+blocks, and :func:`plan_after_merge` checks everything they need before the first tensor is
+read: the data file exists and every line is a GSM8K row, task files exist and declare a task,
+the ``require`` bars parse, the repo id is a valid Hub id. (Built-in lm-eval task names are not
+looked up here: lm-eval's task index takes about 20 s to build; a wrong name fails at
+evaluation.)
 
-Only pydantic-level modules are imported at the top; torch and lm-eval are not needed.
+Only typer- and pydantic-level modules are imported at the top; the engine, torch and lm-eval
+load inside the command.
 """
 
 from __future__ import annotations
@@ -14,11 +16,25 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
+import typer
+
+from mergekit_math.cli.eval import TOKEN_HELP, check_repo_id, echo_pushed
+from mergekit_math.cli.handler import fail, on_interrupt, warn, warn_token
+from mergekit_math.cli.patch import size_option
 from mergekit_math.errors import UserError
+from mergekit_math.eval.options import (
+    DataOption,
+    LimitOption,
+    RequireOption,
+    TasksOption,
+    VerboseOption,
+)
+from mergekit_math.io.writer import human_bytes
 
 if TYPE_CHECKING:
+    from mergekit_math.engine import Plan
     from mergekit_math.eval.run import EvalOptions
     from mergekit_math.hub.gate import Requirement
     from mergekit_math.hub.publish import PushSettings
@@ -48,24 +64,6 @@ class AfterMerge:
         elif bars:
             lines.append(f"require:       {bars} (nothing is pushed)")
         return lines
-
-
-def check_repo_id(repo_id: str, where: str) -> None:
-    """A Hub model id NAMESPACE/NAME as the Hub accepts it."""
-    from mergekit_math.io.resolve import HUB_ID
-
-    problem = None
-    if not HUB_ID.match(repo_id):
-        problem = "expected NAMESPACE/NAME, e.g. my-name/qwen-math-ties"
-    else:
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-        try:
-            validate_repo_id(repo_id)
-        except HFValidationError as exc:
-            problem = str(exc).splitlines()[0]
-    if problem:
-        raise UserError(f"{where}: repo id {repo_id!r}: {problem}")
 
 
 def check_eval_inputs(options: EvalOptions) -> int | None:
@@ -178,3 +176,203 @@ def plan_after_merge(
             raise _renamed(exc, "--tasks", f"{source}: evaluate.tasks") from None
         raise
     return AfterMerge(options, requirements, settings, problems)
+
+
+def merge(
+    recipe: Annotated[
+        Path,
+        typer.Argument(metavar="RECIPE", help="Recipe YAML (mergekit format plus extensions)."),
+    ],
+    out_dir: Annotated[
+        Path,
+        typer.Argument(metavar="OUT_DIR", help="Output folder; must not exist unless --force."),
+    ],
+    device: Annotated[str, typer.Option(help="Where to compute: cpu or cuda.")] = "cpu",
+    threads: Annotated[
+        int | None, typer.Option(help="torch intra-op threads (default: torch's choice).")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for DARE/DELLA; overrides the recipe's seed.")
+    ] = None,
+    out_shard_size: Annotated[
+        str, typer.Option(help="Maximum shard size: bytes or 500M, 2G, 5G.")
+    ] = "5G",
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Bound the tensor data held at once (e.g. 2G): smaller chunks and read-ahead. "
+            "Checked before any read; methods that need whole tensors (slerp, model_stock, "
+            "breadcrumbs, della, L1 rescale) fail if their largest tensor does not fit. "
+            "Python and torch themselves add about 300 MB.",
+        ),
+    ] = None,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(help="Accept pytorch_model*.bin inputs (loaded with weights_only=True)."),
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing OUT_DIR.")] = False,
+    strict_finite: Annotated[
+        bool,
+        typer.Option(help="Refuse inputs with NaN or inf values (default: warn per tensor)."),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="Validate and print the plan; read no tensor, write nothing.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    evaluate: Annotated[
+        bool | None,
+        typer.Option(
+            "--eval/--no-eval",
+            help="Evaluate the merged model (default: when the recipe has an evaluate: block).",
+        ),
+    ] = None,
+    push: Annotated[
+        str | None,
+        typer.Option(
+            "--push",
+            help="After evaluating, publish to this Hub repo if every --require bar is met "
+            "(default: the recipe's push: block).",
+        ),
+    ] = None,
+    no_push: Annotated[
+        bool, typer.Option("--no-push", help="Ignore the recipe's push: block.")
+    ] = False,
+    require: RequireOption = None,
+    tasks: TasksOption = None,
+    data: DataOption = None,
+    limit: LimitOption = None,
+    verbose: VerboseOption = False,
+    token: Annotated[
+        str | None, typer.Option(help=TOKEN_HELP.format(what=" for --push"), show_default=False)
+    ] = None,
+) -> None:
+    """Merge the models of RECIPE into OUT_DIR.
+
+    Every problem in the recipe (unknown method or parameter, bad value, missing path,
+    incompatible checkpoints) is reported before any tensor is read. The output appears at
+    OUT_DIR only once complete: a failed or interrupted merge leaves nothing that looks like a
+    model.
+
+    With --eval (or an evaluate: block in the recipe) the output is evaluated as by `mmath
+    eval`; with --push REPO (or a push: block) it is then published as by `mmath push`, only
+    if it clears the --require bars (or evaluate.require).
+
+    Example: mmath merge recipes/ties.yaml out/ties-merge
+
+    Example: mmath merge recipes/ties.yaml out/ties-merge --eval --push me/ties-merge
+    --tasks gsm8k_cot_local --require 'gsm8k_cot_local:exact_match,flexible-extract>=0.4'
+    """
+    from mergekit_math.engine import build_plan, execute
+    from mergekit_math.recipe import load_recipe
+
+    shard_size = size_option("--out-shard-size", out_shard_size)
+    memory = size_option("--max-memory", max_memory) if max_memory is not None else None
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"--device: expected cpu or cuda, got {device!r}")
+    if threads is not None and threads < 1:
+        raise UserError("--threads must be at least 1")
+    if token is not None:
+        warn_token()
+    on_interrupt("nothing was written to the output folder")
+    parsed = load_recipe(recipe)
+    after = plan_after_merge(
+        parsed,
+        recipe.resolve().parent,
+        source=str(recipe),
+        evaluate=evaluate,
+        push=push,
+        no_push=no_push,
+        require=require,
+        tasks=tasks,
+        data=data,
+        limit=limit,
+        device=device,
+        verbose=verbose,
+    )
+    plan = build_plan(
+        parsed, recipe_dir=recipe.resolve().parent, seed=seed, allow_pickle=allow_pickle
+    )
+    if out_dir.exists() and not force and not dry_run:
+        raise UserError(f"{out_dir} already exists; pass --force to replace it")
+    for w in plan.warnings:
+        warn(w)
+    if dry_run:
+        _print_plan(plan, shard_size, memory, device, after)
+        if memory is not None:
+            from mergekit_math.engine import check_memory
+
+            check_memory(plan, memory, device)
+        return
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    final = execute(
+        plan,
+        out_dir,
+        device=device,
+        max_shard_size=shard_size,
+        force=force,
+        progress=not quiet,
+        max_memory=memory,
+        strict_finite=strict_finite,
+    )
+    typer.echo(
+        f"merged {len(plan.items)} tensors ({human_bytes(plan.write_bytes)}) with "
+        f"{plan.method.name} into {final}"
+    )
+    if after is not None:
+        _evaluate_and_push(final, after, token)
+
+
+def _evaluate_and_push(model_dir: Path, after: AfterMerge, token: str | None) -> None:
+    from mergekit_math.eval.run import evaluate, format_table
+    from mergekit_math.hub.publish import GateFailed, publish, run_gate
+
+    on_interrupt(f"the merge is kept at {model_dir}")
+    try:
+        report = evaluate(model_dir, after.options)
+        typer.echo(format_table(report))
+        if after.settings is None:
+            if after.requirements:
+                run_gate(model_dir, after.requirements, after.options, typer.echo, report)
+            return
+        result = publish(
+            model_dir,
+            after.settings,
+            requirements=after.requirements,
+            options=after.options,
+            token=token,
+            echo=typer.echo,
+            warn=warn,
+            report=report,
+        )
+    except GateFailed as exc:
+        typer.echo(exc.table)
+        pushed = ", nothing was pushed" if after.settings is not None else ""
+        fail(f"{exc}; the merge is kept at {model_dir}{pushed}", code=1)
+    except UserError as exc:
+        raise UserError(f"{exc} (the merge is kept at {model_dir})") from None
+    echo_pushed(result)
+
+
+def _print_plan(
+    plan: Plan, shard_size: int, max_memory: int | None, device: str, after: AfterMerge | None
+) -> None:
+    from mergekit_math.io.writer import plan_shards
+
+    shards = plan_shards([i.out for i in plan.items], shard_size)
+    typer.echo(f"method:        {plan.method.name} ({plan.method.pretty_name})")
+    typer.echo(f"inputs:        {len(plan.checkpoints)} checkpoints")
+    for c in plan.checkpoints.values():
+        typer.echo(f"  - {c.ref} -> {c.path}" if str(c.path) != c.ref else f"  - {c.ref}")
+    typer.echo(f"output layers: {plan.num_layers}")
+    typer.echo(f"tensors:       {len(plan.items)}")
+    typer.echo(f"read:          {human_bytes(plan.read_bytes)}")
+    typer.echo(f"write:         {human_bytes(plan.write_bytes)} in {len(shards)} shard(s)")
+    peak = plan.estimated_peak_bytes(max_memory, device)
+    typer.echo(f"est. peak mem: {human_bytes(peak)} of tensor data (plus ~300 MB for Python/torch)")
+    typer.echo(f"seed:          {plan.seed}")
+    for line in after.describe() if after is not None else []:
+        typer.echo(line)
+    typer.echo("dry run: nothing was read or written")

@@ -182,7 +182,7 @@ def run(
         raise UserError("--require is the bar of --push-best; give --push-best REPO too")
     requirements = []
     if push_best:
-        from mergekit_math.cli.merge import check_repo_id
+        from mergekit_math.cli.eval import check_repo_id
         from mergekit_math.hub.publish import parse_requirements
 
         check_repo_id(push_best, "--push-best")
