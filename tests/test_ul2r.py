@@ -18,8 +18,8 @@ import yaml
 from conftest import build_tokenizer, make_config
 from typer.testing import CliRunner
 
-from mergekit_math.errors import UserError
 from mergekit_math.cli.ul2r import ul2r_app
+from mergekit_math.errors import UserError
 from mergekit_math.ul2r.config import (
     Denoiser,
     load_config,

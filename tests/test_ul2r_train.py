@@ -17,8 +17,8 @@ import yaml
 from conftest import load_dir, make_model, mmath, write_recipe
 from typer.testing import CliRunner
 
-from mergekit_math.errors import UserError
 from mergekit_math.cli.ul2r import ul2r_app
+from mergekit_math.errors import UserError
 from mergekit_math.ul2r.presets import build_config
 from mergekit_math.ul2r.train import train
 
