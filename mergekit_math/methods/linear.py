@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
-from mergekit_math.methods import MergeInputs, MergeMethod, Params, Problem, register
+from mergekit_math.methods.base import MergeInputs, MergeMethod, Params, Problem, register
 
 if TYPE_CHECKING:
     import torch

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from mergekit_math.methods import MergeMethod, all_methods
+from mergekit_math.methods.base import MergeMethod, all_methods
 
 REQUIRED_MARK = "*"
 LEGEND = "* marks a required parameter; every other one shows its default."

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from mergekit_math.methods import MergeInputs, MergeMethod, Params, register
+from mergekit_math.methods.base import MergeInputs, MergeMethod, Params, register
 
 if TYPE_CHECKING:
     import torch

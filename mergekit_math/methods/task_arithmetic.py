@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from mergekit_math.methods import (
+from mergekit_math.methods.base import (
     MergeInputs,
     MergeMethod,
     Params,
