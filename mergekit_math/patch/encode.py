@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
-from mergekit_math.patch.format import PatchEntry, StorageDtype, index_dtype
+from mergekit_math.patch.entry import PatchEntry, StorageDtype, index_dtype
 
 if TYPE_CHECKING:
     import torch

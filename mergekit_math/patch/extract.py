@@ -22,17 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from mergekit_math import __version__
 from mergekit_math.errors import UserError
 from mergekit_math.io.reader import FLOAT_DTYPES, Checkpoint
+from mergekit_math.patch.entry import PART_SEP, Encoding, PatchEntry, StorageDtype
 from mergekit_math.patch.format import (
     FORMAT,
     MANIFEST,
-    PART_SEP,
     WEIGHTS,
-    Encoding,
     Patch,
-    PatchEntry,
     PatchManifest,
     PatchSource,
-    StorageDtype,
     fingerprint,
 )
 
