@@ -7,8 +7,9 @@ import json
 import os
 import shutil
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import yaml
 
@@ -18,7 +19,65 @@ from mergekit_math.io.reader import TOKENIZER_FILES
 from mergekit_math.io.resolve import inside
 
 if TYPE_CHECKING:
-    from mergekit_math.engine import Plan
+    from pydantic import BaseModel
+
+    from mergekit_math.io.reader import Checkpoint, TensorInfo
+    from mergekit_math.methods.base import MergeMethod
+    from mergekit_math.recipe import Recipe
+
+
+# What the side files read of a merge plan, declared here so io does not import the engine
+# (the engine's Plan, PlanItem, SliceGroup and Source have these members).
+class _PatchFile(Protocol):
+    @property
+    def path(self) -> Path: ...
+
+
+class _Source(Protocol):
+    @property
+    def where(self) -> str: ...
+    @property
+    def patch(self) -> _PatchFile | None: ...
+
+
+class _Group(Protocol):
+    @property
+    def sources(self) -> Sequence[_Source]: ...
+
+
+class _Item(Protocol):
+    @property
+    def out(self) -> TensorInfo: ...
+    @property
+    def group(self) -> _Group: ...
+    @property
+    def copy_only(self) -> bool: ...
+    @property
+    def shared(self) -> BaseModel | None: ...
+
+
+class Plan(Protocol):
+    """The merge plan as the side files see it (:class:`mergekit_math.engine.Plan`)."""
+
+    @property
+    def recipe(self) -> Recipe: ...
+    @property
+    def method(self) -> MergeMethod: ...
+    @property
+    def items(self) -> Sequence[_Item]: ...
+    @property
+    def reference(self) -> Checkpoint: ...
+    @property
+    def tokenizer_source(self) -> Checkpoint: ...
+    @property
+    def checkpoints(self) -> dict[str, Checkpoint]: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def parents(self) -> list[str]: ...
+
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
