@@ -17,7 +17,7 @@ from mergekit_math.errors import UserError
 from mergekit_math.sweep.point import remove_model, run_point_safe
 
 if TYPE_CHECKING:
-    from mergekit_math.sweep.runner import Echo, Outcome, Sweep
+    from mergekit_math.sweep.tracker import Echo, Outcome, Sweep
 
 INSTALL_HINT = "pip install 'mergekit-math[ray]' (or pip install ray)"
 
@@ -37,7 +37,8 @@ def run_ray(sweep: Sweep, *, echo: Echo, progress: bool = True) -> Outcome:
     """Connect to (``--address``) or start a Ray instance, run one task per point, record the
     rows as tasks complete. On an interrupt, the tasks not finished are cancelled; a Ray
     instance this call started is shut down."""
-    from mergekit_math.sweep.runner import POINTS, Tracker, tasks_for
+    from mergekit_math.sweep.results import POINTS
+    from mergekit_math.sweep.tracker import Tracker, tasks_for
 
     ray = import_ray()
     s = sweep.settings
