@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mergekit_math.errors import UserError
+from mergekit_math.ul2r.preset_table import PRESETS
 
 PRESET_NAMES = ("ul2r", "ul2", "causal-mix")
 DenoiserKind = Literal["span", "prefix_lm", "causal"]
@@ -512,14 +513,17 @@ def validate(config: UL2RConfig) -> UL2RConfig:
     return config
 
 
+def preset_denoisers(name: str) -> list[dict[str, Any]]:
+    """The denoisers of preset ``name`` as config mappings."""
+    return [dict(d) for d in PRESETS[check_preset(name)].denoisers]
+
+
 def parse_config(data: Any, source: str = "<config>") -> UL2RConfig:
     """Validate a config mapping; errors name the YAML key, prefixed by ``source``."""
     if not isinstance(data, dict):
         raise UserError(f"{source}: a UL2R config is a YAML mapping, got {type(data).__name__}")
     try:
         if not data.get("denoisers") and isinstance(data.get("preset"), str):
-            from mergekit_math.ul2r.presets import preset_denoisers
-
             preset = check_preset(data["preset"])
             data = {**data, "denoisers": preset_denoisers(preset)}
         config = UL2RConfig.model_validate(data)
