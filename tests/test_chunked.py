@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import load_dir, make_model, write_recipe
 
-from mergekit_math.engine import build_plan, execute, is_chunked
 from mergekit_math.errors import UserError
+from mergekit_math.merge import build_plan, execute, is_chunked
 from mergekit_math.methods.task_arithmetic import (
     KeepMask,
     MagnitudeTrim,

@@ -230,7 +230,7 @@ def test_eval_flag_limit_without_block(tmp_path, small, problems, captured):
 @pytest.fixture
 def no_plan(monkeypatch):
     """Fail the test if the merge gets as far as planning (reading headers)."""
-    import mergekit_math.engine as engine
+    import mergekit_math.merge as engine
 
     def build_plan(*args, **kwargs):
         raise AssertionError("the evaluate/push settings were not checked before planning")

@@ -198,7 +198,7 @@ def test_adapter_files_linked_out_of_the_folder_are_refused(tmp_path, zoo):
 
 
 def _plan(tmp_path: Path, first: Path, second: Path):
-    from mergekit_math.engine import build_plan
+    from mergekit_math.merge import build_plan
     from mergekit_math.recipe import load_recipe
 
     recipe = linear_recipe(tmp_path, first, second)
@@ -207,7 +207,7 @@ def _plan(tmp_path: Path, first: Path, second: Path):
 
 @pytest.mark.parametrize("change", ["replace", "truncate", "rewrite"])
 def test_input_changed_between_planning_and_reading_stops_the_merge(tmp_path, zoo, change):
-    from mergekit_math.engine import execute
+    from mergekit_math.merge import execute
 
     model = copy_model(zoo["a"], tmp_path / "m")
     shard = model / "model.safetensors"
@@ -232,7 +232,7 @@ def test_input_changed_between_planning_and_reading_stops_the_merge(tmp_path, zo
 
 
 def test_input_replaced_mid_merge_stops_at_the_next_read(tmp_path, zoo):
-    from mergekit_math.engine import execute
+    from mergekit_math.merge import execute
 
     model = copy_model(zoo["a"], tmp_path / "m")
     shard = model / "model.safetensors"

@@ -22,7 +22,7 @@ from mergekit_math.errors import UserError
 
 # A merge slowed down to about 50 ms per tensor, run as a real process.
 SLOW_MERGE = (
-    "import time, mergekit_math.engine as e\n"
+    "import time, mergekit_math.merge.execution as e\n"
     "real = e.compute_item\n"
     "def slow(*a, **k):\n    time.sleep(0.05)\n    return real(*a, **k)\n"
     "e.compute_item = slow\n"
@@ -61,7 +61,7 @@ def test_atomic_output_and_progress_live_in_io_without_the_engine():
         "from mergekit_math.io.atomic import atomic_output, clean_stale_partials, PARTIAL_MARK\n"
         "from mergekit_math.io.progress import byte_progress, progress\n"
         "import mergekit_math.patch.apply\n"
-        "assert 'mergekit_math.engine' not in sys.modules, 'engine imported'\n"
+        "assert 'mergekit_math.merge' not in sys.modules, 'merge imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -94,7 +94,7 @@ def test_two_real_merges_to_one_output_started_together(tmp_path, zoo):
     out = tmp_path / "out"
     # The second run imports everything first, then starts once the first is writing.
     second_script = (
-        "import glob, sys, time, torch, mergekit_math.engine\n"
+        "import glob, sys, time, torch, mergekit_math.merge\n"
         "from mergekit_math.cli import main\n"
         "pattern = sys.argv.pop(1)\n"
         "while not glob.glob(pattern):\n    time.sleep(0.02)\n"
@@ -122,7 +122,7 @@ def test_two_real_merges_to_one_output_started_together(tmp_path, zoo):
 
 def test_output_that_appears_during_the_run_is_not_replaced(tmp_path, zoo):
     """Another program (not an mmath run: those take the lock) creates OUT meanwhile."""
-    from mergekit_math.engine import build_plan, execute
+    from mergekit_math.merge import build_plan, execute
     from mergekit_math.recipe import load_recipe
 
     plan = build_plan(load_recipe(linear(tmp_path, zoo["a"])), recipe_dir=tmp_path)
@@ -409,7 +409,7 @@ def test_non_finite_input_values_warn_once_per_tensor_and_input(tmp_path, zoo):
 @pytest.mark.parametrize("method", ["linear", "ties"])
 def test_non_finite_count_is_exact_on_chunks_and_worker_threads(tmp_path, zoo, method):
     """Chunked (and, for TIES, read twice: prepare then merge): counted once per value."""
-    from mergekit_math.engine import build_plan, execute, item_ranges
+    from mergekit_math.merge import build_plan, execute, item_ranges
     from mergekit_math.recipe import load_recipe
 
     bad = poisoned_copy(zoo["b"], tmp_path / "bad")
@@ -424,7 +424,7 @@ def test_non_finite_count_is_exact_on_chunks_and_worker_threads(tmp_path, zoo, m
 
 
 def test_non_finite_base_is_named_as_the_base(tmp_path, zoo):
-    from mergekit_math.engine import build_plan, execute
+    from mergekit_math.merge import build_plan, execute
     from mergekit_math.recipe import load_recipe
 
     bad_base = poisoned_copy(zoo["base"], tmp_path / "bad", values=(float("nan"),))

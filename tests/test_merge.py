@@ -300,7 +300,7 @@ models:
 
 @pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()])
 def test_failure_mid_merge_leaves_nothing(tmp_path, zoo, monkeypatch, exc):
-    import mergekit_math.engine as engine
+    import mergekit_math.merge.execution as engine
 
     real = engine.compute_item
     calls = {"n": 0}
@@ -335,7 +335,7 @@ models:
 
 
 def test_failure_with_force_keeps_the_previous_output(tmp_path, zoo, monkeypatch):
-    import mergekit_math.engine as engine
+    import mergekit_math.merge.execution as engine
 
     recipe = write_recipe(
         tmp_path / "r.yaml",
@@ -386,7 +386,7 @@ def test_sigkill_mid_merge_leaves_no_model_at_out(tmp_path):
         f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 1}}\n",
     )
     script = (
-        "import time, mergekit_math.engine as e\n"
+        "import time, mergekit_math.merge.execution as e\n"
         "real = e.compute_item\n"
         "def slow(*a, **k):\n    time.sleep(0.05)\n    return real(*a, **k)\n"
         "e.compute_item = slow\n"

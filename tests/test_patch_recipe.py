@@ -59,7 +59,7 @@ def test_patch_entry_equals_patch_apply(tmp_path, ported):
 def test_ties_over_two_patches_equals_ties_over_the_rebuilt_models(tmp_path, ported, chunk):
     """TIES over patches = TIES over NEW + Δ models with origin NEW, up to the rounding of
     rebuilding the models (fp32: within a few ulps)."""
-    from mergekit_math.engine import build_plan, execute
+    from mergekit_math.merge import build_plan, execute
     from mergekit_math.recipe import load_recipe
 
     params = "{weight: 0.5, density: 0.4}"

@@ -192,8 +192,8 @@ def test_bad_keys_and_values_are_refused(zoo, tmp_path):
 def test_point_recipe_is_what_the_engine_resolves(zoo, tmp_path):
     """A point's resolved recipe (and so its key) is the recipe's, with the point's keys set:
     the same as resolving the recipe with the point applied."""
-    from mergekit_math.engine import build_plan
     from mergekit_math.io.model_files import resolved_recipe
+    from mergekit_math.merge import build_plan
     from mergekit_math.recipe import parse_recipe
     from mergekit_math.sweep.grid import apply_point, check_axes
     from mergekit_math.sweep.point import recipe_hash

@@ -34,10 +34,10 @@ from mergekit_math.eval.options import (
 from mergekit_math.io.writer import human_bytes
 
 if TYPE_CHECKING:
-    from mergekit_math.engine import Plan
     from mergekit_math.eval.run import EvalOptions
     from mergekit_math.hub.gate import Requirement
     from mergekit_math.hub.publish import PushSettings
+    from mergekit_math.merge import Plan
     from mergekit_math.recipe import Recipe
 
 
@@ -262,7 +262,7 @@ def merge(
     Example: mmath merge recipes/ties.yaml out/ties-merge --eval --push me/ties-merge
     --tasks gsm8k_cot_local --require 'gsm8k_cot_local:exact_match,flexible-extract>=0.4'
     """
-    from mergekit_math.engine import build_plan, execute
+    from mergekit_math.merge import build_plan, execute
     from mergekit_math.recipe import load_recipe
 
     shard_size = size_option("--out-shard-size", out_shard_size)
@@ -299,7 +299,7 @@ def merge(
     if dry_run:
         _print_plan(plan, shard_size, memory, device, after)
         if memory is not None:
-            from mergekit_math.engine import check_memory
+            from mergekit_math.merge import check_memory
 
             check_memory(plan, memory, device)
         return
@@ -360,6 +360,7 @@ def _print_plan(
     plan: Plan, shard_size: int, max_memory: int | None, device: str, after: AfterMerge | None
 ) -> None:
     from mergekit_math.io.writer import plan_shards
+    from mergekit_math.merge import estimated_peak_bytes
 
     shards = plan_shards([i.out for i in plan.items], shard_size)
     typer.echo(f"method:        {plan.method.name} ({plan.method.pretty_name})")
@@ -370,7 +371,7 @@ def _print_plan(
     typer.echo(f"tensors:       {len(plan.items)}")
     typer.echo(f"read:          {human_bytes(plan.read_bytes)}")
     typer.echo(f"write:         {human_bytes(plan.write_bytes)} in {len(shards)} shard(s)")
-    peak = plan.estimated_peak_bytes(max_memory, device)
+    peak = estimated_peak_bytes(plan, max_memory, device)
     typer.echo(f"est. peak mem: {human_bytes(peak)} of tensor data (plus ~300 MB for Python/torch)")
     typer.echo(f"seed:          {plan.seed}")
     for line in after.describe() if after is not None else []:

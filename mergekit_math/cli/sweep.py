@@ -405,8 +405,8 @@ def _push_best(
 def _merge_best(folder: Path, best: dict, quiet: bool) -> Path:
     """The best point's weights were not kept: merge its resolved recipe again (merges are
     deterministic) into SWEEP_DIR/best and check the fingerprint matches its row's."""
-    from mergekit_math.engine import build_plan, execute
     from mergekit_math.io.fingerprint import model_fingerprint
+    from mergekit_math.merge import build_plan, execute
     from mergekit_math.recipe import parse_recipe
     from mergekit_math.sweep.runner import BEST
 

@@ -57,7 +57,7 @@ class _Item(Protocol):
 
 
 class Plan(Protocol):
-    """The merge plan as the side files see it (:class:`mergekit_math.engine.Plan`)."""
+    """The merge plan as the side files see it (:class:`mergekit_math.merge.Plan`)."""
 
     @property
     def recipe(self) -> Recipe: ...

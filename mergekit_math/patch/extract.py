@@ -197,7 +197,7 @@ def encode_delta(name: str, delta: torch.Tensor, source_dtype: str, o: ExtractOp
     """Encode one exact delta as the options ask."""
     import torch
 
-    from mergekit_math.engine import _seed_for
+    from mergekit_math.merge.params import _seed_for
     from mergekit_math.patch.encode import encode_dense, encode_lowrank, encode_sparse, is_embedding
 
     if o.encoding == "sparse":

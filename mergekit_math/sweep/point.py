@@ -106,8 +106,8 @@ def run_point(task: PointTask) -> dict[str, Any]:
 def _merge_and_evaluate(task: PointTask, folder: Path) -> dict[str, Any]:
     import torch
 
-    from mergekit_math.engine import build_plan, execute
     from mergekit_math.eval.run import EvalOptions, evaluate
+    from mergekit_math.merge import build_plan, execute
     from mergekit_math.recipe import parse_recipe
 
     _import_evaluation()  # once per process, so it does not count as the first point's time

@@ -55,9 +55,9 @@ BEST = "best"
 def plan_sweep(settings: SweepSettings) -> Sweep:
     """Check the recipe, the keys and values, the input checkpoints (headers only) and the
     sweep folder; resolve every point's recipe and find the points already recorded."""
-    from mergekit_math.engine import build_plan
     from mergekit_math.eval.run import EvalOptions
     from mergekit_math.io.model_files import resolved_recipe
+    from mergekit_math.merge import build_plan
     from mergekit_math.recipe import load_recipe
 
     warnings: list[str] = []

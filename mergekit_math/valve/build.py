@@ -79,7 +79,7 @@ def build_alpha(
     progress: bool = True,
 ) -> Path:
     """Write θ(α) into ``out_dir`` (atomically) and return its absolute path."""
-    from mergekit_math.engine import build_plan, execute
+    from mergekit_math.merge import build_plan, execute
     from mergekit_math.recipe import parse_recipe
 
     recipe = parse_recipe(alpha_recipe(model, direction, alpha), source="valve")

@@ -1,0 +1,446 @@
+"""Execute a merge plan.
+
+``execute`` streams the items through the method functions into the sharded writer inside
+a temporary folder that is renamed into place only when everything is written.
+"""
+
+from __future__ import annotations
+
+import mmap
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextvars import ContextVar
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mergekit_math.errors import UserError
+from mergekit_math.io.atomic import atomic_output
+from mergekit_math.io.progress import byte_progress
+from mergekit_math.io.reader import ITEMSIZE
+from mergekit_math.merge.inputs import _input_wheres, _item_inputs, _range_bytes
+from mergekit_math.merge.memory import CHUNK_ELEMENTS, _budgets, check_memory, item_ranges
+from mergekit_math.merge.params import _seed_for
+from mergekit_math.merge.types import Plan, PlanItem
+from mergekit_math.pipeline import Prefetcher, Unit, WriterThread
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, name)
+
+
+@dataclass
+class _Run:
+    """What ``execute`` shares with :func:`compute_item` while it runs."""
+
+    prefetch: Prefetcher | None
+    chunk: int
+    pool: ThreadPoolExecutor | None = None
+    workers: int = 1
+    scratch: torch.Tensor | None = None  # see _scratch
+    strict_finite: bool = False  # refuse inputs with NaN/inf instead of warning
+    warn: Callable[[str], None] | None = None
+
+
+_active: ContextVar[_Run | None] = ContextVar("mmath_run", default=None)
+
+
+class _FiniteCheck:
+    """Counts the NaN/inf values of each input of one output tensor as its ranges are read
+    (they would pass through every method into the output), to warn once per tensor and
+    input, or refuses them with ``strict``.
+
+    One sum per input range is the test (NaN and inf survive a sum); only a sum that is not
+    finite (or overflowed) counts the values exactly.
+    """
+
+    def __init__(self, plan: Plan, item: PlanItem, run: _Run):
+        self.inputs = [
+            (f"{where} ({ckpt.ref})", name)
+            for where, (_, ckpt, name) in zip(_input_wheres(plan, item), _item_inputs(plan, item))
+        ]
+        self.counts = [0] * len(self.inputs)
+        self.strict = run.strict_finite
+        self.warn = run.warn
+        self._lock = threading.Lock()
+
+    def __call__(self, i: int, x: torch.Tensor) -> None:
+        import torch
+
+        wide = x.dtype if x.dtype == torch.float64 else torch.float32
+        if bool(torch.isfinite(x.sum(dtype=wide))):
+            return
+        bad = x.numel() - int(torch.isfinite(x).sum())
+        if not bad:
+            return
+        where, name = self.inputs[i]
+        if self.strict:
+            raise UserError(
+                f"{where}: tensor {name} has non-finite values (NaN or inf); "
+                "nothing was written (--strict-finite)"
+            )
+        with self._lock:
+            self.counts[i] += bad
+
+    def report(self) -> None:
+        for (where, name), bad in zip(self.inputs, self.counts):
+            if bad and self.warn is not None:
+                self.warn(f"{where}: tensor {name} has {bad} non-finite values (NaN or inf)")
+
+
+def _warn(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+def _read_range(
+    plan: Plan, item: PlanItem, start: int, end: int, pin: bool = False
+) -> list[torch.Tensor]:
+    """The raw (stored dtype) inputs of ``item`` for flat elements ``[start, end)``."""
+    import torch
+
+    out = []
+    for _, ckpt, name in _item_inputs(plan, item):
+        buf = None
+        if pin:
+            info = ckpt.info(name)
+            size = (end - start) * ITEMSIZE[info.dtype]
+            buf = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        out.append(ckpt.read_range(name, start, end, out=buf))
+    return out
+
+
+def _prefault(plan: Plan, item: PlanItem, start: int, end: int, pin: bool = False) -> list:
+    """:func:`_read_range`, touching one byte per page so the page faults of the mapped
+    views happen here (in the read-ahead thread) rather than in the computation."""
+    import torch
+
+    views = _read_range(plan, item, start, end, pin)
+    for v in views:
+        if not pin and v.numel():
+            v.view(torch.uint8)[:: mmap.PAGESIZE].sum()
+    return views
+
+
+def _release_range(plan: Plan, item: PlanItem, start: int, end: int) -> None:
+    for _, ckpt, name in _item_inputs(plan, item):
+        ckpt.release_range(name, start, end)
+
+
+def compute_item(plan: Plan, item: PlanItem, device: str = "cpu") -> Iterator[torch.Tensor]:
+    """Read one output tensor's inputs, run the method, yield the result in the output dtype.
+
+    Yields the tensor whole, or as consecutive flat chunks when the method runs on chunks.
+    Inside :func:`execute` the inputs come from its read-ahead thread.
+    """
+    import torch
+
+    from mergekit_math.methods import MergeInputs, PrepareInputs
+
+    run = _active.get()
+    chunk = run.chunk if run is not None else CHUNK_ELEMENTS
+    ranges = item_ranges(plan, item, device, chunk)
+    whole = len(ranges) == 1
+
+    def fetch(start: int, end: int) -> tuple[list[torch.Tensor], int]:
+        if run is None or run.prefetch is None:
+            return _read_range(plan, item, start, end), 0
+        return run.prefetch.get(item, start, end)
+
+    def release(nbytes: int) -> None:
+        if run is not None and run.prefetch is not None and nbytes:
+            run.prefetch.done(nbytes)
+
+    inputs = _item_inputs(plan, item)
+    roles = [r for r, _, _ in inputs]
+    shapes = [c.info(n).shape for _, c, n in inputs]
+    if item.copy_only:
+        for start, end in ranges:
+            raw, nbytes = fetch(start, end)
+            part = raw[0].reshape(shapes[0]) if whole else raw[0]
+            release(nbytes)
+            yield part
+        return
+
+    recipe = plan.recipe
+    compute = _torch_dtype(recipe.compute_dtype)
+    load = _torch_dtype(recipe.dtype) if recipe.dtype else None
+    out_dtype = _torch_dtype(item.out.dtype)
+    delta_kind = plan.method.kind == "delta"
+    finite = _FiniteCheck(plan, item, run) if run is not None else None
+
+    def upcast(t: torch.Tensor) -> torch.Tensor:
+        y = t.to(load) if load is not None else t
+        y = y.to(device=device, dtype=compute, non_blocking=True)
+        # never compute in place on the file mapping
+        return y.clone() if y.data_ptr() == t.data_ptr() and y.numel() else y
+
+    def inputs_of(
+        raw: list[torch.Tensor], shaped: bool, check: bool = True
+    ) -> tuple[Any, list[torch.Tensor]]:
+        """(base, per-source tensor or delta) in the compute dtype from one range's raw data."""
+        if shaped:
+            raw = [t.reshape(shape) for t, shape in zip(raw, shapes)]
+        check = check and finite is not None
+
+        def checked(i: int, x: torch.Tensor) -> torch.Tensor:
+            if check:
+                finite(i, x)  # type: ignore[misc]
+            return x
+
+        base = None
+        tensors: list[torch.Tensor] = []
+        i = 0
+        while i < len(raw):
+            role = roles[i]
+            if role == "base":
+                base = checked(i, upcast(raw[i]))
+            elif role == "delta":  # from a patch: already a delta, not rounded to ``dtype``
+                d = raw[i].to(device=device, dtype=compute)
+                d = d.clone() if d.data_ptr() == raw[i].data_ptr() else d
+                tensors.append(checked(i, d))
+            else:
+                x = checked(i, upcast(raw[i]))
+                if delta_kind:
+                    if i + 1 < len(raw) and roles[i + 1] == "origin":
+                        i += 1
+                        x = x.sub_(checked(i, upcast(raw[i])))
+                    else:
+                        assert base is not None
+                        x = x.sub_(base)
+                tensors.append(x)
+            i += 1
+        return base, tensors
+
+    generators = None
+    if plan.method.random:
+        generators = []
+        for s in item.group.sources:
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(_seed_for(plan.seed, s.index, item.out.name))
+            generators.append(gen)
+
+    states = None
+    if not whole and plan.method.prepare is not None:
+
+        def fill(buf: torch.Tensor, i: int, start: int, end: int) -> None:
+            # no finite check: the merge pass reads these ranges again and checks them
+            _, deltas = inputs_of(_read_range(plan, item, start, end), shaped=False, check=False)
+            buf[start:end] = deltas[i]
+            _release_range(plan, item, start, end)
+
+        def full_delta(i: int) -> torch.Tensor:
+            buf = _scratch(run, item.out.numel, compute, device)
+            pool = run.pool if run is not None else None
+            if pool is None:
+                for start, end in ranges:
+                    fill(buf, i, start, end)
+            else:
+                for future in [pool.submit(_in_worker, fill, buf, i, s, e) for s, e in ranges]:
+                    future.result()
+            return buf
+
+        states = plan.method.prepare(
+            PrepareInputs(
+                shared=item.shared,  # type: ignore[arg-type]
+                params=item.params,
+                generators=generators,
+                numel=item.out.numel,
+                ranges=ranges,
+                delta=full_delta,
+            )
+        )
+
+    def compute_range(raw: list[torch.Tensor], start: int, end: int) -> torch.Tensor:
+        base, tensors = inputs_of(raw, shaped=whole)
+        result = plan.method.merge(
+            MergeInputs(
+                base=base,
+                tensors=tensors,
+                params=item.params,
+                shared=item.shared,  # type: ignore[arg-type]
+                generators=generators,
+                offset=start,
+                states=states,
+            )
+        )
+        result = result.to(out_dtype).cpu()
+        _release_range(plan, item, start, end)
+        return result
+
+    pool = run.pool if run is not None else None
+    if whole or pool is None:
+        for start, end in ranges:
+            raw, nbytes = fetch(start, end)
+            result = compute_range(raw, start, end)
+            del raw
+            release(nbytes)
+            yield result
+        if finite is not None:
+            finite.report()
+        return
+    # Chunks run on the worker threads (one intra-op thread each); results come out in order.
+    pending: deque[tuple[Future[torch.Tensor], int]] = deque()
+    # Chunks in flight hold read-ahead budget until their result is taken: keep them few
+    # enough that the reader can always fetch the next one.
+    unit = max(1, _range_bytes(plan, item, *ranges[0]))
+    depth = max(1, min(2 * run.workers, run.prefetch.budget.limit // unit - 1))  # type: ignore[union-attr]
+    try:
+        for start, end in ranges:
+            raw, nbytes = fetch(start, end)
+            pending.append((pool.submit(_in_worker, compute_range, raw, start, end), nbytes))
+            del raw
+            if len(pending) >= depth:
+                future, nbytes = pending.popleft()
+                result = future.result()
+                release(nbytes)
+                yield result
+        while pending:
+            future, nbytes = pending.popleft()
+            result = future.result()
+            release(nbytes)
+            yield result
+    finally:
+        for future, _ in pending:
+            future.cancel()
+    if finite is not None:
+        finite.report()
+
+
+def _scratch(run: _Run | None, numel: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """A tensor of ``numel`` elements reused across tensors: a fresh allocation of the
+    largest tensor per item costs a page fault per 4 KB every time."""
+    import torch
+
+    if run is None:
+        return torch.empty(numel, dtype=dtype, device=device)
+    buf = run.scratch
+    want = torch.device(device)
+    same_device = buf is not None and buf.device.type == want.type
+    if same_device and want.index is not None:
+        same_device = buf.device.index == want.index  # type: ignore[union-attr]
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or not same_device:
+        run.scratch = buf = None  # free the old one first
+        run.scratch = buf = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def _in_worker(fn: Callable[..., Any], *args: Any) -> Any:
+    import torch
+
+    with torch.inference_mode():
+        return fn(*args)
+
+
+def execute(
+    plan: Plan,
+    out_dir: Path,
+    *,
+    device: str = "cpu",
+    max_shard_size: int = 5 * 10**9,
+    force: bool = False,
+    progress: bool = True,
+    on_tensor: Callable[[PlanItem], None] | None = None,
+    max_memory: int | None = None,
+    chunk_elements: int | None = None,
+    threads: int | None = None,
+    strict_finite: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> Path:
+    """Run the plan into ``out_dir`` atomically; returns the final path.
+
+    A reader thread reads the inputs ahead (pinned memory for CUDA), the main thread computes
+    and a writer thread streams the results into the shards; ``max_memory`` bounds the bytes
+    of tensor data held at once by shrinking chunks and read-ahead (checked before any read).
+
+    An input tensor with NaN or inf values gets one warning per tensor and input (``warn``,
+    default: a ``warning:`` line on stderr); with ``strict_finite`` it stops the merge with a
+    :class:`UserError` and nothing is written.
+    """
+    import torch
+
+    from mergekit_math.io.model_files import write_model_files
+    from mergekit_math.io.writer import ShardedWriter
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here")
+    if max_memory is not None:
+        check_memory(plan, max_memory, device)
+    chunk, io_budget = _budgets(max_memory)
+    if chunk_elements is not None:
+        chunk = chunk_elements
+    pin = device.startswith("cuda")
+    out_dir = Path(out_dir)
+    with atomic_output(out_dir, force) as tmp:
+        writer = ShardedWriter(tmp, [i.out for i in plan.items], max_shard_size)
+        bar = byte_progress(plan.write_bytes, f"merge {plan.method.name}", progress)
+        units = (
+            Unit(
+                item,
+                start,
+                end,
+                _range_bytes(plan, item, start, end),
+                partial(_prefault, plan, item, start, end, pin),
+            )
+            for item in plan.items
+            for start, end in item_ranges(plan, item, device, chunk)
+        )
+        prefetch = Prefetcher(units, io_budget)
+        writes = WriterThread(
+            lambda part, name, last: writer.write_part(name, part, last), io_budget
+        )
+        workers = threads or torch.get_num_threads()
+        pool = ThreadPoolExecutor(
+            workers,
+            thread_name_prefix="mmath-compute",
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        )
+        run = _Run(prefetch, chunk, pool, workers, strict_finite=strict_finite, warn=warn or _warn)
+        token = _active.set(run)
+        try:
+            with torch.inference_mode():
+                for item in plan.items:
+                    parts = compute_item(plan, item, device)
+                    if isinstance(parts, torch.Tensor):
+                        parts = iter([parts])
+                    name = item.out.name
+                    pending = next(parts)
+                    for part in parts:
+                        writes.put(pending, name, False)
+                        bar.update(pending.numel() * pending.element_size())
+                        pending = part
+                    writes.put(pending, name, True)
+                    bar.update(pending.numel() * pending.element_size())
+                    del pending
+                    if on_tensor is not None:
+                        on_tensor(item)
+            writes.finish()
+            writer.close()
+        except BaseException:
+            writes.abort()
+            writer.abort()
+            raise
+        finally:
+            _active.reset(token)
+            pool.shutdown(wait=True, cancel_futures=True)
+            prefetch.close()
+            bar.close()
+            for c in plan.checkpoints.values():
+                c.close()
+            for g in {id(i.group): i.group for i in plan.items}.values():
+                for s in g.sources:
+                    if s.patch is not None:
+                        s.patch.close()
+        write_model_files(plan, tmp)
+    return out_dir.absolute()

@@ -1,0 +1,370 @@
+"""Plan a merge.
+
+``build_plan`` turns a validated :class:`Recipe` into one :class:`PlanItem` per output tensor
+using safetensors headers only, raising :class:`UserError` for every problem before a tensor is
+read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mergekit_math.errors import UserError
+from mergekit_math.io.reader import (
+    FLOAT_DTYPES,
+    PRE_LAYER_MARKERS,
+    TIED_WEIGHTS,
+    Checkpoint,
+    TensorInfo,
+    layer_of,
+)
+from mergekit_math.io.resolve import resolve_model
+from mergekit_math.merge.params import _resolve_item_params
+from mergekit_math.merge.types import Plan, PlanItem, SliceGroup, Source
+from mergekit_math.methods import MergeMethod, get_method, param_keys
+from mergekit_math.patch.source import open_patch_source
+from mergekit_math.recipe import Parameters, Recipe, check_value, iter_leaves, suggest
+
+DEFAULT_SEED = 0
+
+
+class _Loader:
+    def __init__(self, recipe_dir: Path | None, allow_pickle: bool):
+        self.recipe_dir = recipe_dir
+        self.allow_pickle = allow_pickle
+        self.by_path: dict[str, Checkpoint] = {}
+
+    def __call__(self, ref: str, where: str) -> Checkpoint:
+        path = resolve_model(ref, where, self.recipe_dir)
+        key = str(path)
+        if key not in self.by_path:
+            try:
+                self.by_path[key] = Checkpoint(path, ref=ref, allow_pickle=self.allow_pickle)
+            except UserError as exc:
+                raise UserError(f"{where}: {exc}") from None
+        return self.by_path[key]
+
+
+def _check_param_names(recipe: Recipe, method: MergeMethod, warnings: list[str]) -> None:
+    shared = param_keys(method.shared_params)
+    per_model = param_keys(method.model_params)
+    known = sorted(set(shared) | set(per_model))
+
+    def check(params: Parameters | None, where: str, level: str) -> None:
+        for key, setting in (params or {}).items():
+            path = f"{where}.parameters.{key}" if where else f"parameters.{key}"
+            if key not in shared and key not in per_model:
+                listing = ", ".join(known) if known else "none"
+                raise UserError(
+                    f"{path}: unknown parameter {key!r} for {method.name}{suggest(key, known)} "
+                    f"(its parameters: {listing})"
+                )
+            if level == "model" and key in shared:
+                raise UserError(
+                    f"{path}: {key!r} applies to the whole merge; set it under the top-level "
+                    "'parameters'"
+                )
+            if key in method.ignored:
+                warnings.append(f"{path}: {key!r} has no effect for {method.name}")
+            model = method.shared_params if key in shared else method.model_params
+            field_name = (shared if key in shared else per_model)[key]
+            for leaf in iter_leaves(setting):
+                check_value(model, field_name, leaf, path)
+
+    check(recipe.parameters, "", "top")
+    for i, m in enumerate(recipe.models or []):
+        check(m.parameters, f"models[{i}]", "model")
+    for i, s in enumerate(recipe.slices or []):
+        check(s.parameters, f"slices[{i}]", "top")
+        for j, src in enumerate(s.sources):
+            check(src.parameters, f"slices[{i}].sources[{j}]", "model")
+
+
+def _check_compatible(ref: Checkpoint, others: list[tuple[str, Checkpoint]]) -> None:
+    for where, c in others:
+        if c.architecture != ref.architecture or c.model_type != ref.model_type:
+            raise UserError(
+                f"{where}: different architectures: {c.ref} is {c.architecture} "
+                f"({c.model_type}), {ref.ref} is {ref.architecture} ({ref.model_type})"
+            )
+        if c.vocab_size != ref.vocab_size:
+            raise UserError(
+                f"{where}: different vocabulary sizes: {c.ref} has {c.vocab_size}, "
+                f"{ref.ref} has {ref.vocab_size} (vocabulary merging is not supported; "
+                "embeddings are never truncated silently)"
+            )
+
+
+def _check_tensor(
+    item_name: str,
+    ref_info: TensorInfo,
+    ref: Checkpoint,
+    src: Checkpoint,
+    name: str,
+    where: str,
+) -> None:
+    stored = src.resolve_name(name)
+    if stored is None:
+        raise UserError(
+            f"{where}: different tensor sets: {src.ref} has no tensor {name} "
+            f"(needed for output {item_name})"
+        )
+    info = src.tensors[stored]
+    if info.shape != ref_info.shape:
+        raise UserError(
+            f"{where}: different shapes for {name}: {src.ref} has {list(info.shape)}, "
+            f"{ref.ref} has {list(ref_info.shape)}"
+        )
+
+
+def _ordered_names(ckpt: Checkpoint) -> tuple[list[str], dict[int, list[str]], list[str]]:
+    """Split a checkpoint's tensors into pre-layer, per-layer and post-layer names."""
+    pre: list[str] = []
+    post: list[str] = []
+    layers: dict[int, list[str]] = {}
+    for name in sorted(ckpt.tensors):
+        parsed = layer_of(name)
+        if parsed is not None:
+            layers.setdefault(parsed[1], []).append(name)
+        elif any(m in name for m in PRE_LAYER_MARKERS):
+            pre.append(name)
+        else:
+            post.append(name)
+    return pre, layers, post
+
+
+def _layer_name(name: str, index: int) -> str:
+    parsed = layer_of(name)
+    assert parsed is not None
+    return f"{parsed[0]}.{index}.{parsed[2]}"
+
+
+def _build_groups(
+    recipe: Recipe, method: MergeMethod, load: _Loader, base: Checkpoint | None
+) -> list[SliceGroup]:
+    """Normalise ``models:`` (one group over every layer) and ``slices:`` into groups."""
+
+    def origin_of(ref: str | None, where: str) -> Checkpoint | None:
+        if ref is None:
+            return None
+        if method.kind != "delta":
+            raise UserError(
+                f"{where}.origin: only delta methods (task_arithmetic, ties, dare_*, "
+                f"breadcrumbs*, della*) take an origin, not {method.name}"
+            )
+        return load(ref, f"{where}.origin")
+
+    def is_base(ckpt: Checkpoint, group_base: Checkpoint | None) -> bool:
+        # A base listed among the inputs of a method that needs one is the base, not an input.
+        return group_base is not None and ckpt is group_base and method.base == "required"
+
+    groups: list[SliceGroup] = []
+    index = 0
+    if recipe.models:
+        sources: list[Source] = []
+        for i, m in enumerate(recipe.models):
+            where = f"models[{i}]"
+            if m.patch is not None:
+                if method.kind != "delta" or base is None:
+                    raise UserError(
+                        f"{where}.patch: only delta methods with a base_model (task_arithmetic, "
+                        f"ties, dare_*, breadcrumbs*, della*) take a patch, not {method.name}"
+                    )
+                deltas = open_patch_source(m.patch, f"{where}.patch", load.recipe_dir, base)
+                sources.append(Source(index, where, base, m.parameters, None, patch=deltas))
+                index += 1
+                continue
+            assert m.model is not None
+            ckpt = load(m.model, f"{where}.model")
+            origin = origin_of(m.origin, where)
+            if is_base(ckpt, base):
+                if origin is not None:
+                    raise UserError(f"{where}.origin: the base model cannot have an origin")
+                continue
+            sources.append(Source(index, where, ckpt, m.parameters, origin))
+            index += 1
+        layers = (base or sources[0].ckpt).num_layers if (base or sources) else 0
+        base_src = Source(-1, "base_model", base, None) if base is not None else None
+        groups.append(SliceGroup("models", sources, base_src, None, layers))
+    else:
+        assert recipe.slices is not None
+        for i, s in enumerate(recipe.slices):
+            sbase = load(s.base_model, f"slices[{i}].base_model") if s.base_model else base
+            sources = []
+            lengths = set()
+            base_start = s.sources[0].layer_range[0]
+            for j, src in enumerate(s.sources):
+                where = f"slices[{i}].sources[{j}]"
+                ckpt = load(src.model, f"{where}.model")
+                a, b = src.layer_range
+                if not (0 <= a < b <= ckpt.num_layers):
+                    raise UserError(
+                        f"{where}.layer_range: [{a}, {b}] is not a half-open range inside "
+                        f"the model's {ckpt.num_layers} layers"
+                    )
+                lengths.add(b - a)
+                origin = origin_of(src.origin, where)
+                if is_base(ckpt, sbase):
+                    base_start = a  # the base's layers come from its own source in the slice
+                    continue
+                sources.append(Source(index, where, ckpt, src.parameters, origin, a))
+                index += 1
+            if len(lengths) > 1:
+                raise UserError(
+                    f"slices[{i}].sources: every source of a slice needs the same number of "
+                    f"layers, got {sorted(lengths)}"
+                )
+            base_src = None
+            if sbase is not None:
+                base_src = Source(-1, f"slices[{i}].base_model", sbase, None, None, base_start)
+            groups.append(
+                SliceGroup(f"slices[{i}]", sources, base_src, s.parameters, lengths.pop())
+            )
+
+    for g in groups:
+        n = len(g.sources)
+        if n < method.min_models or (method.max_models is not None and n > method.max_models):
+            what = "inputs besides the base model" if method.base == "required" else "inputs"
+            if method.max_models == method.min_models:
+                want = f"exactly {method.min_models}"
+            else:
+                want = f"at least {method.min_models}"
+                if method.max_models is not None:
+                    want += f" and at most {method.max_models}"
+            raise UserError(f"{g.where}: {method.name} takes {want} {what}, got {n}")
+    return groups
+
+
+def build_plan(
+    recipe: Recipe,
+    *,
+    recipe_dir: Path | None = None,
+    seed: int | None = None,
+    allow_pickle: bool = False,
+) -> Plan:
+    """Validate ``recipe`` against the checkpoints' headers and plan every output tensor.
+
+    Output tensors follow the reference checkpoint (``base_model``, else the first input):
+    its pre-layer tensors (embeddings) from the first group, the layers group by group, then
+    its post-layer tensors (final norm, lm_head) from the last group, as mergekit does.
+    """
+    from mergekit_math.io.model_files import chat_template_text
+
+    method = get_method(recipe.merge_method)
+    warnings: list[str] = []
+    _check_param_names(recipe, method, warnings)
+    chat_template_text(recipe.chat_template)  # an unknown template name fails here
+    load = _Loader(recipe_dir, allow_pickle)
+
+    if method.base == "required" and not recipe.base_model:
+        raise UserError(f"base_model: {method.name} needs a base_model")
+    base = load(recipe.base_model, "base_model") if recipe.base_model else None
+    groups = _build_groups(recipe, method, load, base)
+
+    reference = base or groups[0].sources[0].ckpt
+    wheres = {id(s.ckpt): s.where for g in groups for s in g.sources}
+    _check_compatible(
+        reference,
+        [(wheres.get(id(c), c.ref), c) for c in load.by_path.values() if c is not reference],
+    )
+    seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else DEFAULT_SEED)
+    out_dtype = recipe.out_dtype or recipe.dtype
+    items: list[PlanItem] = []
+
+    def add(
+        out_name: str,
+        group: SliceGroup,
+        names: list[str],
+        base_name: str | None,
+        t: float,
+        ref_ckpt: Checkpoint,
+        ref_name: str,
+    ) -> None:
+        ref_info = ref_ckpt.info(ref_name)
+        for s, n in zip(group.sources, names):
+            _check_tensor(out_name, ref_info, ref_ckpt, s.ckpt, n, s.where)
+            if s.origin is not None:
+                _check_tensor(out_name, ref_info, ref_ckpt, s.origin, n, f"{s.where}.origin")
+        if group.base is not None and base_name is not None:
+            _check_tensor(
+                out_name, ref_info, ref_ckpt, group.base.ckpt, base_name, group.base.where
+            )
+        is_float = ref_info.dtype in FLOAT_DTYPES
+        item = PlanItem(
+            out=TensorInfo(
+                out_name,
+                ref_info.file,
+                (out_dtype or ref_info.dtype) if is_float else ref_info.dtype,
+                ref_info.shape,
+            ),
+            group=group,
+            names=names,
+            base_name=base_name,
+            t=t,
+            copy_only=not is_float,
+        )
+        if not item.copy_only:
+            _resolve_item_params(recipe, method, item)
+        items.append(item)
+
+    pre, layers, post = _ordered_names(reference)
+    tied_extra = {n for n in TIED_WEIGHTS if n not in reference.tensors}
+    expected = set(reference.tensors) | tied_extra
+    for g in groups:
+        for s in g.sources:
+            extra = sorted(set(s.ckpt.tensors) - expected)
+            if recipe.slices:
+                extra = [n for n in extra if layer_of(n) is None]
+            if extra:
+                raise UserError(
+                    f"{s.where}: different tensor sets: {s.ckpt.ref} has {len(extra)} "
+                    f"tensor(s) that {reference.ref} lacks, e.g. {extra[0]}"
+                )
+            untied = sorted(set(s.ckpt.tensors) & tied_extra)
+            if untied:
+                warnings.append(
+                    f"{s.ckpt.ref} has an untied {untied[0]} but the output ties it to the "
+                    f"input embedding like {reference.ref}; that tensor is not merged"
+                )
+
+    def non_layer(name: str, g: SliceGroup) -> None:
+        add(name, g, [name] * len(g.sources), name if g.base else None, 0.0, reference, name)
+
+    for name in pre:
+        non_layer(name, groups[0])
+    out_layer = 0
+    for g in groups:
+        template = g.sources[0]
+        template_layers = _ordered_names(template.ckpt)[1] if recipe.slices else layers
+        for j in range(g.num_layers):
+            # t runs from 0 to 1 across the group's layers (1 for a single layer, as mergekit)
+            t = j / (g.num_layers - 1) if g.num_layers > 1 else 1.0
+            names_j = template_layers.get(template.layer_start + j if recipe.slices else j, [])
+            for templ in names_j:
+                base_name = _layer_name(templ, g.base.layer_start + j) if g.base else None
+                add(
+                    _layer_name(templ, out_layer),
+                    g,
+                    [_layer_name(templ, s.layer_start + j) for s in g.sources],
+                    base_name,
+                    t,
+                    template.ckpt if recipe.slices else reference,
+                    templ,
+                )
+            out_layer += 1
+    for name in post:
+        non_layer(name, groups[-1])
+
+    tok_ref = recipe.tokenizer_source
+    tokenizer = reference if tok_ref in (None, "base") else load(tok_ref, "tokenizer_source")
+    return Plan(
+        recipe=recipe,
+        method=method,
+        items=items,
+        reference=reference,
+        tokenizer_source=tokenizer,
+        checkpoints=load.by_path,
+        num_layers=out_layer,
+        seed=seed,
+        warnings=warnings,
+    )
