@@ -383,3 +383,28 @@ def test_parent_watchdog_alone_ends_an_orphaned_worker(tmp_path):
     finally:
         for p in alive([orphan]):
             p.kill()
+
+
+def test_interrupt_swallowed_by_a_library_still_stops_the_sweep(monkeypatch) -> None:
+    """Ctrl-C that lands while pydantic builds a validator comes back as its SchemaError
+    (seen in test_resume_after_sigint): the in-process sweep must stop, not record a failed
+    point and go on with the next."""
+
+    from mergekit_math.sweep import runner
+
+    ran: list[str] = []
+
+    def point_that_swallows_the_interrupt(task):
+        ran.append(task)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt as exc:  # what a library does with it
+            return ("error", task, f"SchemaError: wrapped {exc!r}")
+        raise AssertionError("SIGINT did not interrupt")
+
+    monkeypatch.setattr(runner, "run_point_safe", point_that_swallows_the_interrupt)
+    handled: list = []
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_local(["p1", "p2", "p3"], 1, None, handled.append)
+    assert ran == ["p1"] and handled == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -191,8 +191,16 @@ def run_local(
     point at a time (so at most ``jobs`` points hold weights on disk). On an interrupt the
     workers are terminated: a merge in progress removes its partial output."""
     if jobs == 1 or len(tasks) <= 1:
-        for task in tasks:
-            handle(run_point_safe(task))
+        with _interrupts_noted() as noted:
+            for task in tasks:
+                outcome = run_point_safe(task)
+                if noted and outcome[0] == "error":
+                    # a library turned the interrupt into its own error (pydantic wraps a
+                    # KeyboardInterrupt raised while it builds a validator): not the point's
+                    raise KeyboardInterrupt(f"signal {noted[0]}")
+                handle(outcome)
+                if noted:
+                    raise KeyboardInterrupt(f"signal {noted[0]}")
         return
     ctx = multiprocessing.get_context("spawn")
     # Each worker dies with this process, however it ends (see point.die_with_parent).
@@ -214,6 +222,27 @@ def _init_worker(threads: int | None, parent: int | None = None) -> None:
     from mergekit_math.sweep.point import init_worker
 
     init_worker(threads, parent)
+
+
+@contextlib.contextmanager
+def _interrupts_noted() -> Iterator[list[int]]:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt as usual, and are also noted in the list
+    yielded, so an interrupt that a library caught and wrapped still stops the sweep."""
+    noted: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        noted.append(signum)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        previous = {}
+    try:
+        yield noted
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @contextlib.contextmanager
