@@ -165,7 +165,7 @@ def atomic_output(out_dir: Path, force: bool) -> Iterator[Path]:
             tmp = out_dir.parent / f".{out_dir.name}{PARTIAL_MARK}{os.getpid()}"
             _remove(tmp)
             tmp.mkdir()
-            with _sigterm_raises():
+            with sigterm_raises():
                 try:
                     yield tmp
                     _fsync_dir(tmp)
@@ -201,8 +201,9 @@ def _replace(tmp: Path, out_dir: Path, force: bool) -> None:
 
 
 @contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt, so the temporary folder is removed on the way out."""
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so ``finally`` blocks clean up (the
+    temporary folder of an output, the workers of a sweep)."""
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")

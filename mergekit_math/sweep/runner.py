@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_math.errors import UserError
+from mergekit_math.io.atomic import sigterm_raises
 from mergekit_math.sweep.grid import (
     apply_point,
     check_axes,
@@ -156,7 +157,7 @@ def run_sweep(sweep: Sweep, *, echo: Echo, progress: bool = True) -> Outcome:
     s = sweep.settings
     out = s.out
     out.mkdir(parents=True, exist_ok=True)
-    with sweep_lock(out), _sigterm_interrupts():
+    with sweep_lock(out), sigterm_raises():
         refuse_symlinks(out)
         if s.force:
             reset_folder(out)
@@ -243,21 +244,3 @@ def _interrupts_noted() -> Iterator[list[int]]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM stops the sweep as Ctrl-C does (workers stopped, recorded rows kept)."""
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, on_term)
-    except ValueError:  # not the main thread
-        previous = None
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
