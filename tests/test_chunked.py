@@ -15,7 +15,7 @@ from conftest import load_dir, make_model, write_recipe
 
 from mergekit_math.errors import UserError
 from mergekit_math.merge import build_plan, execute, is_chunked
-from mergekit_math.methods.task_arithmetic import (
+from mergekit_math.methods.sparsify import (
     KeepMask,
     MagnitudeTrim,
     kth_largest,

@@ -305,11 +305,11 @@ def test_failure_mid_merge_leaves_nothing(tmp_path, zoo, monkeypatch, exc):
     real = engine.compute_item
     calls = {"n": 0}
 
-    def flaky(plan, item, device="cpu"):
+    def flaky(plan, item, device="cpu", run=None):
         calls["n"] += 1
         if calls["n"] == 7:
             raise exc
-        return real(plan, item, device)
+        return real(plan, item, device, run=run)
 
     monkeypatch.setattr(engine, "compute_item", flaky)
     recipe = write_recipe(
@@ -350,7 +350,7 @@ models:
     assert mmath("merge", recipe, out).exit_code == 0
     before = (out / "model.safetensors").read_bytes()
 
-    def boom(plan, item, device="cpu"):
+    def boom(plan, item, device="cpu", run=None):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(engine, "compute_item", boom)

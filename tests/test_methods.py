@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mergekit_math.methods import MergeInputs, get_method
-from mergekit_math.methods.task_arithmetic import (
+from mergekit_math.methods.sparsify import (
     della_drop,
     magnitude_outliers_prune,
     magnitude_prune,

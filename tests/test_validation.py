@@ -8,7 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_model, write_recipe
+import torch
+from conftest import load_dir, make_model, write_recipe
 from typer.testing import CliRunner
 
 from mergekit_math.cli import app
@@ -334,12 +335,27 @@ def test_della_epsilon_beyond_density(tmp_path, zoo):
 
 
 def test_linear_weights_summing_to_zero(tmp_path, zoo):
+    # no base_model: for linear it would be one more input (as in mergekit), with no weight
+    text = two_models(zoo, method="linear", a_params="{weight: 1}", b_params="{weight: -1}")
     fails(
         tmp_path,
-        two_models(zoo, method="linear", a_params="{weight: 1}", b_params="{weight: -1}"),
+        text.replace(f"base_model: {zoo['base']}\n", ""),
         "parameters.normalize",
         "sum to zero",
     )
+
+
+def test_base_model_of_a_method_without_base_is_one_more_input(tmp_path, zoo):
+    """As mergekit: linear with an unlisted base_model averages it too, so it needs a weight."""
+    text = two_models(zoo, method="linear", a_params="{weight: 1}", b_params="{weight: 1}")
+    fails(tmp_path, text, "base_model.parameters.weight", "missing required parameter 'weight'")
+    recipe = write_recipe(tmp_path / "r.yaml", text + "parameters: {weight: 1}\n")
+    res = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 0, res.output
+    got = load_dir(tmp_path / "out")
+    models = [load_dir(zoo[k]) for k in ("a", "b", "base")]
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, sum(m[name] for m in models) / 3)
 
 
 def test_ignored_parameter_warns(tmp_path, zoo):

@@ -12,7 +12,6 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -49,9 +48,6 @@ class _Run:
     scratch: torch.Tensor | None = None  # see _scratch
     strict_finite: bool = False  # refuse inputs with NaN/inf instead of warning
     warn: Callable[[str], None] | None = None
-
-
-_active: ContextVar[_Run | None] = ContextVar("mmath_run", default=None)
 
 
 class _FiniteCheck:
@@ -137,17 +133,19 @@ def _release_range(plan: Plan, item: PlanItem, start: int, end: int) -> None:
         ckpt.release_range(name, start, end)
 
 
-def compute_item(plan: Plan, item: PlanItem, device: str = "cpu") -> Iterator[torch.Tensor]:
+def compute_item(
+    plan: Plan, item: PlanItem, device: str = "cpu", run: _Run | None = None
+) -> Iterator[torch.Tensor]:
     """Read one output tensor's inputs, run the method, yield the result in the output dtype.
 
     Yields the tensor whole, or as consecutive flat chunks when the method runs on chunks.
-    Inside :func:`execute` the inputs come from its read-ahead thread.
+    With ``run`` (inside :func:`execute`) the inputs come from its read-ahead thread and
+    chunks are computed on its worker threads; without, everything runs here.
     """
     import torch
 
     from mergekit_math.methods import MergeInputs, PrepareInputs
 
-    run = _active.get()
     chunk = run.chunk if run is not None else CHUNK_ELEMENTS
     ranges = item_ranges(plan, item, device, chunk)
     whole = len(ranges) == 1
@@ -231,7 +229,8 @@ def compute_item(plan: Plan, item: PlanItem, device: str = "cpu") -> Iterator[to
             generators.append(gen)
 
     states = None
-    if not whole and plan.method.prepare is not None:
+    chunking = plan.method.chunking
+    if not whole and chunking is not None and chunking.prepare is not None:
 
         def fill(buf: torch.Tensor, i: int, start: int, end: int) -> None:
             # no finite check: the merge pass reads these ranges again and checks them
@@ -250,7 +249,7 @@ def compute_item(plan: Plan, item: PlanItem, device: str = "cpu") -> Iterator[to
                     future.result()
             return buf
 
-        states = plan.method.prepare(
+        states = chunking.prepare(
             PrepareInputs(
                 shared=item.shared,  # type: ignore[arg-type]
                 params=item.params,
@@ -407,11 +406,10 @@ def execute(
             initargs=(1,),
         )
         run = _Run(prefetch, chunk, pool, workers, strict_finite=strict_finite, warn=warn or _warn)
-        token = _active.set(run)
         try:
             with torch.inference_mode():
                 for item in plan.items:
-                    parts = compute_item(plan, item, device)
+                    parts = compute_item(plan, item, device, run=run)
                     if isinstance(parts, torch.Tensor):
                         parts = iter([parts])
                     name = item.out.name
@@ -432,7 +430,6 @@ def execute(
             writer.abort()
             raise
         finally:
-            _active.reset(token)
             pool.shutdown(wait=True, cancel_futures=True)
             prefetch.close()
             bar.close()

@@ -19,8 +19,7 @@ def is_chunked(plan: Plan, item: PlanItem, device: str = "cpu") -> bool:
     """Whether ``item`` runs on flat chunks (copies always do; methods when they can)."""
     if item.copy_only:
         return True
-    chunkable = plan.method.chunkable
-    return device == "cpu" and chunkable is not None and chunkable(item.shared, item.params)  # type: ignore[arg-type]
+    return device == "cpu" and plan.method.chunkable(item.shared, item.params)
 
 
 def item_ranges(plan: Plan, item: PlanItem, device: str, chunk: int) -> list[tuple[int, int]]:
@@ -43,8 +42,8 @@ def item_memory(
     per_element = raw + cbytes * (2 * len(inputs) + 4)
     if len(item_ranges(plan, item, device, chunk)) == 1:
         return n * per_element
-    prepare = plan.method.prepare_buffers
-    buffers = prepare(item.shared, item.params) if prepare is not None else 0  # type: ignore[arg-type]
+    chunking = plan.method.chunking
+    buffers = chunking.buffers(item.shared, item.params) if chunking is not None else 0
     return chunk * per_element + buffers * n * cbytes
 
 

@@ -45,8 +45,16 @@ def _resolve_params(
         key = next((k for k, f in param_keys(model).items() if f == key), key)
         prefix = f"{missing_where}.parameters" if missing_where else "parameters"
         if err["type"] == "missing":
+            hint = ""
+            if missing_where == "base_model":
+                hint = (
+                    "; as in mergekit, base_model is one more input of a method that takes no "
+                    "base: set it under the top-level parameters, list base_model under models "
+                    "with its parameters, or drop base_model"
+                )
             raise UserError(
-                f"{prefix}.{key}: missing required parameter {key!r} (no value for tensor {tensor})"
+                f"{prefix}.{key}: missing required parameter {key!r} (no value for tensor "
+                f"{tensor}){hint}"
             ) from None
         raise UserError(f"{prefix}.{key}: {err['msg']}") from None
 

@@ -21,11 +21,15 @@ from mergekit_math.io.reader import (
 from mergekit_math.io.resolve import resolve_model
 from mergekit_math.merge.params import _resolve_item_params
 from mergekit_math.merge.types import Plan, PlanItem, SliceGroup, Source
-from mergekit_math.methods import MergeMethod, get_method, param_keys
+from mergekit_math.methods import MergeMethod, all_methods, get_method, param_keys
 from mergekit_math.patch.source import open_patch_source
 from mergekit_math.recipe import Parameters, Recipe, check_value, iter_leaves, suggest
 
 DEFAULT_SEED = 0
+
+
+def _delta_methods() -> str:
+    return ", ".join(m.name for m in all_methods() if m.kind == "delta")
 
 
 class _Loader:
@@ -149,14 +153,14 @@ def _build_groups(
             return None
         if method.kind != "delta":
             raise UserError(
-                f"{where}.origin: only delta methods (task_arithmetic, ties, dare_*, "
-                f"breadcrumbs*, della*) take an origin, not {method.name}"
+                f"{where}.origin: only delta methods ({_delta_methods()}) take an origin, "
+                f"not {method.name}"
             )
         return load(ref, f"{where}.origin")
 
     def is_base(ckpt: Checkpoint, group_base: Checkpoint | None) -> bool:
-        # A base listed among the inputs of a method that needs one is the base, not an input.
-        return group_base is not None and ckpt is group_base and method.base == "required"
+        # A base listed among the inputs of a method that takes one is the base, not an input.
+        return group_base is not None and ckpt is group_base and method.base != "none"
 
     groups: list[SliceGroup] = []
     index = 0
@@ -167,8 +171,8 @@ def _build_groups(
             if m.patch is not None:
                 if method.kind != "delta" or base is None:
                     raise UserError(
-                        f"{where}.patch: only delta methods with a base_model (task_arithmetic, "
-                        f"ties, dare_*, breadcrumbs*, della*) take a patch, not {method.name}"
+                        f"{where}.patch: only delta methods with a base_model "
+                        f"({_delta_methods()}) take a patch, not {method.name}"
                     )
                 deltas = open_patch_source(m.patch, f"{where}.patch", load.recipe_dir, base)
                 sources.append(Source(index, where, base, m.parameters, None, patch=deltas))
@@ -185,6 +189,13 @@ def _build_groups(
             index += 1
         layers = (base or sources[0].ckpt).num_layers if (base or sources) else 0
         base_src = Source(-1, "base_model", base, None) if base is not None else None
+        if method.base == "none" and base is not None:
+            # As mergekit: for a method without a base, base_model is one more input (added
+            # when it is not listed), never a separate base.
+            if all(s.ckpt is not base for s in sources):
+                sources.append(Source(index, "base_model", base, None))
+                index += 1
+            base_src = None
         groups.append(SliceGroup("models", sources, base_src, None, layers))
     else:
         assert recipe.slices is not None
@@ -215,7 +226,7 @@ def _build_groups(
                     f"layers, got {sorted(lengths)}"
                 )
             base_src = None
-            if sbase is not None:
+            if sbase is not None and method.base != "none":
                 base_src = Source(-1, f"slices[{i}].base_model", sbase, None, None, base_start)
             groups.append(
                 SliceGroup(f"slices[{i}]", sources, base_src, s.parameters, lengths.pop())
@@ -224,7 +235,7 @@ def _build_groups(
     for g in groups:
         n = len(g.sources)
         if n < method.min_models or (method.max_models is not None and n > method.max_models):
-            what = "inputs besides the base model" if method.base == "required" else "inputs"
+            what = "inputs besides the base model" if method.base != "none" else "inputs"
             if method.max_models == method.min_models:
                 want = f"exactly {method.min_models}"
             else:

@@ -9,7 +9,11 @@ torch.
 
 from mergekit_math.methods.base import (
     _REGISTRY,
+    ELEMENTWISE,
     SINGLE_THREAD_REDUCTION,
+    BasePolicy,
+    Chunking,
+    Example,
     MergeInputs,
     MergeMethod,
     Params,
@@ -25,7 +29,11 @@ from mergekit_math.methods.base import (
 )
 
 __all__ = [
+    "ELEMENTWISE",
     "SINGLE_THREAD_REDUCTION",
+    "BasePolicy",
+    "Chunking",
+    "Example",
     "MergeInputs",
     "MergeMethod",
     "Params",

@@ -14,7 +14,7 @@ import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -77,32 +77,38 @@ def param_keys(model: type[BaseModel]) -> dict[str, str]:
 Problem = tuple[int | None, str, str]
 
 
+S = TypeVar("S", bound=Params)  # a method's shared (recipe-level) parameter model
+M = TypeVar("M", bound=Params)  # its per-model parameter model
+
+
 @dataclass(frozen=True)
-class MergeInputs:
+class MergeInputs(Generic[S, M]):
     """What one output tensor's merge gets.
 
     ``tensors`` are the non-base inputs in recipe order: deltas (``model - origin``) for
-    delta methods, raw tensors otherwise. ``generators`` has one seeded generator per input
-    for random methods, else ``None``.
+    delta methods, raw tensors otherwise. ``base`` is the base tensor when the method takes
+    one (``base`` required, or optional and given), else None. ``generators`` has one seeded
+    generator per input for random methods, else ``None``.
     """
 
     base: torch.Tensor | None
     tensors: list[torch.Tensor]
-    params: list[BaseModel]
-    shared: BaseModel
+    params: list[M]
+    shared: S
     generators: list[torch.Generator] | None = None
-    # Chunked execution: the flat index of this chunk's first element, and what ``prepare``
-    # returned for the whole tensor (None when the method sees the whole tensor at once).
+    # Chunked execution: the flat index of this chunk's first element, and what
+    # ``Chunking.prepare`` returned for the whole tensor (None when the method sees the whole
+    # tensor at once).
     offset: int = 0
     states: list[Any] | None = None
 
 
 @dataclass(frozen=True)
-class PrepareInputs:
-    """What a chunked method's ``prepare`` gets before the chunks of one tensor."""
+class PrepareInputs(Generic[S, M]):
+    """What :attr:`Chunking.prepare` gets before the chunks of one tensor."""
 
-    shared: BaseModel
-    params: list[BaseModel]
+    shared: S
+    params: list[M]
     generators: list[torch.Generator] | None
     numel: int
     ranges: list[tuple[int, int]]  # the chunks the merge will get, as flat [start, end)
@@ -111,55 +117,113 @@ class PrepareInputs:
     delta: Callable[[int], torch.Tensor]
 
 
+def _always(shared: Any, params: Any) -> bool:
+    return True
+
+
+def _no_buffers(shared: Any, params: Any) -> int:
+    return 0
+
+
 @dataclass(frozen=True)
-class MergeMethod:
+class Chunking(Generic[S, M]):
+    """How a method runs on row-major flat chunks of a tensor (chunks arrive in order).
+
+    ``applies``: whether, with these resolved parameters, every output element depends only
+    on the inputs at the same position, given the per-input states ``prepare`` computes
+    once per tensor. ``buffers``: how many whole-tensor compute-dtype buffers ``prepare``
+    holds at once (for the memory estimate).
+    """
+
+    applies: Callable[[S, list[M]], bool] = _always
+    prepare: Callable[[PrepareInputs[S, M]], list[Any]] | None = None
+    buffers: Callable[[S, list[M]], int] = _no_buffers
+
+
+# Elementwise methods (linear, passthrough): chunks need no preparation.
+ELEMENTWISE: Chunking[Any, Any] = Chunking()
+
+
+@dataclass(frozen=True)
+class Example:
+    """Parameters a method declares for the contract test (tests/test_contract.py): the
+    recipe-level values, one dict per non-base input, and whether a base model is given."""
+
+    models: tuple[dict[str, Any], ...]
+    shared: dict[str, Any] = field(default_factory=dict)
+    base: bool = True
+
+
+BasePolicy = Literal["required", "optional", "none"]
+
+
+@dataclass(frozen=True)
+class MergeMethod(Generic[S, M]):
+    """One merge method: its function, its typed parameters and what it takes.
+
+    ``base``: ``required`` (the recipe must give ``base_model``), ``optional`` (used when
+    given: a base listed among the models is the base, not an input) or ``none`` (a listed
+    base is an ordinary input). ``inputs``: how many non-base inputs, (min, max or None).
+    """
+
     name: str
     pretty_name: str
     paper_url: str
-    merge: Callable[[MergeInputs], torch.Tensor]
-    shared_params: type[BaseModel]
-    model_params: type[BaseModel]
+    merge: Callable[[MergeInputs[S, M]], torch.Tensor]
+    shared_params: type[S]
+    model_params: type[M]
+    # At least one; the contract test runs the method with each of them.
+    examples: tuple[Example, ...]
     # delta: inputs are model - origin and the result is added to the base by the method;
     # tensors: inputs are raw tensors.
     kind: Literal["delta", "tensors"] = "tensors"
-    # required: base_model must be given; ignored: a listed base is an ordinary input.
-    base: Literal["required", "ignored"] = "ignored"
-    min_models: int = 1
-    max_models: int | None = None
+    base: BasePolicy = "none"
+    inputs: tuple[int, int | None] = (1, None)
     random: bool = False
+    chunking: Chunking[S, M] | None = None
     description: str = ""
     # Cross-field check of one tensor's resolved parameters (recipe-level, per input), run at
     # plan time: returns (input index or None for recipe-level, YAML key, message) or None.
-    check: Callable[[BaseModel, list[BaseModel]], Problem | None] | None = None
+    check: Callable[[S, list[M]], Problem | None] | None = None
     # Parameters accepted for mergekit compatibility that have no effect (a warning is shown).
     ignored: tuple[str, ...] = ()
     # What a recipe-level parameter left unset (None) means for this method.
     shared_defaults: dict[str, Any] = field(default_factory=dict)
-    # Whether, with these resolved parameters, the merge can run on row-major chunks of a
-    # tensor: every output element depends only on the inputs at the same position, given
-    # the per-input states ``prepare`` computes once per tensor (chunks arrive in order).
-    chunkable: Callable[[BaseModel, list[BaseModel]], bool] | None = None
-    prepare: Callable[[PrepareInputs], list[Any]] | None = None
-    # How many whole-tensor compute-dtype buffers ``prepare`` holds at once (memory estimate).
-    prepare_buffers: Callable[[BaseModel, list[BaseModel]], int] | None = None
+    # Whether inputs equal to the base (zero deltas) give the base back exactly.
+    keeps_base: bool = True
+
+    @property
+    def min_models(self) -> int:
+        return self.inputs[0]
+
+    @property
+    def max_models(self) -> int | None:
+        return self.inputs[1]
+
+    def chunkable(self, shared: S, params: list[M]) -> bool:
+        """Whether the merge of a tensor with these parameters may run on chunks."""
+        return self.chunking is not None and self.chunking.applies(shared, params)
 
 
-_REGISTRY: dict[str, MergeMethod] = {}
+_REGISTRY: dict[str, MergeMethod[Any, Any]] = {}
 
 
-def register(method: MergeMethod) -> MergeMethod:
+def register(method: MergeMethod[S, M]) -> MergeMethod[S, M]:
     if method.name in _REGISTRY:
         raise ValueError(f"merge method {method.name!r} is already registered")
     _REGISTRY[method.name] = method
     return method
 
 
+# Shared kernels any method may import (they register nothing).
+KERNEL_MODULES = ("sparsify", "consensus")
 # Modules of the package that are not merge methods.
-_NOT_METHODS = frozenset({"base", "listing"})
+_NOT_METHODS = frozenset({"base", "listing", *KERNEL_MODULES})
 
 
 def _method_modules() -> list[str]:
-    """Names of the package's method modules (every module but base, listing and _private)."""
+    """Names of the package's method modules (every module but the kernels, base, listing
+    and _private ones)."""
     folder = str(Path(__file__).parent)
     return sorted(
         info.name
@@ -175,7 +239,7 @@ def _load_all() -> None:
         importlib.import_module(f"{package}.{name}")
 
 
-def get_method(name: str, where: str = "merge_method") -> MergeMethod:
+def get_method(name: str, where: str = "merge_method") -> MergeMethod[Any, Any]:
     _load_all()
     try:
         return _REGISTRY[name]
@@ -187,6 +251,6 @@ def get_method(name: str, where: str = "merge_method") -> MergeMethod:
         ) from None
 
 
-def all_methods() -> list[MergeMethod]:
+def all_methods() -> list[MergeMethod[Any, Any]]:
     _load_all()
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]

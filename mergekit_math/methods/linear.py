@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from mergekit_math.methods.base import MergeInputs, MergeMethod, Params, Problem, register
+from mergekit_math.methods.base import (
+    ELEMENTWISE,
+    Example,
+    MergeInputs,
+    MergeMethod,
+    Params,
+    Problem,
+    register,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -20,8 +28,8 @@ class LinearModel(Params):
     weight: float = Field(description="Coefficient of this model.")
 
 
-def check_weights(shared: BaseModel, params: list[BaseModel]) -> Problem | None:
-    if shared.normalize and abs(sum(p.weight for p in params)) < 1e-8:  # type: ignore[attr-defined]
+def check_weights(shared: LinearShared, params: list[LinearModel]) -> Problem | None:
+    if shared.normalize and abs(sum(p.weight for p in params)) < 1e-8:
         return (
             None,
             "normalize",
@@ -30,16 +38,16 @@ def check_weights(shared: BaseModel, params: list[BaseModel]) -> Problem | None:
     return None
 
 
-def linear(inputs: MergeInputs) -> torch.Tensor:
+def linear(inputs: MergeInputs[LinearShared, LinearModel]) -> torch.Tensor:
     """sum_i w_i * x_i, divided by sum_i w_i when ``normalize``."""
     import torch
 
     first = inputs.tensors[0]
     result = torch.zeros_like(first)
     for tensor, p in zip(inputs.tensors, inputs.params):
-        result.add_(tensor, alpha=p.weight)  # type: ignore[attr-defined]
-    if inputs.shared.normalize:  # type: ignore[attr-defined]
-        weights = [p.weight for p in inputs.params]  # type: ignore[attr-defined]
+        result.add_(tensor, alpha=p.weight)
+    if inputs.shared.normalize:
+        weights = [p.weight for p in inputs.params]
         total = torch.tensor(weights, dtype=first.dtype).sum()
         if total.abs() < 1e-8:
             raise ValueError("linear: the weights sum to zero; set normalize: false")
@@ -48,15 +56,19 @@ def linear(inputs: MergeInputs) -> torch.Tensor:
 
 
 register(
-    MergeMethod(
+    MergeMethod[LinearShared, LinearModel](
         name="linear",
         pretty_name="Linear",
         paper_url="https://arxiv.org/abs/2203.05482",
         merge=linear,
         check=check_weights,
-        chunkable=lambda shared, params: True,
+        chunking=ELEMENTWISE,
         shared_params=LinearShared,
         model_params=LinearModel,
+        examples=(
+            Example(({"weight": 0.4}, {"weight": 0.6}), base=False),
+            Example(({"weight": 0.7}, {"weight": -0.2}), {"normalize": False}, base=False),
+        ),
         description="Weighted average of the models.",
     )
 )

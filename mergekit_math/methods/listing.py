@@ -61,7 +61,7 @@ def _range(info: Any) -> str | None:
     return f"{low or '(-inf'}, {high or 'inf)'}"
 
 
-def param_specs(method: MergeMethod, model: type[BaseModel]) -> list[ParamSpec]:
+def param_specs(method: MergeMethod[Any, Any], model: type[BaseModel]) -> list[ParamSpec]:
     """The parameters of ``model`` (the method's per-model or recipe-level model)."""
     shared = model is method.shared_params
     out = []
@@ -78,7 +78,7 @@ def param_specs(method: MergeMethod, model: type[BaseModel]) -> list[ParamSpec]:
     return out
 
 
-def describe_inputs(method: MergeMethod) -> str:
+def describe_inputs(method: MergeMethod[Any, Any]) -> str:
     """How many models the method takes: ``base + 1 or more``, ``exactly 1 per slice``…"""
     low, high = method.min_models, method.max_models
     if high == low:
@@ -89,12 +89,14 @@ def describe_inputs(method: MergeMethod) -> str:
         count = f"{low} to {high}"
     if method.base == "required":
         return f"base + {count}"
+    if method.base == "optional":
+        return f"optional base + {count}"
     if high == 1:
         return f"{count} per slice"
     return f"{count}; no base"
 
 
-def _params(method: MergeMethod, model: type[BaseModel], code: bool) -> str:
+def _params(method: MergeMethod[Any, Any], model: type[BaseModel], code: bool) -> str:
     return ", ".join(s.render(code) for s in param_specs(method, model)) or "none"
 
 

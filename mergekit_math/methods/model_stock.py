@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from mergekit_math.methods.base import (
+    Example,
     MergeInputs,
     MergeMethod,
     Params,
@@ -42,14 +43,14 @@ def pairwise_cosine(offsets: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(cosines).mean(dim=0).unsqueeze(-1)
 
 
-def model_stock(inputs: MergeInputs) -> torch.Tensor:
+def model_stock(inputs: MergeInputs[ModelStockShared, ModelStockModel]) -> torch.Tensor:
     """t = N·cosθ / (1 + (N−1)·cosθ); out = t·mean(models) + (1−t)·base."""
     import torch
 
     assert inputs.base is not None
     base, models = inputs.base, inputs.tensors
     shape = base.shape
-    if inputs.shared.filter_wise:  # type: ignore[attr-defined]
+    if inputs.shared.filter_wise:
         if base.dim() == 1:
             base = base.unsqueeze(0)
             models = [m.unsqueeze(0) for m in models]
@@ -70,15 +71,16 @@ def model_stock(inputs: MergeInputs) -> torch.Tensor:
 
 
 register(
-    MergeMethod(
+    MergeMethod[ModelStockShared, ModelStockModel](
         name="model_stock",
         pretty_name="Model Stock",
         paper_url="https://arxiv.org/abs/2403.19522",
         merge=model_stock,
         shared_params=ModelStockShared,
         model_params=ModelStockModel,
+        examples=(Example(({}, {})), Example(({}, {}), {"filter_wise": True})),
         base="required",
-        min_models=2,
+        inputs=(2, None),
         description="Angle-based interpolation of the fine-tunes' average towards the base.",
     )
 )

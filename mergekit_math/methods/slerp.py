@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from mergekit_math.methods.base import (
+    Example,
     MergeInputs,
     MergeMethod,
     Params,
@@ -60,22 +61,22 @@ def slerp(
     return (coef_a * a + coef_b * b).reshape(v0.shape)
 
 
-def slerp_merge(inputs: MergeInputs) -> torch.Tensor:
+def slerp_merge(inputs: MergeInputs[SlerpShared, SlerpModel]) -> torch.Tensor:
     assert inputs.base is not None and len(inputs.tensors) == 1
-    return slerp(inputs.shared.t, inputs.base, inputs.tensors[0])  # type: ignore[attr-defined]
+    return slerp(inputs.shared.t, inputs.base, inputs.tensors[0])
 
 
 register(
-    MergeMethod(
+    MergeMethod[SlerpShared, SlerpModel](
         name="slerp",
         pretty_name="SLERP",
         paper_url="https://en.wikipedia.org/wiki/Slerp",
         merge=slerp_merge,
         shared_params=SlerpShared,
         model_params=SlerpModel,
+        examples=(Example(({},), {"t": 0.3}), Example(({},), {"t": 1.0})),
         base="required",
-        min_models=1,
-        max_models=1,
+        inputs=(1, 1),
         description="Spherical interpolation between base_model and one other model.",
     )
 )

@@ -209,7 +209,7 @@ def encode_sparse(
     """DARE drop-and-rescale, stored as values plus indices or a bitmask (the smaller)."""
     import torch
 
-    from mergekit_math.methods.task_arithmetic import random_drop
+    from mergekit_math.methods.sparsify import random_drop
 
     keep = keep_probability(drop)
     kept = random_drop(delta, keep, "paper", generator)

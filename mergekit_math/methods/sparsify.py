@@ -1,0 +1,317 @@
+"""Sparsification kernels any method may import: magnitude (TIES trim), random (DARE),
+magnitude with outliers (Model Breadcrumbs) and DELLA's MagPrune, plus the exact k-th
+largest selection they rest on.
+
+Pure functions of tensors (no IO, no global RNG); randomness comes from the generator
+passed in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from mergekit_math.methods.base import reduce_sum
+
+if TYPE_CHECKING:
+    import torch
+
+Rescale = Literal["paper", "l1"]
+
+
+def rescale_l1(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Scale ``kept`` so its L1 norm equals that of ``delta`` (mergekit's ``rescale``)."""
+    before = reduce_sum(delta.abs())
+    after = reduce_sum(kept.abs())
+    if before < eps or after < eps:
+        return kept
+    return kept * (before / after)
+
+
+# Tensors up to this many elements get their threshold from one kthvalue; larger ones from a
+# sample-bracketed selection (exact, and about 10x cheaper on embedding-sized tensors).
+_DIRECT_SELECT = 1 << 20
+_SELECT_CHUNK = 1 << 18
+_SAMPLE = 1 << 16
+
+
+@dataclass(frozen=True)
+class Selection:
+    threshold: float  # the k-th largest value
+    above: int  # how many values are larger
+    ties: torch.Tensor  # ascending positions of the values equal to the threshold
+
+
+def _select_directly(values: torch.Tensor, k: int) -> Selection:
+    import torch
+
+    n = values.numel()
+    threshold = float(torch.kthvalue(values, n - k + 1).values)
+    above, ties = 0, []
+    for start in range(0, n, _SELECT_CHUNK):
+        part = values[start : start + _SELECT_CHUNK]
+        above += int(torch.count_nonzero(part > threshold))
+        ties.append((part == threshold).nonzero().flatten() + start)
+    return Selection(threshold, above, torch.cat(ties))
+
+
+def kth_select(values: torch.Tensor, k: int) -> Selection:
+    """The exact ``k``-th largest element of a flat float tensor (``1 <= k <= n``), with how
+    many elements exceed it and where the elements equal to it are.
+
+    For large tensors a strided sample brackets the answer; one chunked pass counts the
+    elements above the bracket and collects those inside it (about 2 %, with positions), and
+    a kthvalue over those finishes. Should the bracket miss (the counts say so), it falls back
+    to a kthvalue over everything, so the result is always exact.
+    """
+    import torch
+
+    n = values.numel()
+    if n <= _DIRECT_SELECT:
+        return _select_directly(values, k)
+    stride = n // _SAMPLE
+    sample = values[::stride][:_SAMPLE].contiguous()
+    size = sample.numel()
+    below = (n - k) / n  # fraction of elements below the answer
+    margin = 8 * math.sqrt(size * below * (1 - below)) + 16
+    lo_rank, hi_rank = int(size * below - margin), int(size * below + margin) + 1
+    lo = float(torch.kthvalue(sample, lo_rank).values) if lo_rank >= 1 else -math.inf
+    hi = float(torch.kthvalue(sample, hi_rank).values) if hi_rank <= size else math.inf
+    above = 0
+    positions, inside = [], []
+    for start in range(0, n, _SELECT_CHUNK):
+        part = values[start : start + _SELECT_CHUNK]
+        not_above = part <= hi
+        above += part.numel() - int(torch.count_nonzero(not_above))
+        where = (not_above & (part >= lo)).nonzero().flatten()
+        inside.append(part[where])
+        positions.append(where + start)
+    candidates = torch.cat(inside)
+    if not (above < k <= above + candidates.numel()):
+        return _select_directly(values, k)
+    rank = k - above  # rank from the top among the candidates
+    threshold = float(torch.kthvalue(candidates, candidates.numel() - rank + 1).values)
+    above += int(torch.count_nonzero(candidates > threshold))
+    return Selection(threshold, above, torch.cat(positions)[candidates == threshold])
+
+
+def kth_largest(values: torch.Tensor, k: int) -> float:
+    """The exact ``k``-th largest element of a flat float tensor (``1 <= k <= n``)."""
+    return kth_select(values, k).threshold
+
+
+class MagnitudeTrim:
+    """TIES trim of one tensor's delta: keep its ``k`` largest magnitudes.
+
+    Entries equal to the threshold fill the remaining places in index order, so exactly ``k``
+    are kept and the choice depends neither on the selection algorithm nor on the thread
+    count. ``ranges`` are the chunks :meth:`apply` will get (any order, any thread); each
+    chunk's share of the tied entries is fixed here.
+    """
+
+    def __init__(
+        self, magnitude: torch.Tensor, density: float, ranges: list[tuple[int, int]] | None = None
+    ):
+        import torch
+
+        n = magnitude.numel()
+        k = max(1, int(density * n))
+        selection = kth_select(magnitude, k)
+        self.threshold = selection.threshold
+        kept_ties = selection.ties[: k - selection.above]
+        self.ties: dict[int, torch.Tensor] = {}
+        for start, end in ranges or [(0, n)]:
+            lo, hi = torch.searchsorted(
+                kept_ties, torch.tensor([start, end], device=kept_ties.device)
+            ).tolist()
+            self.ties[start] = kept_ties[lo:hi] - start
+
+    def apply(self, delta: torch.Tensor, start: int = 0) -> torch.Tensor:
+        flat = delta.reshape(-1)
+        magnitude = flat.abs()
+        # 1.0 above the threshold, else 0.0: sign(|d| - t) ∈ {-1, 0, 1} -> {0, 0, 1}
+        keep = (magnitude - self.threshold).sign_().add_(1).mul_(0.5).floor_()
+        ties = self.ties[start]
+        if ties.numel():
+            keep[ties] = 1.0
+        return (flat * keep).reshape(delta.shape)
+
+
+def magnitude_prune(delta: torch.Tensor, density: float, rescale: Rescale | None) -> torch.Tensor:
+    """Keep the ``max(1, int(density·n))`` entries of largest magnitude (TIES trim)."""
+    if density >= 1:
+        return delta
+    kept = MagnitudeTrim(delta.reshape(-1).abs(), density).apply(delta)
+    return rescale_l1(delta, kept) if rescale == "l1" else kept
+
+
+def magnitude_outliers_prune(
+    delta: torch.Tensor, density: float, gamma: float, rescale: Rescale | None
+) -> torch.Tensor:
+    """Drop the ``gamma`` fraction of largest entries, then the smallest, keeping ``density``."""
+    import torch
+
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bottom = max(0, n - target - n_top)
+    flat = delta.reshape(-1)
+    order = torch.sort(flat.abs(), descending=False, stable=True).indices
+    keep = order[n_bottom : n_bottom + target]
+    kept = torch.zeros_like(flat)
+    kept[keep] = flat[keep]
+    kept = kept.reshape(delta.shape)
+    return rescale_l1(delta, kept) if rescale == "l1" else kept
+
+
+def _numpy_stream(generator: torch.Generator) -> Any:
+    """A numpy ``Generator`` continuing ``generator``'s Mersenne Twister stream, or None.
+
+    torch's CPU generator is MT19937 and its float32 ``rand`` is ``(x & 0xFFFFFF) · 2**-24``
+    for consecutive 32-bit outputs ``x``; numpy's MT19937 makes the same outputs about twice
+    as fast. The state is copied from ``get_state()`` (layout: initial seed u64, ``left``
+    i32, ``seeded`` i32, ``next`` u64, 624 words as u64) and the copy is checked against
+    torch on a few draws; any mismatch (another torch layout) returns None.
+    """
+    import struct
+
+    import numpy as np
+    import torch
+
+    raw = generator.get_state().numpy().tobytes()
+    if len(raw) < 24 + 624 * 8:
+        return None
+    (left,) = struct.unpack_from("<i", raw, 8)
+    (position,) = struct.unpack_from("<Q", raw, 16)
+    key = np.frombuffer(raw, dtype="<u8", count=624, offset=24).astype(np.uint32)
+    bits = np.random.MT19937()
+    try:
+        bits.state = {
+            "bit_generator": "MT19937",
+            "state": {"key": key, "pos": 624 if left == 1 else int(position)},
+        }
+    except (ValueError, TypeError):
+        return None
+    probe = torch.Generator()
+    probe.set_state(generator.get_state())
+    expected = torch.rand(8, generator=probe)
+    check = np.random.Generator(np.random.MT19937())
+    check.bit_generator.state = bits.state
+    got = check.integers(0, 2**32, size=8, dtype=np.uint32) & 0xFFFFFF
+    if not torch.equal(torch.from_numpy(got.astype(np.float32) * 2.0**-24), expected):
+        return None
+    return np.random.Generator(bits)
+
+
+class KeepMask:
+    """DARE's keep decisions for one tensor, as a 0/1 float mask: exactly
+    ``torch.rand(numel, generator) < density``
+    drawn lazily for the chunks ``ranges``, so a tensor processed in chunks gets the mask it
+    would get whole. :meth:`take` may be called from several threads in any order: the
+    stream is drawn in range order under a lock and masks drawn early wait in a cache.
+    """
+
+    def __init__(
+        self,
+        numel: int,
+        density: float,
+        generator: torch.Generator,
+        ranges: list[tuple[int, int]] | None = None,
+    ):
+        import threading
+
+        import torch
+
+        self.density = density
+        self.generator = generator
+        # rand() < density  <=>  (x & 0xFFFFFF) < ceil(float32(density) · 2**24)
+        scaled = float(torch.tensor(density, dtype=torch.float32)) * 2.0**24
+        self.limit = math.ceil(scaled)
+        self.stream = _numpy_stream(generator)
+        self.ranges = ranges or [(0, numel)]
+        self._next = 0  # index into ranges of the next range to draw
+        self._ready: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def _draw(self, count: int) -> torch.Tensor:
+        import torch
+
+        if self.stream is None:
+            return (torch.rand(count, generator=self.generator) < self.density).float()
+        import numpy as np
+
+        words = self.stream.integers(0, 2**32, size=count, dtype=np.uint32)
+        words &= 0xFFFFFF
+        return torch.from_numpy((words < self.limit).astype(np.float32))
+
+    def take(self, start: int, end: int) -> torch.Tensor:
+        """Boolean keep mask for the flat range ``[start, end)``, one of ``ranges``."""
+        with self._lock:
+            while start not in self._ready:
+                if self._next >= len(self.ranges):
+                    raise ValueError(f"KeepMask.take: {start}:{end} is not an undrawn range")
+                a, b = self.ranges[self._next]
+                self._next += 1
+                self._ready[a] = self._draw(b - a)
+            mask = self._ready.pop(start)
+        if mask.numel() != end - start:
+            raise ValueError(f"KeepMask.take: {start}:{end} is not one of the ranges")
+        return mask
+
+
+def apply_keep(
+    delta: torch.Tensor, mask: torch.Tensor, density: float, rescale: Rescale | None
+) -> torch.Tensor:
+    kept = delta * mask.to(delta.device).reshape(delta.shape)
+    if rescale == "paper":
+        return kept.div_(density)
+    if rescale == "l1":
+        return rescale_l1(delta, kept)
+    return kept
+
+
+def random_drop(
+    delta: torch.Tensor, density: float, rescale: Rescale | None, generator: torch.Generator
+) -> torch.Tensor:
+    """DARE: keep each entry with probability ``density`` (Bernoulli), zero the rest.
+
+    ``paper`` divides the kept entries by ``density`` so the expected delta is unchanged.
+    """
+    import torch
+
+    if density >= 1:
+        return delta
+    mask = torch.rand(delta.shape, generator=generator, dtype=torch.float32) < density
+    return apply_keep(delta, mask.to(delta.device), density, rescale)
+
+
+def della_drop(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    rescale: Rescale | None,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """DELLA MagPrune: per row, keep probability rises linearly with magnitude rank from
+    ``density - epsilon`` to ``density + epsilon``."""
+    import torch
+
+    if density >= 1:
+        return delta
+    if density - epsilon <= 0 or density + epsilon >= 1:
+        raise ValueError(f"della needs density ± epsilon inside (0, 1), got {density} ± {epsilon}")
+    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    # stable: equal magnitudes rank in index order, the same on every device
+    ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).to(torch.float32)
+    span = (rows.shape[1] - 1) or 1
+    probs = (density - epsilon) + (ranks / span) * (2 * epsilon)
+    mask = torch.rand(rows.shape, generator=generator, dtype=torch.float32).to(rows.device) < probs
+    kept = (rows * mask).reshape(delta.shape)
+    if rescale == "paper":
+        return kept.div_(probs.reshape(delta.shape).to(kept.dtype))
+    if rescale == "l1":
+        return rescale_l1(delta, kept)
+    return kept
