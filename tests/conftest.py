@@ -150,6 +150,27 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="session")
+def demo_zoo(tmp_path_factory) -> dict[str, Path]:
+    """Tiny stand-ins for the demo models that recipes/ names (../demo/base, math_a, math_b):
+    a fp32 Llama with the demo's 30 layers and two fine-tunes of it."""
+    root = tmp_path_factory.mktemp("demo")
+    base = make_model(root / "base", seed=0, layers=30)
+    return {
+        "base": base,
+        "a": make_model(root / "a", base=base, seed=1, noise=0.05),
+        "b": make_model(root / "b", base=base, seed=2, noise=0.05),
+    }
+
+
+def demo_recipe(name: str, models: dict[str, Path]) -> str:
+    """recipes/NAME.yaml with its demo models replaced by ``models`` (keys base, a, b)."""
+    text = (Path(__file__).resolve().parent.parent / "recipes" / f"{name}.yaml").read_text()
+    for demo, key in (("base", "base"), ("math_a", "a"), ("math_b", "b")):
+        text = text.replace(f"../demo/{demo}", str(models[key]))
+    return text
+
+
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

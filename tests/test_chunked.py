@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_dir, make_model, write_recipe
+from conftest import load_dir, write_recipe
 
 from mergekit_math.errors import UserError
 from mergekit_math.merge import build_plan, execute, is_chunked
@@ -30,48 +30,7 @@ def run(recipe: Path, out: Path, **kwargs) -> dict[str, torch.Tensor]:
     return load_dir(out)
 
 
-@pytest.fixture(scope="module")
-def bf16_zoo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bf16zoo")
-    base = make_model(root / "base", seed=0, dtype="bfloat16", tied=True)
-    return {
-        "base": base,
-        "a": make_model(root / "a", base=base, seed=1, dtype="bfloat16"),
-        "b": make_model(root / "b", base=base, seed=2, dtype="bfloat16"),
-        "c": make_model(root / "c", base=base, seed=3, dtype="bfloat16"),
-    }
-
-
-RECIPES = {
-    "task_arithmetic": "{weight: 0.7}",
-    "ties": "{weight: 0.6, density: 0.3}",
-    "dare_ties": "{weight: 0.5, density: 0.2}",
-    "dare_linear": "{weight: 0.5, density: 0.7}",
-    "linear": "{weight: 0.4}",
-}
-
-
-@pytest.mark.parametrize("method", sorted(RECIPES))
-@pytest.mark.parametrize("zoo_name", ["zoo", "bf16_zoo"])
-def test_chunked_equals_whole(tmp_path, request, method, zoo_name):
-    zoo = request.getfixturevalue(zoo_name)
-    params = RECIPES[method]
-    base_line = "" if method == "linear" else f"base_model: {zoo['base']}\n"
-    recipe = write_recipe(
-        tmp_path / "r.yaml",
-        f"merge_method: {method}\n{base_line}seed: 3\nmodels:\n"
-        f"  - model: {zoo['a']}\n    parameters: {params}\n"
-        f"  - model: {zoo['b']}\n    parameters: {params}\n"
-        f"  - model: {zoo['c']}\n    parameters: {params}\n",
-    )
-    plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
-    assert all(is_chunked(plan, item) for item in plan.items)
-    whole = run(recipe, tmp_path / "whole", chunk_elements=10**9)
-    # 997 elements: chunk boundaries fall mid-row and every tensor has several chunks
-    chunked = run(recipe, tmp_path / "chunked", chunk_elements=997, max_shard_size=30_000)
-    assert whole.keys() == chunked.keys()
-    for name in whole:
-        assert torch.equal(whole[name].view(torch.uint8), chunked[name].view(torch.uint8)), name
+# Whole against chunked runs for every method that declares chunking: tests/test_contract.py.
 
 
 def test_chunked_with_per_model_origin(tmp_path, zoo):

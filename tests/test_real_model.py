@@ -17,6 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import demo_recipe
+
+from mergekit_math.methods import all_methods
 
 pytestmark = pytest.mark.slow
 
@@ -34,31 +37,12 @@ TIES_TENSORS = (
     "model.embed_tokens.weight",
 )
 
-DELTA_METHODS = (
-    "task_arithmetic",
-    "ties",
-    "dare_linear",
-    "dare_ties",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-)
-METHODS = [
-    "linear",
-    "task_arithmetic",
-    "ties",
-    "dare_linear",
-    "dare_ties",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-    "slerp",
-    "model_stock",
-    "passthrough",
-    "passthrough_stack",
-]
+# Every registered method runs its recipes/NAME.yaml (the demo paths replaced by SmolLM2 and
+# its perturbations); TIES and the passthrough split also run the pinned recipes of _recipe.
+METHODS = [m.name for m in all_methods()]
+PINNED = ["ties", "passthrough"]
+# Output layers of the recipes that stack layers (recipes/passthrough.yaml: [0, 20] + [10, 30]).
+STACKED_LAYERS = {"passthrough": 40}
 
 
 def _importable(name: str) -> bool:
@@ -113,29 +97,14 @@ def _rel(path: Path, recipe_dir: Path) -> str:
 
 def _recipe(method: str, m: dict[str, Path], recipe_dir: Path) -> str:
     base, a, b = (_rel(m[k], recipe_dir) for k in ("base", "a", "b"))
-    pair = f"""models:
+    if method == "ties":
+        body = f"""base_model: {base}
+models:
   - model: {a}
     parameters: {{weight: 0.5, density: 0.5}}
   - model: {b}
     parameters: {{weight: 0.5, density: 0.5}}
 """
-    if method == "linear":
-        body = f"""models:
-  - model: {a}
-    parameters: {{weight: 0.5}}
-  - model: {b}
-    parameters: {{weight: 0.5}}
-"""
-    elif method in DELTA_METHODS:
-        body = f"base_model: {base}\n{pair}"
-        if method.startswith("breadcrumbs"):
-            body = body.replace("density: 0.5}", "density: 0.5, gamma: 0.01}")
-        if method.startswith("della"):
-            body = body.replace("density: 0.5}", "density: 0.5, epsilon: 0.1}")
-    elif method == "slerp":
-        body = f"base_model: {base}\nmodels:\n  - model: {a}\nparameters: {{t: 0.5}}\n"
-    elif method == "model_stock":
-        body = f"base_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n"
     elif method == "passthrough":
         body = f"""slices:
   - sources:
@@ -145,16 +114,6 @@ def _recipe(method: str, m: dict[str, Path], recipe_dir: Path) -> str:
       - model: {a}
         layer_range: [{SPLIT}, {LAYERS}]
 """
-    elif method == "passthrough_stack":  # a 40-layer frankenmerge: overlapping ranges
-        body = f"""slices:
-  - sources:
-      - model: {base}
-        layer_range: [0, 20]
-  - sources:
-      - model: {a}
-        layer_range: [10, 30]
-"""
-        method = "passthrough"
     else:
         raise ValueError(method)
     return f"merge_method: {method}\n{body}dtype: bfloat16\n"
@@ -191,13 +150,28 @@ def _generate(folder: Path) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_recipe_merge_generates(
+    method: str, smol: dict[str, Path], tmp_path: Path, out_dir: Path
+) -> None:
+    recipe = tmp_path / f"{method}.yaml"
+    recipe.write_text(demo_recipe(method, smol))
+    _merge(recipe, out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["num_hidden_layers"] == STACKED_LAYERS.get(method, LAYERS)
+    _generate(out_dir)
+    if method == "passthrough":
+        _check_slices(
+            smol, out_dir, [(0, "base", 0), (19, "base", 19), (20, "a", 10), (39, "a", 29)]
+        )
+
+
+@pytest.mark.parametrize("method", PINNED)
 def test_merge_generates(method: str, smol: dict[str, Path], tmp_path: Path, out_dir: Path):
     recipe = tmp_path / f"{method}.yaml"
     recipe.write_text(_recipe(method, smol, tmp_path))
     _merge(recipe, out_dir)
     config = json.loads((out_dir / "config.json").read_text())
-    layers = {"passthrough_stack": 40}.get(method, LAYERS)
-    assert config["num_hidden_layers"] == layers
+    assert config["num_hidden_layers"] == LAYERS
     _generate(out_dir)
     if method == "ties":
         _check_ties(smol, out_dir)
@@ -206,10 +180,6 @@ def test_merge_generates(method: str, smol: dict[str, Path], tmp_path: Path, out
             smol,
             out_dir,
             [(0, "base", 0), (SPLIT - 1, "base", SPLIT - 1), (SPLIT, "a", SPLIT), (29, "a", 29)],
-        )
-    if method == "passthrough_stack":
-        _check_slices(
-            smol, out_dir, [(0, "base", 0), (19, "base", 19), (20, "a", 10), (39, "a", 29)]
         )
 
 

@@ -44,20 +44,22 @@ def slerp(
 
     a = v0.reshape(-1)
     b = v1.reshape(-1)
+    # t in the tensors' dtype, so 1 - t and the angles round as mergekit rounds them
+    tt = torch.tensor(t, dtype=a.dtype, device=a.device)
     if a.numel() == 0:
-        return ((1 - t) * v0 + t * v1).reshape(v0.shape)
+        return ((1 - tt) * v0 + tt * v1).reshape(v0.shape)
     norm_a = reduce_norm(a)
     norm_b = reduce_norm(b)
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
     dot = reduce_sum((a / norm_a) * (b / norm_b)).clamp(-1, 1)
     if dot.abs() > dot_threshold:
-        coef_a, coef_b = 1 - t, t
+        coef_a, coef_b = 1 - tt, tt
     else:
         theta = torch.acos(dot)
         sin_theta = torch.sin(theta)
-        coef_a = torch.sin((1 - t) * theta) / sin_theta
-        coef_b = torch.sin(t * theta) / sin_theta
+        coef_a = torch.sin((1 - tt) * theta) / sin_theta
+        coef_b = torch.sin(tt * theta) / sin_theta
     return (coef_a * a + coef_b * b).reshape(v0.shape)
 
 
@@ -77,6 +79,8 @@ register(
         examples=(Example(({},), {"t": 0.3}), Example(({},), {"t": 1.0})),
         base="required",
         inputs=(1, 1),
+        # equal tensors interpolate linearly: (1 - t)·x + t·x, which rounds away from x
+        keeps_base=False,
         description="Spherical interpolation between base_model and one other model.",
     )
 )

@@ -219,10 +219,13 @@ def _examples(variant: Variant) -> tuple[Example, ...]:
     if variant.sparsification == "della":
         extra["epsilon"] = 0.1
     first, second = {"weight": 0.6, **extra}, {"weight": 0.5, **extra}
-    return (
+    examples = [
         Example((first, second)),
         Example((first, second), {"lambda": 0.8, "normalize": True}),
-    )
+    ]
+    if variant.sparsification != "none":
+        examples.append(Example((first, second), {"rescale": "l1"}))
+    return tuple(examples)
 
 
 def _register(
