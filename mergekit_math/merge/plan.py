@@ -235,7 +235,9 @@ def _build_groups(
     for g in groups:
         n = len(g.sources)
         if n < method.min_models or (method.max_models is not None and n > method.max_models):
-            what = "inputs besides the base model" if method.base != "none" else "inputs"
+            what = "input" if method.min_models == method.max_models == 1 else "inputs"
+            if method.base != "none":
+                what += " besides the base model"
             if method.max_models == method.min_models:
                 want = f"exactly {method.min_models}"
             else:
