@@ -1,5 +1,10 @@
-"""Parameter resolution: a recipe setting's value for one tensor and input, checked against
-the method's parameter models, and the seed of each input's generator."""
+"""Parameters, from the YAML key to the kernel: the one owner of that path.
+
+:func:`check_param_names` checks every key a recipe sets against the method's parameter
+models (unknown names, recipe-level keys set per model, no-effect keys) and every value it
+can take, before anything is read; :func:`resolve_item_params` gives each output tensor its
+typed parameters (the first setting found from the input up to the recipe level, evaluated
+for the tensor's name and layer position); :func:`_seed_for` keys each input's generator."""
 
 from __future__ import annotations
 
@@ -11,7 +16,49 @@ from pydantic import BaseModel, ValidationError
 from mergekit_math.errors import UserError
 from mergekit_math.merge.types import PlanItem
 from mergekit_math.methods import MergeMethod, param_keys
-from mergekit_math.recipe import Parameters, Recipe, check_value, evaluate_setting
+from mergekit_math.recipe import (
+    Parameters,
+    Recipe,
+    check_value,
+    evaluate_setting,
+    iter_leaves,
+    suggest,
+)
+
+
+def check_param_names(recipe: Recipe, method: MergeMethod, warnings: list[str]) -> None:
+    shared = param_keys(method.shared_params)
+    per_model = param_keys(method.model_params)
+    known = sorted(set(shared) | set(per_model))
+
+    def check(params: Parameters | None, where: str, level: str) -> None:
+        for key, setting in (params or {}).items():
+            path = f"{where}.parameters.{key}" if where else f"parameters.{key}"
+            if key not in shared and key not in per_model:
+                listing = ", ".join(known) if known else "none"
+                raise UserError(
+                    f"{path}: unknown parameter {key!r} for {method.name}{suggest(key, known)} "
+                    f"(its parameters: {listing})"
+                )
+            if level == "model" and key in shared:
+                raise UserError(
+                    f"{path}: {key!r} applies to the whole merge; set it under the top-level "
+                    "'parameters'"
+                )
+            if key in method.ignored:
+                warnings.append(f"{path}: {key!r} has no effect for {method.name}")
+            model = method.shared_params if key in shared else method.model_params
+            field_name = (shared if key in shared else per_model)[key]
+            for leaf in iter_leaves(setting):
+                check_value(model, field_name, leaf, path)
+
+    check(recipe.parameters, "", "top")
+    for i, m in enumerate(recipe.models or []):
+        check(m.parameters, f"models[{i}]", "model")
+    for i, s in enumerate(recipe.slices or []):
+        check(s.parameters, f"slices[{i}]", "top")
+        for j, src in enumerate(s.sources):
+            check(src.parameters, f"slices[{i}].sources[{j}]", "model")
 
 
 def _settings_value(
@@ -64,7 +111,7 @@ def _seed_for(seed: int, source_index: int, tensor: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _resolve_item_params(recipe: Recipe, method: MergeMethod, item: PlanItem) -> None:
+def resolve_item_params(recipe: Recipe, method: MergeMethod, item: PlanItem) -> None:
     """Resolve the recipe-level and per-input parameters of one output tensor."""
     group, name, t = item.group, item.out.name, item.t
     group_chain = [(f"{group.where}.parameters", group.parameters)] if group.parameters else []

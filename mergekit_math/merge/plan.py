@@ -19,11 +19,11 @@ from mergekit_math.io.reader import (
     layer_of,
 )
 from mergekit_math.io.resolve import resolve_model
-from mergekit_math.merge.params import _resolve_item_params
+from mergekit_math.merge.params import check_param_names, resolve_item_params
 from mergekit_math.merge.types import Plan, PlanItem, SliceGroup, Source
-from mergekit_math.methods import MergeMethod, all_methods, get_method, param_keys
+from mergekit_math.methods import MergeMethod, all_methods, get_method
 from mergekit_math.patch.source import open_patch_source
-from mergekit_math.recipe import Parameters, Recipe, check_value, iter_leaves, suggest
+from mergekit_math.recipe import Recipe
 
 DEFAULT_SEED = 0
 
@@ -47,41 +47,6 @@ class _Loader:
             except UserError as exc:
                 raise UserError(f"{where}: {exc}") from None
         return self.by_path[key]
-
-
-def _check_param_names(recipe: Recipe, method: MergeMethod, warnings: list[str]) -> None:
-    shared = param_keys(method.shared_params)
-    per_model = param_keys(method.model_params)
-    known = sorted(set(shared) | set(per_model))
-
-    def check(params: Parameters | None, where: str, level: str) -> None:
-        for key, setting in (params or {}).items():
-            path = f"{where}.parameters.{key}" if where else f"parameters.{key}"
-            if key not in shared and key not in per_model:
-                listing = ", ".join(known) if known else "none"
-                raise UserError(
-                    f"{path}: unknown parameter {key!r} for {method.name}{suggest(key, known)} "
-                    f"(its parameters: {listing})"
-                )
-            if level == "model" and key in shared:
-                raise UserError(
-                    f"{path}: {key!r} applies to the whole merge; set it under the top-level "
-                    "'parameters'"
-                )
-            if key in method.ignored:
-                warnings.append(f"{path}: {key!r} has no effect for {method.name}")
-            model = method.shared_params if key in shared else method.model_params
-            field_name = (shared if key in shared else per_model)[key]
-            for leaf in iter_leaves(setting):
-                check_value(model, field_name, leaf, path)
-
-    check(recipe.parameters, "", "top")
-    for i, m in enumerate(recipe.models or []):
-        check(m.parameters, f"models[{i}]", "model")
-    for i, s in enumerate(recipe.slices or []):
-        check(s.parameters, f"slices[{i}]", "top")
-        for j, src in enumerate(s.sources):
-            check(src.parameters, f"slices[{i}].sources[{j}]", "model")
 
 
 def _check_compatible(ref: Checkpoint, others: list[tuple[str, Checkpoint]]) -> None:
@@ -265,7 +230,7 @@ def build_plan(
 
     method = get_method(recipe.merge_method)
     warnings: list[str] = []
-    _check_param_names(recipe, method, warnings)
+    check_param_names(recipe, method, warnings)
     chat_template_text(recipe.chat_template)  # an unknown template name fails here
     load = _Loader(recipe_dir, allow_pickle)
 
@@ -317,7 +282,7 @@ def build_plan(
             copy_only=not is_float,
         )
         if not item.copy_only:
-            _resolve_item_params(recipe, method, item)
+            resolve_item_params(recipe, method, item)
         items.append(item)
 
     pre, layers, post = _ordered_names(reference)
