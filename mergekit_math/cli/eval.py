@@ -117,6 +117,8 @@ def eval_(
         typer.echo(f"results written to {output / 'results.json'}")
 
 
+# Long by its signature: typer reads `mmath push`'s options from it; the body checks them and
+# calls hub.push once.
 def push(
     model_dir: Annotated[
         Path, typer.Argument(metavar="MODEL_DIR", help="Model folder to publish.")

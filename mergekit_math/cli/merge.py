@@ -178,6 +178,8 @@ def plan_after_merge(
     return AfterMerge(options, requirements, settings, problems)
 
 
+# Long by its signature: the 30-odd typer options of `mmath merge` are declared here (typer reads
+# them from the signature); the body parses them and calls plan/execute/after_merge.
 def merge(
     recipe: Annotated[
         Path,

@@ -128,6 +128,7 @@ def valve_apply(
     typer.echo(f"wrote θ(α={alpha:g}) to {final}")
 
 
+# Long by its signature: typer reads the options from it; the body builds one valve sweep.
 @valve_app.command("sweep")
 def valve_sweep(
     model: Annotated[Path, typer.Option(help="The long-chain model L.")],

@@ -238,6 +238,8 @@ def _lora_encoded(plan: ExtractPlan, name: str, cdtype: torch.dtype) -> Encoded 
     return encode_delta(name, delta, info.dtype, o)
 
 
+# Long: the extraction of one patch reads as one sequence (open, plan tensors, encode each,
+# write atomically with the manifest); its steps are the helpers above.
 def extract(
     plan: ExtractPlan,
     out_dir: str | Path,

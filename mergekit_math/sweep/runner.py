@@ -53,6 +53,8 @@ BEST = "best"
 """Where --push-best merges the best point again when its weights were not kept."""
 
 
+# Long: the resume rules (which recorded, failed, busy or changed points run again) read best
+# as one sequence.
 def plan_sweep(settings: SweepSettings) -> Sweep:
     """Check the recipe, the keys and values, the input checkpoints (headers only) and the
     sweep folder; resolve every point's recipe and find the points already recorded."""
