@@ -1,0 +1,193 @@
+"""Karcher mean: the Riemannian centre of mass of the models' directions on the unit sphere.
+
+Each input tensor x_i (flattened) is split into a length r_i = ‖x_i‖ and a direction
+u_i = x_i / r_i on the unit hypersphere. The Karcher (Fréchet) mean of the directions is the
+point m of the sphere that minimises Σ_i α_i · d(m, u_i)², d the great-circle distance. It is
+found by Riemannian gradient descent from the normalised linear mean:
+
+    θ_i = arccos⟨m, u_i⟩                                   (angle to each direction)
+    v   = Σ_i α_i · θ_i / sin θ_i · (u_i − ⟨m, u_i⟩ m)      (log map: mean tangent vector)
+    m  ← cos‖v‖ · m + sin‖v‖ · v / ‖v‖                     (exp map: step along the sphere)
+
+until ‖v‖ < tol or ``max_iter`` steps. The result is m rescaled to the mean length Σ_i α_i r_i,
+so unlike a linear average it does not shrink when the models point apart.
+
+As mergekit 0.1.5 (https://arxiv.org/abs/2603.04972), the weights are equal (α_i = 1/N over
+every input, base_model included when the recipe names one), an input whose norm is at most
+``tol`` takes no part in the direction (its length still counts in the scale; all of them that
+small give zeros), and every branch is decided on the same scalars mergekit decides it on, so
+the steps are the same ones. Dot products over more than 4096 elements are summed with
+``reduce_sum`` instead of torch.dot (MKL's splits across threads), and norms with
+``reduce_norm``, so that the result does not depend on the thread count; tensors of up to 4096
+elements get mergekit's reductions, and its bits.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import Field
+
+from mergekit_math.methods.base import (
+    Example,
+    MergeInputs,
+    MergeMethod,
+    Params,
+    reduce_norm,
+    reduce_sum,
+    register,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+
+class KarcherShared(Params):
+    max_iter: int = Field(10, ge=0, description="Most gradient steps on the sphere.")
+    tol: float = Field(
+        1e-5,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="Stop when the mean tangent is shorter; also the smallest usable norm.",
+    )
+
+
+class KarcherModel(Params):
+    pass
+
+
+# MKL's float32 dot product splits the work across threads from 8192 elements on (measured
+# with torch 2.13's MKL): up to half of that torch.dot runs as one sequential reduction, as in
+# mergekit; longer dot products are summed by reduce_sum.
+DOT_SINGLE_THREAD = 4096
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a, b> of two flat tensors, as a 0-dim tensor of their dtype, thread-count independent.
+
+    Beyond 4096 elements: one tensor of products (float32 for 16-bit inputs, whose products
+    would otherwise round to 8 or 11 bits), summed by :func:`reduce_sum`."""
+    import torch
+
+    if a.numel() <= DOT_SINGLE_THREAD:
+        return torch.dot(a, b)
+    if a.dtype in (torch.bfloat16, torch.float16):
+        return reduce_sum(a.float() * b.float()).to(a.dtype)
+    return reduce_sum(a * b)
+
+
+def _norm(x: torch.Tensor, accumulate: torch.dtype) -> torch.Tensor:
+    """‖x‖ in the accumulation dtype (float32, or float64 for float64 tensors)."""
+    return reduce_norm(x.to(accumulate))
+
+
+def _linear_start(
+    units: list[torch.Tensor], weights: list[float], tol: float, accumulate: torch.dtype
+) -> torch.Tensor:
+    """The normalised weighted mean of the directions; the first one if they cancel out."""
+    import torch
+
+    mean = torch.zeros_like(units[0])  # summed from +0 so that -0 entries come out as +0
+    for weight, unit in zip(weights, units):
+        mean += weight * unit
+    length = _norm(mean, accumulate)
+    if length.item() < tol:
+        return units[0].clone()
+    return mean / length
+
+
+def _tangent(
+    mean: torch.Tensor, units: list[torch.Tensor], weights: list[float], tol: float
+) -> torch.Tensor:
+    """Σ_i α_i · θ_i / sin θ_i · (u_i − cos θ_i · m): the weighted log maps of the directions
+    at ``mean`` (directions closer than ``tol`` radians contribute nothing)."""
+    import torch
+
+    flat_mean = mean.reshape(-1)
+    tangent = torch.zeros_like(mean)
+    for weight, unit in zip(weights, units):
+        cos = _dot(flat_mean, unit.reshape(-1)).clamp(-1.0, 1.0)
+        theta = torch.arccos(cos)
+        if theta.item() < tol:
+            continue
+        tangent += weight * (theta / torch.sin(theta)) * (unit - cos * mean)
+    return tangent
+
+
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    import torch
+
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def karcher_mean(
+    tensors: list[torch.Tensor], alphas: list[float], max_iter: int = 10, tol: float = 1e-5
+) -> torch.Tensor:
+    """Weighted Karcher mean of the tensors' directions, scaled to Σ_i α_i ‖x_i‖.
+
+    ``alphas`` weigh the directions after renormalising over the usable inputs (norm above
+    ``tol``) and the lengths as given. One input is returned as is.
+    """
+    import torch
+
+    if len(tensors) == 1:
+        return tensors[0]
+    accumulate = _accumulation_dtype(tensors[0])
+    norms = [_norm(t, accumulate) for t in tensors]
+    usable = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not usable:
+        # Σ x_i · 0 rather than zeros: NaN inputs stay NaN, as in mergekit.
+        zeros = torch.zeros_like(tensors[0])
+        for t in tensors:
+            zeros += t * 0
+        return zeros
+    units = [tensors[i] / norms[i] for i in usable]
+    total = sum(alphas[i] for i in usable)
+    weights = [alphas[i] / total for i in usable]
+
+    mean = _linear_start(units, weights, tol, accumulate)
+    for _ in range(max_iter):
+        tangent = _tangent(mean, units, weights, tol)
+        step = _norm(tangent, accumulate)
+        if step.item() < tol:
+            break
+        mean = torch.cos(step) * mean + torch.sin(step) * (tangent / step)
+        # back onto the sphere (rounding drifts it off)
+        length = _norm(mean, accumulate)
+        if length.item() > tol:
+            mean = mean / length
+
+    scale = sum(alpha * norm for alpha, norm in zip(alphas, norms))
+    return scale * mean
+
+
+def karcher(inputs: MergeInputs[KarcherShared, KarcherModel]) -> torch.Tensor:
+    """Equal-weight Karcher mean of every input (α_i = 1/N)."""
+    tensors = inputs.tensors
+    n = len(tensors)
+    if n == 1:
+        return tensors[0]
+    shared = inputs.shared
+    return karcher_mean(tensors, [1.0 / n] * n, max_iter=shared.max_iter, tol=shared.tol)
+
+
+register(
+    MergeMethod[KarcherShared, KarcherModel](
+        name="karcher",
+        pretty_name="Karcher Mean",
+        paper_url="https://arxiv.org/abs/2603.04972",
+        merge=karcher,
+        shared_params=KarcherShared,
+        model_params=KarcherModel,
+        examples=(
+            Example(({}, {}), base=False),
+            Example(({}, {}, {}), {"max_iter": 3, "tol": 1e-4}, base=False),
+        ),
+        kind="tensors",
+        base="none",
+        inputs=(1, None),
+        description="Mean direction on the unit sphere (Riemannian), rescaled to the mean norm.",
+        # N equal inputs come back within a few ulps, not bit for bit (1/N weights round).
+        keeps_base=False,
+    )
+)
