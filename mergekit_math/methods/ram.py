@@ -1,0 +1,161 @@
+"""RAM: Reinforced Agent Merging (https://arxiv.org/abs/2601.13572), and its tensor-local
+RAM+ variant.
+
+With task vectors ``δ_i = model_i - base`` (i = 1..n), an entry *contributes* where
+``|δ_i| > ε``; ``c`` counts the contributors at each position.
+
+- **ram**: a position with one contributor takes its delta unchanged; a position with
+  several takes their mean; ``out = base + Σ_i [|δ_i| > ε]·δ_i / max(c, 1)``. Averaging
+  only over the models that changed a weight keeps a skill that one model learned alone
+  from being diluted by the others' zeros.
+- **ramplus_tl**: as ram, but each model's unique entries are amplified by
+  ``λ_i = 1 + r·clip(ρ_i, 0, α)``, where ``ρ_i = (#i's contributing entries at shared
+  positions) / max(#i's unique entries, ε)`` is counted over the whole tensor: a model whose
+  changes mostly overlap the others gets its few unique ones boosted.
+
+As mergekit 0.1.5 ``ram`` and ``ramplus_tl``. ram is elementwise and runs on chunks;
+ramplus_tl needs whole-tensor counts.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import Field
+
+from mergekit_math.methods.base import (
+    ELEMENTWISE,
+    Example,
+    MergeInputs,
+    MergeMethod,
+    Params,
+    register,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+_PAPER = "https://arxiv.org/abs/2601.13572"
+
+
+class RamShared(Params):
+    epsilon: float = Field(
+        1e-5, ge=0.0, description="A delta entry contributes where its magnitude exceeds this."
+    )
+
+
+class RamPlusShared(Params):
+    # > 0: it also floors the divisor of ρ, and 0 would give 0/0 for a model with no
+    # contributing entries (NaN over the whole tensor)
+    epsilon: float = Field(
+        1e-5,
+        gt=0.0,
+        description="A delta entry contributes where its magnitude exceeds this; also the "
+        "floor of the unique-entry count in ρ.",
+    )
+    r: float = Field(0.1, ge=0.0, description="Amplification rate of a model's unique entries.")
+    alpha: float = Field(0.2, ge=0.0, description="Cap of the overlap ratio ρ.")
+
+
+class RamModel(Params):
+    pass
+
+
+def contributions(
+    deltas: list[torch.Tensor], epsilon: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(flattened deltas with non-contributing entries zeroed, shape ``(n, numel)``; which
+    entries contribute, bool, same shape; contributors per position, int64, ``(1, numel)``)."""
+    import torch
+
+    stacked = torch.stack(deltas).reshape(len(deltas), -1)
+    contributes = stacked.abs() > epsilon
+    # δ·0 keeps the sign of δ on the zeros, as mergekit's product with its mask does
+    kept = stacked.mul_(contributes)
+    return kept, contributes, contributes.sum(dim=0, keepdim=True)
+
+
+def shared_mean(kept: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Each entry's share: itself where it is alone, divided by ``c`` where ``c`` models
+    contribute (an exact identity for ``c = 1``; positions without contributors hold zeros)."""
+    return kept / count.clamp(min=1)
+
+
+def ram_merge(inputs: MergeInputs[RamShared, RamModel]) -> torch.Tensor:
+    """``base + Σ_i [|δ_i| > ε]·δ_i / max(c, 1)``."""
+    base = inputs.base
+    assert base is not None
+    if not inputs.tensors:
+        return base
+    kept, _, count = contributions(inputs.tensors, inputs.shared.epsilon)
+    return base + shared_mean(kept, count).sum(dim=0).reshape(base.shape)
+
+
+def amplification(
+    contributes: torch.Tensor, count: torch.Tensor, shared: RamPlusShared
+) -> torch.Tensor:
+    """``λ_i = 1 + r·clip(ρ_i, 0, α)`` per model (shape ``(n, 1)``), with
+    ``ρ_i = #(i contributes, c > 1) / max(#(i contributes, c = 1), ε)``.
+
+    The counts are integers summed over the whole tensor (exact, thread-independent); the
+    ratio is then taken in float32, as in mergekit.
+    """
+    overlapping = (contributes & (count > 1)).sum(dim=1)
+    unique = (contributes & (count == 1)).sum(dim=1)
+    rho = overlapping / unique.clamp(min=shared.epsilon)
+    return (1 + shared.r * rho.clamp(min=0, max=shared.alpha)).unsqueeze(-1)
+
+
+def ramplus_tl_merge(inputs: MergeInputs[RamPlusShared, RamModel]) -> torch.Tensor:
+    """``base + Σ_i [|δ_i| > ε]·δ_i · (λ_i if c = 1 else 1/c)``."""
+    import torch
+
+    base = inputs.base
+    assert base is not None
+    if not inputs.tensors:
+        return base
+    kept, contributes, count = contributions(inputs.tensors, inputs.shared.epsilon)
+    scale = amplification(contributes, count, inputs.shared)
+    share = shared_mean(kept, count)
+    share = torch.where(count == 1, share * scale, share)
+    return base + share.sum(dim=0).reshape(base.shape)
+
+
+register(
+    MergeMethod[RamShared, RamModel](
+        name="ram",
+        pretty_name="Reinforced Agent Merging",
+        paper_url=_PAPER,
+        merge=ram_merge,
+        shared_params=RamShared,
+        model_params=RamModel,
+        examples=(
+            Example(({}, {})),
+            Example(({}, {}, {}), {"epsilon": 0.02}),
+        ),
+        kind="delta",
+        base="required",
+        inputs=(1, None),
+        chunking=ELEMENTWISE,
+        description="Keep deltas changed by one model, average those changed by several.",
+    )
+)
+
+register(
+    MergeMethod[RamPlusShared, RamModel](
+        name="ramplus_tl",
+        pretty_name="Reinforced Agent Merging Plus (Tensor-Local)",
+        paper_url=_PAPER,
+        merge=ramplus_tl_merge,
+        shared_params=RamPlusShared,
+        model_params=RamModel,
+        examples=(
+            Example(({}, {})),
+            Example(({}, {}, {}), {"epsilon": 0.02, "r": 0.5, "alpha": 1.0}),
+        ),
+        kind="delta",
+        base="required",
+        inputs=(1, None),
+        description="RAM with each model's unique deltas amplified by its overlap ratio.",
+    )
+)
