@@ -29,6 +29,7 @@ from mergekit_math.pipeline import Prefetcher, Unit, WriterThread
 
 if TYPE_CHECKING:
     import torch
+    from tqdm import tqdm
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -133,6 +134,237 @@ def _release_range(plan: Plan, item: PlanItem, start: int, end: int) -> None:
         ckpt.release_range(name, start, end)
 
 
+class _RangeInputs:
+    """Turns one range's raw (stored dtype) inputs of an item into ``(base, tensors)`` in the
+    compute dtype: per source its tensor, or its delta for a delta method, with the finite
+    check on every input read."""
+
+    def __init__(self, plan: Plan, item: PlanItem, device: str, finite: _FiniteCheck | None):
+        recipe = plan.recipe
+        inputs = _item_inputs(plan, item)
+        self.roles = [r for r, _, _ in inputs]
+        self.shapes = [c.info(n).shape for _, c, n in inputs]
+        self.device = device
+        self.compute = _torch_dtype(recipe.compute_dtype)
+        self.load = _torch_dtype(recipe.dtype) if recipe.dtype else None
+        self.delta_kind = plan.method.kind == "delta"
+        self.finite = finite
+
+    def upcast(self, t: torch.Tensor) -> torch.Tensor:
+        y = t.to(self.load) if self.load is not None else t
+        y = y.to(device=self.device, dtype=self.compute, non_blocking=True)
+        # never compute in place on the file mapping
+        return y.clone() if y.data_ptr() == t.data_ptr() and y.numel() else y
+
+    def __call__(
+        self, raw: list[torch.Tensor], shaped: bool, check: bool = True
+    ) -> tuple[Any, list[torch.Tensor]]:
+        """(base, per-source tensor or delta) in the compute dtype from one range's raw data."""
+        if shaped:
+            raw = [t.reshape(shape) for t, shape in zip(raw, self.shapes)]
+        finite = self.finite if check else None
+
+        def checked(i: int, x: torch.Tensor) -> torch.Tensor:
+            if finite is not None:
+                finite(i, x)
+            return x
+
+        roles = self.roles
+        base = None
+        tensors: list[torch.Tensor] = []
+        i = 0
+        while i < len(raw):
+            role = roles[i]
+            if role == "base":
+                base = checked(i, self.upcast(raw[i]))
+            elif role == "delta":  # from a patch: already a delta, not rounded to ``dtype``
+                d = raw[i].to(device=self.device, dtype=self.compute)
+                d = d.clone() if d.data_ptr() == raw[i].data_ptr() else d
+                tensors.append(checked(i, d))
+            else:
+                x = checked(i, self.upcast(raw[i]))
+                if self.delta_kind:
+                    if i + 1 < len(raw) and roles[i + 1] == "origin":
+                        i += 1
+                        x = x.sub_(checked(i, self.upcast(raw[i])))
+                    else:
+                        assert base is not None
+                        x = x.sub_(base)
+                tensors.append(x)
+            i += 1
+        return base, tensors
+
+
+def _fetch(
+    plan: Plan, item: PlanItem, run: _Run | None, start: int, end: int
+) -> tuple[list[torch.Tensor], int]:
+    """One range's raw inputs and the read-ahead bytes they hold (0 when read here)."""
+    if run is None or run.prefetch is None:
+        return _read_range(plan, item, start, end), 0
+    return run.prefetch.get(item, start, end)
+
+
+def _release(run: _Run | None, nbytes: int) -> None:
+    if run is not None and run.prefetch is not None and nbytes:
+        run.prefetch.done(nbytes)
+
+
+def _copy_parts(
+    plan: Plan, item: PlanItem, run: _Run | None, ranges: list[tuple[int, int]]
+) -> Iterator[torch.Tensor]:
+    """The single input of a copied (non-float) tensor, as stored."""
+    _, ckpt, name = _item_inputs(plan, item)[0]
+    shape = ckpt.info(name).shape
+    whole = len(ranges) == 1
+    for start, end in ranges:
+        raw, nbytes = _fetch(plan, item, run, start, end)
+        part = raw[0].reshape(shape) if whole else raw[0]
+        _release(run, nbytes)
+        yield part
+
+
+def _generators(plan: Plan, item: PlanItem) -> list[torch.Generator] | None:
+    """One generator per source for a random method, seeded per source and output tensor so
+    that a tensor's draws do not depend on which tensors are computed before it."""
+    import torch
+
+    if not plan.method.random:
+        return None
+    generators = []
+    for s in item.group.sources:
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(_seed_for(plan.seed, s.index, item.out.name))
+        generators.append(gen)
+    return generators
+
+
+def _prepare_states(
+    plan: Plan,
+    item: PlanItem,
+    run: _Run | None,
+    ranges: list[tuple[int, int]],
+    inputs: _RangeInputs,
+    generators: list[torch.Generator] | None,
+) -> Any:
+    """The per-input states of the method's ``prepare``, which may need whole deltas: each
+    is assembled range by range into the reused scratch buffer (on the worker threads)."""
+    from mergekit_math.methods import PrepareInputs
+
+    chunking = plan.method.chunking
+    assert chunking is not None and chunking.prepare is not None
+
+    def fill(buf: torch.Tensor, i: int, start: int, end: int) -> None:
+        # no finite check: the merge pass reads these ranges again and checks them
+        _, deltas = inputs(_read_range(plan, item, start, end), shaped=False, check=False)
+        buf[start:end] = deltas[i]
+        _release_range(plan, item, start, end)
+
+    def full_delta(i: int) -> torch.Tensor:
+        buf = _scratch(run, item.out.numel, inputs.compute, inputs.device)
+        pool = run.pool if run is not None else None
+        if pool is None:
+            for start, end in ranges:
+                fill(buf, i, start, end)
+        else:
+            for future in [pool.submit(_in_worker, fill, buf, i, s, e) for s, e in ranges]:
+                future.result()
+        return buf
+
+    return chunking.prepare(
+        PrepareInputs(
+            shared=item.shared,  # type: ignore[arg-type]
+            params=item.params,
+            generators=generators,
+            numel=item.out.numel,
+            ranges=ranges,
+            delta=full_delta,
+        )
+    )
+
+
+@dataclass
+class _RangeMerge:
+    """The method's result for one range of an item, in the output dtype on the CPU; called
+    here or on a worker thread."""
+
+    plan: Plan
+    item: PlanItem
+    inputs: _RangeInputs
+    generators: list[torch.Generator] | None
+    states: Any
+    shaped: bool  # the item is one range: its inputs keep their shapes
+    out_dtype: torch.dtype
+
+    def __call__(self, raw: list[torch.Tensor], start: int, end: int) -> torch.Tensor:
+        from mergekit_math.methods import MergeInputs
+
+        base, tensors = self.inputs(raw, shaped=self.shaped)
+        result = self.plan.method.merge(
+            MergeInputs(
+                base=base,
+                tensors=tensors,
+                params=self.item.params,
+                shared=self.item.shared,  # type: ignore[arg-type]
+                generators=self.generators,
+                offset=start,
+                states=self.states,
+            )
+        )
+        result = result.to(self.out_dtype).cpu()
+        _release_range(self.plan, self.item, start, end)
+        return result
+
+
+def _serial_parts(
+    plan: Plan,
+    item: PlanItem,
+    run: _Run | None,
+    ranges: list[tuple[int, int]],
+    merge_range: _RangeMerge,
+) -> Iterator[torch.Tensor]:
+    """Each range computed here, in order."""
+    for start, end in ranges:
+        raw, nbytes = _fetch(plan, item, run, start, end)
+        result = merge_range(raw, start, end)
+        del raw
+        _release(run, nbytes)
+        yield result
+
+
+def _pooled_parts(
+    plan: Plan,
+    item: PlanItem,
+    run: _Run,
+    pool: ThreadPoolExecutor,
+    ranges: list[tuple[int, int]],
+    merge_range: _RangeMerge,
+) -> Iterator[torch.Tensor]:
+    """The ranges computed on the worker threads (one intra-op thread each), in order."""
+    pending: deque[tuple[Future[torch.Tensor], int]] = deque()
+    # Chunks in flight hold read-ahead budget until their result is taken: keep them few
+    # enough that the reader can always fetch the next one.
+    unit = max(1, _range_bytes(plan, item, *ranges[0]))
+    depth = max(1, min(2 * run.workers, run.prefetch.budget.limit // unit - 1))  # type: ignore[union-attr]
+    try:
+        for start, end in ranges:
+            raw, nbytes = _fetch(plan, item, run, start, end)
+            pending.append((pool.submit(_in_worker, merge_range, raw, start, end), nbytes))
+            del raw
+            if len(pending) >= depth:
+                future, nbytes = pending.popleft()
+                result = future.result()
+                _release(run, nbytes)
+                yield result
+        while pending:
+            future, nbytes = pending.popleft()
+            result = future.result()
+            _release(run, nbytes)
+            yield result
+    finally:
+        for future, _ in pending:
+            future.cancel()
+
+
 def compute_item(
     plan: Plan, item: PlanItem, device: str = "cpu", run: _Run | None = None
 ) -> Iterator[torch.Tensor]:
@@ -142,176 +374,29 @@ def compute_item(
     With ``run`` (inside :func:`execute`) the inputs come from its read-ahead thread and
     chunks are computed on its worker threads; without, everything runs here.
     """
-    import torch
-
-    from mergekit_math.methods import MergeInputs, PrepareInputs
-
     chunk = run.chunk if run is not None else CHUNK_ELEMENTS
     ranges = item_ranges(plan, item, device, chunk)
     whole = len(ranges) == 1
-
-    def fetch(start: int, end: int) -> tuple[list[torch.Tensor], int]:
-        if run is None or run.prefetch is None:
-            return _read_range(plan, item, start, end), 0
-        return run.prefetch.get(item, start, end)
-
-    def release(nbytes: int) -> None:
-        if run is not None and run.prefetch is not None and nbytes:
-            run.prefetch.done(nbytes)
-
-    inputs = _item_inputs(plan, item)
-    roles = [r for r, _, _ in inputs]
-    shapes = [c.info(n).shape for _, c, n in inputs]
     if item.copy_only:
-        for start, end in ranges:
-            raw, nbytes = fetch(start, end)
-            part = raw[0].reshape(shapes[0]) if whole else raw[0]
-            release(nbytes)
-            yield part
+        yield from _copy_parts(plan, item, run, ranges)
         return
 
-    recipe = plan.recipe
-    compute = _torch_dtype(recipe.compute_dtype)
-    load = _torch_dtype(recipe.dtype) if recipe.dtype else None
     out_dtype = _torch_dtype(item.out.dtype)
-    delta_kind = plan.method.kind == "delta"
     finite = _FiniteCheck(plan, item, run) if run is not None else None
-
-    def upcast(t: torch.Tensor) -> torch.Tensor:
-        y = t.to(load) if load is not None else t
-        y = y.to(device=device, dtype=compute, non_blocking=True)
-        # never compute in place on the file mapping
-        return y.clone() if y.data_ptr() == t.data_ptr() and y.numel() else y
-
-    def inputs_of(
-        raw: list[torch.Tensor], shaped: bool, check: bool = True
-    ) -> tuple[Any, list[torch.Tensor]]:
-        """(base, per-source tensor or delta) in the compute dtype from one range's raw data."""
-        if shaped:
-            raw = [t.reshape(shape) for t, shape in zip(raw, shapes)]
-        check = check and finite is not None
-
-        def checked(i: int, x: torch.Tensor) -> torch.Tensor:
-            if check:
-                finite(i, x)  # type: ignore[misc]
-            return x
-
-        base = None
-        tensors: list[torch.Tensor] = []
-        i = 0
-        while i < len(raw):
-            role = roles[i]
-            if role == "base":
-                base = checked(i, upcast(raw[i]))
-            elif role == "delta":  # from a patch: already a delta, not rounded to ``dtype``
-                d = raw[i].to(device=device, dtype=compute)
-                d = d.clone() if d.data_ptr() == raw[i].data_ptr() else d
-                tensors.append(checked(i, d))
-            else:
-                x = checked(i, upcast(raw[i]))
-                if delta_kind:
-                    if i + 1 < len(raw) and roles[i + 1] == "origin":
-                        i += 1
-                        x = x.sub_(checked(i, upcast(raw[i])))
-                    else:
-                        assert base is not None
-                        x = x.sub_(base)
-                tensors.append(x)
-            i += 1
-        return base, tensors
-
-    generators = None
-    if plan.method.random:
-        generators = []
-        for s in item.group.sources:
-            gen = torch.Generator(device="cpu")
-            gen.manual_seed(_seed_for(plan.seed, s.index, item.out.name))
-            generators.append(gen)
-
+    inputs = _RangeInputs(plan, item, device, finite)
+    generators = _generators(plan, item)
     states = None
     chunking = plan.method.chunking
     if not whole and chunking is not None and chunking.prepare is not None:
-
-        def fill(buf: torch.Tensor, i: int, start: int, end: int) -> None:
-            # no finite check: the merge pass reads these ranges again and checks them
-            _, deltas = inputs_of(_read_range(plan, item, start, end), shaped=False, check=False)
-            buf[start:end] = deltas[i]
-            _release_range(plan, item, start, end)
-
-        def full_delta(i: int) -> torch.Tensor:
-            buf = _scratch(run, item.out.numel, compute, device)
-            pool = run.pool if run is not None else None
-            if pool is None:
-                for start, end in ranges:
-                    fill(buf, i, start, end)
-            else:
-                for future in [pool.submit(_in_worker, fill, buf, i, s, e) for s, e in ranges]:
-                    future.result()
-            return buf
-
-        states = chunking.prepare(
-            PrepareInputs(
-                shared=item.shared,  # type: ignore[arg-type]
-                params=item.params,
-                generators=generators,
-                numel=item.out.numel,
-                ranges=ranges,
-                delta=full_delta,
-            )
-        )
-
-    def compute_range(raw: list[torch.Tensor], start: int, end: int) -> torch.Tensor:
-        base, tensors = inputs_of(raw, shaped=whole)
-        result = plan.method.merge(
-            MergeInputs(
-                base=base,
-                tensors=tensors,
-                params=item.params,
-                shared=item.shared,  # type: ignore[arg-type]
-                generators=generators,
-                offset=start,
-                states=states,
-            )
-        )
-        result = result.to(out_dtype).cpu()
-        _release_range(plan, item, start, end)
-        return result
+        states = _prepare_states(plan, item, run, ranges, inputs, generators)
+    merge_range = _RangeMerge(plan, item, inputs, generators, states, whole, out_dtype)
 
     pool = run.pool if run is not None else None
     if whole or pool is None:
-        for start, end in ranges:
-            raw, nbytes = fetch(start, end)
-            result = compute_range(raw, start, end)
-            del raw
-            release(nbytes)
-            yield result
-        if finite is not None:
-            finite.report()
-        return
-    # Chunks run on the worker threads (one intra-op thread each); results come out in order.
-    pending: deque[tuple[Future[torch.Tensor], int]] = deque()
-    # Chunks in flight hold read-ahead budget until their result is taken: keep them few
-    # enough that the reader can always fetch the next one.
-    unit = max(1, _range_bytes(plan, item, *ranges[0]))
-    depth = max(1, min(2 * run.workers, run.prefetch.budget.limit // unit - 1))  # type: ignore[union-attr]
-    try:
-        for start, end in ranges:
-            raw, nbytes = fetch(start, end)
-            pending.append((pool.submit(_in_worker, compute_range, raw, start, end), nbytes))
-            del raw
-            if len(pending) >= depth:
-                future, nbytes = pending.popleft()
-                result = future.result()
-                release(nbytes)
-                yield result
-        while pending:
-            future, nbytes = pending.popleft()
-            result = future.result()
-            release(nbytes)
-            yield result
-    finally:
-        for future, _ in pending:
-            future.cancel()
+        yield from _serial_parts(plan, item, run, ranges, merge_range)
+    else:
+        assert run is not None
+        yield from _pooled_parts(plan, item, run, pool, ranges, merge_range)
     if finite is not None:
         finite.report()
 
@@ -339,6 +424,75 @@ def _in_worker(fn: Callable[..., Any], *args: Any) -> Any:
 
     with torch.inference_mode():
         return fn(*args)
+
+
+def _units(plan: Plan, device: str, chunk: int, pin: bool) -> Iterator[Unit]:
+    """What the read-ahead thread reads: every range of every item, in the order computed."""
+    return (
+        Unit(
+            item,
+            start,
+            end,
+            _range_bytes(plan, item, start, end),
+            partial(_prefault, plan, item, start, end, pin),
+        )
+        for item in plan.items
+        for start, end in item_ranges(plan, item, device, chunk)
+    )
+
+
+def _compute_pool(workers: int) -> ThreadPoolExecutor:
+    """The worker threads for chunks, with one intra-op thread each so that ``workers``
+    chunks in parallel do not oversubscribe the cores."""
+    import torch
+
+    return ThreadPoolExecutor(
+        workers,
+        thread_name_prefix="mmath-compute",
+        initializer=torch.set_num_threads,
+        initargs=(1,),
+    )
+
+
+def _merge_items(
+    plan: Plan,
+    device: str,
+    run: _Run,
+    writes: WriterThread,
+    bar: tqdm,
+    on_tensor: Callable[[PlanItem], None] | None,
+) -> None:
+    """Compute every item in plan order and hand its parts to the writer thread."""
+    import torch
+
+    with torch.inference_mode():
+        for item in plan.items:
+            # through the module global, so that a wrapper set on the module takes effect
+            parts = compute_item(plan, item, device, run=run)
+            if isinstance(parts, torch.Tensor):
+                parts = iter([parts])
+            name = item.out.name
+            # one part behind, so that the last part of a tensor can be marked as last
+            pending = next(parts)
+            for part in parts:
+                writes.put(pending, name, False)
+                bar.update(pending.numel() * pending.element_size())
+                pending = part
+            writes.put(pending, name, True)
+            bar.update(pending.numel() * pending.element_size())
+            del pending
+            if on_tensor is not None:
+                on_tensor(item)
+
+
+def _close_inputs(plan: Plan) -> None:
+    """Close every checkpoint and patch the plan reads."""
+    for c in plan.checkpoints.values():
+        c.close()
+    for g in {id(i.group): i.group for i in plan.items}.values():
+        for s in g.sources:
+            if s.patch is not None:
+                s.patch.close()
 
 
 def execute(
@@ -383,46 +537,15 @@ def execute(
     with atomic_output(out_dir, force) as tmp:
         writer = ShardedWriter(tmp, [i.out for i in plan.items], max_shard_size)
         bar = byte_progress(plan.write_bytes, f"merge {plan.method.name}", progress)
-        units = (
-            Unit(
-                item,
-                start,
-                end,
-                _range_bytes(plan, item, start, end),
-                partial(_prefault, plan, item, start, end, pin),
-            )
-            for item in plan.items
-            for start, end in item_ranges(plan, item, device, chunk)
-        )
-        prefetch = Prefetcher(units, io_budget)
+        prefetch = Prefetcher(_units(plan, device, chunk, pin), io_budget)
         writes = WriterThread(
             lambda part, name, last: writer.write_part(name, part, last), io_budget
         )
         workers = threads or torch.get_num_threads()
-        pool = ThreadPoolExecutor(
-            workers,
-            thread_name_prefix="mmath-compute",
-            initializer=torch.set_num_threads,
-            initargs=(1,),
-        )
+        pool = _compute_pool(workers)
         run = _Run(prefetch, chunk, pool, workers, strict_finite=strict_finite, warn=warn or _warn)
         try:
-            with torch.inference_mode():
-                for item in plan.items:
-                    parts = compute_item(plan, item, device, run=run)
-                    if isinstance(parts, torch.Tensor):
-                        parts = iter([parts])
-                    name = item.out.name
-                    pending = next(parts)
-                    for part in parts:
-                        writes.put(pending, name, False)
-                        bar.update(pending.numel() * pending.element_size())
-                        pending = part
-                    writes.put(pending, name, True)
-                    bar.update(pending.numel() * pending.element_size())
-                    del pending
-                    if on_tensor is not None:
-                        on_tensor(item)
+            _merge_items(plan, device, run, writes, bar, on_tensor)
             writes.finish()
             writer.close()
         except BaseException:
@@ -433,11 +556,6 @@ def execute(
             pool.shutdown(wait=True, cancel_futures=True)
             prefetch.close()
             bar.close()
-            for c in plan.checkpoints.values():
-                c.close()
-            for g in {id(i.group): i.group for i in plan.items}.values():
-                for s in g.sources:
-                    if s.patch is not None:
-                        s.patch.close()
+            _close_inputs(plan)
         write_model_files(plan, tmp)
     return out_dir.absolute()

@@ -108,95 +108,106 @@ def _layer_name(name: str, index: int) -> str:
     return f"{parsed[0]}.{index}.{parsed[2]}"
 
 
-def _build_groups(
+def _origin_of(
+    method: MergeMethod, load: _Loader, ref: str | None, where: str
+) -> Checkpoint | None:
+    if ref is None:
+        return None
+    if method.kind != "delta":
+        raise UserError(
+            f"{where}.origin: only delta methods ({_delta_methods()}) take an origin, "
+            f"not {method.name}"
+        )
+    return load(ref, f"{where}.origin")
+
+
+def _is_base(method: MergeMethod, ckpt: Checkpoint, group_base: Checkpoint | None) -> bool:
+    # A base listed among the inputs of a method that takes one is the base, not an input.
+    return group_base is not None and ckpt is group_base and method.base != "none"
+
+
+def _models_group(
+    recipe: Recipe, method: MergeMethod, load: _Loader, base: Checkpoint | None
+) -> SliceGroup:
+    """``models:`` as one group over every layer of the reference checkpoint."""
+    assert recipe.models is not None
+    sources: list[Source] = []
+    index = 0
+    for i, m in enumerate(recipe.models):
+        where = f"models[{i}]"
+        if m.patch is not None:
+            if method.kind != "delta" or base is None:
+                raise UserError(
+                    f"{where}.patch: only delta methods with a base_model "
+                    f"({_delta_methods()}) take a patch, not {method.name}"
+                )
+            deltas = open_patch_source(m.patch, f"{where}.patch", load.recipe_dir, base)
+            sources.append(Source(index, where, base, m.parameters, None, patch=deltas))
+            index += 1
+            continue
+        assert m.model is not None
+        ckpt = load(m.model, f"{where}.model")
+        origin = _origin_of(method, load, m.origin, where)
+        if _is_base(method, ckpt, base):
+            if origin is not None:
+                raise UserError(f"{where}.origin: the base model cannot have an origin")
+            continue
+        sources.append(Source(index, where, ckpt, m.parameters, origin))
+        index += 1
+    layers = (base or sources[0].ckpt).num_layers if (base or sources) else 0
+    base_src = Source(-1, "base_model", base, None) if base is not None else None
+    if method.base == "none" and base is not None:
+        # As mergekit: for a method without a base, base_model is one more input (added
+        # when it is not listed), never a separate base.
+        if all(s.ckpt is not base for s in sources):
+            sources.append(Source(index, "base_model", base, None))
+            index += 1
+        base_src = None
+    return SliceGroup("models", sources, base_src, None, layers)
+
+
+def _slice_groups(
     recipe: Recipe, method: MergeMethod, load: _Loader, base: Checkpoint | None
 ) -> list[SliceGroup]:
-    """Normalise ``models:`` (one group over every layer) and ``slices:`` into groups."""
-
-    def origin_of(ref: str | None, where: str) -> Checkpoint | None:
-        if ref is None:
-            return None
-        if method.kind != "delta":
-            raise UserError(
-                f"{where}.origin: only delta methods ({_delta_methods()}) take an origin, "
-                f"not {method.name}"
-            )
-        return load(ref, f"{where}.origin")
-
-    def is_base(ckpt: Checkpoint, group_base: Checkpoint | None) -> bool:
-        # A base listed among the inputs of a method that takes one is the base, not an input.
-        return group_base is not None and ckpt is group_base and method.base != "none"
-
+    """One group per entry of ``slices:``, its sources numbered on from the previous ones."""
+    assert recipe.slices is not None
     groups: list[SliceGroup] = []
     index = 0
-    if recipe.models:
-        sources: list[Source] = []
-        for i, m in enumerate(recipe.models):
-            where = f"models[{i}]"
-            if m.patch is not None:
-                if method.kind != "delta" or base is None:
-                    raise UserError(
-                        f"{where}.patch: only delta methods with a base_model "
-                        f"({_delta_methods()}) take a patch, not {method.name}"
-                    )
-                deltas = open_patch_source(m.patch, f"{where}.patch", load.recipe_dir, base)
-                sources.append(Source(index, where, base, m.parameters, None, patch=deltas))
-                index += 1
-                continue
-            assert m.model is not None
-            ckpt = load(m.model, f"{where}.model")
-            origin = origin_of(m.origin, where)
-            if is_base(ckpt, base):
-                if origin is not None:
-                    raise UserError(f"{where}.origin: the base model cannot have an origin")
-                continue
-            sources.append(Source(index, where, ckpt, m.parameters, origin))
-            index += 1
-        layers = (base or sources[0].ckpt).num_layers if (base or sources) else 0
-        base_src = Source(-1, "base_model", base, None) if base is not None else None
-        if method.base == "none" and base is not None:
-            # As mergekit: for a method without a base, base_model is one more input (added
-            # when it is not listed), never a separate base.
-            if all(s.ckpt is not base for s in sources):
-                sources.append(Source(index, "base_model", base, None))
-                index += 1
-            base_src = None
-        groups.append(SliceGroup("models", sources, base_src, None, layers))
-    else:
-        assert recipe.slices is not None
-        for i, s in enumerate(recipe.slices):
-            sbase = load(s.base_model, f"slices[{i}].base_model") if s.base_model else base
-            sources = []
-            lengths = set()
-            base_start = s.sources[0].layer_range[0]
-            for j, src in enumerate(s.sources):
-                where = f"slices[{i}].sources[{j}]"
-                ckpt = load(src.model, f"{where}.model")
-                a, b = src.layer_range
-                if not (0 <= a < b <= ckpt.num_layers):
-                    raise UserError(
-                        f"{where}.layer_range: [{a}, {b}] is not a half-open range inside "
-                        f"the model's {ckpt.num_layers} layers"
-                    )
-                lengths.add(b - a)
-                origin = origin_of(src.origin, where)
-                if is_base(ckpt, sbase):
-                    base_start = a  # the base's layers come from its own source in the slice
-                    continue
-                sources.append(Source(index, where, ckpt, src.parameters, origin, a))
-                index += 1
-            if len(lengths) > 1:
+    for i, s in enumerate(recipe.slices):
+        sbase = load(s.base_model, f"slices[{i}].base_model") if s.base_model else base
+        sources = []
+        lengths = set()
+        base_start = s.sources[0].layer_range[0]
+        for j, src in enumerate(s.sources):
+            where = f"slices[{i}].sources[{j}]"
+            ckpt = load(src.model, f"{where}.model")
+            a, b = src.layer_range
+            if not (0 <= a < b <= ckpt.num_layers):
                 raise UserError(
-                    f"slices[{i}].sources: every source of a slice needs the same number of "
-                    f"layers, got {sorted(lengths)}"
+                    f"{where}.layer_range: [{a}, {b}] is not a half-open range inside "
+                    f"the model's {ckpt.num_layers} layers"
                 )
-            base_src = None
-            if sbase is not None and method.base != "none":
-                base_src = Source(-1, f"slices[{i}].base_model", sbase, None, None, base_start)
-            groups.append(
-                SliceGroup(f"slices[{i}]", sources, base_src, s.parameters, lengths.pop())
+            lengths.add(b - a)
+            origin = _origin_of(method, load, src.origin, where)
+            if _is_base(method, ckpt, sbase):
+                base_start = a  # the base's layers come from its own source in the slice
+                continue
+            sources.append(Source(index, where, ckpt, src.parameters, origin, a))
+            index += 1
+        if len(lengths) > 1:
+            raise UserError(
+                f"slices[{i}].sources: every source of a slice needs the same number of "
+                f"layers, got {sorted(lengths)}"
             )
+        base_src = None
+        if sbase is not None and method.base != "none":
+            base_src = Source(-1, f"slices[{i}].base_model", sbase, None, None, base_start)
+        groups.append(SliceGroup(f"slices[{i}]", sources, base_src, s.parameters, lengths.pop()))
+    return groups
 
+
+def _check_input_counts(groups: list[SliceGroup], method: MergeMethod) -> None:
+    """Refuse a group with fewer or more inputs than the method takes."""
     for g in groups:
         n = len(g.sources)
         if n < method.min_models or (method.max_models is not None and n > method.max_models):
@@ -210,7 +221,126 @@ def _build_groups(
                 if method.max_models is not None:
                     want += f" and at most {method.max_models}"
             raise UserError(f"{g.where}: {method.name} takes {want} {what}, got {n}")
+
+
+def _build_groups(
+    recipe: Recipe, method: MergeMethod, load: _Loader, base: Checkpoint | None
+) -> list[SliceGroup]:
+    """Normalise ``models:`` (one group over every layer) and ``slices:`` into groups."""
+    if recipe.models:
+        groups = [_models_group(recipe, method, load, base)]
+    else:
+        groups = _slice_groups(recipe, method, load, base)
+    _check_input_counts(groups, method)
     return groups
+
+
+def _check_tensor_sets(
+    recipe: Recipe, reference: Checkpoint, groups: list[SliceGroup], warnings: list[str]
+) -> None:
+    """Refuse an input with a tensor the reference lacks (except layer tensors in a slices
+    recipe, whose inputs may have more layers); warn about untied weights that are dropped."""
+    tied_extra = {n for n in TIED_WEIGHTS if n not in reference.tensors}
+    expected = set(reference.tensors) | tied_extra
+    for g in groups:
+        for s in g.sources:
+            extra = sorted(set(s.ckpt.tensors) - expected)
+            if recipe.slices:
+                extra = [n for n in extra if layer_of(n) is None]
+            if extra:
+                raise UserError(
+                    f"{s.where}: different tensor sets: {s.ckpt.ref} has {len(extra)} "
+                    f"tensor(s) that {reference.ref} lacks, e.g. {extra[0]}"
+                )
+            untied = sorted(set(s.ckpt.tensors) & tied_extra)
+            if untied:
+                warnings.append(
+                    f"{s.ckpt.ref} has an untied {untied[0]} but the output ties it to the "
+                    f"input embedding like {reference.ref}; that tensor is not merged"
+                )
+
+
+class _Items:
+    """Builds the plan's items in output order, checking each input's tensor against the
+    reference's before the item is planned."""
+
+    def __init__(self, recipe: Recipe, method: MergeMethod, reference: Checkpoint):
+        self.recipe = recipe
+        self.method = method
+        self.reference = reference
+        self.out_dtype = recipe.out_dtype or recipe.dtype
+        self.items: list[PlanItem] = []
+
+    def add(
+        self,
+        out_name: str,
+        group: SliceGroup,
+        names: list[str],
+        base_name: str | None,
+        t: float,
+        ref_ckpt: Checkpoint,
+        ref_name: str,
+    ) -> None:
+        ref_info = ref_ckpt.info(ref_name)
+        for s, n in zip(group.sources, names):
+            _check_tensor(out_name, ref_info, ref_ckpt, s.ckpt, n, s.where)
+            if s.origin is not None:
+                _check_tensor(out_name, ref_info, ref_ckpt, s.origin, n, f"{s.where}.origin")
+        if group.base is not None and base_name is not None:
+            _check_tensor(
+                out_name, ref_info, ref_ckpt, group.base.ckpt, base_name, group.base.where
+            )
+        is_float = ref_info.dtype in FLOAT_DTYPES
+        item = PlanItem(
+            out=TensorInfo(
+                out_name,
+                ref_info.file,
+                (self.out_dtype or ref_info.dtype) if is_float else ref_info.dtype,
+                ref_info.shape,
+            ),
+            group=group,
+            names=names,
+            base_name=base_name,
+            t=t,
+            copy_only=not is_float,
+        )
+        if not item.copy_only:
+            resolve_item_params(self.recipe, self.method, item)
+        self.items.append(item)
+
+    def non_layer(self, name: str, g: SliceGroup) -> None:
+        """A tensor outside the layers: the same name in every input."""
+        base_name = name if g.base else None
+        self.add(name, g, [name] * len(g.sources), base_name, 0.0, self.reference, name)
+
+    def layers(self, groups: list[SliceGroup], layers: dict[int, list[str]]) -> int:
+        """The layers group by group, renumbered from 0; returns the output's layer count.
+
+        ``layers``: the reference's tensor names per layer, which a ``models:`` group follows;
+        a slice follows its first source's layers from its ``layer_range``.
+        """
+        slices = bool(self.recipe.slices)
+        out_layer = 0
+        for g in groups:
+            template = g.sources[0]
+            template_layers = _ordered_names(template.ckpt)[1] if slices else layers
+            for j in range(g.num_layers):
+                # t runs from 0 to 1 across the group's layers (1 for a single layer, as mergekit)
+                t = j / (g.num_layers - 1) if g.num_layers > 1 else 1.0
+                names_j = template_layers.get(template.layer_start + j if slices else j, [])
+                for templ in names_j:
+                    base_name = _layer_name(templ, g.base.layer_start + j) if g.base else None
+                    self.add(
+                        _layer_name(templ, out_layer),
+                        g,
+                        [_layer_name(templ, s.layer_start + j) for s in g.sources],
+                        base_name,
+                        t,
+                        template.ckpt if slices else self.reference,
+                        templ,
+                    )
+                out_layer += 1
+        return out_layer
 
 
 def build_plan(
@@ -246,103 +376,26 @@ def build_plan(
         [(wheres.get(id(c), c.ref), c) for c in load.by_path.values() if c is not reference],
     )
     seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else DEFAULT_SEED)
-    out_dtype = recipe.out_dtype or recipe.dtype
-    items: list[PlanItem] = []
-
-    def add(
-        out_name: str,
-        group: SliceGroup,
-        names: list[str],
-        base_name: str | None,
-        t: float,
-        ref_ckpt: Checkpoint,
-        ref_name: str,
-    ) -> None:
-        ref_info = ref_ckpt.info(ref_name)
-        for s, n in zip(group.sources, names):
-            _check_tensor(out_name, ref_info, ref_ckpt, s.ckpt, n, s.where)
-            if s.origin is not None:
-                _check_tensor(out_name, ref_info, ref_ckpt, s.origin, n, f"{s.where}.origin")
-        if group.base is not None and base_name is not None:
-            _check_tensor(
-                out_name, ref_info, ref_ckpt, group.base.ckpt, base_name, group.base.where
-            )
-        is_float = ref_info.dtype in FLOAT_DTYPES
-        item = PlanItem(
-            out=TensorInfo(
-                out_name,
-                ref_info.file,
-                (out_dtype or ref_info.dtype) if is_float else ref_info.dtype,
-                ref_info.shape,
-            ),
-            group=group,
-            names=names,
-            base_name=base_name,
-            t=t,
-            copy_only=not is_float,
-        )
-        if not item.copy_only:
-            resolve_item_params(recipe, method, item)
-        items.append(item)
 
     pre, layers, post = _ordered_names(reference)
-    tied_extra = {n for n in TIED_WEIGHTS if n not in reference.tensors}
-    expected = set(reference.tensors) | tied_extra
-    for g in groups:
-        for s in g.sources:
-            extra = sorted(set(s.ckpt.tensors) - expected)
-            if recipe.slices:
-                extra = [n for n in extra if layer_of(n) is None]
-            if extra:
-                raise UserError(
-                    f"{s.where}: different tensor sets: {s.ckpt.ref} has {len(extra)} "
-                    f"tensor(s) that {reference.ref} lacks, e.g. {extra[0]}"
-                )
-            untied = sorted(set(s.ckpt.tensors) & tied_extra)
-            if untied:
-                warnings.append(
-                    f"{s.ckpt.ref} has an untied {untied[0]} but the output ties it to the "
-                    f"input embedding like {reference.ref}; that tensor is not merged"
-                )
-
-    def non_layer(name: str, g: SliceGroup) -> None:
-        add(name, g, [name] * len(g.sources), name if g.base else None, 0.0, reference, name)
-
+    _check_tensor_sets(recipe, reference, groups, warnings)
+    items = _Items(recipe, method, reference)
     for name in pre:
-        non_layer(name, groups[0])
-    out_layer = 0
-    for g in groups:
-        template = g.sources[0]
-        template_layers = _ordered_names(template.ckpt)[1] if recipe.slices else layers
-        for j in range(g.num_layers):
-            # t runs from 0 to 1 across the group's layers (1 for a single layer, as mergekit)
-            t = j / (g.num_layers - 1) if g.num_layers > 1 else 1.0
-            names_j = template_layers.get(template.layer_start + j if recipe.slices else j, [])
-            for templ in names_j:
-                base_name = _layer_name(templ, g.base.layer_start + j) if g.base else None
-                add(
-                    _layer_name(templ, out_layer),
-                    g,
-                    [_layer_name(templ, s.layer_start + j) for s in g.sources],
-                    base_name,
-                    t,
-                    template.ckpt if recipe.slices else reference,
-                    templ,
-                )
-            out_layer += 1
+        items.non_layer(name, groups[0])
+    num_layers = items.layers(groups, layers)
     for name in post:
-        non_layer(name, groups[-1])
+        items.non_layer(name, groups[-1])
 
     tok_ref = recipe.tokenizer_source
     tokenizer = reference if tok_ref in (None, "base") else load(tok_ref, "tokenizer_source")
     return Plan(
         recipe=recipe,
         method=method,
-        items=items,
+        items=items.items,
         reference=reference,
         tokenizer_source=tokenizer,
         checkpoints=load.by_path,
-        num_layers=out_layer,
+        num_layers=num_layers,
         seed=seed,
         warnings=warnings,
     )
