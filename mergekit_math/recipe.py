@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from mergekit_math.errors import UserError
+from mergekit_math.recipe_vocab import TokenizerSettings
 
 Scalar = bool | int | float | str
 DTypeName = Literal["float32", "float16", "bfloat16", "float64"]
@@ -131,7 +132,12 @@ class Recipe(_Strict):
         description="mmath extension: arithmetic dtype (inputs upcast once, output cast once).",
     )
     tokenizer_source: str | None = Field(
-        default=None, description="'base' or a model path: tokenizer files are copied from it."
+        default=None,
+        description="'base', 'union' or a model: the output vocabulary; every input's "
+        "embedding rows are aligned to it (mergekit's semantics).",
+    )
+    tokenizer: TokenizerSettings | None = Field(
+        default=None, description="The output vocabulary with per-token embedding sources."
     )
     chat_template: str | None = None
     seed: int | None = Field(default=None, description="mmath extension: seed for DARE/DELLA.")
@@ -171,7 +177,16 @@ class Recipe(_Strict):
                     refs.append((f"slices[{i}].sources[{j}].origin", src.origin))
         if self.tokenizer_source and self.tokenizer_source not in ("base", "union"):
             refs.append(("tokenizer_source", self.tokenizer_source))
+        if self.tokenizer is not None:
+            refs.extend(self.tokenizer.model_refs())
         return refs
+
+    @property
+    def vocabulary_source(self) -> str | None:
+        """'base', 'union', a model reference, or None (no vocabulary alignment)."""
+        if self.tokenizer is not None:
+            return self.tokenizer.source
+        return self.tokenizer_source
 
 
 def _yaml_path(loc: tuple[Any, ...]) -> str:
@@ -255,10 +270,10 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     _check_finite(recipe, source)
     if bool(recipe.models) == bool(recipe.slices):
         raise UserError(f"{source}: give exactly one of 'models' or 'slices'")
-    if recipe.tokenizer_source == "union":
+    if recipe.tokenizer_source and recipe.tokenizer is not None:
         raise UserError(
-            f"{source}: tokenizer_source: 'union' (vocabulary merging) is not supported; "
-            "use 'base' or a model path"
+            f"{source}: give tokenizer_source or a tokenizer: section, not both "
+            "(tokenizer.source is the same setting)"
         )
     return recipe
 

@@ -9,7 +9,7 @@ import shutil
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
@@ -77,6 +77,8 @@ class Plan(Protocol):
     def seed(self) -> int: ...
     @property
     def parents(self) -> list[str]: ...
+    @property
+    def vocabulary(self) -> Any: ...  # merge.vocab.Vocabulary | None
 
 
 CHATML = (
@@ -94,6 +96,12 @@ def output_config(plan: Plan) -> dict:
         dtype = dtypes.most_common(1)[0][0]
         key = "dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"
         config[key] = dtype
+    if plan.vocabulary is not None:
+        # the output vocabulary's rows (where the reference keeps its vocab_size)
+        holder = config
+        if "vocab_size" not in config and isinstance(config.get("text_config"), dict):
+            holder = config["text_config"]
+        holder["vocab_size"] = plan.vocabulary.padded
     key = plan.reference.layer_count_key
     old_layers = plan.reference.num_layers
     if key is not None and plan.num_layers != old_layers:
@@ -142,10 +150,18 @@ def _copy_side_file(folder: Path, name: str, out: Path) -> bool:
 
 
 def copy_tokenizer(plan: Plan, out: Path) -> None:
+    """The output's tokenizer: the source's files as they are, or the output vocabulary's
+    tokenizer saved by transformers when alignment built a new one."""
     src = plan.tokenizer_source.path
+    text = chat_template_text(plan.recipe.chat_template)
+    vocab = plan.vocabulary
+    if vocab is not None and vocab.copy_from is None:
+        if text is not None:
+            vocab.tokenizer.chat_template = text
+        vocab.tokenizer.save_pretrained(str(out))
+        return
     for name in TOKENIZER_FILES:
         _copy_side_file(src, name, out)
-    text = chat_template_text(plan.recipe.chat_template)
     if text is not None:
         (out / "chat_template.jinja").write_text(text)
         tok_cfg = out / "tokenizer_config.json"
@@ -181,8 +197,16 @@ def resolved_recipe(plan: Plan) -> dict:
         for src in s.sources:
             src.model = fix(src.model)  # type: ignore[assignment]
             src.origin = fix(src.origin)
-    if recipe.tokenizer_source not in (None, "base"):
+    if recipe.tokenizer_source not in (None, "base", "union"):
         recipe.tokenizer_source = fix(recipe.tokenizer_source)
+    if recipe.tokenizer is not None:
+        if recipe.tokenizer.source not in ("base", "union"):
+            recipe.tokenizer.source = fix(recipe.tokenizer.source)  # type: ignore[assignment]
+        for cfg in (recipe.tokenizer.tokens or {}).values():
+            if isinstance(cfg.source, str):
+                cfg.source = fix(cfg.source)
+            elif cfg.source is not None and hasattr(cfg.source, "model"):
+                cfg.source.model = fix(cfg.source.model)  # type: ignore[assignment]
     recipe.seed = plan.seed
     # Publishing is an action on the output, not part of what the model is.
     recipe.push = None

@@ -19,6 +19,8 @@ def is_chunked(plan: Plan, item: PlanItem, device: str = "cpu") -> bool:
     """Whether ``item`` runs on flat chunks (copies always do; methods when they can)."""
     if item.copy_only:
         return True
+    if item.aligned:  # its inputs are gathered rows, made whole
+        return False
     return device == "cpu" and plan.method.chunkable(item.shared, item.params)
 
 

@@ -19,8 +19,10 @@ from mergekit_math.io.reader import (
     layer_of,
 )
 from mergekit_math.io.resolve import resolve_model
+from mergekit_math.merge.aligned import align_inputs
 from mergekit_math.merge.params import check_param_names, resolve_item_params
 from mergekit_math.merge.types import Plan, PlanItem, SliceGroup, Source
+from mergekit_math.merge.vocab import Vocabulary, plan_vocabulary
 from mergekit_math.methods import MergeMethod, all_methods, get_method
 from mergekit_math.patch.source import open_patch_source
 from mergekit_math.recipe import Recipe
@@ -49,18 +51,19 @@ class _Loader:
         return self.by_path[key]
 
 
-def _check_compatible(ref: Checkpoint, others: list[tuple[str, Checkpoint]]) -> None:
+def _check_compatible(ref: Checkpoint, others: list[tuple[str, Checkpoint]], aligned: bool) -> None:
     for where, c in others:
         if c.architecture != ref.architecture or c.model_type != ref.model_type:
             raise UserError(
                 f"{where}: different architectures: {c.ref} is {c.architecture} "
                 f"({c.model_type}), {ref.ref} is {ref.architecture} ({ref.model_type})"
             )
-        if c.vocab_size != ref.vocab_size:
+        if c.vocab_size != ref.vocab_size and not aligned:
             raise UserError(
                 f"{where}: different vocabulary sizes: {c.ref} has {c.vocab_size}, "
-                f"{ref.ref} has {ref.vocab_size} (vocabulary merging is not supported; "
-                "embeddings are never truncated silently)"
+                f"{ref.ref} has {ref.vocab_size}; set `tokenizer_source: union` (every "
+                "input's tokens) or `tokenizer_source: base` (the base's tokens) to align "
+                "the embeddings to one vocabulary (they are never truncated silently)"
             )
 
 
@@ -264,10 +267,13 @@ class _Items:
     """Builds the plan's items in output order, checking each input's tensor against the
     reference's before the item is planned."""
 
-    def __init__(self, recipe: Recipe, method: MergeMethod, reference: Checkpoint):
+    def __init__(
+        self, recipe: Recipe, method: MergeMethod, reference: Checkpoint, aligned: set[str]
+    ):
         self.recipe = recipe
         self.method = method
         self.reference = reference
+        self.aligned = aligned  # vocabulary tensors read through the output vocabulary
         self.out_dtype = recipe.out_dtype or recipe.dtype
         self.items: list[PlanItem] = []
 
@@ -303,6 +309,7 @@ class _Items:
             base_name=base_name,
             t=t,
             copy_only=not is_float,
+            aligned=out_name in self.aligned,
         )
         if not item.copy_only:
             resolve_item_params(self.recipe, self.method, item)
@@ -371,23 +378,31 @@ def build_plan(
 
     reference = base or groups[0].sources[0].ckpt
     wheres = {id(s.ckpt): s.where for g in groups for s in g.sources}
+    vocab = plan_vocabulary(recipe, load, base, reference, len(groups), warnings)
     _check_compatible(
         reference,
         [(wheres.get(id(c), c.ref), c) for c in load.by_path.values() if c is not reference],
+        aligned=vocab is not None,
     )
+    aligned: set[str] = set()
+    if vocab is not None and not vocab.identity:
+        groups, reference = _aligned_groups(groups, reference, vocab)
+        aligned = vocab.names
     seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else DEFAULT_SEED)
 
     pre, layers, post = _ordered_names(reference)
     _check_tensor_sets(recipe, reference, groups, warnings)
-    items = _Items(recipe, method, reference)
+    items = _Items(recipe, method, reference, aligned)
     for name in pre:
         items.non_layer(name, groups[0])
     num_layers = items.layers(groups, layers)
     for name in post:
         items.non_layer(name, groups[-1])
 
-    tok_ref = recipe.tokenizer_source
-    tokenizer = reference if tok_ref in (None, "base") else load(tok_ref, "tokenizer_source")
+    if vocab is not None:
+        tokenizer = vocab.copy_from or reference
+    else:
+        tokenizer = reference
     return Plan(
         recipe=recipe,
         method=method,
@@ -398,4 +413,30 @@ def build_plan(
         num_layers=num_layers,
         seed=seed,
         warnings=warnings,
+        vocabulary=vocab,
     )
+
+
+def _aligned_groups(
+    groups: list[SliceGroup], reference: Checkpoint, vocab: Vocabulary
+) -> tuple[list[SliceGroup], Checkpoint]:
+    """The groups with every input read through the output vocabulary."""
+    from dataclasses import replace
+
+    views = align_inputs(vocab)
+
+    def view(c: Checkpoint | None) -> Checkpoint | None:
+        return views[c] if c is not None else None  # type: ignore[return-value]
+
+    def source(s: Source) -> Source:
+        return replace(s, ckpt=view(s.ckpt), origin=view(s.origin))
+
+    out = [
+        replace(
+            g,
+            sources=[source(s) for s in g.sources],
+            base=source(g.base) if g.base is not None else None,
+        )
+        for g in groups
+    ]
+    return out, view(reference)  # type: ignore[return-value]

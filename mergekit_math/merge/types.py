@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel
 
 from mergekit_math.io.reader import Checkpoint, TensorInfo
+from mergekit_math.merge.vocab import Vocabulary
 from mergekit_math.methods import MergeMethod
 from mergekit_math.patch.source import PatchDeltas
 from mergekit_math.recipe import Parameters, Recipe
@@ -45,6 +46,7 @@ class PlanItem:
     base_name: str | None
     t: float
     copy_only: bool = False  # non-float buffers are copied from the first input
+    aligned: bool = False  # a vocabulary tensor: inputs gathered into the output's rows
     params: list[BaseModel] = field(default_factory=list)
     shared: BaseModel | None = None
 
@@ -71,6 +73,7 @@ class Plan:
     num_layers: int
     seed: int
     warnings: list[str] = field(default_factory=list)
+    vocabulary: Vocabulary | None = None  # the output vocabulary (tokenizer settings)
 
     @property
     def read_bytes(self) -> int:
