@@ -296,3 +296,35 @@ def test_tokenizer_setting_errors(tmp_path, vz, extra, expect):
     res = mmath("merge", write_recipe(tmp_path / "r.yaml", text), tmp_path / "out")
     assert res.exit_code == 2, res.output
     assert expect in " ".join(res.output.split()), res.output
+
+
+def test_dry_run_plans_the_vocabulary_and_reads_no_tensor(tmp_path, vz, monkeypatch):
+    from mergekit_math.io.reader import Checkpoint
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("a tensor was read while planning")
+
+    monkeypatch.setattr(Checkpoint, "read_range", no_reads)
+    text = CASES["tokens_section"].format(**{k: str(v) for k, v in vz.items()})
+    res = mmath("merge", write_recipe(tmp_path / "r.yaml", text), tmp_path / "out", "--dry-run")
+    assert res.exit_code == 0, res.output
+    # union of 32000 + [PAD], <think> + the configured <extra>, padded to a multiple of 64
+    assert "vocabulary:    union: 32003 tokens (32064 rows)" in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_shipped_recipe_merges_a_pad_token_fine_tune(tmp_path, vz):
+    """recipes/vocab_union.yaml, unchanged but for the model paths (math_a: the fine-tune
+    with [PAD]): the output has the union vocabulary, padded to a multiple of 64."""
+    from transformers import AutoTokenizer
+
+    text = (Path(__file__).resolve().parent.parent / "recipes" / "vocab_union.yaml").read_text()
+    for demo, key in (("base", "base"), ("math_a", "pad"), ("math_b", "plain")):
+        text = text.replace(f"../demo/{demo}", str(vz[key]))
+    out = tmp_path / "out"
+    res = mmath("merge", write_recipe(tmp_path / "r.yaml", text), out, "-q")
+    assert res.exit_code == 0, res.output
+    assert len(AutoTokenizer.from_pretrained(out)) == BASE_VOCAB + 1
+    got = load_dir(out)
+    assert got["model.embed_tokens.weight"].shape == (32064, 16)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 32064

@@ -370,6 +370,9 @@ def _print_plan(
     for c in plan.checkpoints.values():
         typer.echo(f"  - {c.ref} -> {c.path}" if str(c.path) != c.ref else f"  - {c.ref}")
     typer.echo(f"output layers: {plan.num_layers}")
+    if plan.vocabulary is not None:
+        source = plan.recipe.vocabulary_source
+        typer.echo(f"vocabulary:    {source}: {plan.vocabulary.describe()}")
     typer.echo(f"tensors:       {len(plan.items)}")
     typer.echo(f"read:          {human_bytes(plan.read_bytes)}")
     typer.echo(f"write:         {human_bytes(plan.write_bytes)} in {len(shards)} shard(s)")

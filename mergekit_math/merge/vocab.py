@@ -73,6 +73,16 @@ class Vocabulary:
     copy_from: Checkpoint | None = None  # output tokenizer = this input's files, unchanged
     identity: bool = False  # every input already has exactly the output rows: no gather
 
+    def describe(self) -> str:
+        """One line for ``mmath merge --dry-run``."""
+        rows = f" ({self.padded} rows)" if self.padded != self.size else ""
+        if self.identity:
+            how = "every input already has these rows"
+        else:
+            missing = max((len(p.defaults) for p in self.rows.values()), default=0)
+            how = f"rows gathered per input, {missing} token(s) filled in for inputs lacking them"
+        return f"{self.size} tokens{rows}; {how}"
+
 
 # --------------------------------------------------------------------------- tokenizers
 
