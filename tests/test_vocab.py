@@ -253,7 +253,8 @@ def test_different_vocabularies_without_a_setting_are_refused(tmp_path, vz):
     res = mmath("merge", write_recipe(tmp_path / "r.yaml", text), tmp_path / "out")
     assert res.exit_code == 2
     msg = " ".join(res.output.split())
-    for part in ("models[0]", "32001", "32000", "tokenizer_source: union", "tokenizer_source: base"):
+    expected = ("models[0]", "32001", "32000", "tokenizer_source: union", "tokenizer_source: base")
+    for part in expected:
         assert part in msg, (part, msg)
     assert not (tmp_path / "out").exists()
 
@@ -278,7 +279,7 @@ def test_same_vocabulary_is_not_gathered(tmp_path, vz):
     [
         ("tokenizer_source: union\ntokenizer: {source: base}\n", "not both"),
         (
-            'tokenizer:\n  tokens:\n    x: {source: {kind: model_token, model: M, token: a, '
+            "tokenizer:\n  tokens:\n    x: {source: {kind: model_token, model: M, token: a, "
             "token_id: 1}}\n",
             "exactly one of token_id and token",
         ),
