@@ -35,7 +35,9 @@ def _tokenizer(folder: Path, extra: list[str]) -> None:
     fast.save_pretrained(folder)
 
 
-def _model(folder: Path, *, extra: list[str], seed: int, base: Path | None = None) -> Path:
+def _model(
+    folder: Path, *, extra: list[str], seed: int, base: Path | None = None, tied: bool = False
+) -> Path:
     """A tiny Llama whose embeddings cover its tokenizer; a fine-tune is the base plus noise,
     its new rows random."""
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -50,7 +52,7 @@ def _model(folder: Path, *, extra: list[str], seed: int, base: Path | None = Non
             num_key_value_heads=1,
             vocab_size=BASE_VOCAB,
             max_position_embeddings=64,
-            tie_word_embeddings=False,
+            tie_word_embeddings=tied,
             bos_token_id=1,
             eos_token_id=2,
         )
@@ -65,7 +67,7 @@ def _model(folder: Path, *, extra: list[str], seed: int, base: Path | None = Non
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-            for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+            for emb in {model.get_input_embeddings(), model.get_output_embeddings()}:
                 emb.weight[BASE_VOCAB:] = torch.randn(len(extra), 16, generator=gen) * 0.2
     model.save_pretrained(folder)
     _tokenizer(folder, extra)
@@ -74,14 +76,18 @@ def _model(folder: Path, *, extra: list[str], seed: int, base: Path | None = Non
 
 @pytest.fixture(scope="module")
 def vz(tmp_path_factory) -> dict[str, Path]:
-    """base (32000), pad (+[PAD]: 32001), plain (32000), think (+[PAD], <think>: 32002)."""
+    """base (32000), pad (+[PAD]: 32001), plain (32000), think (+[PAD], <think>: 32002);
+    tbase and tpad: the same with tied embeddings."""
     root = tmp_path_factory.mktemp("vocab")
     base = _model(root / "base", extra=[], seed=0)
+    tbase = _model(root / "tbase", extra=[], seed=4, tied=True)
     return {
         "base": base,
         "pad": _model(root / "pad", extra=["[PAD]"], seed=1, base=base),
         "plain": _model(root / "plain", extra=[], seed=2, base=base),
         "think": _model(root / "think", extra=["[PAD]", "<think>"], seed=3, base=base),
+        "tbase": tbase,
+        "tpad": _model(root / "tpad", extra=["[PAD]"], seed=5, base=tbase),
     }
 
 
@@ -95,6 +101,29 @@ models:
     parameters: {{weight: 0.7}}
   - model: {plain}
     parameters: {{weight: 0.5}}
+tokenizer_source: union
+dtype: float32
+""",
+    "tied_union": """
+merge_method: task_arithmetic
+base_model: {tbase}
+models:
+  - model: {tpad}
+    parameters: {{weight: 0.8}}
+tokenizer_source: union
+dtype: float32
+""",
+    # embeddings from the first slice's inputs (base: [PAD] in none of them, zeros), lm_head
+    # from the last slice's (pad: its own rows)
+    "slices_union": """
+merge_method: passthrough
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, 1]
+  - sources:
+      - model: {pad}
+        layer_range: [1, 2]
 tokenizer_source: union
 dtype: float32
 """,
@@ -195,7 +224,8 @@ def test_same_tensors_and_vocabulary_as_mergekit(tmp_path, vz, case):
     )
     ours_cfg = json.loads((ours / "config.json").read_text())
     theirs_cfg = json.loads((theirs / "config.json").read_text())
-    assert ours_cfg["vocab_size"] == theirs_cfg["vocab_size"] == got["lm_head.weight"].shape[0]
+    rows = got["model.embed_tokens.weight"].shape[0]
+    assert ours_cfg["vocab_size"] == theirs_cfg["vocab_size"] == rows
     print(f"{case}: max abs diff vs mergekit = {worst:.3g}")
 
 
