@@ -193,7 +193,6 @@ def plan_stages(
     keys: dict[str, str] = {}
     runs: list[StageRun] = []
     for i, stage in enumerate(order, 1):
-        where = staged.where(stage)
         is_final = stage is final
         key = stage_key(stage, keys, recipe_dir, seed)
         if stage.name:
@@ -201,14 +200,16 @@ def plan_stages(
         out = out_dir if is_final else outputs[stage.name]  # type: ignore[index]
         reuse = not is_final and _recorded_key(out) == key
         run = StageRun(stage, i, len(order), out, key, reuse, is_final, substituted(stage, outputs))
-        _static_checks(run, where, warnings)
-        if not is_final and (stage.recipe.evaluate or stage.recipe.push):
+        _static_checks(run, staged.where(stage), warnings)  # every document before any plan
+        runs.append(run)
+    for run in runs:
+        where = staged.where(run.stage)
+        if not run.final and (run.stage.recipe.evaluate or run.stage.recipe.push):
             warnings.append(f"{where}: evaluate:/push: apply to the output document only; ignored")
-        ready = all(r.reuse for r in runs if r.stage.name in stage.deps)
-        if not reuse and ready:
+        ready = all(r.reuse for r in runs if r.stage.name in run.stage.deps)
+        if not run.reuse and ready:
             run.plan = _plan(run, where, recipe_dir, seed, allow_pickle)
             warnings.extend(f"{where}: {w}" for w in run.plan.warnings)
-        runs.append(run)
     return runs
 
 
