@@ -341,3 +341,19 @@ def test_same_tensors_as_mergekit_multi(tmp_path, models):
         assert got.keys() == ref.keys()
         worst = max(assert_ulp_close(got[k], ref[k]) for k in ref)
         print(f"{ours.name}: max abs diff vs mergekit-multi = {worst:.3g}")
+
+
+def test_shipped_multistage_recipe(tmp_path, demo_zoo):
+    from conftest import demo_recipe
+
+    recipe = tmp_path / "multistage.yaml"
+    recipe.write_text(demo_recipe("multistage", demo_zoo))
+    out = tmp_path / "out"
+    r = mmath("merge", recipe, out, "-q")
+    assert r.exit_code == 0, r.output
+    assert merged(r) == ["soup", "document 2"]
+    a, b = load_dir(demo_zoo["a"]), load_dir(demo_zoo["b"])
+    soup, final = load_dir(stages_dir(out) / "soup"), load_dir(out)
+    for k in a:
+        assert_ulp_close(soup[k], (a[k] + b[k]) / 2)
+        assert final[k].dtype == torch.bfloat16

@@ -6,8 +6,9 @@ A recipe file may hold several YAML documents separated by ``---``. Each is a re
 ``models[].model``, ``origin``, ``slices[].sources[].model``, ``tokenizer_source``). At most
 one document is unnamed; the output is the unnamed one if there is one, else the last.
 
-Every check here runs before any tensor is read: the documents' schemas, duplicate names,
-references that are neither a name nor an existing folder nor a Hub id, cycles.
+Every check here runs before any tensor is read (and needs no checkpoint): the documents'
+schemas, duplicate names, a bare reference that is neither a name nor an existing folder,
+cycles.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import yaml
 
 from mergekit_math.errors import UserError
-from mergekit_math.io.resolve import HUB_ID, find_local
+from mergekit_math.io.resolve import find_local
 from mergekit_math.recipe import Recipe, parse_recipe, read_recipe_text, suggest
 
 # A stage's output is a folder named after it: keep names to plain folder names.
@@ -132,21 +133,21 @@ def _parse_stage(path: Path, number: int, data: Any) -> Stage:
 
 
 def _link(staged: StagedRecipe, stage: Stage, recipe_dir: Path) -> None:
-    """Record which of ``stage``'s references name other documents; refuse a reference that
-    is neither a name nor an existing folder nor a Hub id."""
+    """Record which of ``stage``'s references name other documents; refuse a bare word that is
+    neither a name nor an existing folder (a mistyped name). References with a ``/`` are paths
+    or Hub ids, checked when the stage is planned."""
     names = staged.names
     for where, ref in stage.recipe.model_refs():
         if ref in names:
             stage.deps.setdefault(ref, []).append(where)
-            continue
-        if find_local(ref, f"{staged.where(stage)}: {where}", recipe_dir) is not None:
-            continue
-        if HUB_ID.match(ref) and not ref.startswith((".", "/")):
-            continue
-        raise UserError(
-            f"{staged.where(stage)}: {where}: {ref!r} is neither the name of a document of "
-            f"this file ({', '.join(names)}) nor an existing folder{suggest(ref, names)}"
-        )
+        elif (
+            "/" not in ref
+            and find_local(ref, f"{staged.where(stage)}: {where}", recipe_dir) is None
+        ):
+            raise UserError(
+                f"{staged.where(stage)}: {where}: {ref!r} is neither the name of a document "
+                f"of this file ({', '.join(names)}) nor an existing folder{suggest(ref, names)}"
+            )
 
 
 def _check_cycles(staged: StagedRecipe) -> None:
