@@ -368,6 +368,7 @@ def _merge_stages(
 ) -> None:
     from mergekit_math.stages import load_staged, plan_stages, run_stages
 
+    on_interrupt(f"stages already merged are kept in {out_dir}.stages; {out_dir} is unchanged")
     staged = load_staged(recipe)
     target = staged.target(stage)
     after = plan_after_merge(
