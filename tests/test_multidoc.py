@@ -357,3 +357,14 @@ def test_shipped_multistage_recipe(tmp_path, demo_zoo):
     for k in a:
         assert_ulp_close(soup[k], (a[k] + b[k]) / 2)
         assert final[k].dtype == torch.bfloat16
+
+
+def test_a_stage_warning_names_its_document_once(tmp_path, models):
+    recipe = three(tmp_path, models)
+    recipe.write_text(recipe.read_text().replace("{weight: 0.3}", "{weight: 0.3, density: 0.5}"))
+    r = mmath("merge", recipe, tmp_path / "out", "-q")
+    assert r.exit_code == 0, r.output
+    lines = [x for x in r.output.splitlines() if x.startswith("warning:")]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"warning: {recipe}: document 2 (name: abc): ")
+    assert "density" in lines[0]

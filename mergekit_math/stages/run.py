@@ -153,20 +153,20 @@ def _write_marker(run: StageRun) -> None:
     os.replace(tmp, run.out / MARKER)
 
 
-def _static_checks(run: StageRun, where: str, warnings: list[str]) -> None:
-    """The checks of a stage that need no checkpoint: method, parameter names, template."""
+def _static_checks(recipe: Recipe, where: str) -> None:
+    """The checks of a stage that need no checkpoint: method, parameter names, template (their
+    warnings come with the stage's plan)."""
     from mergekit_math.io.model_files import chat_template_text
     from mergekit_math.merge.params import check_param_names
     from mergekit_math.methods import get_method
 
     try:
-        method = get_method(run.recipe.merge_method)
+        method = get_method(recipe.merge_method)
         found: list[str] = []
-        check_param_names(run.recipe, method, found)
-        chat_template_text(run.recipe.chat_template)
+        check_param_names(recipe, method, found)
+        chat_template_text(recipe.chat_template)
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from None
-    warnings.extend(f"{where}: {w}" for w in found)
 
 
 def plan_stages(
@@ -192,6 +192,8 @@ def plan_stages(
         outputs[final.name] = out_dir
     keys: dict[str, str] = {}
     runs: list[StageRun] = []
+    for stage in order:  # every document's own checks before any input is fingerprinted
+        _static_checks(substituted(stage, outputs), staged.where(stage))
     for i, stage in enumerate(order, 1):
         is_final = stage is final
         key = stage_key(stage, keys, recipe_dir, seed)
@@ -200,7 +202,6 @@ def plan_stages(
         out = out_dir if is_final else outputs[stage.name]  # type: ignore[index]
         reuse = not is_final and _recorded_key(out) == key
         run = StageRun(stage, i, len(order), out, key, reuse, is_final, substituted(stage, outputs))
-        _static_checks(run, staged.where(stage), warnings)  # every document before any plan
         runs.append(run)
     for run in runs:
         where = staged.where(run.stage)
