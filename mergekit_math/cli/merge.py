@@ -397,6 +397,10 @@ def _merge_stages(
             _print_plan(
                 final.plan, options.max_shard_size, options.max_memory, options.device, after
             )
+            if options.max_memory is not None:
+                from mergekit_math.merge import check_memory
+
+                check_memory(final.plan, options.max_memory, options.device)
         else:
             typer.echo("the output is planned once the stages it reads are built")
             typer.echo("dry run: nothing was read or written")
