@@ -116,6 +116,11 @@ class Recipe(_Strict):
     """A merge recipe. Fields mirror mergekit's; ``seed``, ``compute_dtype`` and per-model
     ``origin`` are mmath extensions."""
 
+    name: str | None = Field(
+        default=None,
+        description="Names a document of a multi-document recipe (mergekit-multi's format): "
+        "later documents use it as a model reference (see mergekit_math.stages).",
+    )
     merge_method: str
     base_model: str | None = None
     models: list[InputModel] | None = None
@@ -278,7 +283,9 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def read_recipe_text(path: str | Path) -> str:
+    """A recipe file's text; a missing file, a folder or bytes that are not UTF-8 are one
+    :class:`UserError` naming the file."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a folder, not a recipe file")
@@ -286,18 +293,28 @@ def load_recipe(path: str | Path) -> Recipe:
         raise UserError(f"recipe not found: {path}")
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise UserError(
             f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}, "
             f"offset {exc.start})"
         ) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    text = read_recipe_text(path)
     try:
-        data = yaml.safe_load(text)
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_recipe(data, source=str(path))
+    if len(docs) > 1:
+        raise UserError(
+            f"{path}: has {len(docs)} documents (a multi-stage recipe); only `mmath merge` "
+            "runs those"
+        )
+    return parse_recipe(docs[0] if docs else None, source=str(path))
 
 
 # --------------------------------------------------------------------------- parameter values

@@ -391,9 +391,9 @@ def test_relative_path_found_in_two_places_is_ambiguous(tmp_path, zoo, monkeypat
     "path", sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml")), ids=lambda p: p.name
 )
 def test_shipped_recipes_parse_and_open_with_their_command(path):
-    from mergekit_math.recipe import load_recipe
+    from mergekit_math.stages import load_staged
 
-    recipe = load_recipe(path)
+    recipe = load_staged(path).target().recipe  # the output document of a multi-stage recipe
     # Opens with the commands that run it (STYLE.md 8).
     head = [line for line in path.read_text().splitlines() if line.startswith("# mmath ")]
     assert any(line.startswith(f"# mmath merge recipes/{path.name} ") for line in head)

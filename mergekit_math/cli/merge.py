@@ -32,6 +32,7 @@ from mergekit_math.eval.options import (
     VerboseOption,
 )
 from mergekit_math.io.writer import human_bytes
+from mergekit_math.stages.run import StageOptions
 
 if TYPE_CHECKING:
     from mergekit_math.eval.run import EvalOptions
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from mergekit_math.hub.publish import PushSettings
     from mergekit_math.merge import Plan
     from mergekit_math.recipe import Recipe
+    from mergekit_math.stages import StageRun
 
 
 @dataclass
@@ -247,6 +249,14 @@ def merge(
     token: Annotated[
         str | None, typer.Option(help=TOKEN_HELP.format(what=" for --push"), show_default=False)
     ] = None,
+    stage: Annotated[
+        str | None,
+        typer.Option(
+            help="Multi-document recipe: build the stages document NAME needs and write NAME "
+            "to OUT_DIR (default: the unnamed document, else the last).",
+            metavar="NAME",
+        ),
+    ] = None,
 ) -> None:
     """Merge the models of RECIPE into OUT_DIR.
 
@@ -260,6 +270,10 @@ def merge(
     if it clears the --require bars (or evaluate.require).
 
     Example: mmath merge recipes/ties.yaml out/ties-merge
+
+    A RECIPE with several YAML documents (mergekit-multi's format: each has a name: that
+    later documents use as a model) is merged stage by stage; intermediate stages are kept in
+    OUT_DIR.stages/NAME and reused while their recipe and inputs are unchanged.
 
     Example: mmath merge recipes/ties.yaml out/ties-merge --eval --push me/ties-merge
     --tasks gsm8k_cot_local --require 'gsm8k_cot_local:exact_match,flexible-extract>=0.4'
@@ -276,11 +290,7 @@ def merge(
     if token is not None:
         warn_token()
     on_interrupt("nothing was written to the output folder")
-    parsed = load_recipe(recipe)
-    after = plan_after_merge(
-        parsed,
-        recipe.resolve().parent,
-        source=str(recipe),
+    after_flags = dict(
         evaluate=evaluate,
         push=push,
         no_push=no_push,
@@ -291,6 +301,14 @@ def merge(
         device=device,
         verbose=verbose,
     )
+    if stage is not None or is_multi_document(recipe):
+        options = StageOptions(
+            seed, allow_pickle, device, shard_size, memory, strict_finite, not quiet, force
+        )
+        _merge_stages(recipe, out_dir, stage, options, dry_run, threads, after_flags, token)
+        return
+    parsed = load_recipe(recipe)
+    after = plan_after_merge(parsed, recipe.resolve().parent, source=str(recipe), **after_flags)
     plan = build_plan(
         parsed, recipe_dir=recipe.resolve().parent, seed=seed, allow_pickle=allow_pickle
     )
@@ -325,6 +343,89 @@ def merge(
     )
     if after is not None:
         _evaluate_and_push(final, after, token)
+
+
+def is_multi_document(path: Path) -> bool:
+    """Whether ``path`` holds more than one recipe document (errors are left to the loader)."""
+    from mergekit_math.stages import read_documents
+
+    try:
+        return len(read_documents(path)) > 1
+    except UserError:
+        return False
+
+
+# The multi-document form of `mmath merge`: plan every stage (checks first), print or run them.
+def _merge_stages(
+    recipe: Path,
+    out_dir: Path,
+    stage: str | None,
+    options: StageOptions,
+    dry_run: bool,
+    threads: int | None,
+    after_flags: dict,
+    token: str | None,
+) -> None:
+    from mergekit_math.stages import load_staged, plan_stages, run_stages
+
+    on_interrupt(f"stages already merged are kept in {out_dir}.stages; {out_dir} is unchanged")
+    staged = load_staged(recipe)
+    target = staged.target(stage)
+    after = plan_after_merge(
+        target.recipe,
+        recipe.resolve().parent,
+        source=f"{recipe}: {target.label}",
+        **after_flags,
+    )
+    if out_dir.exists() and not options.force and not dry_run:
+        raise UserError(f"{out_dir} already exists; pass --force to replace it")
+    warnings: list[str] = []
+    runs = plan_stages(
+        staged,
+        out_dir,
+        stage,
+        seed=options.seed,
+        allow_pickle=options.allow_pickle,
+        warnings=warnings,
+    )
+    for w in warnings:
+        warn(w)
+    if dry_run:
+        _print_stages(runs)
+        final = runs[-1]
+        if final.plan is not None:
+            _print_plan(
+                final.plan, options.max_shard_size, options.max_memory, options.device, after
+            )
+            if options.max_memory is not None:
+                from mergekit_math.merge import check_memory
+
+                check_memory(final.plan, options.max_memory, options.device)
+        else:
+            typer.echo("the output is planned once the stages it reads are built")
+            typer.echo("dry run: nothing was read or written")
+        return
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    plan = run_stages(staged, runs, options, typer.echo, warn)
+    final_dir = runs[-1].out
+    typer.echo(
+        f"merged {len(plan.items)} tensors ({human_bytes(plan.write_bytes)}) with "
+        f"{plan.method.name} into {final_dir}"
+    )
+    if after is not None:
+        _evaluate_and_push(final_dir, after, token)
+
+
+def _print_stages(runs: list[StageRun]) -> None:
+    typer.echo(f"stages:        {len(runs)}, in the order they run")
+    for r in runs:
+        what = "output" if r.final else "reused (unchanged)" if r.reuse else "to merge"
+        n = r.stage.number
+        title = f"{r.stage.name} (document {n})" if r.stage.name else f"document {n}"
+        typer.echo(f"  {r.index}. {title} -> {r.out}: {what}")
 
 
 def _evaluate_and_push(model_dir: Path, after: AfterMerge, token: str | None) -> None:

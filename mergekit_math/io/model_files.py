@@ -15,6 +15,7 @@ import yaml
 
 from mergekit_math import __version__
 from mergekit_math.errors import UserError
+from mergekit_math.io.chat_templates import BUILTIN_TEMPLATES
 from mergekit_math.io.reader import TOKENIZER_FILES
 from mergekit_math.io.resolve import inside
 
@@ -79,14 +80,6 @@ class Plan(Protocol):
     def parents(self) -> list[str]: ...
     @property
     def vocabulary(self) -> Any: ...  # merge.vocab.Vocabulary | None
-
-
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
-    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-BUILTIN_TEMPLATES = {"chatml": CHATML}
 
 
 def output_config(plan: Plan) -> dict:
