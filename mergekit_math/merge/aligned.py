@@ -143,9 +143,17 @@ class AlignedCheckpoint:
         own = (perm >= 0) & (perm < rows)
         if plan.forced:
             own[sorted(plan.forced)] = False
-        out = torch.zeros(vocab.padded, width, dtype=dtype)
-        ids = own.nonzero().flatten()
-        out[ids] = src.index_select(0, perm[ids]).to(dtype)
+        # gathered straight into the output rows (no full-size temporary): every row from
+        # its own row, then the rows this input lacks cleared
+        out = torch.empty(vocab.padded, width, dtype=dtype)
+        index = torch.where(own, perm, 0)
+        if src.dtype == dtype:
+            torch.index_select(src, 0, index, out=out[: vocab.size])
+        else:
+            for a in range(0, vocab.size, 4096):  # cast a block of rows at a time
+                b = min(a + 4096, vocab.size)
+                out[a:b] = src.index_select(0, index[a:b]).to(dtype)
+        out[: vocab.size][~own] = 0
         self.raw.release_range(name, 0, info.numel)
         own_list = own.tolist()
         for token_id, row in self.defaults.get(name, self.aligned[name].dtype).items():
