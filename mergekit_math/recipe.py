@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from mergekit_math.errors import UserError
+from mergekit_math.io.model_ref import RefStr
 
 Scalar = bool | int | float | str
 DTypeName = Literal["float32", "float16", "bfloat16", "float64"]
@@ -49,7 +50,9 @@ Parameters = dict[str, Setting]
 
 
 class InputModel(_Strict):
-    model: str | None = Field(None, description="Local folder or Hub id of a checkpoint.")
+    model: RefStr | None = Field(
+        None, description="Local folder or Hub id (NAME@REVISION), or BASE+LORA_ADAPTER."
+    )
     patch: str | None = Field(
         None,
         description="mmath extension, instead of model: a patch folder (mmath patch extract) "
@@ -72,7 +75,7 @@ class InputModel(_Strict):
 
 
 class InputSlice(_Strict):
-    model: str
+    model: RefStr
     layer_range: tuple[int, int] = Field(description="Half-open [start, end) layer range.")
     parameters: Parameters | None = None
     origin: str | None = None
@@ -80,7 +83,7 @@ class InputSlice(_Strict):
 
 class OutputSlice(_Strict):
     sources: list[InputSlice]
-    base_model: str | None = None
+    base_model: RefStr | None = None
     parameters: Parameters | None = None
 
 
@@ -116,7 +119,7 @@ class Recipe(_Strict):
     ``origin`` are mmath extensions."""
 
     merge_method: str
-    base_model: str | None = None
+    base_model: RefStr | None = None
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
     parameters: Parameters | None = None

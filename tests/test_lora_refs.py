@@ -1,0 +1,237 @@
+"""``BASE+ADAPTER`` model references (a PEFT LoRA merged in as the tensors are read) and
+``NAME@REVISION``: against PEFT's ``merge_and_unload`` and the real mergekit 0.1.5."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import assert_ulp_close, load_dir, make_model, mmath, write_recipe
+from safetensors.torch import save_file
+
+from mergekit_math.io.model_ref import ModelPath, ModelRef, parse_ref, ref_to_string
+from mergekit_math.merge import build_plan, execute
+from mergekit_math.recipe import load_recipe
+
+LORA = dict(
+    r=4,
+    lora_alpha=8,
+    target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+    rank_pattern={"layers.1.self_attn.q_proj": 2},
+    alpha_pattern={"v_proj": 3},
+)
+
+
+def make_adapter(base: Path, folder: Path, seed: int = 3, **overrides) -> Path:
+    """A PEFT LoRA adapter of ``base`` saved with the real ``peft``, with random non-zero B."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(**{**LORA, **overrides}))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def peft_merged(base: Path, adapter: Path, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return {k: v.detach() for k, v in merged.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    base = make_model(root / "base", layers=3)
+    return {
+        "root": root,
+        "base": base,
+        "ft": make_model(root / "ft", base=base, seed=1, noise=0.05),
+        "adapter": make_adapter(base, root / "adapter"),
+    }
+
+
+# =============================================================================== parsing
+
+
+def test_parse_refs():
+    assert parse_ref("org/m", "x") == ModelRef(ModelPath("org/m"))
+    assert parse_ref("org/m@v1+org/a@abc", "x") == ModelRef(
+        ModelPath("org/m", "v1"), ModelPath("org/a", "abc")
+    )
+    assert str(parse_ref("org/m@v1+org/a", "x")) == "org/m@v1+org/a"
+    for bad in ("a+b+c", "a@b@c", "a+", "+a", "a@"):
+        with pytest.raises(ValueError, match="x: "):
+            parse_ref(bad, "x")
+    # mergekit's dict form, with strings or {path, revision} inside
+    assert ref_to_string({"model": {"path": "o/m", "revision": "r"}, "lora": "o/a"}) == "o/m@r+o/a"
+    assert ref_to_string({"model": "o/m@r"}) == "o/m@r"
+    assert ref_to_string({"model": "o/m", "other": 1}) == {"model": "o/m", "other": 1}
+
+
+def test_dict_form_in_a_recipe_is_the_string_form():
+    from mergekit_math.recipe import parse_recipe
+
+    r = parse_recipe(
+        {
+            "merge_method": "linear",
+            "base_model": {"model": {"path": "o/b", "revision": "main"}},
+            "models": [{"model": {"model": "o/m", "lora": {"path": "o/a", "revision": "v2"}}}],
+        }
+    )
+    assert r.base_model == "o/b@main" and r.models[0].model == "o/m+o/a@v2"
+
+
+def test_revisions_reach_the_hub_download(lora, tmp_path, monkeypatch):
+    import mergekit_math.io.resolve as resolve
+
+    calls = []
+    folders = {"org/base": lora["base"], "org/adapter": lora["adapter"]}
+
+    def download(repo_id: str, where: str, revision: str | None = None) -> Path:
+        calls.append((repo_id, revision))
+        return folders[repo_id]
+
+    monkeypatch.setattr(resolve, "_download", download)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        "merge_method: passthrough\nmodels:\n  - model: org/base@v1.0+org/adapter@0123abc\n",
+    )
+    res = mmath("merge", recipe, tmp_path / "out", "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert calls == [("org/base", "v1.0"), ("org/adapter", "0123abc")]
+
+
+def test_revision_passed_to_snapshot_download(lora, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    seen = []
+
+    def fake(repo_id, revision=None, allow_patterns=None, **kwargs):
+        seen.append((repo_id, revision))
+        return str(lora["base"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    recipe = write_recipe(
+        tmp_path / "r.yaml", "merge_method: passthrough\nmodels:\n  - model: org/base@main\n"
+    )
+    res = mmath("merge", recipe, tmp_path / "out", "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert seen == [("org/base", "main")]
+
+
+# =============================================================================== baking
+
+
+@pytest.mark.parametrize("method", ["passthrough", "linear"])
+def test_single_lora_ref_bakes_the_adapter_like_peft(lora, tmp_path, method):
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"merge_method: {method}\nmodels:\n  - model: {lora['base']}+{lora['adapter']}\n"
+        + ("    parameters: {weight: 1.0}\n" if method == "linear" else "")
+        + "dtype: float32\n",
+    )
+    res = mmath("merge", recipe, tmp_path / "out", "-q")
+    assert res.exit_code == 0, res.output
+    got = load_dir(tmp_path / "out")
+    want = peft_merged(lora["base"], lora["adapter"])
+    base = load_dir(lora["base"])
+    assert got.keys() == base.keys()
+    changed = 0
+    for name, tensor in got.items():
+        assert_ulp_close(tensor, want[name], ulps=1.0)
+        changed += not torch.equal(tensor, base[name])
+    # q, v, down in 3 layers and the embedding
+    assert changed == 3 * 3 + 1
+    # the resolved recipe keeps BASE+ADAPTER, absolute, and replays to the same tensors
+    resolved = yaml.safe_load((tmp_path / "out" / "mmath_recipe.yaml").read_text())
+    assert resolved["models"][0]["model"] == f"{lora['base']}+{lora['adapter']}"
+    res = mmath("merge", tmp_path / "out" / "mmath_recipe.yaml", tmp_path / "again", "-q")
+    assert res.exit_code == 0, res.output
+    again = load_dir(tmp_path / "again")
+    assert all(torch.equal(again[n], got[n]) for n in got)
+
+
+def test_bf16_base_rounds_once_like_peft(tmp_path):
+    base = make_model(tmp_path / "base", dtype="bfloat16")
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["k_proj", "up_proj"])
+    recipe = write_recipe(
+        tmp_path / "r.yaml", f"merge_method: passthrough\nmodels:\n  - model: {base}+{adapter}\n"
+    )
+    # in chunks of 300 elements: ranges of a merged tensor come from its one merge
+    plan = build_plan(load_recipe(recipe), recipe_dir=recipe.parent)
+    execute(plan, tmp_path / "out", progress=False, chunk_elements=300)
+    got = load_dir(tmp_path / "out")
+    want = peft_merged(base, adapter, dtype=torch.bfloat16)
+    for name, tensor in got.items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, want[name]), name
+
+
+# =============================================================================== errors
+
+
+def _fails(tmp_path: Path, ref: str, *parts: str) -> None:
+    recipe = write_recipe(
+        tmp_path / "bad.yaml", f"merge_method: passthrough\nmodels:\n  - model: {ref}\n"
+    )
+    res = mmath("merge", recipe, tmp_path / "bad_out")
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, res.output
+    for p in parts:
+        assert p in lines[0], res.output
+    assert not (tmp_path / "bad_out").exists()
+
+
+def test_missing_adapter_folder(lora, tmp_path):
+    _fails(
+        tmp_path,
+        f"{lora['base']}+{tmp_path / 'nope'}",
+        "models[0].model: LoRA adapter folder does not exist",
+        "nope",
+    )
+
+
+def test_adapter_of_another_shape(lora, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    save_file(
+        {  # k_proj is 16 x 32 in the tiny Llama (2 key/value heads)
+            "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight": torch.ones(2, 32),
+            "base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight": torch.ones(32, 2),
+        },
+        str(adapter / "adapter_model.safetensors"),
+    )
+    _fails(
+        tmp_path,
+        f"{lora['base']}+{adapter}",
+        "models[0].model: shape mismatch for model.layers.0.self_attn.k_proj.weight",
+        "[16, 32]",
+    )
+
+
+def test_dora_is_refused(lora, tmp_path):
+    adapter = tmp_path / "dora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "use_dora": True})
+    )
+    _fails(tmp_path, f"{lora['base']}+{adapter}", "models[0].model:", "DoRA")
+
+
+def test_malformed_refs_and_local_revision(lora, tmp_path):
+    _fails(tmp_path, "a+b+c", "models[0].model:", "more than one '+'")
+    _fails(tmp_path, f"{lora['base']}@v1", "models[0].model:", "local folder", "no revisions")
