@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 patch_app = typer.Typer(
     cls=HandledGroup,
     help="PortLLM portable patches: extract a fine-tune's delta (dense, low-rank or sparse) or "
-    "import a LoRA adapter, inspect it, and apply it to a new base.",
+    "import a LoRA adapter, inspect it, apply it to a new base, or export it as a PEFT "
+    "LoRA adapter.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -147,6 +148,45 @@ def patch_apply(
         f"applied {len(plan.patch.tensors)} patched tensors (scale {scale:g}) to "
         f"{plan.base.ref}: {final}"
     )
+
+
+@patch_app.command("export")
+def patch_export(
+    patch: Annotated[Path, typer.Argument(metavar="PATCH", help="Patch folder.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Adapter folder to write.")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="Output format; peft: a PEFT LoRA adapter.")
+    ] = "peft",
+    strict: Annotated[
+        bool,
+        typer.Option(help="Refuse a patch with tensors a LoRA cannot hold (instead of a warning)."),
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Write a patch's low-rank tensors as a PEFT LoRA adapter (adapter_config.json and
+    adapter_model.safetensors) that peft.PeftModel.from_pretrained(base, OUT) loads.
+
+    Only lowrank entries become LoRA modules (scaling 1, per-module ranks in rank_pattern).
+    Dense and sparse entries (norms, biases, embeddings unless extracted with
+    --lowrank-embeddings) are left out and listed in a warning; --strict refuses them.
+
+    Example: mmath patch export p -o adapter
+    """
+    from mergekit_math.patch.peft_export import export_peft, plan_export
+
+    if fmt != "peft":
+        raise UserError(f"--format: {fmt!r} is not a known format (peft)")
+    on_interrupt(NOTHING_WRITTEN)
+    if output.exists() and not force:
+        raise UserError(f"{output} already exists; pass --force to replace it")
+    plan = plan_export(patch, strict=strict)
+    message = plan.warning()
+    if message is not None:
+        warn(message)
+    final = export_peft(plan, output, force=force)
+    ranks = sorted({m.rank for m in plan.modules})
+    rank = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}–{ranks[-1]}"
+    typer.echo(f"exported {len(plan.modules)} LoRA modules ({rank}) into {final}")
 
 
 @patch_app.command("info")
