@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import assert_ulp_close, load_dir, make_model, mmath, write_recipe
+from conftest import assert_ulp_close, demo_recipe, load_dir, make_model, mmath, write_recipe
 from safetensors.torch import save_file
 
 from mergekit_math.io.model_ref import ModelPath, ModelRef, parse_ref, ref_to_string
@@ -295,3 +295,21 @@ def test_lora_refs_match_mergekit(lora, tmp_path, case):
     assert got.keys() == want.keys()
     worst = max(assert_ulp_close(got[n], want[n], ulps=1.0) for n in want)
     print(f"{case}: max abs diff vs mergekit {worst:.3g}")
+
+
+@pytest.mark.mergekit
+def test_recipe_lora_yaml_matches_mergekit(demo_zoo, tmp_path):
+    """recipes/lora.yaml on tiny demo stand-ins and a real PEFT adapter, through both tools
+    (float32, as test_mergekit_compat runs the method recipes)."""
+    pytest.importorskip("mergekit", reason="mergekit is not installed")
+    adapter = make_adapter(demo_zoo["base"], tmp_path / "math_lora")
+    text = demo_recipe("lora", demo_zoo).replace("../demo/math_lora", str(adapter))
+    text = text.replace("dtype: bfloat16", "dtype: float32")
+    assert "../demo" not in text
+    run_mergekit(text, tmp_path / "mk", tmp_path / "cache")
+    res = mmath("merge", write_recipe(tmp_path / "r.yaml", text), tmp_path / "mm", "-q")
+    assert res.exit_code == 0, res.output
+    got, want = load_dir(tmp_path / "mm"), load_dir(tmp_path / "mk")
+    assert got.keys() == want.keys()
+    worst = max(assert_ulp_close(got[n], want[n], ulps=1.0) for n in want)
+    print(f"recipes/lora.yaml: max abs diff vs mergekit {worst:.3g}")
