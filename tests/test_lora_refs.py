@@ -111,6 +111,7 @@ def test_revisions_reach_the_hub_download(lora, tmp_path, monkeypatch):
     res = mmath("merge", recipe, tmp_path / "out", "--dry-run")
     assert res.exit_code == 0, res.output
     assert calls == [("org/base", "v1.0"), ("org/adapter", "0123abc")]
+    assert f"org/base@v1.0+org/adapter@0123abc -> {lora['base']}+{lora['adapter']}" in res.output
 
 
 def test_revision_passed_to_snapshot_download(lora, tmp_path, monkeypatch):

@@ -55,7 +55,7 @@ class LoraCheckpoint(Checkpoint):
 
     @property
     def resolved_ref(self) -> str:
-        """The reference with both folders made absolute (for the resolved recipe)."""
+        """BASE+ADAPTER with both folders absolute (the resolved recipe, --dry-run)."""
         return f"{self.path}+{self.adapter_path}"
 
     def _merged_flat(self, stored: str) -> torch.Tensor:
