@@ -314,3 +314,36 @@ def test_recipe_lora_yaml_matches_mergekit(demo_zoo, tmp_path):
     assert got.keys() == want.keys()
     worst = max(assert_ulp_close(got[n], want[n], ulps=1.0) for n in want)
     print(f"recipes/lora.yaml: max abs diff vs mergekit {worst:.3g}")
+
+
+def test_lora_ref_in_slices(lora, tmp_path):
+    """Layers taken from BASE+ADAPTER by a slice read merged under their source names."""
+    ref = f"{lora['base']}+{lora['adapter']}"
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        "merge_method: passthrough\nslices:\n"
+        f"  - sources: [{{model: {lora['base']}, layer_range: [0, 1]}}]\n"
+        f"  - sources: [{{model: '{ref}', layer_range: [1, 3]}}]\n",
+    )
+    res = mmath("merge", recipe, tmp_path / "out", "-q")
+    assert res.exit_code == 0, res.output
+    got = load_dir(tmp_path / "out")
+    merged, base = peft_merged(lora["base"], lora["adapter"]), load_dir(lora["base"])
+    for j, (src, layer) in enumerate([(base, 0), (merged, 1), (merged, 2)]):
+        for rest in ("self_attn.q_proj.weight", "mlp.down_proj.weight", "mlp.up_proj.weight"):
+            assert torch.equal(got[f"model.layers.{j}.{rest}"], src[f"model.layers.{layer}.{rest}"])
+    assert torch.equal(got["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+
+
+def test_existing_folder_with_plus_in_its_name_is_a_plain_path(lora, tmp_path):
+    import shutil
+
+    odd = tmp_path / "a+b@c"
+    shutil.copytree(lora["base"], odd)
+    recipe = write_recipe(
+        tmp_path / "r.yaml", f"merge_method: passthrough\nmodels:\n  - model: {odd}\n"
+    )
+    res = mmath("merge", recipe, tmp_path / "out", "-q")
+    assert res.exit_code == 0, res.output
+    got, base = load_dir(tmp_path / "out"), load_dir(lora["base"])
+    assert all(torch.equal(got[n], base[n]) for n in base)
