@@ -127,3 +127,28 @@ def test_export_refusals(tmp_path):
     )
     one_error(mmath("patch", "export", low, "-o", tmp_path / "a", "--format", "gguf"), "--format")
     assert not (tmp_path / "a").exists()
+
+
+def test_extract_format_peft_is_extract_then_export(tmp_path):
+    from safetensors.torch import load_file
+
+    base = make_model(tmp_path / "base")
+    ft = make_model(tmp_path / "ft", base=base, seed=1, noise=0.05)
+    common = ["--base", base, "--finetuned", ft, "-q", "--encoding", "lowrank", "--rank", "3"]
+    out = tmp_path / "outs"
+    res = mmath("patch", "extract", *common, "-o", out / "direct", "--format", "peft")
+    assert res.exit_code == 0, res.output
+    assert "warning:" in res.output and "lm_head.weight" in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["direct"]  # the temporary patch is gone
+    assert mmath("patch", "extract", *common, "-o", tmp_path / "p").exit_code == 0
+    assert mmath("patch", "export", tmp_path / "p", "-o", tmp_path / "two").exit_code == 0
+    direct = load_file(out / "direct" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    assert direct.keys() == two.keys() and all(torch.equal(direct[k], two[k]) for k in two)
+    with safe_open(out / "direct" / "adapter_model.safetensors", "pt") as f:
+        assert f.metadata()["mmath_source"].endswith("--format peft")
+    one_error(
+        mmath("patch", "extract", "--base", base, "--finetuned", ft, "-o", tmp_path / "x",
+              "--format", "peft"),
+        "--format peft", "--encoding lowrank",
+    )  # fmt: skip

@@ -15,7 +15,7 @@ from mergekit_math.io.writer import human_bytes
 
 if TYPE_CHECKING:
     from mergekit_math.patch import Patch
-    from mergekit_math.patch.extract import TensorError
+    from mergekit_math.patch.extract import ExtractPlan, TensorError
 
 patch_app = typer.Typer(
     cls=HandledGroup,
@@ -76,10 +76,19 @@ def patch_extract(
     lowrank_embeddings: Annotated[
         bool, typer.Option(help="lowrank: also factorize embeddings and lm_head.")
     ] = False,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="patch (an mmath patch folder) or peft (a PEFT LoRA adapter of the low-rank "
+            "tensors, as `mmath patch export`; needs --encoding lowrank).",
+        ),
+    ] = "patch",
     force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Extract Δ = FT − OLD (or a LoRA adapter's ΔW) into a patch folder.
+    """Extract Δ = FT − OLD (or a LoRA adapter's ΔW) into a patch folder, or with
+    --format peft into a PEFT LoRA adapter.
 
     Checks architectures, tensor sets and shapes before reading any weight; streams one tensor
     at a time; the folder appears only once complete.
@@ -101,17 +110,36 @@ def patch_extract(
         dtype=dtype,
         lowrank_embeddings=lowrank_embeddings,
     )
+    if fmt not in ("patch", "peft"):
+        raise UserError(f"--format: {fmt!r} is not a known format (patch, peft)")
+    if fmt == "peft" and options.encoding != "lowrank":
+        raise UserError(
+            "--format peft: a LoRA adapter holds low-rank tensors; use --encoding lowrank"
+        )
     if output.exists() and not force:
         raise UserError(f"{output} already exists; pass --force to replace it")
     plan = plan_extract(base, options, finetuned=finetuned, lora=from_lora)
     for w in plan.warnings:
         warn(w)
+    if fmt == "peft":
+        _extract_peft(plan, output, force, quiet)
+        return
     final = extract(plan, output, force=force, progress=not quiet)
     p = Patch.open(final)
     typer.echo(
         f"extracted {len(p.tensors)} tensors ({options.encoding}, {human_bytes(p.stored_bytes)}, "
         f"{p.dense_bytes / p.stored_bytes:.2f}× smaller than dense float32) into {final}"
     )
+
+
+def _extract_peft(plan: ExtractPlan, output: Path, force: bool, quiet: bool) -> None:
+    from mergekit_math.patch.peft_export import extract_to_peft
+
+    final, exported = extract_to_peft(plan, output, force=force, progress=not quiet)
+    message = exported.warning()
+    if message is not None:
+        warn(message)
+    typer.echo(f"extracted {len(exported.modules)} LoRA modules into {final}")
 
 
 @patch_app.command("apply")

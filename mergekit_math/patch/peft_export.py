@@ -30,10 +30,14 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mergekit_math.errors import UserError
 from mergekit_math.patch.format import Patch
 from mergekit_math.patch.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONV1D_MODULES, PEFT_PREFIX
+
+if TYPE_CHECKING:
+    from mergekit_math.patch.extract import ExtractPlan
 
 # Input embeddings (nn.Embedding) by module name; lm_head and GPT-NeoX's embed_out are Linear.
 EMBEDDING_MODULE = re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|embed_in)$")
@@ -145,9 +149,12 @@ def _factors(plan: ExportPlan, m: ExportModule) -> dict[str, object]:
     return {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}
 
 
-def export_peft(plan: ExportPlan, out_dir: str | Path, force: bool = False) -> Path:
+def export_peft(
+    plan: ExportPlan, out_dir: str | Path, force: bool = False, provenance: str | None = None
+) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``out_dir``
-    (atomically, one module's factors in memory at a time); returns its absolute path."""
+    (atomically, one module's factors in memory at a time); returns its absolute path.
+    ``provenance`` (metadata ``mmath_source``): the patch folder unless given."""
     from mergekit_math.io.atomic import atomic_output
     from mergekit_math.patch.format import PatchFileWriter
 
@@ -159,7 +166,8 @@ def export_peft(plan: ExportPlan, out_dir: str | Path, force: bool = False) -> P
                 for m in plan.modules:
                     for key, tensor in _factors(plan, m).items():
                         writer.add(key, tensor)  # type: ignore[arg-type]
-                meta = {"format": "pt", "mmath_patch": str(plan.patch.path.resolve())}
+                source = provenance or f"mmath patch export {plan.patch.path.resolve()}"
+                meta = {"format": "pt", "mmath_source": source}
                 if plan.left_out:
                     meta["mmath_left_out"] = json.dumps(plan.left_out)
                 writer.finish(meta)
@@ -171,3 +179,27 @@ def export_peft(plan: ExportPlan, out_dir: str | Path, force: bool = False) -> P
     finally:
         plan.patch.close()
     return out_dir.absolute()
+
+
+def extract_to_peft(
+    extract_plan: ExtractPlan,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    strict: bool = False,
+) -> tuple[Path, ExportPlan]:
+    """``mmath patch extract --format peft``: extract into a temporary patch next to
+    ``out_dir``, export it, and remove it; returns the adapter folder and what was exported."""
+    import shlex
+    import tempfile
+
+    from mergekit_math.patch.extract import command_line, extract
+
+    out_dir = Path(out_dir).absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    command = command_line(extract_plan, out_dir) + " " + shlex.join(["--format", "peft"])
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.patch-", dir=out_dir.parent) as tmp:
+        patch_dir = extract(extract_plan, Path(tmp) / "patch", progress=progress, command=command)
+        plan = plan_export(patch_dir, strict=strict)
+        return export_peft(plan, out_dir, force, provenance=command), plan
