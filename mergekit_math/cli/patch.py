@@ -110,12 +110,7 @@ def patch_extract(
         dtype=dtype,
         lowrank_embeddings=lowrank_embeddings,
     )
-    if fmt not in ("patch", "peft"):
-        raise UserError(f"--format: {fmt!r} is not a known format (patch, peft)")
-    if fmt == "peft" and options.encoding != "lowrank":
-        raise UserError(
-            "--format peft: a LoRA adapter holds low-rank tensors; use --encoding lowrank"
-        )
+    _check_format(fmt, options.encoding)
     if output.exists() and not force:
         raise UserError(f"{output} already exists; pass --force to replace it")
     plan = plan_extract(base, options, finetuned=finetuned, lora=from_lora)
@@ -130,6 +125,15 @@ def patch_extract(
         f"extracted {len(p.tensors)} tensors ({options.encoding}, {human_bytes(p.stored_bytes)}, "
         f"{p.dense_bytes / p.stored_bytes:.2f}× smaller than dense float32) into {final}"
     )
+
+
+def _check_format(fmt: str, encoding: str) -> None:
+    if fmt not in ("patch", "peft"):
+        raise UserError(f"--format: {fmt!r} is not a known format (patch, peft)")
+    if fmt == "peft" and encoding != "lowrank":
+        raise UserError(
+            "--format peft: a LoRA adapter holds low-rank tensors; use --encoding lowrank"
+        )
 
 
 def _extract_peft(plan: ExtractPlan, output: Path, force: bool, quiet: bool) -> None:
