@@ -347,3 +347,18 @@ def test_existing_folder_with_plus_in_its_name_is_a_plain_path(lora, tmp_path):
     assert res.exit_code == 0, res.output
     got, base = load_dir(tmp_path / "out"), load_dir(lora["base"])
     assert all(torch.equal(got[n], base[n]) for n in base)
+
+
+def test_peak_memory_estimate_counts_the_merged_tensors(lora, tmp_path):
+    from mergekit_math.merge import estimated_peak_bytes
+
+    def plan_for(ref: str):
+        text = f"merge_method: passthrough\nmodels:\n  - model: {ref}\n"
+        recipe = write_recipe(tmp_path / "r.yaml", text)
+        return build_plan(load_recipe(recipe), recipe_dir=tmp_path)
+
+    plain = plan_for(str(lora["base"]))
+    with_lora = plan_for(f"{lora['base']}+{lora['adapter']}")
+    # two kept merged embeddings (96 x 32 float32, the largest target) + 3 float32 temporaries
+    extra = 2 * 96 * 32 * 4 + 3 * 96 * 32 * 4
+    assert estimated_peak_bytes(with_lora) - estimated_peak_bytes(plain) == extra

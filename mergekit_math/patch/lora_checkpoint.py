@@ -58,6 +58,12 @@ class LoraCheckpoint(Checkpoint):
         """BASE+ADAPTER with both folders absolute (the resolved recipe, --dry-run)."""
         return f"{self.path}+{self.adapter_path}"
 
+    @property
+    def held_bytes(self) -> int:
+        """The kept merged tensors plus one merge's float32 temporaries (W, ΔW, W + ΔW)."""
+        infos = [self.tensors[n] for n in self.adapter.modules]
+        return self.KEEP * max(i.nbytes for i in infos) + 3 * 4 * max(i.numel for i in infos)
+
     def _merged_flat(self, stored: str) -> torch.Tensor:
         import torch
 
