@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from mergekit_math.errors import UserError
+from mergekit_math.io.model_ref import RefStr
 from mergekit_math.recipe_vocab import TokenizerSettings
 
 Scalar = bool | int | float | str
@@ -50,7 +51,9 @@ Parameters = dict[str, Setting]
 
 
 class InputModel(_Strict):
-    model: str | None = Field(None, description="Local folder or Hub id of a checkpoint.")
+    model: RefStr | None = Field(
+        None, description="Local folder or Hub id (NAME@REVISION), or BASE+LORA_ADAPTER."
+    )
     patch: str | None = Field(
         None,
         description="mmath extension, instead of model: a patch folder (mmath patch extract) "
@@ -73,7 +76,7 @@ class InputModel(_Strict):
 
 
 class InputSlice(_Strict):
-    model: str
+    model: RefStr
     layer_range: tuple[int, int] = Field(description="Half-open [start, end) layer range.")
     parameters: Parameters | None = None
     origin: str | None = None
@@ -81,7 +84,7 @@ class InputSlice(_Strict):
 
 class OutputSlice(_Strict):
     sources: list[InputSlice]
-    base_model: str | None = None
+    base_model: RefStr | None = None
     parameters: Parameters | None = None
 
 
@@ -122,7 +125,7 @@ class Recipe(_Strict):
         "later documents use it as a model reference (see mergekit_math.stages).",
     )
     merge_method: str
-    base_model: str | None = None
+    base_model: RefStr | None = None
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
     parameters: Parameters | None = None

@@ -469,7 +469,8 @@ def _print_plan(
     typer.echo(f"method:        {plan.method.name} ({plan.method.pretty_name})")
     typer.echo(f"inputs:        {len(plan.checkpoints)} checkpoints")
     for c in plan.checkpoints.values():
-        typer.echo(f"  - {c.ref} -> {c.path}" if str(c.path) != c.ref else f"  - {c.ref}")
+        where = c.resolved_ref
+        typer.echo(f"  - {c.ref} -> {where}" if where != c.ref else f"  - {c.ref}")
     typer.echo(f"output layers: {plan.num_layers}")
     if plan.vocabulary is not None:
         source = plan.recipe.vocabulary_source

@@ -15,12 +15,13 @@ from mergekit_math.io.writer import human_bytes
 
 if TYPE_CHECKING:
     from mergekit_math.patch import Patch
-    from mergekit_math.patch.extract import TensorError
+    from mergekit_math.patch.extract import ExtractPlan, TensorError
 
 patch_app = typer.Typer(
     cls=HandledGroup,
     help="PortLLM portable patches: extract a fine-tune's delta (dense, low-rank or sparse) or "
-    "import a LoRA adapter, inspect it, and apply it to a new base.",
+    "import a LoRA adapter, inspect it, apply it to a new base, or export it as a PEFT "
+    "LoRA adapter.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -75,10 +76,19 @@ def patch_extract(
     lowrank_embeddings: Annotated[
         bool, typer.Option(help="lowrank: also factorize embeddings and lm_head.")
     ] = False,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="patch (an mmath patch folder) or peft (a PEFT LoRA adapter of the low-rank "
+            "tensors, as `mmath patch export`; needs --encoding lowrank).",
+        ),
+    ] = "patch",
     force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Extract Δ = FT − OLD (or a LoRA adapter's ΔW) into a patch folder.
+    """Extract Δ = FT − OLD (or a LoRA adapter's ΔW) into a patch folder, or with
+    --format peft into a PEFT LoRA adapter.
 
     Checks architectures, tensor sets and shapes before reading any weight; streams one tensor
     at a time; the folder appears only once complete.
@@ -100,17 +110,40 @@ def patch_extract(
         dtype=dtype,
         lowrank_embeddings=lowrank_embeddings,
     )
+    _check_format(fmt, options.encoding)
     if output.exists() and not force:
         raise UserError(f"{output} already exists; pass --force to replace it")
     plan = plan_extract(base, options, finetuned=finetuned, lora=from_lora)
     for w in plan.warnings:
         warn(w)
+    if fmt == "peft":
+        _extract_peft(plan, output, force, quiet)
+        return
     final = extract(plan, output, force=force, progress=not quiet)
     p = Patch.open(final)
     typer.echo(
         f"extracted {len(p.tensors)} tensors ({options.encoding}, {human_bytes(p.stored_bytes)}, "
         f"{p.dense_bytes / p.stored_bytes:.2f}× smaller than dense float32) into {final}"
     )
+
+
+def _check_format(fmt: str, encoding: str) -> None:
+    if fmt not in ("patch", "peft"):
+        raise UserError(f"--format: {fmt!r} is not a known format (patch, peft)")
+    if fmt == "peft" and encoding != "lowrank":
+        raise UserError(
+            "--format peft: a LoRA adapter holds low-rank tensors; use --encoding lowrank"
+        )
+
+
+def _extract_peft(plan: ExtractPlan, output: Path, force: bool, quiet: bool) -> None:
+    from mergekit_math.patch.peft_export import extract_to_peft
+
+    final, exported = extract_to_peft(plan, output, force=force, progress=not quiet)
+    message = exported.warning()
+    if message is not None:
+        warn(message)
+    typer.echo(f"extracted {len(exported.modules)} LoRA modules into {final}")
 
 
 @patch_app.command("apply")
@@ -147,6 +180,45 @@ def patch_apply(
         f"applied {len(plan.patch.tensors)} patched tensors (scale {scale:g}) to "
         f"{plan.base.ref}: {final}"
     )
+
+
+@patch_app.command("export")
+def patch_export(
+    patch: Annotated[Path, typer.Argument(metavar="PATCH", help="Patch folder.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Adapter folder to write.")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="Output format; peft: a PEFT LoRA adapter.")
+    ] = "peft",
+    strict: Annotated[
+        bool,
+        typer.Option(help="Refuse a patch with tensors a LoRA cannot hold (instead of a warning)."),
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Write a patch's low-rank tensors as a PEFT LoRA adapter (adapter_config.json and
+    adapter_model.safetensors) that peft.PeftModel.from_pretrained(base, OUT) loads.
+
+    Only lowrank entries become LoRA modules (scaling 1, per-module ranks in rank_pattern).
+    Dense and sparse entries (norms, biases, embeddings unless extracted with
+    --lowrank-embeddings) are left out and listed in a warning; --strict refuses them.
+
+    Example: mmath patch export p -o adapter
+    """
+    from mergekit_math.patch.peft_export import export_peft, plan_export
+
+    if fmt != "peft":
+        raise UserError(f"--format: {fmt!r} is not a known format (peft)")
+    on_interrupt(NOTHING_WRITTEN)
+    if output.exists() and not force:
+        raise UserError(f"{output} already exists; pass --force to replace it")
+    plan = plan_export(patch, strict=strict)
+    message = plan.warning()
+    if message is not None:
+        warn(message)
+    final = export_peft(plan, output, force=force)
+    ranks = sorted({m.rank for m in plan.modules})
+    rank = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}–{ranks[-1]}"
+    typer.echo(f"exported {len(plan.modules)} LoRA modules ({rank}) into {final}")
 
 
 @patch_app.command("info")

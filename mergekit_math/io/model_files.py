@@ -172,7 +172,7 @@ def resolved_recipe(plan: Plan) -> dict:
     """The recipe with absolute model paths, the seed and every default made explicit, so the
     output can be rebuilt from this file alone."""
     recipe = plan.recipe.model_copy(deep=True)
-    by_ref = {c.ref: str(c.path) for c in plan.checkpoints.values()}
+    by_ref = {c.ref: c.resolved_ref for c in plan.checkpoints.values()}  # BASE+ADAPTER: both
 
     def fix(ref: str | None) -> str | None:
         return by_ref.get(ref, ref) if ref else ref

@@ -233,6 +233,17 @@ class Checkpoint:
         return str(archs[0])
 
     @property
+    def held_bytes(self) -> int:
+        """Memory this reader holds besides the ranges it returns (0: reads are views or
+        copies into the caller's buffers)."""
+        return 0
+
+    @property
+    def resolved_ref(self) -> str:
+        """The reference as written into a resolved recipe: the absolute folder."""
+        return str(self.path)
+
+    @property
     def model_type(self) -> str:
         return str(self.config.get("model_type", "?"))
 

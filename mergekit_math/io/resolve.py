@@ -75,21 +75,33 @@ def find_local(ref: str, where: str, base_dir: Path | None = None) -> Path | Non
     return found[0] if found else None
 
 
-def resolve_model(ref: str, where: str, base_dir: Path | None = None) -> Path:
+def resolve_model(
+    ref: str,
+    where: str,
+    base_dir: Path | None = None,
+    revision: str | None = None,
+    what: str = "model path",
+) -> Path:
     """A local folder for ``ref``: an existing path, else a Hub id fetched with
-    ``snapshot_download``.
+    ``snapshot_download`` (at ``revision``: a branch, tag or commit; a local folder has none).
 
     Local paths are found as :func:`find_local` finds them.
     """
     found = find_local(ref, where, base_dir)
     if found is not None:
+        if revision is not None:
+            raise UserError(
+                f"{where}: {ref}@{revision}: {ref} is a local folder, which has no revisions "
+                "(a revision pins a Hub repository)"
+            )
         return found
     if HUB_ID.match(ref) and not ref.startswith((".", "/")):
-        return _download(ref, where)
-    raise UserError(f"{where}: model path does not exist: {ref}")
+        # revision is passed only when given, so that _download keeps its two-argument form
+        return _download(ref, where) if revision is None else _download(ref, where, revision)
+    raise UserError(f"{where}: {what} does not exist: {ref}")
 
 
-def _download(repo_id: str, where: str) -> Path:
+def _download(repo_id: str, where: str, revision: str | None = None) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -99,12 +111,13 @@ def _download(repo_id: str, where: str) -> Path:
         ) from None
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
-        path = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
     except Exception as exc:  # huggingface_hub raises many types for "not reachable"
         hint = " (HF_HUB_OFFLINE is set)" if offline else ""
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        at = f"@{revision}" if revision else ""
         raise UserError(
-            f"{where}: {repo_id!r} is not a local folder and could not be fetched from the "
-            f"Hub{hint}: {first}"
+            f"{where}: {repo_id + at!r} is not a local folder and could not be fetched from "
+            f"the Hub{hint}: {first}"
         ) from None
     return Path(path)

@@ -77,4 +77,5 @@ def estimated_peak_bytes(plan: Plan, max_memory: int | None = None, device: str 
     if not plan.items:
         return 0
     chunk, io_budget = _budgets(max_memory)
-    return max(item_memory(plan, i, device, chunk) for i in plan.items) + 2 * io_budget
+    held = sum(c.held_bytes for c in plan.checkpoints.values())  # BASE+ADAPTER merges
+    return max(item_memory(plan, i, device, chunk) for i in plan.items) + 2 * io_budget + held

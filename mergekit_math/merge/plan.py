@@ -18,12 +18,12 @@ from mergekit_math.io.reader import (
     TensorInfo,
     layer_of,
 )
-from mergekit_math.io.resolve import resolve_model
 from mergekit_math.merge.aligned import align_inputs
 from mergekit_math.merge.params import check_param_names, resolve_item_params
 from mergekit_math.merge.types import Plan, PlanItem, SliceGroup, Source
 from mergekit_math.merge.vocab import Vocabulary, plan_vocabulary
 from mergekit_math.methods import MergeMethod, all_methods, get_method
+from mergekit_math.patch.lora_checkpoint import load_model_ref
 from mergekit_math.patch.source import open_patch_source
 from mergekit_math.recipe import Recipe
 
@@ -41,14 +41,8 @@ class _Loader:
         self.by_path: dict[str, Checkpoint] = {}
 
     def __call__(self, ref: str, where: str) -> Checkpoint:
-        path = resolve_model(ref, where, self.recipe_dir)
-        key = str(path)
-        if key not in self.by_path:
-            try:
-                self.by_path[key] = Checkpoint(path, ref=ref, allow_pickle=self.allow_pickle)
-            except UserError as exc:
-                raise UserError(f"{where}: {exc}") from None
-        return self.by_path[key]
+        # PATH, PATH@REVISION or BASE+LORA_ADAPTER, opened once per resolved reference
+        return load_model_ref(ref, where, self.recipe_dir, self.allow_pickle, self.by_path)
 
 
 def _check_compatible(ref: Checkpoint, others: list[tuple[str, Checkpoint]], aligned: bool) -> None:

@@ -124,6 +124,14 @@ class LoraAdapter:
             return a.T.contiguous() * m.scaling, b.T.contiguous()
         return b * m.scaling, a
 
+    def delta(self, m: LoraModule) -> torch.Tensor | None:
+        """ΔW in float32 in the base weight's layout, computed in PEFT's order
+        (``transpose(B @ A) * scaling``, as ``merge_and_unload``); None without factors."""
+        if m.a_key is None or m.b_key is None:
+            return None
+        product = self._read(m.b_key) @ self._read(m.a_key)
+        return (product.T if m.transpose else product) * m.scaling
+
     def full(self, m: LoraModule) -> torch.Tensor | None:
         return None if m.full_key is None else self._read(m.full_key)
 
@@ -131,11 +139,10 @@ class LoraAdapter:
         self.weights.close()
 
 
-def open_lora(path: str | Path, base: Checkpoint) -> LoraAdapter:
+def open_lora(path: str | Path, base: Checkpoint, where: str = "--from-lora") -> LoraAdapter:
     """Validate an adapter against ``base`` from headers only: config, name mapping, ranks,
-    scalings and every delta's shape."""
+    scalings and every delta's shape. Messages start with ``where`` (the flag or YAML path)."""
     path = Path(path)
-    where = "--from-lora"
     if not path.is_dir():
         raise UserError(f"{where}: adapter folder {path} does not exist")
     cfg_path = path / ADAPTER_CONFIG
@@ -159,7 +166,7 @@ def open_lora(path: str | Path, base: Checkpoint) -> LoraAdapter:
         ("layer_replication", "layer_replication"),
     ):
         if getattr(config, flag):
-            raise UserError(f"{cfg_path}: {what} are not supported by the patch import")
+            raise UserError(f"{where}: {cfg_path}: {what} are not supported")
     weights = path / ADAPTER_WEIGHTS
     if not os.path.lexists(weights):
         other = "" if not (path / "adapter_model.bin").is_file() else " (convert the .bin)"
