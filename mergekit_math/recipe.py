@@ -6,6 +6,7 @@ key (``models[1].parameters.density: ...``).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 from pathlib import Path
@@ -15,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from mergekit_math.errors import UserError
+from mergekit_math.lenient import LENIENT_HINT, drop_extra_keys
 
 Scalar = bool | int | float | str
 DTypeName = Literal["float32", "float16", "bfloat16", "float64"]
@@ -244,14 +246,33 @@ def _check_finite(recipe: Recipe, source: str) -> None:
                     raise UserError(f"{source}: {path}: must be a finite number (got {value!r})")
 
 
-def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
-    """Validate a recipe mapping; errors name the YAML path."""
+def _validate(data: dict[str, Any], source: str, warnings: list[str] | None) -> Recipe:
+    """``Recipe.model_validate``; with ``warnings`` (lenient), unknown keys are dropped with a
+    warning each and the rest validated again."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        dropped = drop_extra_keys(data, exc.errors()) if warnings is not None else []
+        if dropped:
+            for err in dropped:
+                warnings.append(f"{source}: {_format_error(err)}; ignored (--lenient)")  # type: ignore[union-attr]
+            return _validate(data, source, warnings)
+        message = _first_error(exc)
+        if warnings is None and ": unknown key " in message:
+            message += f"; {LENIENT_HINT}"
+        raise UserError(f"{source}: {message}") from None
+
+
+def parse_recipe(
+    data: Any, source: str = "<recipe>", *, warnings: list[str] | None = None
+) -> Recipe:
+    """Validate a recipe mapping; errors name the YAML path. With ``warnings`` (--lenient),
+    unknown keys are dropped and reported there instead of refused."""
     if not isinstance(data, dict):
         raise UserError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise UserError(f"{source}: {_first_error(exc)}") from None
+    if warnings is not None:
+        data = copy.deepcopy(data)
+    recipe = _validate(data, source, warnings)
     _check_finite(recipe, source)
     if bool(recipe.models) == bool(recipe.slices):
         raise UserError(f"{source}: give exactly one of 'models' or 'slices'")
@@ -263,7 +284,8 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, *, warnings: list[str] | None = None) -> Recipe:
+    """Read and validate a recipe file; ``warnings``: as :func:`parse_recipe` (--lenient)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a folder, not a recipe file")
@@ -282,7 +304,7 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_recipe(data, source=str(path))
+    return parse_recipe(data, source=str(path), warnings=warnings)
 
 
 # --------------------------------------------------------------------------- parameter values

@@ -221,6 +221,13 @@ def merge(
         bool, typer.Option(help="Validate and print the plan; read no tensor, write nothing.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    lenient: Annotated[
+        bool,
+        typer.Option(
+            help="For recipes imported from elsewhere: unknown parameters and unknown recipe "
+            "keys are warnings (and ignored, as mergekit does) instead of errors."
+        ),
+    ] = False,
     evaluate: Annotated[
         bool | None,
         typer.Option(
@@ -276,7 +283,8 @@ def merge(
     if token is not None:
         warn_token()
     on_interrupt("nothing was written to the output folder")
-    parsed = load_recipe(recipe)
+    early: list[str] = []
+    parsed = load_recipe(recipe, warnings=early if lenient else None)
     after = plan_after_merge(
         parsed,
         recipe.resolve().parent,
@@ -292,11 +300,15 @@ def merge(
         verbose=verbose,
     )
     plan = build_plan(
-        parsed, recipe_dir=recipe.resolve().parent, seed=seed, allow_pickle=allow_pickle
+        parsed,
+        recipe_dir=recipe.resolve().parent,
+        seed=seed,
+        allow_pickle=allow_pickle,
+        lenient=lenient,
     )
     if out_dir.exists() and not force and not dry_run:
         raise UserError(f"{out_dir} already exists; pass --force to replace it")
-    for w in plan.warnings:
+    for w in early + plan.warnings:
         warn(w)
     if dry_run:
         _print_plan(plan, shard_size, memory, device, after)

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from mergekit_math.errors import UserError
+from mergekit_math.merge.compat import LENIENT_HINT, no_effect, no_effect_warning
 from mergekit_math.merge.types import PlanItem
 from mergekit_math.methods import MergeMethod, param_keys
 from mergekit_math.recipe import (
@@ -26,7 +27,11 @@ from mergekit_math.recipe import (
 )
 
 
-def check_param_names(recipe: Recipe, method: MergeMethod, warnings: list[str]) -> None:
+def check_param_names(
+    recipe: Recipe, method: MergeMethod, warnings: list[str], lenient: bool = False
+) -> None:
+    """Refuse (or, for a no-effect key or with ``lenient``, warn about) every parameter
+    name the method does not take; check every value the method's keys can take."""
     shared = param_keys(method.shared_params)
     per_model = param_keys(method.model_params)
     known = sorted(set(shared) | set(per_model))
@@ -35,11 +40,18 @@ def check_param_names(recipe: Recipe, method: MergeMethod, warnings: list[str]) 
         for key, setting in (params or {}).items():
             path = f"{where}.parameters.{key}" if where else f"parameters.{key}"
             if key not in shared and key not in per_model:
+                if no_effect(method.name, key):
+                    warnings.append(no_effect_warning(path, key, method.name))
+                    continue
                 listing = ", ".join(known) if known else "none"
-                raise UserError(
+                message = (
                     f"{path}: unknown parameter {key!r} for {method.name}{suggest(key, known)} "
                     f"(its parameters: {listing})"
                 )
+                if not lenient:
+                    raise UserError(f"{message}; {LENIENT_HINT}")
+                warnings.append(f"{message}; ignored (--lenient)")
+                continue
             if level == "model" and key in shared:
                 raise UserError(
                     f"{path}: {key!r} applies to the whole merge; set it under the top-level "

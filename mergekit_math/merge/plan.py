@@ -349,18 +349,20 @@ def build_plan(
     recipe_dir: Path | None = None,
     seed: int | None = None,
     allow_pickle: bool = False,
+    lenient: bool = False,
 ) -> Plan:
     """Validate ``recipe`` against the checkpoints' headers and plan every output tensor.
 
     Output tensors follow the reference checkpoint (``base_model``, else the first input):
     its pre-layer tensors (embeddings) from the first group, the layers group by group, then
     its post-layer tensors (final norm, lm_head) from the last group, as mergekit does.
+    ``lenient``: unknown parameters are warnings (imported recipes), not errors.
     """
     from mergekit_math.io.model_files import chat_template_text
 
     method = get_method(recipe.merge_method)
     warnings: list[str] = []
-    check_param_names(recipe, method, warnings)
+    check_param_names(recipe, method, warnings, lenient)
     chat_template_text(recipe.chat_template)  # an unknown template name fails here
     load = _Loader(recipe_dir, allow_pickle)
 
