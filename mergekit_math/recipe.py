@@ -86,6 +86,21 @@ class OutputSlice(_Strict):
     parameters: Parameters | None = None
 
 
+class OutputModule(_Strict):
+    """One module of a multi-module model (mergekit's ``modules:``, e.g. Gemma 3's
+    ``text_decoder`` and ``vision_tower``): its own inputs or slices and parameters."""
+
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: Parameters | None = None
+
+    @model_validator(mode="after")
+    def _one_input_list(self) -> OutputModule:
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("give exactly one of models and slices")
+        return self
+
+
 class EvaluateBlock(_Strict):
     """mmath extension: evaluate the merged model right after merging (as `mmath eval`)."""
 
@@ -121,6 +136,9 @@ class Recipe(_Strict):
     base_model: str | None = None
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
+    modules: dict[str, OutputModule] | None = Field(
+        default=None, description="Per-module inputs of a multi-module model (as mergekit)."
+    )
     parameters: Parameters | None = None
     dtype: DTypeName | None = Field(
         default=None, description="Inputs are rounded to this dtype when read (as mergekit)."
@@ -171,6 +189,11 @@ class Recipe(_Strict):
                 refs.append((f"slices[{i}].sources[{j}].model", src.model))
                 if src.origin:
                     refs.append((f"slices[{i}].sources[{j}].origin", src.origin))
+        for name, module in (self.modules or {}).items():
+            sub = Recipe.model_construct(
+                merge_method=self.merge_method, models=module.models, slices=module.slices
+            )
+            refs.extend((f"modules.{name}.{where}", ref) for where, ref in sub.model_refs())
         if self.tokenizer_source and self.tokenizer_source not in ("base", "union"):
             refs.append(("tokenizer_source", self.tokenizer_source))
         return refs
@@ -218,6 +241,14 @@ def _parameter_blocks(recipe: Recipe) -> list[tuple[str, Parameters | None]]:
         blocks.append((f"slices[{i}].parameters", s.parameters))
         for j, src in enumerate(s.sources):
             blocks.append((f"slices[{i}].sources[{j}].parameters", src.parameters))
+    for name, module in (recipe.modules or {}).items():
+        sub = Recipe.model_construct(
+            merge_method=recipe.merge_method,
+            models=module.models,
+            slices=module.slices,
+            parameters=module.parameters,
+        )
+        blocks.extend((f"modules.{name}.{where}", p) for where, p in _parameter_blocks(sub))
     return blocks
 
 
@@ -274,8 +305,8 @@ def parse_recipe(
         data = copy.deepcopy(data)
     recipe = _validate(data, source, warnings)
     _check_finite(recipe, source)
-    if bool(recipe.models) == bool(recipe.slices):
-        raise UserError(f"{source}: give exactly one of 'models' or 'slices'")
+    if sum(map(bool, (recipe.models, recipe.slices, recipe.modules))) != 1:
+        raise UserError(f"{source}: give exactly one of 'models' or 'slices' (or 'modules')")
     if recipe.tokenizer_source == "union":
         raise UserError(
             f"{source}: tokenizer_source: 'union' (vocabulary merging) is not supported; "

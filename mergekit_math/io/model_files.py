@@ -74,6 +74,8 @@ class Plan(Protocol):
     @property
     def num_layers(self) -> int: ...
     @property
+    def module_layers(self) -> dict[str, tuple[int, int, list[tuple[int, int]]]]: ...
+    @property
     def seed(self) -> int: ...
     @property
     def parents(self) -> list[str]: ...
@@ -102,6 +104,23 @@ def output_config(plan: Plan) -> dict:
         for k, v in list(config.items()):
             if isinstance(v, list) and len(v) == old_layers and k not in ("architectures",):
                 config[k] = _restack(plan, v)
+    return _module_config(plan, config)
+
+
+def _module_config(plan: Plan, config: dict) -> dict:
+    """The output config with each module's layer count (and its per-layer lists, e.g.
+    Gemma 3's ``text_config.layer_types``) as merged (multi-module models)."""
+    for key, (old, new, ranges) in plan.module_layers.items():
+        *path, leaf = key.split(".")
+        node = config
+        for p in path:
+            node = node.get(p) if isinstance(node, dict) else None
+        if new == old or not isinstance(node, dict):
+            continue
+        node[leaf] = new
+        for k, v in list(node.items()):
+            if isinstance(v, list) and len(v) == old and k != "architectures":
+                node[k] = [v[min(i, old - 1)] for a, b in ranges for i in range(a, b)]
     return config
 
 

@@ -18,6 +18,7 @@ from mergekit_math.merge.compat import LENIENT_HINT, no_effect, no_effect_warnin
 from mergekit_math.merge.types import PlanItem
 from mergekit_math.methods import MergeMethod, param_keys
 from mergekit_math.recipe import (
+    OutputModule,
     Parameters,
     Recipe,
     check_value,
@@ -64,13 +65,19 @@ def check_param_names(
             for leaf in iter_leaves(setting):
                 check_value(model, field_name, leaf, path)
 
+    def inputs(holder: Recipe | OutputModule, at: str) -> None:
+        for i, m in enumerate(holder.models or []):
+            check(m.parameters, f"{at}models[{i}]", "model")
+        for i, s in enumerate(holder.slices or []):
+            check(s.parameters, f"{at}slices[{i}]", "top")
+            for j, src in enumerate(s.sources):
+                check(src.parameters, f"{at}slices[{i}].sources[{j}]", "model")
+
     check(recipe.parameters, "", "top")
-    for i, m in enumerate(recipe.models or []):
-        check(m.parameters, f"models[{i}]", "model")
-    for i, s in enumerate(recipe.slices or []):
-        check(s.parameters, f"slices[{i}]", "top")
-        for j, src in enumerate(s.sources):
-            check(src.parameters, f"slices[{i}].sources[{j}]", "model")
+    inputs(recipe, "")
+    for name, module in (recipe.modules or {}).items():
+        check(module.parameters, f"modules.{name}", "top")
+        inputs(module, f"modules.{name}.")
 
 
 def _settings_value(
