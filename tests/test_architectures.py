@@ -269,3 +269,179 @@ def test_same_tensors_as_mergekit(tmp_path, arch_models, arch, recipe):
     worst = compare_moe(ours, theirs, recipe) if arch == "mixtral" else compare(ours, theirs)
     print(f"{arch}/{recipe}: max abs diff vs mergekit = {worst:.3g}")
     assert_loads(arch, ours)
+
+
+STACKED = """
+merge_method: passthrough
+slices:
+  - sources:
+      - model: {a}
+        layer_range: [0, 2]
+  - sources:
+      - model: {b}
+        layer_range: [1, 3]
+dtype: float32
+"""
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "gemma3vl"])
+def test_stacked_layers_load(tmp_path, arch_models, arch):
+    """Four layers out of three-layer inputs: the layers are the sources' (renumbered), the
+    config's layer count and per-layer lists (``layer_types``) follow, transformers loads it."""
+    models = arch_models(arch)
+    out = tmp_path / "out"
+    res = mmath("merge", write_recipe(tmp_path / "r.yaml", STACKED.format(**models)), out, "-q")
+    assert res.exit_code == 0, res.output
+    got, a, b = load_dir(out), load_dir(models["a"]), load_dir(models["b"])
+    sources = {0: (a, 0), 1: (a, 1), 2: (b, 1), 3: (b, 2)}
+    for name, tensor in got.items():
+        if ".layers." in name:
+            head, rest = name.split(".layers.", 1)
+            index, tail = rest.split(".", 1)
+            state, src = sources[int(index)]
+            assert torch.equal(tensor, state[f"{head}.layers.{src}.{tail}"]), name
+        else:  # embeddings from the first slice, final norm and lm_head from the last
+            assert torch.equal(tensor, (a if "embed" in name else b)[name]), name
+    config = model_class(arch).from_pretrained(out).config
+    assert config.num_hidden_layers == 4
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        original = model_class(arch).from_pretrained(models["a"]).config.layer_types
+        assert list(layer_types) == [original[i] for i in (0, 1, 1, 2)]
+    assert_loads(arch, out)
+
+
+MODULES = {
+    # The text decoder slerped (its own t for the MLPs, the recipe's t for the rest), the
+    # projector taken from `a` and the vision tower from the base.
+    "slerp": """
+merge_method: slerp
+base_model: {base}
+modules:
+  text_decoder:
+    models:
+      - model: {base}
+      - model: {a}
+    parameters:
+      t:
+        - filter: mlp
+          value: [0.0, 1.0]
+  multi_modal_projector:
+    models:
+      - model: {base}
+      - model: {a}
+    parameters: {{t: 1.0}}
+  vision_tower:
+    models:
+      - model: {base}
+      - model: {a}
+    parameters: {{t: 0.0}}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0.2, 0.8]
+    - value: 0.5
+dtype: float32
+""",
+    # Layers of two models stacked in the text decoder, the vision tower from one model.
+    "passthrough": """
+merge_method: passthrough
+modules:
+  text_decoder:
+    slices:
+      - sources:
+          - model: {a}
+            layer_range: [0, 2]
+      - sources:
+          - model: {b}
+            layer_range: [1, 2]
+  multi_modal_projector:
+    models:
+      - model: {b}
+  vision_tower:
+    slices:
+      - sources:
+          - model: {a}
+            layer_range: [0, 2]
+dtype: float32
+""",
+}
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("case", sorted(MODULES))
+def test_modules_same_tensors_as_mergekit(tmp_path, arch_models, case):
+    pytest.importorskip("mergekit")
+    models = arch_models("gemma3vl")
+    text = MODULES[case].format(**models)
+    ours, theirs = tmp_path / "mmath", tmp_path / "mergekit"
+    res = mmath("merge", write_recipe(tmp_path / "r.yaml", text), ours, "-q")
+    assert res.exit_code == 0, res.output
+    run_mergekit(text, theirs)
+    worst = compare(ours, theirs)
+    print(f"gemma3vl modules/{case}: max abs diff vs mergekit = {worst:.3g}")
+    got, base, a = load_dir(ours), load_dir(models["base"]), load_dir(models["a"])
+    vision = [n for n in got if n.startswith("vision_tower.")]
+    assert vision and all(torch.equal(got[n], (base if case == "slerp" else a)[n]) for n in vision)
+    if case == "slerp":
+        assert all(torch.equal(got[n], a[n]) for n in got if n.startswith("multi_modal"))
+    assert_loads("gemma3vl", ours)
+
+
+def test_modules_stacked_text_decoder(tmp_path, arch_models):
+    """Four text layers out of three: text_config's layer count and layer_types follow; the
+    vision tower keeps its own count."""
+    models = arch_models("gemma3vl")
+    text = MODULES["passthrough"].format(**models).replace("[1, 2]", "[1, 3]")
+    out = tmp_path / "out"
+    res = mmath("merge", write_recipe(tmp_path / "r.yaml", text), out, "-q")
+    assert res.exit_code == 0, res.output
+    config = model_class("gemma3vl").from_pretrained(out).config
+    original = model_class("gemma3vl").from_pretrained(models["a"]).config
+    assert config.text_config.num_hidden_layers == 4
+    assert config.vision_config.num_hidden_layers == original.vision_config.num_hidden_layers
+    expect = [original.text_config.layer_types[i] for i in (0, 1, 1, 2)]
+    assert list(config.text_config.layer_types) == expect
+    got, b = load_dir(out), load_dir(models["b"])
+    assert torch.equal(
+        got["language_model.model.layers.3.mlp.up_proj.weight"],
+        b["language_model.model.layers.2.mlp.up_proj.weight"],
+    )
+    assert_loads("gemma3vl", out)
+
+
+@pytest.mark.parametrize(
+    ("arch", "edit", "expected"),
+    [
+        (
+            "gemma3vl",
+            ("vision_tower:", "vision_towr:"),
+            "modules.vision_towr: unknown module of Gemma3ForConditionalGeneration; its "
+            "modules: text_decoder, multi_modal_projector, vision_tower",
+        ),
+        ("gemma3vl", ("  vision_tower:", "  vision_tower_unused:"), "unknown module"),
+        ("llama", ("", ""), "has a single module; use models or slices"),
+    ],
+)
+def test_modules_refused(tmp_path, arch_models, arch, edit, expected):
+    text = MODULES["passthrough"].format(**arch_models(arch)).replace(*edit)
+    res = mmath("merge", write_recipe(tmp_path / "r.yaml", text), tmp_path / "out")
+    assert res.exit_code == 2
+    assert expected in res.output, res.output
+
+
+def test_multimodal_slices_need_modules(tmp_path, arch_models):
+    text = STACKED.format(**arch_models("gemma3vl"))
+    res = mmath("merge", write_recipe(tmp_path / "r.yaml", text), tmp_path / "out")
+    assert res.exit_code == 2
+    assert "slices: Gemma3ForConditionalGeneration has several modules" in res.output
+
+
+def test_missing_module_refused(tmp_path, arch_models):
+    text = MODULES["passthrough"].format(**arch_models("gemma3vl"))
+    text = text.replace("  multi_modal_projector:\n    models:\n      - model:", "  x:\n    y:\n")
+    cut = text.index("  x:")
+    text = text[:cut] + text[text.index("  vision_tower:") :]
+    res = mmath("merge", write_recipe(tmp_path / "r.yaml", text), tmp_path / "out")
+    assert res.exit_code == 2
+    assert "modules: multi_modal_projector missing" in res.output, res.output

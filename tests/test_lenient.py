@@ -96,6 +96,10 @@ def test_unknown_names_error_then_warn_with_lenient(tmp_path, zoo, param, extra,
     assert res.exit_code == 0, res.output
     (line,) = _warnings(res.output)
     assert path in line and message in line and "ignored (--lenient)" in line, line
+    # The resolved recipe written with the output replays without --lenient.
+    replay = mmath("merge", tmp_path / "lenient" / "mmath_recipe.yaml", tmp_path / "replay", "-q")
+    assert replay.exit_code == 0, replay.output
+    assert not _warnings(replay.output)
     plain = write_recipe(tmp_path / "p.yaml", LINEAR.format(param="", extra="", **zoo))
     assert mmath("merge", plain, tmp_path / "plain", "-q").exit_code == 0
     got, ref = load_dir(tmp_path / "lenient"), load_dir(tmp_path / "plain")
@@ -112,3 +116,32 @@ def test_lenient_still_refuses_bad_values(tmp_path, zoo):
     res = mmath("merge", recipe, tmp_path / "out", "--lenient")
     assert res.exit_code == 2
     assert "dtype" in res.output
+
+
+def test_dry_run_lenient_warns(tmp_path, zoo):
+    recipe = write_recipe(
+        tmp_path / "r.yaml", LINEAR.format(param=", int8_masc: true", extra="", **zoo)
+    )
+    res = mmath("merge", recipe, tmp_path / "out", "--dry-run", "--lenient")
+    assert res.exit_code == 0, res.output
+    assert "models[0].parameters.int8_masc: unknown parameter" in res.output
+    assert "dry run: nothing was read or written" in res.output
+
+
+@pytest.mark.mergekit
+def test_parameters_are_mergekits():
+    """Every method takes exactly the parameters of mergekit 0.1.5's method of that name
+    (hence NO_EFFECT lists names published recipes set beyond mergekit's specs)."""
+    pytest.importorskip("mergekit")
+    from mergekit.merge_methods import registry
+
+    from mergekit_math.merge.compat import NO_EFFECT
+    from mergekit_math.methods import all_methods, param_keys
+
+    specs = {m.spec.name: m.spec for m in registry.registered_methods()}
+    for method in all_methods():
+        spec = specs[method.name]
+        theirs = {p.name for p in (*spec.parameters, *spec.input_parameters)}
+        ours = set(param_keys(method.shared_params)) | set(param_keys(method.model_params))
+        assert ours == theirs, method.name
+        assert not set(NO_EFFECT.get(method.name, ())) & theirs, method.name

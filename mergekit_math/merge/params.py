@@ -38,7 +38,7 @@ def check_param_names(
     known = sorted(set(shared) | set(per_model))
 
     def check(params: Parameters | None, where: str, level: str) -> None:
-        for key, setting in (params or {}).items():
+        for key, setting in list((params or {}).items()):
             path = f"{where}.parameters.{key}" if where else f"parameters.{key}"
             if key not in shared and key not in per_model:
                 if no_effect(method.name, key):
@@ -52,6 +52,7 @@ def check_param_names(
                 if not lenient:
                     raise UserError(f"{message}; {LENIENT_HINT}")
                 warnings.append(f"{message}; ignored (--lenient)")
+                del params[key]  # type: ignore[union-attr]  # the resolved recipe replays strictly
                 continue
             if level == "model" and key in shared:
                 raise UserError(
