@@ -373,13 +373,21 @@ dtype: float32
 def test_modules_same_tensors_as_mergekit(tmp_path, arch_models, case):
     pytest.importorskip("mergekit")
     models = arch_models("gemma3vl")
-    text = MODULES[case].format(**models)
     ours, theirs = tmp_path / "mmath", tmp_path / "mergekit"
-    res = mmath("merge", write_recipe(tmp_path / "r.yaml", text), ours, "-q")
+    # mmath's recipe names the models relative to its folder (resolved in mmath_recipe.yaml)
+    root = models["base"].parent
+    relative = MODULES[case].format(**{k: v.name for k, v in models.items()})
+    res = mmath("merge", write_recipe(root / f"modules_{case}.yaml", relative), ours, "-q")
     assert res.exit_code == 0, res.output
-    run_mergekit(text, theirs)
+    run_mergekit(MODULES[case].format(**models), theirs)
     worst = compare(ours, theirs)
     print(f"gemma3vl modules/{case}: max abs diff vs mergekit = {worst:.3g}")
+    # The resolved recipe written with the output rebuilds it from anywhere.
+    replay = tmp_path / "elsewhere" / "r.yaml"
+    replay.parent.mkdir()
+    shutil.copy(ours / "mmath_recipe.yaml", replay)
+    assert mmath("merge", replay, tmp_path / "replay", "-q").exit_code == 0
+    assert compare(tmp_path / "replay", ours) == 0
     got, base, a = load_dir(ours), load_dir(models["base"]), load_dir(models["a"])
     vision = [n for n in got if n.startswith("vision_tower.")]
     assert vision and all(torch.equal(got[n], (base if case == "slerp" else a)[n]) for n in vision)

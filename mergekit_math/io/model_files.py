@@ -190,25 +190,28 @@ def resolved_recipe(plan: Plan) -> dict:
     recipe.base_model = fix(recipe.base_model)
     groups = {id(i.group): i.group for i in plan.items}.values()
     patches = {s.where: str(s.patch.path) for g in groups for s in g.sources if s.patch}
-    for i, m in enumerate(recipe.models or []):
-        m.model = fix(m.model)
-        m.origin = fix(m.origin)
-        if m.patch is not None:
-            m.patch = patches.get(f"models[{i}]", m.patch)
-    for s in recipe.slices or []:
-        s.base_model = fix(s.base_model)
-        for src in s.sources:
-            src.model = fix(src.model)  # type: ignore[assignment]
-            src.origin = fix(src.origin)
+    holders = [("", recipe)] + [(f"modules.{k}.", m) for k, m in (recipe.modules or {}).items()]
+    for at, holder in holders:
+        for i, m in enumerate(holder.models or []):
+            m.model = fix(m.model)
+            m.origin = fix(m.origin)
+            if m.patch is not None:
+                m.patch = patches.get(f"{at}models[{i}]", m.patch)
+        for s in holder.slices or []:
+            s.base_model = fix(s.base_model)
+            for src in s.sources:
+                src.model = fix(src.model)  # type: ignore[assignment]
+                src.origin = fix(src.origin)
     if recipe.tokenizer_source not in (None, "base"):
         recipe.tokenizer_source = fix(recipe.tokenizer_source)
     recipe.seed = plan.seed
     # Publishing is an action on the output, not part of what the model is.
     recipe.push = None
     data = recipe.model_dump(mode="json", exclude_none=True)
-    # Make the method's recipe-level defaults explicit.
+    # Make the method's recipe-level defaults explicit (not for modules: an item's values
+    # there may come from its module's parameters, not the recipe's).
     params = dict(data.get("parameters") or {})
-    for item in plan.items:
+    for item in plan.items if not recipe.modules else []:
         if item.shared is not None:
             for key, value in item.shared.model_dump(by_alias=True).items():
                 if value is None:
