@@ -233,6 +233,7 @@ def compare_moe(ours: Path, theirs: Path, recipe: str) -> float:
 RENAMES = (
     ("language_model.model.", "model.language_model."),
     ("vision_tower.vision_model.", "model.vision_tower."),
+    ("vision_tower.", "model.vision_tower."),
     ("multi_modal_projector.", "model.multi_modal_projector."),
 )
 
@@ -368,6 +369,18 @@ dtype: float32
 }
 
 
+# recipes/modules_gemma3.yaml with the tiny stand-ins for its Hub models, in float32.
+MODULES["recipe"] = (
+    (Path(__file__).resolve().parents[1] / "recipes" / "modules_gemma3.yaml")
+    .read_text()
+    .replace("{", "{{")
+    .replace("}", "}}")
+    .replace("google/gemma-3-4b-pt", "{base}")
+    .replace("google/gemma-3-4b-it", "{a}")
+    .replace("dtype: bfloat16", "dtype: float32")
+)
+
+
 @pytest.mark.mergekit
 @pytest.mark.parametrize("case", sorted(MODULES))
 def test_modules_same_tensors_as_mergekit(tmp_path, arch_models, case):
@@ -390,7 +403,8 @@ def test_modules_same_tensors_as_mergekit(tmp_path, arch_models, case):
     assert compare(tmp_path / "replay", ours) == 0
     got, base, a = load_dir(ours), load_dir(models["base"]), load_dir(models["a"])
     vision = [n for n in got if n.startswith("vision_tower.")]
-    assert vision and all(torch.equal(got[n], (base if case == "slerp" else a)[n]) for n in vision)
+    kept = a if case == "passthrough" else base
+    assert vision and all(torch.equal(got[n], kept[n]) for n in vision)
     if case == "slerp":
         assert all(torch.equal(got[n], a[n]) for n in got if n.startswith("multi_modal"))
     assert_loads("gemma3vl", ours)
@@ -453,3 +467,31 @@ def test_missing_module_refused(tmp_path, arch_models):
     res = mmath("merge", write_recipe(tmp_path / "r.yaml", text), tmp_path / "out")
     assert res.exit_code == 2
     assert "modules: multi_modal_projector missing" in res.output, res.output
+
+
+def test_multimodal_transformers5_names(tmp_path, arch_models):
+    """A multimodal Gemma 3 as transformers 5 saves a new one (``vision_tower.encoder...``, no
+    ``vision_model``): the same modules, the same merge as the published names give."""
+    from safetensors.torch import save_file
+
+    models = arch_models("gemma3vl")
+    resaved = {}
+    for key in ("a", "b"):
+        shutil.copytree(models[key], tmp_path / key)
+        state = {
+            k.replace("vision_tower.vision_model.", "vision_tower."): v
+            for k, v in load_dir(models[key]).items()
+        }
+        save_file(state, tmp_path / key / "model.safetensors", metadata={"format": "pt"})
+        resaved[key] = tmp_path / key
+    outs = []
+    for name, paths in (("published", models), ("t5", resaved)):
+        text = RECIPES["linear"].format(**paths)
+        res = mmath("merge", write_recipe(tmp_path / f"{name}.yaml", text), tmp_path / name, "-q")
+        assert res.exit_code == 0, res.output
+        outs.append(load_dir(tmp_path / name))
+    published = {
+        k.replace("vision_tower.vision_model.", "vision_tower."): v for k, v in outs[0].items()
+    }
+    assert compare_tensors(outs[1], published) == 0
+    assert_loads("gemma3vl", tmp_path / "t5")
