@@ -118,9 +118,14 @@ def chain_parameters(first: Parameters | None, then: Parameters | None) -> Param
     return out
 
 
-def plan_parts(recipe: Recipe, reference: Checkpoint) -> list[Part]:
+def plan_parts(recipe: Recipe, reference: Checkpoint | None) -> list[Part]:
     """The parts the planner goes through: the whole model, or each module of a
-    multi-module architecture (all of them, in mergekit's order)."""
+    multi-module architecture (all of them, in mergekit's order). ``reference``: the
+    checkpoint whose architecture decides (None: a recipe of patches only)."""
+    if reference is None:
+        if recipe.modules:
+            raise UserError("modules: name at least one model (the architecture comes from it)")
+        return _whole(recipe)
     specs = ARCHITECTURE_MODULES.get(reference.architecture)
     if specs is None:
         if recipe.modules:

@@ -390,7 +390,8 @@ def build_plan(
         raise UserError(f"base_model: {method.name} needs a base_model")
     base = load(recipe.base_model, "base_model") if recipe.base_model else None
     # Multi-module models (multimodal Gemma 3) are planned module by module (modules.py).
-    parts = plan_parts(recipe, base or load(*reversed(recipe.model_refs()[0])))
+    refs = [(r, w) for w, r in recipe.model_refs() if w != "tokenizer_source"]
+    parts = plan_parts(recipe, base or (load(*refs[0]) if refs else None))
     planned = [(part, _build_groups(part.recipe, method, load, base, part)) for part in parts]
 
     reference = base or planned[0][1][0].sources[0].ckpt
