@@ -145,3 +145,25 @@ def test_parameters_are_mergekits():
         ours = set(param_keys(method.shared_params)) | set(param_keys(method.model_params))
         assert ours == theirs, method.name
         assert not set(NO_EFFECT.get(method.name, ())) & theirs, method.name
+
+
+def test_sweep_lenient(tmp_path, zoo):
+    """`mmath sweep` plans an imported recipe with --lenient as `mmath merge` does; the
+    points' recipes are made from the recipe without the unknown names."""
+    import json
+
+    data = tmp_path / "gsm.jsonl"
+    data.write_text(json.dumps({"question": "1+6?", "answer": "1+6=7\\n#### 7"}) + "\n")
+    recipe = write_recipe(
+        tmp_path / "r.yaml", LINEAR.format(param=", densty: 0.5", extra="tokenizer: {}\n", **zoo)
+    )
+    args = ["sweep", recipe, "--set", "models[0].parameters.weight=0.2,0.4"]
+    args += ["--tasks", "gsm8k_local", "--data", data, "-o", tmp_path / "sweep", "--dry-run"]
+    res = mmath(*args)
+    assert res.exit_code == 2
+    assert "unknown key 'tokenizer'" in res.output and "--lenient" in res.output
+    res = mmath(*args, "--lenient")
+    assert res.exit_code == 0, res.output
+    warned = "\n".join(_warnings(res.output))
+    assert "unknown key 'tokenizer'" in warned and "parameters.densty" in warned
+    assert res.output.count("to run ") == 2
