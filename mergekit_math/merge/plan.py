@@ -34,10 +34,6 @@ def _everything(name: str) -> bool:
     return True
 
 
-def _num_layers(ckpt: Checkpoint) -> int:
-    return ckpt.num_layers
-
-
 def _delta_methods() -> str:
     return ", ".join(m.name for m in all_methods() if m.kind == "delta")
 
