@@ -6,6 +6,7 @@ key (``models[1].parameters.density: ...``).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 from pathlib import Path
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from mergekit_math.errors import UserError
 from mergekit_math.io.model_ref import RefStr
+from mergekit_math.lenient import LENIENT_HINT, drop_extra_keys
 from mergekit_math.recipe_vocab import TokenizerSettings
 
 Scalar = bool | int | float | str
@@ -88,6 +90,21 @@ class OutputSlice(_Strict):
     parameters: Parameters | None = None
 
 
+class OutputModule(_Strict):
+    """One module of a multi-module model (mergekit's ``modules:``, e.g. Gemma 3's
+    ``text_decoder`` and ``vision_tower``): its own inputs or slices and parameters."""
+
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: Parameters | None = None
+
+    @model_validator(mode="after")
+    def _one_input_list(self) -> OutputModule:
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("give exactly one of models and slices")
+        return self
+
+
 class EvaluateBlock(_Strict):
     """mmath extension: evaluate the merged model right after merging (as `mmath eval`)."""
 
@@ -128,6 +145,9 @@ class Recipe(_Strict):
     base_model: RefStr | None = None
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
+    modules: dict[str, OutputModule] | None = Field(
+        default=None, description="Per-module inputs of a multi-module model (as mergekit)."
+    )
     parameters: Parameters | None = None
     dtype: DTypeName | None = Field(
         default=None, description="Inputs are rounded to this dtype when read (as mergekit)."
@@ -183,6 +203,11 @@ class Recipe(_Strict):
                 refs.append((f"slices[{i}].sources[{j}].model", src.model))
                 if src.origin:
                     refs.append((f"slices[{i}].sources[{j}].origin", src.origin))
+        for name, module in (self.modules or {}).items():
+            sub = Recipe.model_construct(
+                merge_method=self.merge_method, models=module.models, slices=module.slices
+            )
+            refs.extend((f"modules.{name}.{where}", ref) for where, ref in sub.model_refs())
         if self.tokenizer_source and self.tokenizer_source not in ("base", "union"):
             refs.append(("tokenizer_source", self.tokenizer_source))
         if self.tokenizer is not None:
@@ -239,6 +264,14 @@ def _parameter_blocks(recipe: Recipe) -> list[tuple[str, Parameters | None]]:
         blocks.append((f"slices[{i}].parameters", s.parameters))
         for j, src in enumerate(s.sources):
             blocks.append((f"slices[{i}].sources[{j}].parameters", src.parameters))
+    for name, module in (recipe.modules or {}).items():
+        sub = Recipe.model_construct(
+            merge_method=recipe.merge_method,
+            models=module.models,
+            slices=module.slices,
+            parameters=module.parameters,
+        )
+        blocks.extend((f"modules.{name}.{where}", p) for where, p in _parameter_blocks(sub))
     return blocks
 
 
@@ -267,17 +300,36 @@ def _check_finite(recipe: Recipe, source: str) -> None:
                     raise UserError(f"{source}: {path}: must be a finite number (got {value!r})")
 
 
-def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
-    """Validate a recipe mapping; errors name the YAML path."""
+def _validate(data: dict[str, Any], source: str, warnings: list[str] | None) -> Recipe:
+    """``Recipe.model_validate``; with ``warnings`` (lenient), unknown keys are dropped with a
+    warning each and the rest validated again."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        dropped = drop_extra_keys(data, exc.errors()) if warnings is not None else []
+        if dropped:
+            for err in dropped:
+                warnings.append(f"{source}: {_format_error(err)}; ignored (--lenient)")  # type: ignore[union-attr]
+            return _validate(data, source, warnings)
+        message = _first_error(exc)
+        if warnings is None and ": unknown key " in message:
+            message += f"; {LENIENT_HINT}"
+        raise UserError(f"{source}: {message}") from None
+
+
+def parse_recipe(
+    data: Any, source: str = "<recipe>", *, warnings: list[str] | None = None
+) -> Recipe:
+    """Validate a recipe mapping; errors name the YAML path. With ``warnings`` (--lenient),
+    unknown keys are dropped and reported there instead of refused."""
     if not isinstance(data, dict):
         raise UserError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise UserError(f"{source}: {_first_error(exc)}") from None
+    if warnings is not None:
+        data = copy.deepcopy(data)
+    recipe = _validate(data, source, warnings)
     _check_finite(recipe, source)
-    if bool(recipe.models) == bool(recipe.slices):
-        raise UserError(f"{source}: give exactly one of 'models' or 'slices'")
+    if sum(map(bool, (recipe.models, recipe.slices, recipe.modules))) != 1:
+        raise UserError(f"{source}: give exactly one of 'models' or 'slices' (or 'modules')")
     if recipe.tokenizer_source and recipe.tokenizer is not None:
         raise UserError(
             f"{source}: give tokenizer_source or a tokenizer: section, not both "
@@ -305,7 +357,9 @@ def read_recipe_text(path: str | Path) -> str:
         ) from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, *, warnings: list[str] | None = None) -> Recipe:
+    """Read and validate a one-document recipe file; ``warnings``: as :func:`parse_recipe`
+    (--lenient)."""
     path = Path(path)
     text = read_recipe_text(path)
     try:
@@ -317,7 +371,7 @@ def load_recipe(path: str | Path) -> Recipe:
             f"{path}: has {len(docs)} documents (a multi-stage recipe); only `mmath merge` "
             "runs those"
         )
-    return parse_recipe(docs[0] if docs else None, source=str(path))
+    return parse_recipe(docs[0] if docs else None, source=str(path), warnings=warnings)
 
 
 # --------------------------------------------------------------------------- parameter values

@@ -223,6 +223,13 @@ def merge(
         bool, typer.Option(help="Validate and print the plan; read no tensor, write nothing.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    lenient: Annotated[
+        bool,
+        typer.Option(
+            help="For recipes imported from elsewhere: unknown parameters and unknown recipe "
+            "keys are warnings (and ignored, as mergekit does) instead of errors."
+        ),
+    ] = False,
     evaluate: Annotated[
         bool | None,
         typer.Option(
@@ -303,18 +310,23 @@ def merge(
     )
     if stage is not None or is_multi_document(recipe):
         options = StageOptions(
-            seed, allow_pickle, device, shard_size, memory, strict_finite, not quiet, force
+            seed, allow_pickle, device, shard_size, memory, strict_finite, not quiet, force, lenient
         )
         _merge_stages(recipe, out_dir, stage, options, dry_run, threads, after_flags, token)
         return
-    parsed = load_recipe(recipe)
+    early: list[str] = []
+    parsed = load_recipe(recipe, warnings=early if lenient else None)
     after = plan_after_merge(parsed, recipe.resolve().parent, source=str(recipe), **after_flags)
     plan = build_plan(
-        parsed, recipe_dir=recipe.resolve().parent, seed=seed, allow_pickle=allow_pickle
+        parsed,
+        recipe_dir=recipe.resolve().parent,
+        seed=seed,
+        allow_pickle=allow_pickle,
+        lenient=lenient,
     )
     if out_dir.exists() and not force and not dry_run:
         raise UserError(f"{out_dir} already exists; pass --force to replace it")
-    for w in plan.warnings:
+    for w in early + plan.warnings:
         warn(w)
     if dry_run:
         _print_plan(plan, shard_size, memory, device, after)
@@ -369,7 +381,8 @@ def _merge_stages(
     from mergekit_math.stages import load_staged, plan_stages, run_stages
 
     on_interrupt(f"stages already merged are kept in {out_dir}.stages; {out_dir} is unchanged")
-    staged = load_staged(recipe)
+    early: list[str] = []
+    staged = load_staged(recipe, early if options.lenient else None)
     target = staged.target(stage)
     after = plan_after_merge(
         target.recipe,
@@ -379,7 +392,7 @@ def _merge_stages(
     )
     if out_dir.exists() and not options.force and not dry_run:
         raise UserError(f"{out_dir} already exists; pass --force to replace it")
-    warnings: list[str] = []
+    warnings: list[str] = list(early)
     runs = plan_stages(
         staged,
         out_dir,
@@ -387,6 +400,7 @@ def _merge_stages(
         seed=options.seed,
         allow_pickle=options.allow_pickle,
         warnings=warnings,
+        lenient=options.lenient,
     )
     for w in warnings:
         warn(w)

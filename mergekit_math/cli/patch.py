@@ -199,8 +199,9 @@ def patch_export(
     adapter_model.safetensors) that peft.PeftModel.from_pretrained(base, OUT) loads.
 
     Only lowrank entries become LoRA modules (scaling 1, per-module ranks in rank_pattern).
-    Dense and sparse entries (norms, biases, embeddings unless extracted with
-    --lowrank-embeddings) are left out and listed in a warning; --strict refuses them.
+    Dense and sparse entries (norms, biases; embeddings too, unless the patch was made by
+    `mmath patch extract --lowrank-embeddings`) are left out and listed in a warning;
+    --strict refuses them.
 
     Example: mmath patch export p -o adapter
     """

@@ -158,6 +158,13 @@ def run(
         bool, typer.Option(help="List the points and which are recorded; run nothing.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    lenient: Annotated[
+        bool,
+        typer.Option(
+            help="For recipes imported from elsewhere: unknown parameters and recipe keys are "
+            "warnings (and left out of every point's recipe) instead of errors."
+        ),
+    ] = False,
 ) -> None:
     """Merge and evaluate RECIPE at every point of the --set grid; rows go to
     SWEEP_DIR/results.jsonl as points finish.
@@ -231,6 +238,7 @@ def run(
         gpus_per_point=gpus_per_point or 0.0,
         device=device,
         force=force,
+        lenient=lenient,
     )
     sweep = plan_sweep(settings)
     for w in sweep.warnings:

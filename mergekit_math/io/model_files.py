@@ -75,6 +75,8 @@ class Plan(Protocol):
     @property
     def num_layers(self) -> int: ...
     @property
+    def module_layers(self) -> dict[str, tuple[int, int, list[tuple[int, int]]]]: ...
+    @property
     def seed(self) -> int: ...
     @property
     def parents(self) -> list[str]: ...
@@ -103,6 +105,23 @@ def output_config(plan: Plan) -> dict:
         for k, v in list(config.items()):
             if isinstance(v, list) and len(v) == old_layers and k not in ("architectures",):
                 config[k] = _restack(plan, v)
+    return _module_config(plan, config)
+
+
+def _module_config(plan: Plan, config: dict) -> dict:
+    """The output config with each module's layer count (and its per-layer lists, e.g.
+    Gemma 3's ``text_config.layer_types``) as merged (multi-module models)."""
+    for key, (old, new, ranges) in plan.module_layers.items():
+        *path, leaf = key.split(".")
+        node = config
+        for p in path:
+            node = node.get(p) if isinstance(node, dict) else None
+        if new == old or not isinstance(node, dict):
+            continue
+        node[leaf] = new
+        for k, v in list(node.items()):
+            if isinstance(v, list) and len(v) == old and k != "architectures":
+                node[k] = [v[min(i, old - 1)] for a, b in ranges for i in range(a, b)]
     return config
 
 
@@ -180,16 +199,18 @@ def resolved_recipe(plan: Plan) -> dict:
     recipe.base_model = fix(recipe.base_model)
     groups = {id(i.group): i.group for i in plan.items}.values()
     patches = {s.where: str(s.patch.path) for g in groups for s in g.sources if s.patch}
-    for i, m in enumerate(recipe.models or []):
-        m.model = fix(m.model)
-        m.origin = fix(m.origin)
-        if m.patch is not None:
-            m.patch = patches.get(f"models[{i}]", m.patch)
-    for s in recipe.slices or []:
-        s.base_model = fix(s.base_model)
-        for src in s.sources:
-            src.model = fix(src.model)  # type: ignore[assignment]
-            src.origin = fix(src.origin)
+    holders = [("", recipe)] + [(f"modules.{k}.", m) for k, m in (recipe.modules or {}).items()]
+    for at, holder in holders:
+        for i, m in enumerate(holder.models or []):
+            m.model = fix(m.model)
+            m.origin = fix(m.origin)
+            if m.patch is not None:
+                m.patch = patches.get(f"{at}models[{i}]", m.patch)
+        for s in holder.slices or []:
+            s.base_model = fix(s.base_model)
+            for src in s.sources:
+                src.model = fix(src.model)  # type: ignore[assignment]
+                src.origin = fix(src.origin)
     if recipe.tokenizer_source not in (None, "base", "union"):
         recipe.tokenizer_source = fix(recipe.tokenizer_source)
     if recipe.tokenizer is not None:
@@ -204,9 +225,10 @@ def resolved_recipe(plan: Plan) -> dict:
     # Publishing is an action on the output, not part of what the model is.
     recipe.push = None
     data = recipe.model_dump(mode="json", exclude_none=True)
-    # Make the method's recipe-level defaults explicit.
+    # Make the method's recipe-level defaults explicit (not for modules: an item's values
+    # there may come from its module's parameters, not the recipe's).
     params = dict(data.get("parameters") or {})
-    for item in plan.items:
+    for item in plan.items if not recipe.modules else []:
         if item.shared is not None:
             for key, value in item.shared.model_dump(by_alias=True).items():
                 if value is None:

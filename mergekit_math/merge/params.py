@@ -14,9 +14,11 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from mergekit_math.errors import UserError
+from mergekit_math.merge.compat import LENIENT_HINT, no_effect, no_effect_warning
 from mergekit_math.merge.types import PlanItem
 from mergekit_math.methods import MergeMethod, param_keys
 from mergekit_math.recipe import (
+    OutputModule,
     Parameters,
     Recipe,
     check_value,
@@ -26,20 +28,32 @@ from mergekit_math.recipe import (
 )
 
 
-def check_param_names(recipe: Recipe, method: MergeMethod, warnings: list[str]) -> None:
+def check_param_names(
+    recipe: Recipe, method: MergeMethod, warnings: list[str], lenient: bool = False
+) -> None:
+    """Refuse (or, for a no-effect key or with ``lenient``, warn about) every parameter
+    name the method does not take; check every value the method's keys can take."""
     shared = param_keys(method.shared_params)
     per_model = param_keys(method.model_params)
     known = sorted(set(shared) | set(per_model))
 
     def check(params: Parameters | None, where: str, level: str) -> None:
-        for key, setting in (params or {}).items():
+        for key, setting in list((params or {}).items()):
             path = f"{where}.parameters.{key}" if where else f"parameters.{key}"
             if key not in shared and key not in per_model:
+                if no_effect(method.name, key):
+                    warnings.append(no_effect_warning(path, key, method.name))
+                    continue
                 listing = ", ".join(known) if known else "none"
-                raise UserError(
+                message = (
                     f"{path}: unknown parameter {key!r} for {method.name}{suggest(key, known)} "
                     f"(its parameters: {listing})"
                 )
+                if not lenient:
+                    raise UserError(f"{message}; {LENIENT_HINT}")
+                warnings.append(f"{message}; ignored (--lenient)")
+                del params[key]  # type: ignore[union-attr]  # the resolved recipe replays strictly
+                continue
             if level == "model" and key in shared:
                 raise UserError(
                     f"{path}: {key!r} applies to the whole merge; set it under the top-level "
@@ -52,13 +66,19 @@ def check_param_names(recipe: Recipe, method: MergeMethod, warnings: list[str]) 
             for leaf in iter_leaves(setting):
                 check_value(model, field_name, leaf, path)
 
+    def inputs(holder: Recipe | OutputModule, at: str) -> None:
+        for i, m in enumerate(holder.models or []):
+            check(m.parameters, f"{at}models[{i}]", "model")
+        for i, s in enumerate(holder.slices or []):
+            check(s.parameters, f"{at}slices[{i}]", "top")
+            for j, src in enumerate(s.sources):
+                check(src.parameters, f"{at}slices[{i}].sources[{j}]", "model")
+
     check(recipe.parameters, "", "top")
-    for i, m in enumerate(recipe.models or []):
-        check(m.parameters, f"models[{i}]", "model")
-    for i, s in enumerate(recipe.slices or []):
-        check(s.parameters, f"slices[{i}]", "top")
-        for j, src in enumerate(s.sources):
-            check(src.parameters, f"slices[{i}].sources[{j}]", "model")
+    inputs(recipe, "")
+    for name, module in (recipe.modules or {}).items():
+        check(module.parameters, f"modules.{name}", "top")
+        inputs(module, f"modules.{name}.")
 
 
 def _settings_value(

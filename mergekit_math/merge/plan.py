@@ -7,6 +7,7 @@ read.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from mergekit_math.errors import UserError
@@ -19,15 +20,20 @@ from mergekit_math.io.reader import (
     layer_of,
 )
 from mergekit_math.merge.aligned import align_inputs
+from mergekit_math.merge.modules import Part, module_layers, plan_parts
 from mergekit_math.merge.params import check_param_names, resolve_item_params
 from mergekit_math.merge.types import Plan, PlanItem, SliceGroup, Source
-from mergekit_math.merge.vocab import Vocabulary, plan_vocabulary
+from mergekit_math.merge.vocab import Vocabulary, plan_vocabulary, vocab_tensor_names
 from mergekit_math.methods import MergeMethod, all_methods, get_method
 from mergekit_math.patch.lora_checkpoint import load_model_ref
 from mergekit_math.patch.source import open_patch_source
 from mergekit_math.recipe import Recipe
 
 DEFAULT_SEED = 0
+
+
+def _everything(name: str) -> bool:
+    return True
 
 
 def _delta_methods() -> str:
@@ -39,10 +45,16 @@ class _Loader:
         self.recipe_dir = recipe_dir
         self.allow_pickle = allow_pickle
         self.by_path: dict[str, Checkpoint] = {}
+        self.by_ref: dict[str, Checkpoint] = {}
 
     def __call__(self, ref: str, where: str) -> Checkpoint:
-        # PATH, PATH@REVISION or BASE+LORA_ADAPTER, opened once per resolved reference
-        return load_model_ref(ref, where, self.recipe_dir, self.allow_pickle, self.by_path)
+        # PATH, PATH@REVISION or BASE+LORA_ADAPTER, opened once per resolved reference (and
+        # resolved once per reference: a Hub id is not looked up again)
+        if ref not in self.by_ref:
+            self.by_ref[ref] = load_model_ref(
+                ref, where, self.recipe_dir, self.allow_pickle, self.by_path
+            )
+        return self.by_ref[ref]
 
 
 def _check_compatible(ref: Checkpoint, others: list[tuple[str, Checkpoint]], aligned: bool) -> None:
@@ -83,12 +95,15 @@ def _check_tensor(
         )
 
 
-def _ordered_names(ckpt: Checkpoint) -> tuple[list[str], dict[int, list[str]], list[str]]:
-    """Split a checkpoint's tensors into pre-layer, per-layer and post-layer names."""
+def _ordered_names(
+    ckpt: Checkpoint, owns: Callable[[str], bool] = _everything
+) -> tuple[list[str], dict[int, list[str]], list[str]]:
+    """Split a checkpoint's tensors (those ``owns`` accepts) into pre-layer, per-layer and
+    post-layer names."""
     pre: list[str] = []
     post: list[str] = []
     layers: dict[int, list[str]] = {}
-    for name in sorted(ckpt.tensors):
+    for name in sorted(filter(owns, ckpt.tensors)):
         parsed = layer_of(name)
         if parsed is not None:
             layers.setdefault(parsed[1], []).append(name)
@@ -124,14 +139,14 @@ def _is_base(method: MergeMethod, ckpt: Checkpoint, group_base: Checkpoint | Non
 
 
 def _models_group(
-    recipe: Recipe, method: MergeMethod, load: _Loader, base: Checkpoint | None
+    recipe: Recipe, method: MergeMethod, load: _Loader, base: Checkpoint | None, part: Part
 ) -> SliceGroup:
     """``models:`` as one group over every layer of the reference checkpoint."""
     assert recipe.models is not None
     sources: list[Source] = []
     index = 0
     for i, m in enumerate(recipe.models):
-        where = f"models[{i}]"
+        where = f"{part.at}models[{i}]"
         if m.patch is not None:
             if method.kind != "delta" or base is None:
                 raise UserError(
@@ -151,7 +166,7 @@ def _models_group(
             continue
         sources.append(Source(index, where, ckpt, m.parameters, origin))
         index += 1
-    layers = (base or sources[0].ckpt).num_layers if (base or sources) else 0
+    layers = part.count(base or sources[0].ckpt) if (base or sources) else 0
     base_src = Source(-1, "base_model", base, None) if base is not None else None
     if method.base == "none" and base is not None:
         # As mergekit: for a method without a base, base_model is one more input (added
@@ -160,29 +175,30 @@ def _models_group(
             sources.append(Source(index, "base_model", base, None))
             index += 1
         base_src = None
-    return SliceGroup("models", sources, base_src, None, layers)
+    return SliceGroup(f"{part.at}models", sources, base_src, None, layers)
 
 
 def _slice_groups(
-    recipe: Recipe, method: MergeMethod, load: _Loader, base: Checkpoint | None
+    recipe: Recipe, method: MergeMethod, load: _Loader, base: Checkpoint | None, part: Part
 ) -> list[SliceGroup]:
     """One group per entry of ``slices:``, its sources numbered on from the previous ones."""
     assert recipe.slices is not None
     groups: list[SliceGroup] = []
     index = 0
     for i, s in enumerate(recipe.slices):
-        sbase = load(s.base_model, f"slices[{i}].base_model") if s.base_model else base
+        at = f"{part.at}slices[{i}]"
+        sbase = load(s.base_model, f"{at}.base_model") if s.base_model else base
         sources = []
         lengths = set()
         base_start = s.sources[0].layer_range[0]
         for j, src in enumerate(s.sources):
-            where = f"slices[{i}].sources[{j}]"
+            where = f"{at}.sources[{j}]"
             ckpt = load(src.model, f"{where}.model")
             a, b = src.layer_range
-            if not (0 <= a < b <= ckpt.num_layers):
+            if not (0 <= a < b <= part.count(ckpt)):
                 raise UserError(
                     f"{where}.layer_range: [{a}, {b}] is not a half-open range inside "
-                    f"the model's {ckpt.num_layers} layers"
+                    f"the model's {part.count(ckpt)} layers"
                 )
             lengths.add(b - a)
             origin = _origin_of(method, load, src.origin, where)
@@ -193,13 +209,13 @@ def _slice_groups(
             index += 1
         if len(lengths) > 1:
             raise UserError(
-                f"slices[{i}].sources: every source of a slice needs the same number of "
+                f"{at}.sources: every source of a slice needs the same number of "
                 f"layers, got {sorted(lengths)}"
             )
         base_src = None
         if sbase is not None and method.base != "none":
-            base_src = Source(-1, f"slices[{i}].base_model", sbase, None, None, base_start)
-        groups.append(SliceGroup(f"slices[{i}]", sources, base_src, s.parameters, lengths.pop()))
+            base_src = Source(-1, f"{at}.base_model", sbase, None, None, base_start)
+        groups.append(SliceGroup(at, sources, base_src, s.parameters, lengths.pop()))
     return groups
 
 
@@ -221,27 +237,28 @@ def _check_input_counts(groups: list[SliceGroup], method: MergeMethod) -> None:
 
 
 def _build_groups(
-    recipe: Recipe, method: MergeMethod, load: _Loader, base: Checkpoint | None
+    recipe: Recipe, method: MergeMethod, load: _Loader, base: Checkpoint | None, part: Part
 ) -> list[SliceGroup]:
     """Normalise ``models:`` (one group over every layer) and ``slices:`` into groups."""
     if recipe.models:
-        groups = [_models_group(recipe, method, load, base)]
+        groups = [_models_group(recipe, method, load, base, part)]
     else:
-        groups = _slice_groups(recipe, method, load, base)
+        groups = _slice_groups(recipe, method, load, base, part)
     _check_input_counts(groups, method)
     return groups
 
 
 def _check_tensor_sets(
-    recipe: Recipe, reference: Checkpoint, groups: list[SliceGroup], warnings: list[str]
+    part: Part, reference: Checkpoint, groups: list[SliceGroup], warnings: list[str]
 ) -> None:
     """Refuse an input with a tensor the reference lacks (except layer tensors in a slices
     recipe, whose inputs may have more layers); warn about untied weights that are dropped."""
+    recipe = part.recipe
     tied_extra = {n for n in TIED_WEIGHTS if n not in reference.tensors}
     expected = set(reference.tensors) | tied_extra
     for g in groups:
         for s in g.sources:
-            extra = sorted(set(s.ckpt.tensors) - expected)
+            extra = sorted(set(filter(part.owns, s.ckpt.tensors)) - expected)
             if recipe.slices:
                 extra = [n for n in extra if layer_of(n) is None]
             if extra:
@@ -314,7 +331,12 @@ class _Items:
         base_name = name if g.base else None
         self.add(name, g, [name] * len(g.sources), base_name, 0.0, self.reference, name)
 
-    def layers(self, groups: list[SliceGroup], layers: dict[int, list[str]]) -> int:
+    def layers(
+        self,
+        groups: list[SliceGroup],
+        layers: dict[int, list[str]],
+        owns: Callable[[str], bool] = _everything,
+    ) -> int:
         """The layers group by group, renumbered from 0; returns the output's layer count.
 
         ``layers``: the reference's tensor names per layer, which a ``models:`` group follows;
@@ -324,7 +346,7 @@ class _Items:
         out_layer = 0
         for g in groups:
             template = g.sources[0]
-            template_layers = _ordered_names(template.ckpt)[1] if slices else layers
+            template_layers = _ordered_names(template.ckpt, owns)[1] if slices else layers
             for j in range(g.num_layers):
                 # t runs from 0 to 1 across the group's layers (1 for a single layer, as mergekit)
                 t = j / (g.num_layers - 1) if g.num_layers > 1 else 1.0
@@ -350,29 +372,34 @@ def build_plan(
     recipe_dir: Path | None = None,
     seed: int | None = None,
     allow_pickle: bool = False,
+    lenient: bool = False,
 ) -> Plan:
     """Validate ``recipe`` against the checkpoints' headers and plan every output tensor.
 
     Output tensors follow the reference checkpoint (``base_model``, else the first input):
     its pre-layer tensors (embeddings) from the first group, the layers group by group, then
     its post-layer tensors (final norm, lm_head) from the last group, as mergekit does.
+    ``lenient``: unknown parameters are warnings (imported recipes), not errors.
     """
     from mergekit_math.io.model_files import chat_template_text
 
     method = get_method(recipe.merge_method)
     warnings: list[str] = []
-    check_param_names(recipe, method, warnings)
+    check_param_names(recipe, method, warnings, lenient)
     chat_template_text(recipe.chat_template)  # an unknown template name fails here
     load = _Loader(recipe_dir, allow_pickle)
 
     if method.base == "required" and not recipe.base_model:
         raise UserError(f"base_model: {method.name} needs a base_model")
     base = load(recipe.base_model, "base_model") if recipe.base_model else None
-    groups = _build_groups(recipe, method, load, base)
+    # Multi-module models (multimodal Gemma 3) are planned module by module (modules.py).
+    refs = [(r, w) for w, r in recipe.model_refs() if w != "tokenizer_source"]
+    parts = plan_parts(recipe, base or (load(*refs[0]) if refs else None))
+    planned = [(part, _build_groups(part.recipe, method, load, base, part)) for part in parts]
 
-    reference = base or groups[0].sources[0].ckpt
-    wheres = {id(s.ckpt): s.where for g in groups for s in g.sources}
-    vocab = plan_vocabulary(recipe, load, base, reference, len(groups), warnings)
+    reference = base or planned[0][1][0].sources[0].ckpt
+    wheres = {id(s.ckpt): s.where for _, groups in planned for g in groups for s in g.sources}
+    vocab = _plan_vocabulary(recipe, planned, load, base, reference, warnings)
     _check_compatible(
         reference,
         [(wheres.get(id(c), c.ref), c) for c in load.by_path.values() if c is not reference],
@@ -380,18 +407,18 @@ def build_plan(
     )
     aligned: set[str] = set()
     if vocab is not None and not vocab.identity:
-        groups, reference = _aligned_groups(groups, reference, vocab)
+        views = align_inputs(vocab)
+        planned = [(part, _aligned_groups(groups, views)) for part, groups in planned]
+        reference = views[reference]  # type: ignore[assignment]
         aligned = vocab.names
     seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else DEFAULT_SEED)
 
-    pre, layers, post = _ordered_names(reference)
-    _check_tensor_sets(recipe, reference, groups, warnings)
-    items = _Items(recipe, method, reference, aligned)
-    for name in pre:
-        items.non_layer(name, groups[0])
-    num_layers = items.layers(groups, layers)
-    for name in post:
-        items.non_layer(name, groups[-1])
+    planned_items: list[PlanItem] = []
+    counts: list[int] = []
+    for part, groups in planned:
+        items = _Items(part.recipe, method, reference, aligned)
+        counts.append(_plan_part(items, part, groups, warnings))
+        planned_items.extend(items.items)
 
     if vocab is not None:
         tokenizer = vocab.copy_from or reference
@@ -400,24 +427,38 @@ def build_plan(
     return Plan(
         recipe=recipe,
         method=method,
-        items=items.items,
+        items=planned_items,
         reference=reference,
         tokenizer_source=tokenizer,
         checkpoints=load.by_path,
-        num_layers=num_layers,
+        num_layers=counts[0],
         seed=seed,
         warnings=warnings,
         vocabulary=vocab,
+        module_layers=module_layers(parts, planned, reference, counts),
     )
 
 
-def _aligned_groups(
-    groups: list[SliceGroup], reference: Checkpoint, vocab: Vocabulary
-) -> tuple[list[SliceGroup], Checkpoint]:
+def _plan_vocabulary(
+    recipe: Recipe,
+    planned: list[tuple[Part, list[SliceGroup]]],
+    load: _Loader,
+    base: Checkpoint | None,
+    reference: Checkpoint,
+    warnings: list[str],
+) -> Vocabulary | None:
+    """The output vocabulary, planned on the part (the model, or the module) that holds the
+    embeddings."""
+    if recipe.vocabulary_source is None:
+        return None
+    names = vocab_tensor_names(reference)
+    part, groups = next(((p, g) for p, g in planned if any(p.owns(n) for n in names)), planned[0])
+    return plan_vocabulary(part.recipe, load, base, reference, len(groups), warnings)
+
+
+def _aligned_groups(groups: list[SliceGroup], views: dict) -> list[SliceGroup]:
     """The groups with every input read through the output vocabulary."""
     from dataclasses import replace
-
-    views = align_inputs(vocab)
 
     def view(c: Checkpoint | None) -> Checkpoint | None:
         return views[c] if c is not None else None  # type: ignore[return-value]
@@ -425,7 +466,7 @@ def _aligned_groups(
     def source(s: Source) -> Source:
         return replace(s, ckpt=view(s.ckpt), origin=view(s.origin))
 
-    out = [
+    return [
         replace(
             g,
             sources=[source(s) for s in g.sources],
@@ -433,4 +474,17 @@ def _aligned_groups(
         )
         for g in groups
     ]
-    return out, view(reference)  # type: ignore[return-value]
+
+
+def _plan_part(items: _Items, part: Part, groups: list[SliceGroup], warnings: list[str]) -> int:
+    """Plan the tensors of one part (the model, or one module): its pre-layer tensors from
+    the first group, the layers group by group, its post-layer tensors from the last group.
+    Returns its output layer count."""
+    pre, layers, post = _ordered_names(items.reference, part.owns)
+    _check_tensor_sets(part, items.reference, groups, warnings)
+    for name in pre:
+        items.non_layer(name, groups[0])
+    num_layers = items.layers(groups, layers, part.owns)
+    for name in post:
+        items.non_layer(name, groups[-1])
+    return num_layers

@@ -74,6 +74,9 @@ class Plan:
     seed: int
     warnings: list[str] = field(default_factory=list)
     vocabulary: Vocabulary | None = None  # the output vocabulary (tokenizer settings)
+    # Multi-module models: dotted config key -> (input layers, output layers, the input
+    # layer ranges stacked), for the output config.
+    module_layers: dict[str, tuple[int, int, list[tuple[int, int]]]] = field(default_factory=dict)
 
     @property
     def read_bytes(self) -> int:

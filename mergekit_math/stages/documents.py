@@ -119,7 +119,7 @@ def read_documents(path: Path) -> list[tuple[int, Any]]:
     return [(i + 1, d) for i, d in enumerate(docs) if d is not None]
 
 
-def _parse_stage(path: Path, number: int, data: Any) -> Stage:
+def _parse_stage(path: Path, number: int, data: Any, warnings: list[str] | None) -> Stage:
     name = data.get("name") if isinstance(data, dict) else None
     label = f"{path}: document {number}"
     if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
@@ -129,7 +129,7 @@ def _parse_stage(path: Path, number: int, data: Any) -> Stage:
         )
     if name is not None:
         label += f" (name: {name})"
-    return Stage(number, name, parse_recipe(data, source=label))
+    return Stage(number, name, parse_recipe(data, source=label, warnings=warnings))
 
 
 def _link(staged: StagedRecipe, stage: Stage, recipe_dir: Path) -> None:
@@ -172,13 +172,14 @@ def _check_cycles(staged: StagedRecipe) -> None:
             visit(stage, [stage.name])
 
 
-def load_staged(path: str | Path) -> StagedRecipe:
-    """Every document of ``path``, checked (schemas, names, references, cycles)."""
+def load_staged(path: str | Path, warnings: list[str] | None = None) -> StagedRecipe:
+    """Every document of ``path``, checked (schemas, names, references, cycles);
+    ``warnings``: unknown keys become these instead of errors (--lenient)."""
     path = Path(path)
     docs = read_documents(path)
     if not docs:
         raise UserError(f"{path}: a recipe is a YAML mapping, got an empty file")
-    stages = [_parse_stage(path, n, d) for n, d in docs]
+    stages = [_parse_stage(path, n, d, warnings) for n, d in docs]
     seen: dict[str, Stage] = {}
     unnamed: list[Stage] = []
     for s in stages:

@@ -75,6 +75,7 @@ class StageOptions:
     strict_finite: bool = False
     progress: bool = True
     force: bool = False
+    lenient: bool = False  # unknown parameters are warnings (--lenient)
 
 
 def _set_path(data: dict[str, Any], path: str, value: str) -> None:
@@ -177,6 +178,7 @@ def plan_stages(
     seed: int | None = None,
     allow_pickle: bool = False,
     warnings: list[str] | None = None,
+    lenient: bool = False,
 ) -> list[StageRun]:
     """The stages the output needs, in the order they run, every check that needs no stage
     output done: each stage's recipe, its key, whether it is reused, and its plan when the
@@ -209,16 +211,25 @@ def plan_stages(
             warnings.append(f"{where}: evaluate:/push: apply to the output document only; ignored")
         ready = all(r.reuse for r in runs if r.stage.name in run.stage.deps)
         if not run.reuse and ready:
-            run.plan = _plan(run, where, recipe_dir, seed, allow_pickle)
+            run.plan = _plan(run, where, recipe_dir, seed, allow_pickle, lenient)
             warnings.extend(f"{where}: {w}" for w in run.plan.warnings)
     return runs
 
 
-def _plan(run: StageRun, where: str, recipe_dir: Path, seed: int | None, pickle: bool) -> Plan:
+def _plan(
+    run: StageRun,
+    where: str,
+    recipe_dir: Path,
+    seed: int | None,
+    pickle: bool,
+    lenient: bool = False,
+) -> Plan:
     from mergekit_math.merge import build_plan
 
     try:
-        return build_plan(run.recipe, recipe_dir=recipe_dir, seed=seed, allow_pickle=pickle)
+        return build_plan(
+            run.recipe, recipe_dir=recipe_dir, seed=seed, allow_pickle=pickle, lenient=lenient
+        )
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from None
 
@@ -242,7 +253,9 @@ def run_stages(
             echo(f"{run.head}: reused {run.out} (unchanged)")
             continue
         if run.plan is None:
-            run.plan = _plan(run, where, recipe_dir, options.seed, options.allow_pickle)
+            run.plan = _plan(
+                run, where, recipe_dir, options.seed, options.allow_pickle, options.lenient
+            )
             for w in run.plan.warnings:
                 warn(f"{where}: {w}")
         echo(f"{run.head}: merging with {run.plan.method.name} into {run.out}")

@@ -65,7 +65,7 @@ def plan_sweep(settings: SweepSettings) -> Sweep:
 
     warnings: list[str] = []
     path = settings.recipe
-    recipe = load_recipe(path)
+    recipe = load_recipe(path, warnings=warnings if settings.lenient else None)
     for block in ("evaluate", "push"):
         if getattr(recipe, block) is not None:
             setattr(recipe, block, None)
@@ -87,7 +87,9 @@ def plan_sweep(settings: SweepSettings) -> Sweep:
     # One plan of the recipe itself checks every checkpoint and gives the resolved recipe
     # (absolute paths, seed, defaults); a point's resolved recipe is that one with the
     # point's keys set, since sweepable keys are exactly the ones resolution leaves alone.
-    plan = build_plan(recipe, recipe_dir=path.resolve().parent)
+    # With --lenient the plan drops unknown parameters from the recipe: the points' resolved
+    # recipes (made from it) are strict.
+    plan = build_plan(recipe, recipe_dir=path.resolve().parent, lenient=settings.lenient)
     try:
         base = resolved_recipe(plan)
         warnings += plan.warnings

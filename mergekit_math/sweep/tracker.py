@@ -39,6 +39,7 @@ class SweepSettings(BaseModel):
     gpus_per_point: float = Field(0.0, ge=0)
     device: str = "cpu"
     force: bool = False
+    lenient: bool = Field(False, description="Unknown recipe keys and parameters warn.")
 
 
 @dataclass(frozen=True)
