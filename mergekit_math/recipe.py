@@ -169,6 +169,11 @@ class Recipe(_Strict):
     )
     chat_template: str | None = None
     seed: int | None = Field(default=None, description="mmath extension: seed for DARE/DELLA.")
+    mask_version: int | None = Field(
+        default=None,
+        description="mmath extension: the definition of DARE/DELLA's random masks the output "
+        "was made with (written into mmath_recipe.yaml); only the current one is accepted.",
+    )
     evaluate: EvaluateBlock | None = Field(
         default=None, description="mmath extension: evaluate after merging."
     )
@@ -328,6 +333,7 @@ def parse_recipe(
         data = copy.deepcopy(data)
     recipe = _validate(data, source, warnings)
     _check_finite(recipe, source)
+    _check_mask_version(recipe, source)
     if sum(map(bool, (recipe.models, recipe.slices, recipe.modules))) != 1:
         raise UserError(f"{source}: give exactly one of 'models' or 'slices' (or 'modules')")
     if recipe.tokenizer_source and recipe.tokenizer is not None:
@@ -336,6 +342,19 @@ def parse_recipe(
             "(tokenizer.source is the same setting)"
         )
     return recipe
+
+
+def _check_mask_version(recipe: Recipe, source: str) -> None:
+    from mergekit_math.methods.masks import MASK_VERSION
+
+    v = recipe.mask_version
+    if v is not None and v != MASK_VERSION:
+        raise UserError(
+            f"{source}: mask_version: the recipe asks for DARE/DELLA masks of version {v}; this "
+            f"mmath draws version {MASK_VERSION} only (see the README's mask definition), so "
+            "its output would not be the recorded one. Delete mask_version to merge with "
+            f"version {MASK_VERSION} masks, or use the mmath that wrote the recipe."
+        )
 
 
 def read_recipe_text(path: str | Path) -> str:

@@ -7,14 +7,18 @@ tensor whole.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import load_dir, write_recipe
+from mask_reference import keep as reference_keep
+from mask_reference import key_of
 
 from mergekit_math.errors import UserError
 from mergekit_math.merge import build_plan, execute, is_chunked
+from mergekit_math.methods.masks import MaskStream
 from mergekit_math.methods.sparsify import (
     KeepMask,
     MagnitudeTrim,
@@ -116,17 +120,17 @@ def test_magnitude_trim_in_chunks_keeps_exactly_k_with_ties_in_index_order():
 
 
 @pytest.mark.parametrize("density", [0.1, 0.5, 0.9, 1 / 3])
-def test_keep_mask_is_torch_rand_in_any_chunking(density):
+def test_keep_mask_is_the_mask_definition_in_any_chunking(density):
     n = 50_000
-    expect = torch.rand(n, generator=torch.Generator().manual_seed(9)) < density
-    bounds = [0, 1, 624, 625, 9_999, 31_337, n]
+    key = key_of(9, 0, "t")
+    bounds = [0, 1, 624, 625, 9_999, 16_384, 31_337, n]
     ranges = list(zip(bounds, bounds[1:]))
-    mask = KeepMask(n, density, torch.Generator().manual_seed(9), ranges)
-    assert mask.stream is not None  # the fast path is in use on this torch
+    mask = KeepMask(MaskStream(key), density)
     parts = {a: mask.take(a, b) for a, b in [ranges[3], ranges[0], *ranges[4:], *ranges[1:3]]}
-    assert torch.equal(torch.cat([parts[a] for a, _ in ranges]), expect.float())
-    with pytest.raises(ValueError, match="not an undrawn range"):
-        mask.take(0, 1)
+    got = torch.cat([parts[a] for a, _ in ranges])
+    for e in sorted(set(random.Random(0).sample(range(n), 300)) | {b - 1 for b in bounds[1:]}):
+        assert bool(got[e]) == reference_keep(key, e, density), e
+    assert torch.equal(got, MaskStream(key).keep(0, n, density))
 
 
 @pytest.mark.parametrize("mode", ["direct", "buffered", "direct_refused"])

@@ -19,6 +19,7 @@ from conftest import demo_recipe, load_dir, make_model, mmath, write_recipe
 
 from mergekit_math.merge import build_plan, execute, is_chunked
 from mergekit_math.methods import Example, MergeInputs, MergeMethod, all_methods
+from mergekit_math.methods.masks import MaskStream
 from mergekit_math.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +43,7 @@ def _inputs(
     """What the engine would hand the method for these tensors and the example's parameters."""
     gens = None
     if method.random:
-        gens = [torch.Generator().manual_seed(7 + i) for i in range(len(others))]
+        gens = [MaskStream(7 + i) for i in range(len(others))]
     tensors = [o - base for o in others] if method.kind == "delta" else [o.clone() for o in others]
     return MergeInputs(
         base=base.clone() if example.base and method.base != "none" else None,

@@ -119,6 +119,27 @@ seed: 42
     res = mmath("merge", out / "mmath_recipe.yaml", replay)
     assert res.exit_code == 0, res.output
     assert (out / "model.safetensors").read_bytes() == (replay / "model.safetensors").read_bytes()
+    # the mask definition is recorded; a recipe asking for another one is refused
+    from mergekit_math.methods.masks import MASK_VERSION
+
+    assert resolved["mask_version"] == MASK_VERSION == 2
+    old = (out / "mmath_recipe.yaml").read_text().replace("mask_version: 2", "mask_version: 1")
+    res = mmath("merge", write_recipe(tmp_path / "old.yaml", old), tmp_path / "old")
+    assert res.exit_code != 0 and not (tmp_path / "old").exists()
+    assert "mask_version: the recipe asks for DARE/DELLA masks of version 1" in res.output
+
+
+def test_resolved_recipe_of_a_method_without_random_drops_has_no_mask_version(tmp_path, zoo):
+    import yaml
+
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"merge_method: ties\nbase_model: {zoo['base']}\nmask_version: 2\nmodels:\n"
+        f"  - model: {zoo['a']}\n    parameters: {{weight: 1.0, density: 0.5}}\n",
+    )
+    assert mmath("merge", recipe, tmp_path / "out", "-q").exit_code == 0
+    resolved = yaml.safe_load((tmp_path / "out" / "mmath_recipe.yaml").read_text())
+    assert "mask_version" not in resolved
 
 
 def test_reruns_and_thread_counts_are_byte_identical(tmp_path, zoo):

@@ -7,8 +7,10 @@ import math
 
 import pytest
 import torch
+from mask_reference import keep as reference_keep
 
 from mergekit_math.methods import MergeInputs, get_method
+from mergekit_math.methods.masks import MaskStream
 from mergekit_math.methods.sparsify import (
     della_drop,
     magnitude_outliers_prune,
@@ -21,7 +23,7 @@ def _inputs(name: str, base, tensors, per_model: list[dict], shared: dict | None
     m = get_method(name)
     gens = None
     if m.random:
-        gens = [torch.Generator().manual_seed(seed + i) for i in range(len(tensors))]
+        gens = [MaskStream(seed + i) for i in range(len(tensors))]
     return m, MergeInputs(
         base=base,
         tensors=tensors,
@@ -42,7 +44,7 @@ def _rand(*shape, seed=0):
 def test_random_drop_kept_fraction_within_3_sigma(density):
     delta = _rand(400, 250, seed=1)
     n = delta.numel()
-    kept = random_drop(delta, density, None, torch.Generator().manual_seed(7))
+    kept = random_drop(delta, density, None, MaskStream(7))
     frac = (kept != 0).float().mean().item()
     sigma = math.sqrt(density * (1 - density) / n)
     assert abs(frac - density) < 3 * sigma
@@ -54,9 +56,7 @@ def test_random_drop_kept_fraction_within_3_sigma(density):
 def test_random_drop_paper_rescale_preserves_expectation():
     delta = _rand(64, 64, seed=2)
     density = 0.25
-    draws = torch.stack(
-        [random_drop(delta, density, "paper", torch.Generator().manual_seed(s)) for s in range(400)]
-    )
+    draws = torch.stack([random_drop(delta, density, "paper", MaskStream(s)) for s in range(400)])
     mean = draws.mean(dim=0)
     # each entry is delta/p with prob p: mean error std = |delta|*sqrt((1-p)/p)/sqrt(400)
     stderr = delta.abs() * math.sqrt((1 - density) / density) / math.sqrt(400)
@@ -67,15 +67,15 @@ def test_random_drop_paper_rescale_preserves_expectation():
 
 def test_random_drop_l1_rescale_matches_l1_norm():
     delta = _rand(50, 40, seed=3)
-    kept = random_drop(delta, 0.3, "l1", torch.Generator().manual_seed(0))
+    kept = random_drop(delta, 0.3, "l1", MaskStream(0))
     assert torch.isclose(kept.abs().sum(), delta.abs().sum(), rtol=1e-5)
 
 
-def test_random_drop_is_deterministic_per_generator():
+def test_random_drop_is_deterministic_per_stream():
     delta = _rand(30, 30)
-    a = random_drop(delta, 0.5, "paper", torch.Generator().manual_seed(11))
-    b = random_drop(delta, 0.5, "paper", torch.Generator().manual_seed(11))
-    c = random_drop(delta, 0.5, "paper", torch.Generator().manual_seed(12))
+    a = random_drop(delta, 0.5, "paper", MaskStream(11))
+    b = random_drop(delta, 0.5, "paper", MaskStream(11))
+    c = random_drop(delta, 0.5, "paper", MaskStream(12))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -101,7 +101,7 @@ def test_magnitude_outliers_drops_top_gamma_and_bottom():
 
 def test_della_keep_probability_grows_with_magnitude():
     delta = _rand(200, 500, seed=6)
-    kept = della_drop(delta, 0.5, 0.4, None, torch.Generator().manual_seed(0))
+    kept = della_drop(delta, 0.5, 0.4, None, MaskStream(0))
     small = delta.abs() < delta.abs().quantile(0.2)
     large = delta.abs() > delta.abs().quantile(0.8)
     assert (kept[small] != 0).float().mean() < 0.3
@@ -111,7 +111,7 @@ def test_della_keep_probability_grows_with_magnitude():
 
 def test_della_rejects_epsilon_outside_density():
     with pytest.raises(ValueError, match="density ± epsilon"):
-        della_drop(_rand(4, 4), 0.1, 0.2, None, torch.Generator())
+        della_drop(_rand(4, 4), 0.1, 0.2, None, MaskStream(0))
 
 
 # ------------------------------------------------------------------------- merges vs reference
@@ -169,7 +169,9 @@ def test_dare_linear_matches_manual_mask():
     out = m.merge(inp)
     expect = base.clone()
     for i, d in enumerate(deltas):
-        mask = torch.rand(d.shape, generator=torch.Generator().manual_seed(5 + i)) < 0.3
+        # the mask definition, element by element (tests/mask_reference.py)
+        mask = torch.tensor([reference_keep(5 + i, e, 0.3) for e in range(d.numel())])
+        mask = mask.reshape(d.shape)
         expect += 0.5 * d * mask / 0.3
     torch.testing.assert_close(out, expect)
 

@@ -238,6 +238,12 @@ def resolved_recipe(plan: Plan) -> dict:
             break
     if params:
         data["parameters"] = params
+    if plan.method.random:
+        from mergekit_math.methods.masks import MASK_VERSION
+
+        data["mask_version"] = MASK_VERSION  # tells outputs of older mask definitions apart
+    else:
+        data.pop("mask_version", None)
     return data
 
 

@@ -23,13 +23,14 @@ from mergekit_math.io.progress import byte_progress
 from mergekit_math.io.reader import ITEMSIZE
 from mergekit_math.merge.inputs import _input_wheres, _item_inputs, _range_bytes
 from mergekit_math.merge.memory import CHUNK_ELEMENTS, _budgets, check_memory, item_ranges
-from mergekit_math.merge.params import _seed_for
 from mergekit_math.merge.types import Plan, PlanItem
 from mergekit_math.pipeline import Prefetcher, Unit, WriterThread
 
 if TYPE_CHECKING:
     import torch
     from tqdm import tqdm
+
+    from mergekit_math.methods.masks import MaskStream
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -223,19 +224,15 @@ def _copy_parts(
         yield part
 
 
-def _generators(plan: Plan, item: PlanItem) -> list[torch.Generator] | None:
-    """One generator per source for a random method, seeded per source and output tensor so
-    that a tensor's draws do not depend on which tensors are computed before it."""
-    import torch
+def _generators(plan: Plan, item: PlanItem) -> list[MaskStream] | None:
+    """One counter-based generator per source for a random method, keyed by (seed, source,
+    output tensor): a tensor's draws depend neither on which tensors are computed before it
+    nor on how it is chunked."""
+    from mergekit_math.methods.masks import MaskStream
 
     if not plan.method.random:
         return None
-    generators = []
-    for s in item.group.sources:
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(_seed_for(plan.seed, s.index, item.out.name))
-        generators.append(gen)
-    return generators
+    return [MaskStream.of(plan.seed, s.index, item.out.name) for s in item.group.sources]
 
 
 def _prepare_states(
@@ -244,7 +241,7 @@ def _prepare_states(
     run: _Run | None,
     ranges: list[tuple[int, int]],
     inputs: _RangeInputs,
-    generators: list[torch.Generator] | None,
+    generators: list[MaskStream] | None,
 ) -> Any:
     """The per-input states of the method's ``prepare``, which may need whole deltas: each
     is assembled range by range into the reused scratch buffer (on the worker threads)."""
@@ -290,7 +287,7 @@ class _RangeMerge:
     plan: Plan
     item: PlanItem
     inputs: _RangeInputs
-    generators: list[torch.Generator] | None
+    generators: list[MaskStream] | None
     states: Any
     shaped: bool  # the item is one range: its inputs keep their shapes
     out_dtype: torch.dtype

@@ -4,11 +4,10 @@
 models (unknown names, recipe-level keys set per model, no-effect keys) and every value it
 can take, before anything is read; :func:`resolve_item_params` gives each output tensor its
 typed parameters (the first setting found from the input up to the recipe level, evaluated
-for the tensor's name and layer position); :func:`_seed_for` keys each input's generator."""
+for the tensor's name and layer position)."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -124,11 +123,6 @@ def _resolve_params(
                 f"{tensor}){hint}"
             ) from None
         raise UserError(f"{prefix}.{key}: {err['msg']}") from None
-
-
-def _seed_for(seed: int, source_index: int, tensor: str) -> int:
-    digest = hashlib.sha256(f"{seed}\x00{source_index}\x00{tensor}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def resolve_item_params(recipe: Recipe, method: MergeMethod, item: PlanItem) -> None:

@@ -24,6 +24,8 @@ from mergekit_math.recipe import suggest
 if TYPE_CHECKING:
     import torch
 
+    from mergekit_math.methods.masks import MaskStream
+
 
 class Params(BaseModel):
     """Base of every parameter model: unknown names are errors, ``lambda`` is spelled as is."""
@@ -87,15 +89,16 @@ class MergeInputs(Generic[S, M]):
 
     ``tensors`` are the non-base inputs in recipe order: deltas (``model - origin``) for
     delta methods, raw tensors otherwise. ``base`` is the base tensor when the method takes
-    one (``base`` required, or optional and given), else None. ``generators`` has one seeded
-    generator per input for random methods, else ``None``.
+    one (``base`` required, or optional and given), else None. ``generators`` has one
+    counter-based generator per input for random methods (keyed by seed, input and tensor;
+    see :mod:`mergekit_math.methods.masks`), else ``None``.
     """
 
     base: torch.Tensor | None
     tensors: list[torch.Tensor]
     params: list[M]
     shared: S
-    generators: list[torch.Generator] | None = None
+    generators: list[MaskStream] | None = None
     # Chunked execution: the flat index of this chunk's first element, and what
     # ``Chunking.prepare`` returned for the whole tensor (None when the method sees the whole
     # tensor at once).
@@ -109,7 +112,7 @@ class PrepareInputs(Generic[S, M]):
 
     shared: S
     params: list[M]
-    generators: list[torch.Generator] | None
+    generators: list[MaskStream] | None
     numel: int
     ranges: list[tuple[int, int]]  # the chunks the merge will get, as flat [start, end)
     # delta(i): input i's whole delta, flat, in the compute dtype (read only when asked for;

@@ -2,20 +2,22 @@
 magnitude with outliers (Model Breadcrumbs) and DELLA's MagPrune, plus the exact k-th
 largest selection they rest on.
 
-Pure functions of tensors (no IO, no global RNG); randomness comes from the generator
-passed in.
+Pure functions of tensors (no IO, no global RNG); randomness comes from the
+:class:`~mergekit_math.methods.masks.MaskStream` passed in.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from mergekit_math.methods.base import reduce_sum
 
 if TYPE_CHECKING:
     import torch
+
+    from mergekit_math.methods.masks import MaskStream
 
 Rescale = Literal["paper", "l1"]
 
@@ -167,99 +169,18 @@ def magnitude_outliers_prune(
     return rescale_l1(delta, kept) if rescale == "l1" else kept
 
 
-def _numpy_stream(generator: torch.Generator) -> Any:
-    """A numpy ``Generator`` continuing ``generator``'s Mersenne Twister stream, or None.
-
-    torch's CPU generator is MT19937 and its float32 ``rand`` is ``(x & 0xFFFFFF) · 2**-24``
-    for consecutive 32-bit outputs ``x``; numpy's MT19937 makes the same outputs about twice
-    as fast. The state is copied from ``get_state()`` (layout: initial seed u64, ``left``
-    i32, ``seeded`` i32, ``next`` u64, 624 words as u64) and the copy is checked against
-    torch on a few draws; any mismatch (another torch layout) returns None.
-    """
-    import struct
-
-    import numpy as np
-    import torch
-
-    raw = generator.get_state().numpy().tobytes()
-    if len(raw) < 24 + 624 * 8:
-        return None
-    (left,) = struct.unpack_from("<i", raw, 8)
-    (position,) = struct.unpack_from("<Q", raw, 16)
-    key = np.frombuffer(raw, dtype="<u8", count=624, offset=24).astype(np.uint32)
-    bits = np.random.MT19937()
-    try:
-        bits.state = {
-            "bit_generator": "MT19937",
-            "state": {"key": key, "pos": 624 if left == 1 else int(position)},
-        }
-    except (ValueError, TypeError):
-        return None
-    probe = torch.Generator()
-    probe.set_state(generator.get_state())
-    expected = torch.rand(8, generator=probe)
-    check = np.random.Generator(np.random.MT19937())
-    check.bit_generator.state = bits.state
-    got = check.integers(0, 2**32, size=8, dtype=np.uint32) & 0xFFFFFF
-    if not torch.equal(torch.from_numpy(got.astype(np.float32) * 2.0**-24), expected):
-        return None
-    return np.random.Generator(bits)
-
-
+@dataclass(frozen=True)
 class KeepMask:
-    """DARE's keep decisions for one tensor, as a 0/1 float mask: exactly
-    ``torch.rand(numel, generator) < density``
-    drawn lazily for the chunks ``ranges``, so a tensor processed in chunks gets the mask it
-    would get whole. :meth:`take` may be called from several threads in any order: the
-    stream is drawn in range order under a lock and masks drawn early wait in a cache.
-    """
+    """DARE's keep decisions for one input of one tensor, for the chunks the engine hands
+    over in any order and on any thread: each element's decision depends on its flat index
+    only (see :mod:`mergekit_math.methods.masks`), so there is nothing to draw in order."""
 
-    def __init__(
-        self,
-        numel: int,
-        density: float,
-        generator: torch.Generator,
-        ranges: list[tuple[int, int]] | None = None,
-    ):
-        import threading
+    stream: MaskStream
+    density: float
 
-        import torch
-
-        self.density = density
-        self.generator = generator
-        # rand() < density  <=>  (x & 0xFFFFFF) < ceil(float32(density) · 2**24)
-        scaled = float(torch.tensor(density, dtype=torch.float32)) * 2.0**24
-        self.limit = math.ceil(scaled)
-        self.stream = _numpy_stream(generator)
-        self.ranges = ranges or [(0, numel)]
-        self._next = 0  # index into ranges of the next range to draw
-        self._ready: dict[int, torch.Tensor] = {}
-        self._lock = threading.Lock()
-
-    def _draw(self, count: int) -> torch.Tensor:
-        import torch
-
-        if self.stream is None:
-            return (torch.rand(count, generator=self.generator) < self.density).float()
-        import numpy as np
-
-        words = self.stream.integers(0, 2**32, size=count, dtype=np.uint32)
-        words &= 0xFFFFFF
-        return torch.from_numpy((words < self.limit).astype(np.float32))
-
-    def take(self, start: int, end: int) -> torch.Tensor:
-        """Boolean keep mask for the flat range ``[start, end)``, one of ``ranges``."""
-        with self._lock:
-            while start not in self._ready:
-                if self._next >= len(self.ranges):
-                    raise ValueError(f"KeepMask.take: {start}:{end} is not an undrawn range")
-                a, b = self.ranges[self._next]
-                self._next += 1
-                self._ready[a] = self._draw(b - a)
-            mask = self._ready.pop(start)
-        if mask.numel() != end - start:
-            raise ValueError(f"KeepMask.take: {start}:{end} is not one of the ranges")
-        return mask
+    def take(self, start: int, end: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Boolean keep mask of the flat range ``[start, end)``."""
+        return self.stream.keep(start, end - start, self.density, device)
 
 
 def apply_keep(
@@ -274,18 +195,17 @@ def apply_keep(
 
 
 def random_drop(
-    delta: torch.Tensor, density: float, rescale: Rescale | None, generator: torch.Generator
+    delta: torch.Tensor, density: float, rescale: Rescale | None, stream: MaskStream
 ) -> torch.Tensor:
-    """DARE: keep each entry with probability ``density`` (Bernoulli), zero the rest.
+    """DARE: keep each entry with probability ``density`` (Bernoulli), zero the rest; the
+    draws are ``stream``'s uniforms of elements ``0 .. numel-1`` (row-major).
 
     ``paper`` divides the kept entries by ``density`` so the expected delta is unchanged.
     """
-    import torch
-
     if density >= 1:
         return delta
-    mask = torch.rand(delta.shape, generator=generator, dtype=torch.float32) < density
-    return apply_keep(delta, mask.to(delta.device), density, rescale)
+    mask = stream.keep(0, delta.numel(), density, delta.device)
+    return apply_keep(delta, mask, density, rescale)
 
 
 def della_drop(
@@ -293,10 +213,11 @@ def della_drop(
     density: float,
     epsilon: float,
     rescale: Rescale | None,
-    generator: torch.Generator,
+    stream: MaskStream,
 ) -> torch.Tensor:
     """DELLA MagPrune: per row, keep probability rises linearly with magnitude rank from
-    ``density - epsilon`` to ``density + epsilon``."""
+    ``density - epsilon`` to ``density + epsilon``; entry ``e`` (row-major) is kept when
+    ``stream``'s uniform of element ``e`` is below its probability."""
     import torch
 
     if density >= 1:
@@ -308,7 +229,7 @@ def della_drop(
     ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).to(torch.float32)
     span = (rows.shape[1] - 1) or 1
     probs = (density - epsilon) + (ranks / span) * (2 * epsilon)
-    mask = torch.rand(rows.shape, generator=generator, dtype=torch.float32).to(rows.device) < probs
+    mask = stream.keep_with(0, probs).reshape(rows.shape)
     kept = (rows * mask).reshape(delta.shape)
     if rescale == "paper":
         return kept.div_(probs.reshape(delta.shape).to(kept.dtype))

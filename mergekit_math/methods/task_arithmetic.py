@@ -120,7 +120,8 @@ def _sparsify(
         return state.apply(delta, inputs.offset)
     if isinstance(state, KeepMask):
         start = inputs.offset
-        return apply_keep(delta, state.take(start, start + delta.numel()), p.density, rescale)
+        keep = state.take(start, start + delta.numel(), delta.device)
+        return apply_keep(delta, keep, p.density, rescale)
     if variant.sparsification == "magnitude":
         return magnitude_prune(delta, p.density, rescale)
     if variant.sparsification == "magnitude_outliers":
@@ -176,7 +177,7 @@ def _merge(variant: Variant):
 
 def _chunking(variant: Variant) -> Chunking[DeltaShared, DeltaModel]:
     """Chunks for no sparsification, TIES trims without L1 rescale (a whole-tensor threshold
-    computed once) and DARE drops without L1 rescale (one mask stream drawn in order)."""
+    computed once) and DARE drops without L1 rescale (masks computed per chunk)."""
 
     def applies(shared: DeltaShared, params: list[DeltaModel]) -> bool:
         rescale = _rescale_mode(variant, shared.rescale)
@@ -197,9 +198,7 @@ def _chunking(variant: Variant) -> Chunking[DeltaShared, DeltaModel]:
                 states.append(MagnitudeTrim(inputs.delta(i).abs_(), p.density, inputs.ranges))
             elif variant.sparsification == "random":
                 assert inputs.generators is not None
-                states.append(
-                    KeepMask(inputs.numel, p.density, inputs.generators[i], inputs.ranges)
-                )
+                states.append(KeepMask(inputs.generators[i], p.density))
             else:
                 raise ValueError(f"{variant.sparsification} cannot run on chunks")
         return states

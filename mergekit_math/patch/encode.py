@@ -13,10 +13,11 @@
 ``sparse``
     DARE (Yu et al. 2024, https://arxiv.org/abs/2311.03099): each entry is kept with
     probability keep = 1 − p and kept entries are divided by keep, so E[decoded] = Δ. The drop
-    is the engine's own ``random_drop`` (``methods.task_arithmetic``, ``rescale: paper``) with a
-    generator seeded per tensor from (seed, tensor name) exactly as the engine seeds the first
-    model of a merge, so applying a sparse patch with scale 1 reproduces ``dare_linear``
-    (weight 1, density 1 − p, same seed) bit for bit, whatever mask algorithm the engine uses.
+    is the engine's own ``random_drop`` (``methods.sparsify``, ``rescale: paper``) with the
+    mask stream keyed per tensor from (seed, tensor name) exactly as the engine keys the first
+    model of a merge (``methods.masks``), so applying a sparse patch with scale 1 reproduces
+    ``dare_linear`` (weight 1, density 1 − p, same seed) bit for bit, whatever mask
+    definition the engine uses.
     Kept entries whose delta is exactly 0 decode to 0 either way and are not stored.
 
     Storage: the kept values (k of them) in the storage dtype, plus their positions as
@@ -39,6 +40,8 @@ from mergekit_math.patch.entry import PatchEntry, StorageDtype, index_dtype
 
 if TYPE_CHECKING:
     import torch
+
+    from mergekit_math.methods.masks import MaskStream
 
 # Names of embedding-like tensors: low-rank only with --lowrank-embeddings.
 EMBEDDING_MARKERS = ("embed", "wte", "wpe", "word_embeddings", "lm_head")
@@ -204,7 +207,7 @@ def encode_sparse(
     source_dtype: str,
     storage: StorageDtype,
     drop: float,
-    generator: torch.Generator,
+    stream: MaskStream,
 ) -> Encoded:
     """DARE drop-and-rescale, stored as values plus indices or a bitmask (the smaller)."""
     import torch
@@ -212,7 +215,7 @@ def encode_sparse(
     from mergekit_math.methods.sparsify import random_drop
 
     keep = keep_probability(drop)
-    kept = random_drop(delta, keep, "paper", generator)
+    kept = random_drop(delta, keep, "paper", stream)
     mask = kept != 0
     values = kept[mask].to(_dtype(storage))
     nnz = values.numel()

@@ -195,16 +195,13 @@ def command_line(plan: ExtractPlan, out_dir: Path) -> str:
 
 def encode_delta(name: str, delta: torch.Tensor, source_dtype: str, o: ExtractOptions) -> Encoded:
     """Encode one exact delta as the options ask."""
-    import torch
-
-    from mergekit_math.merge.params import _seed_for
+    from mergekit_math.methods.masks import MaskStream
     from mergekit_math.patch.encode import encode_dense, encode_lowrank, encode_sparse, is_embedding
 
     if o.encoding == "sparse":
-        generator = torch.Generator(device="cpu")
-        # Seeded as the engine seeds source 0 of a merge, so a sparse patch equals dare_linear.
-        generator.manual_seed(_seed_for(o.seed, 0, name))
-        return encode_sparse(delta, source_dtype, o.dtype, o.drop, generator)
+        # Keyed as the engine keys source 0 of a merge, so a sparse patch equals dare_linear.
+        stream = MaskStream.of(o.seed, 0, name)
+        return encode_sparse(delta, source_dtype, o.dtype, o.drop, stream)
     if o.encoding == "lowrank" and (o.lowrank_embeddings or not is_embedding(name)):
         return encode_lowrank(delta, source_dtype, o.dtype, o.rank, o.energy)
     return encode_dense(delta, source_dtype, o.dtype)
