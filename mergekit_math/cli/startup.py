@@ -1,15 +1,16 @@
 """The garbage collector around torch, for a merge's start-up and exit (measurements in
 docs/benchmarks.md, "Start-up").
 
-Importing torch is most of a small merge's start-up, and it allocates about a million
-long-lived objects (and numpy's). Two things make it cheaper without touching what is computed:
+Importing torch is most of a small merge's start-up, and it leaves about 160,000 objects that
+the cyclic garbage collector tracks (numpy's included). Two things make it cheaper without
+touching what is computed:
 
 - :func:`import_torch`: the cyclic collector would traverse those objects again and again
   while they are created, and then in every full collection of the merge. They are imported
   with the collector paused, then frozen (``gc.freeze``: out of the collector's sight, still
-  freed by reference counting). About 0.15 s.
+  freed by reference counting). About 0.25 s.
 - :func:`freeze_for_exit`: at exit CPython runs full collections over everything alive, torch's
-  objects included, before the process gives its memory back anyway. About 0.4 s. Only after a
+  objects included, before the process gives its memory back anyway. About 0.5 s. Only after a
   merge has imported torch through :func:`import_torch`: the output is complete and closed by
   then (atexit handlers and the flushing of stdout/stderr still run).
 
