@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -445,8 +446,10 @@ def evaluate_setting(setting: Setting, tensor_name: str, t: float) -> Scalar | N
     return setting
 
 
+@functools.cache
 def field_adapter(model: type[BaseModel], name: str) -> TypeAdapter[Any]:
-    """A validator for one field of a parameter model, with its constraints."""
+    """A validator for one field of a parameter model, with its constraints (built once per
+    field: a plan checks each parameter of every tensor)."""
     from typing import Annotated
 
     info = model.model_fields[name]

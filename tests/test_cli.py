@@ -28,6 +28,60 @@ def test_help_does_not_import_torch():
     assert "merge" in out.stdout and "inspect" in out.stdout
 
 
+# What a plain recipe (no tokenizer:, no LoRA '+' reference, no evaluate:) must not import:
+# each costs start-up (transformers alone about 1 s) and none is needed to merge tensors.
+_NOT_ON_MERGE_PATH = (
+    "transformers",
+    "tokenizers",
+    "peft",
+    "datasets",
+    "lm_eval",
+    "huggingface_hub",
+    "scipy",
+    "ray",
+)
+
+
+def _merge_in_subprocess(*args: object) -> tuple[set[str], bool]:
+    """Run `mmath merge ARGS` through the console entry in a fresh interpreter; return which
+    of torch, safetensors, numpy and _NOT_ON_MERGE_PATH it imported, and whether the cyclic
+    garbage collector is still enabled after it."""
+    code = (
+        "import gc, sys\n"
+        "from mergekit_math.cli import main\n"
+        "sys.argv = ['mmath', 'merge', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        f"names = ('torch', 'safetensors', 'numpy') + {_NOT_ON_MERGE_PATH!r}\n"
+        "print('LOADED', ','.join(m for m in names if m in sys.modules), gc.isenabled())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stdout.splitlines() if x.startswith("LOADED"))
+    _, loaded, enabled = line.split(" ")
+    return set(filter(None, loaded.split(","))), enabled == "True"
+
+
+def test_plain_merge_imports_only_what_it_uses(zoo, tmp_path):
+    recipe = tmp_path / "ta.yaml"
+    recipe.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {zoo['base']}\nmodels:\n"
+        f"  - model: {zoo['a']}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {zoo['b']}\n    parameters: {{weight: 0.5}}\n"
+    )
+    # The dry run plans from the shard headers alone: no torch, no numpy.
+    loaded, gc_on = _merge_in_subprocess(recipe, tmp_path / "dry", "--dry-run")
+    assert loaded == set() and gc_on
+    assert not (tmp_path / "dry").exists()
+    # The merge imports torch (and whatever torch imports), nothing of the Hub or evaluation,
+    # and leaves the collector enabled (it is paused only while torch is imported).
+    loaded, gc_on = _merge_in_subprocess(recipe, tmp_path / "out", "-q")
+    assert "torch" in loaded and gc_on
+    assert loaded & set(_NOT_ON_MERGE_PATH) == set()
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
 def test_merge_help_explains_options():
     res = runner.invoke(app, ["merge", "--help"])
     assert res.exit_code == 0

@@ -63,8 +63,14 @@ def _root(
 
 def main() -> None:
     """The console script: ``app`` runs every command under the one error handler
-    (:class:`~mergekit_math.cli.handler.HandledGroup`)."""
-    app()
+    (:class:`~mergekit_math.cli.handler.HandledGroup`); after a merge, the exit skips the
+    interpreter's final collections (:func:`~mergekit_math.cli.startup.freeze_for_exit`)."""
+    from mergekit_math.cli.startup import freeze_for_exit
+
+    try:
+        app()
+    finally:
+        freeze_for_exit()
 
 
 __all__ = ["app", "main"]

@@ -335,10 +335,7 @@ def merge(
 
             check_memory(plan, memory, device)
         return
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+    _load_torch(threads)
     final = execute(
         plan,
         out_dir,
@@ -355,6 +352,17 @@ def merge(
     )
     if after is not None:
         _evaluate_and_push(final, after, token)
+
+
+def _load_torch(threads: int | None) -> None:
+    """Import torch once planning is done (see :mod:`mergekit_math.cli.startup`)."""
+    from mergekit_math.cli.startup import import_torch
+
+    import_torch()
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def is_multi_document(path: Path) -> bool:
@@ -419,10 +427,7 @@ def _merge_stages(
             typer.echo("the output is planned once the stages it reads are built")
             typer.echo("dry run: nothing was read or written")
         return
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+    _load_torch(threads)
     plan = run_stages(staged, runs, options, typer.echo, warn)
     final_dir = runs[-1].out
     typer.echo(

@@ -66,10 +66,13 @@ class Shard:
 def plan_shards(tensors: list[TensorInfo], max_shard_size: int) -> list[Shard]:
     """Greedy split in plan order; a tensor larger than the limit gets a shard of its own."""
     shards: list[Shard] = [Shard("")]
+    size = 0  # bytes in the last shard
     for t in tensors:
-        if shards[-1].tensors and shards[-1].nbytes + t.nbytes > max_shard_size:
+        if shards[-1].tensors and size + t.nbytes > max_shard_size:
             shards.append(Shard(""))
+            size = 0
         shards[-1].tensors.append(t)
+        size += t.nbytes
     n = len(shards)
     for i, s in enumerate(shards):
         s.filename = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"

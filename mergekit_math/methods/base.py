@@ -243,7 +243,12 @@ def _load_all() -> None:
 
 
 def get_method(name: str, where: str = "merge_method") -> MergeMethod[Any, Any]:
-    _load_all()
+    if name not in _REGISTRY and name in _method_modules():
+        # the module named after the method is usually the one that registers it: importing
+        # it alone spares a merge's start-up the other modules
+        importlib.import_module(f"{__name__.rsplit('.', 1)[0]}.{name}")
+    if name not in _REGISTRY:
+        _load_all()
     try:
         return _REGISTRY[name]
     except KeyError:
