@@ -107,7 +107,12 @@ def parse_args() -> argparse.Namespace:
     args = ap.parse_args()
     from mergekit_math.methods import all_methods
 
-    registered = [m.name for m in all_methods()]
+    # in the order: targets from the tightest, then the methods it names no target for
+    order = list(TARGETS)
+    registered = sorted(
+        (m.name for m in all_methods()),
+        key=lambda m: (order.index(m) if m in order else len(order), m),
+    )
     if set(registered) != set(RECIPES):
         ap.error(f"no benchmark recipe for {sorted(set(registered) - set(RECIPES))}")
     args.deterministic = {m.name for m in all_methods() if not m.random}
