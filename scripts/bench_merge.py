@@ -326,6 +326,13 @@ def main() -> None:
     ensure_checkpoints(paths, args.shape_tuple)
     out_bytes = sum(f.stat().st_size for f in shards(paths["B"]))
     bench = Bench(args, paths, out_bytes, find_mergekit(args), args.deterministic, space)
+    import psutil
+
+    if not args.cold and 3 * out_bytes > 0.8 * psutil.virtual_memory().total:
+        bench.say(
+            f"warning: 3 × {human(out_bytes)} of inputs do not fit in the page cache of "
+            f"{human(psutil.virtual_memory().total)} RAM: this run is not warm; use --cold"
+        )
     started = datetime.datetime.now(datetime.timezone.utc)
     results = {m: Result() for m in args.method_list}
     for rep in range(args.reps):
