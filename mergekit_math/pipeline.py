@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -70,6 +71,8 @@ class Prefetcher:
     def __init__(self, units: Iterable[Unit], budget: int, init: Callable[[], None] | None = None):
         self.budget = ByteBudget(budget)
         self._init = init
+        self.busy = 0.0  # seconds the thread spent in ``unit.read()``
+        self.waited = 0.0  # seconds :meth:`get` waited for a unit
         self._queue: queue.Queue[tuple[Unit, Any, BaseException | None]] = queue.Queue()
         self._thread = threading.Thread(
             target=self._run, args=(iter(units),), name="mmath-reader", daemon=True
@@ -84,16 +87,20 @@ class Prefetcher:
                 self.budget.acquire(unit.nbytes)
             except Stopped:
                 return
+            began = time.perf_counter()
             try:
                 data = unit.read()
             except BaseException as exc:  # handed to the consumer, which raises it
                 self._queue.put((unit, None, exc))
                 return
+            self.busy += time.perf_counter() - began
             self._queue.put((unit, data, None))
 
     def get(self, key: Any, start: int, end: int) -> tuple[Any, int]:
         """The data of the next unit, which must be (key, start, end), and its byte count."""
+        began = time.perf_counter()
         unit, data, error = self._queue.get()
+        self.waited += time.perf_counter() - began
         if error is not None:
             raise error
         if unit.key is not key or unit.start != start or unit.end != end:
@@ -121,6 +128,8 @@ class WriterThread:
     ):
         self._write = write
         self._init = init
+        self.busy = 0.0  # seconds the thread spent in ``write``
+        self.waited = 0.0  # seconds :meth:`put` and :meth:`finish` waited for the thread
         self.budget = ByteBudget(budget)
         self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
         self._error: BaseException | None = None
@@ -136,11 +145,13 @@ class WriterThread:
                 return
             nbytes, args = job
             if self._error is None:
+                began = time.perf_counter()
                 try:
                     self._write(*args)
                 except BaseException as exc:
                     self._error = exc
                     self.budget.stop()
+                self.busy += time.perf_counter() - began
             self.budget.release(nbytes)
 
     def put(self, tensor: torch.Tensor, *args: Any) -> None:
@@ -148,17 +159,21 @@ class WriterThread:
         if self._error is not None:
             raise self._error
         nbytes = tensor.numel() * tensor.element_size()
+        began = time.perf_counter()
         try:
             self.budget.acquire(nbytes)
         except Stopped:
             assert self._error is not None
             raise self._error from None
+        self.waited += time.perf_counter() - began
         self._queue.put((nbytes, (tensor, *args)))
 
     def finish(self) -> None:
         """Wait until everything queued is written; raise the thread's error if any."""
+        began = time.perf_counter()
         self._queue.put(None)
         self._thread.join()
+        self.waited += time.perf_counter() - began
         if self._error is not None:
             raise self._error
 

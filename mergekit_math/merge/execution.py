@@ -6,9 +6,12 @@ a temporary folder that is renamed into place only when everything is written.
 
 from __future__ import annotations
 
+import json
 import mmap
+import os
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -492,6 +495,23 @@ def _close_inputs(plan: Plan) -> None:
                 s.patch.close()
 
 
+def _write_timings(
+    path: str, wall: float, close: float, prefetch: Prefetcher, writes: WriterThread
+) -> None:
+    """``MMATH_TIMINGS=PATH``: where the merge loop's time went, as JSON (for benchmarks).
+
+    ``read_wait`` and ``write_wait`` are the main thread's waits for the reader and writer
+    threads (and for closing the last shard: ``close``), ``compute`` the rest of the loop;
+    ``read_busy``/``write_busy`` are the threads' own time in reads and writes.
+    """
+    write_wait = writes.waited + close
+    compute = wall - prefetch.waited - write_wait
+    numbers = {"wall": wall, "read_wait": prefetch.waited, "compute": compute}
+    numbers |= {"write_wait": write_wait, "read_busy": prefetch.busy}
+    numbers["write_busy"] = writes.busy
+    Path(path).write_text(json.dumps({k: round(v, 4) for k, v in numbers.items()}) + "\n")
+
+
 def execute(
     plan: Plan,
     out_dir: Path,
@@ -542,9 +562,15 @@ def execute(
         pool = _compute_pool(workers)
         run = _Run(prefetch, chunk, pool, workers, strict_finite=strict_finite, warn=warn or _warn)
         try:
+            began = time.perf_counter()
             _merge_items(plan, device, run, writes, bar, on_tensor)
             writes.finish()
+            closing = time.perf_counter()
             writer.close()
+            if os.environ.get("MMATH_TIMINGS"):  # opt-in, for scripts/bench_merge.py
+                ended = time.perf_counter()
+                timings = (ended - began, ended - closing, prefetch, writes)
+                _write_timings(os.environ["MMATH_TIMINGS"], *timings)
         except BaseException:
             writes.abort()
             writer.abort()

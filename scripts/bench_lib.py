@@ -1,0 +1,380 @@
+"""Helpers of scripts/bench_merge.py: synthetic checkpoints, one recipe per merge method, the
+IO floor (``cat`` + ``dd``), page-cache control, process measurement and output comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SHAPES = {
+    # hidden, intermediate, layers, heads, kv heads, vocab
+    "7b": (4096, 11008, 32, 32, 32, 32000),  # Llama-2-7B
+    "tinyllama": (2048, 5632, 22, 32, 4, 32000),
+    "smol": (576, 1536, 30, 9, 3, 49152),
+    "pico": (256, 768, 4, 4, 2, 8000),
+}
+SHARD_BYTES = 5 * 10**9
+
+# Per method: which of base (B), ft_a (A), ft_b (C) it reads, and its recipe body. "{B}",
+# "{A}", "{C}" are replaced by the checkpoint paths. Parameters follow recipes/NAME.yaml.
+_DELTA = "base_model: {B}\nmodels:\n  - model: {A}\n    parameters: {P}\n  - model: {C}\n"
+_DELTA += "    parameters: {P}\n"
+_PLAIN2 = "base_model: {B}\nmodels:\n  - model: {A}\n  - model: {C}\n"
+_ONE = "base_model: {B}\nmodels:\n  - model: {A}\n"
+RECIPES: dict[str, tuple[str, str]] = {
+    "task_arithmetic": ("BAC", _DELTA.replace("{P}", "{weight: 0.5}")),
+    "linear": (
+        "BAC",
+        "models:\n  - model: {B}\n    parameters: {weight: 0.2}\n"
+        "  - model: {A}\n    parameters: {weight: 0.4}\n"
+        "  - model: {C}\n    parameters: {weight: 0.4}\n",
+    ),
+    "dare_ties": ("BAC", _DELTA.replace("{P}", "{weight: 0.5, density: 0.5}")),
+    "dare_linear": ("BAC", _DELTA.replace("{P}", "{weight: 0.5, density: 0.5}")),
+    "ties": ("BAC", _DELTA.replace("{P}", "{weight: 1.0, density: 0.5}")),
+    "breadcrumbs": ("BAC", _DELTA.replace("{P}", "{weight: 0.6, density: 0.9, gamma: 0.01}")),
+    "breadcrumbs_ties": (
+        "BAC",
+        _DELTA.replace("{P}", "{weight: 1.0, density: 0.8, gamma: 0.02}")
+        + "parameters: {normalize: true}\n",
+    ),
+    "della": ("BAC", _DELTA.replace("{P}", "{weight: 1.0, density: 0.5, epsilon: 0.15}")),
+    "della_linear": ("BAC", _DELTA.replace("{P}", "{weight: 0.5, density: 0.6, epsilon: 0.1}")),
+    "arcee_fusion": ("BA", _ONE),
+    "karcher": (
+        "BAC",
+        "models:\n  - model: {B}\n  - model: {A}\n  - model: {C}\n"
+        "parameters: {max_iter: 10, tol: 1.0e-5}\n",
+    ),
+    "model_stock": ("BAC", _PLAIN2),
+    "multislerp": (
+        "BAC",
+        "base_model: {B}\nmodels:\n  - model: {A}\n    parameters: {weight: 0.6}\n"
+        "  - model: {C}\n    parameters: {weight: 0.4}\n",
+    ),
+    "nearswap": ("BA", _ONE + "parameters: {t: 0.001}\n"),
+    "nuslerp": ("BAC", _DELTA.replace("{P}", "{weight: 1.0}")),
+    "passthrough": ("A", "models:\n  - model: {A}\n"),
+    "ram": ("BAC", _PLAIN2 + "parameters: {epsilon: 1.0e-5}\n"),
+    "ramplus_tl": ("BAC", _PLAIN2 + "parameters: {epsilon: 1.0e-5, r: 0.1, alpha: 0.2}\n"),
+    "sce": ("BAC", _PLAIN2 + "parameters: {select_topk: 0.1}\n"),
+    "slerp": ("BA", _ONE + "parameters: {t: 0.5}\n"),
+}
+SELECTION = ("ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
+# Issue 16's targets (time as a multiple of the IO floor of the same run)
+TARGETS = {"task_arithmetic": 1.3, "linear": 1.3, "dare_ties": 1.5, "dare_linear": 1.5}
+TARGETS |= dict.fromkeys(SELECTION, 2.0)
+# the eight methods added by the method-contract issue
+NEWER = ("nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl")
+TARGETS |= dict.fromkeys(NEWER, 2.5)
+UNNAMED_TARGET = 2.5  # slerp, model_stock, passthrough: the issue names none
+TARGET_RSS = 0.3
+COLD_TARGETS = {"task_arithmetic": 1.1}  # point 4: out of core, plus mmath's RSS under 1 GB
+COLD_RSS_BYTES = 10**9
+
+
+def recipe_text(method: str, paths: dict[str, Path]) -> str:
+    _, body = RECIPES[method]
+    for key, path in paths.items():
+        body = body.replace("{" + key + "}", str(path))
+    return f"merge_method: {method}\ndtype: bfloat16\n{body}"
+
+
+def method_inputs(method: str, paths: dict[str, Path]) -> list[Path]:
+    return [paths[k] for k in RECIPES[method][0]]
+
+
+def shards(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def tensor_shapes(shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    hidden, inter, layers, heads, kv, vocab = shape
+    head_dim = hidden // heads
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (hidden, hidden),
+            p + "self_attn.k_proj.weight": (kv * head_dim, hidden),
+            p + "self_attn.v_proj.weight": (kv * head_dim, hidden),
+            p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "post_attention_layernorm.weight": (hidden,),
+            p + "mlp.gate_proj.weight": (inter, hidden),
+            p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+        }
+    return shapes | {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+
+
+def checkpoint_bytes(shape: tuple[int, ...]) -> int:
+    """bf16 bytes of one checkpoint's tensors (headers add a few KB)."""
+    total = 0
+    for s in tensor_shapes(shape).values():
+        n = 1
+        for d in s:
+            n *= d
+        total += 2 * n
+    return total
+
+
+def generate(folder: Path, shape: tuple[int, ...], seed: int, base: Path | None) -> None:
+    """A Llama checkpoint: N(0, 0.02) 2-D weights, or ``base`` + N(0, 0.002) when given."""
+    import torch
+
+    from mergekit_math.io.reader import Checkpoint, TensorInfo
+    from mergekit_math.io.writer import ShardedWriter
+
+    shapes = tensor_shapes(shape)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    infos = [TensorInfo(n, Path(), "bfloat16", s) for n, s in shapes.items()]
+    writer = ShardedWriter(tmp, infos, SHARD_BYTES)
+    g = torch.Generator().manual_seed(seed)
+    source = Checkpoint(base) if base is not None else None
+    for name, s in shapes.items():
+        if source is None:
+            t = torch.randn(s, generator=g) * 0.02 if len(s) == 2 else torch.ones(s)
+        else:
+            t = source.read(name).float()
+            t += torch.randn(s, generator=g) * 0.002
+        writer.write(name, t.to(torch.bfloat16))
+        del t
+    writer.close()
+    if source is not None:
+        source.close()
+    hidden, inter, layers, heads, kv, vocab = shape
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    os.replace(tmp, folder)
+
+
+def checkpoint_paths(work: Path, shape_name: str, shape: tuple[int, ...]) -> dict[str, Path]:
+    root = work / f"{shape_name}-{'x'.join(map(str, shape))}"
+    return {"B": root / "base", "A": root / "ft_a", "C": root / "ft_b"}
+
+
+def missing(paths: dict[str, Path]) -> list[Path]:
+    return [p for p in paths.values() if not (p / "config.json").is_file()]
+
+
+def ensure_checkpoints(paths: dict[str, Path], shape: tuple[int, ...]) -> None:
+    """Generate what is missing (base first: the fine-tunes are base + noise)."""
+    for key, seed in (("B", 0), ("A", 1), ("C", 2)):
+        folder = paths[key]
+        if not (folder / "config.json").is_file():
+            print(f"generating {folder} ...", file=sys.stderr, flush=True)
+            generate(folder, shape, seed, None if key == "B" else paths["B"])
+
+
+def check_space(work: Path, paths: dict[str, Path], shape: tuple[int, ...]) -> str:
+    """Refuse (SystemExit) when the missing checkpoints plus two outputs do not fit."""
+    one = checkpoint_bytes(shape)
+    need = len(missing(paths)) * one + 2 * one + 10**9  # two outputs at once, 1 GB margin
+    free = shutil.disk_usage(work).free
+    note = f"{human(free)} free in {work}, {human(need)} needed"
+    if free < need:
+        raise SystemExit(
+            f"not enough disk space: {note} ({len(missing(paths))} checkpoints of "
+            f"{human(one)} to generate, plus two outputs of {human(one)} and 1 GB margin); "
+            "free space, choose --work elsewhere or a smaller --shape"
+        )
+    return note
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Run:
+    seconds: float
+    peak: int  # bytes
+    timings: dict[str, float] | None = None  # MMATH_TIMINGS of an mmath run
+
+
+def measure(cmd: list[str], env: dict[str, str] | None = None) -> Run:
+    """Wall time and peak RSS of the process tree of ``cmd`` (which must succeed)."""
+    import psutil
+
+    peak_tree = 0
+    done = threading.Event()
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def poll() -> None:
+        nonlocal peak_tree
+        try:
+            root = psutil.Process(proc.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not done.is_set():
+            total = 0
+            try:
+                for p in [root, *root.children(recursive=True)]:
+                    total += p.memory_info().rss
+            except psutil.Error:
+                pass
+            peak_tree = max(peak_tree, total)
+            time.sleep(0.01)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    done.set()
+    poller.join()
+    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{stderr[-3000:]}")
+    return Run(seconds, max(peak_tree, usage.ru_maxrss * 1024))
+
+
+def drop_cache(files: list[Path]) -> None:
+    """Evict ``files`` from the page cache (after an fsync: dirty pages are not dropped)."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def warm(files: list[Path]) -> None:
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+
+
+def floor(files: list[Path], out_bytes: int, out_dir: Path) -> tuple[Run, Run]:
+    """The IO floor with the plainest tools: ``cat`` of the inputs to /dev/null, then ``dd``
+    of the output's size from /dev/zero with ``conv=fsync``. The caller warms or drops the
+    inputs' pages first."""
+    read = measure(["cat", *map(str, files)])
+    target = out_dir / "floor.bin"
+    count = -(-out_bytes // (16 << 20))
+    cmd = ["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={count}", "conv=fsync"]
+    try:
+        write = measure([*cmd, "status=none"])
+    finally:
+        target.unlink(missing_ok=True)
+    return read, write
+
+
+def compare(ours: Path, theirs: Path) -> tuple[float, float]:
+    """Max abs difference and the fraction of elements that differ."""
+    from safetensors import safe_open
+
+    def files(folder: Path) -> dict[str, Path]:
+        out = {}
+        for f in shards(folder):
+            with safe_open(f, "pt") as h:
+                out |= {k: f for k in h.keys()}
+        return out
+
+    mine, ref = files(ours), files(theirs)
+    if set(mine) != set(ref):
+        raise SystemExit(f"tensor names differ: {sorted(set(mine) ^ set(ref))[:5]}")
+    worst, differing, total = 0.0, 0, 0
+    for name in mine:
+        with safe_open(mine[name], "pt") as a, safe_open(ref[name], "pt") as b:
+            x, y = a.get_tensor(name).float(), b.get_tensor(name).float()
+        d = (x - y).abs()
+        worst = max(worst, float(d.max()) if d.numel() else 0.0)
+        differing += int(d.count_nonzero())
+        total += d.numel()
+    return worst, differing / max(total, 1)
+
+
+def selection_ns(method: str, paths: dict[str, Path], reps: int = 3) -> tuple[float, int]:
+    """ns per element of the method's whole-tensor selection pass (the kernels of
+    mergekit_math/methods/sparsify.py, with the recipe's parameters) on the largest tensor's
+    delta, median of ``reps`` after a warm-up, in this process; and that tensor's element count."""
+    import statistics
+
+    import torch
+
+    from mergekit_math.io.reader import Checkpoint
+    from mergekit_math.methods.masks import MaskStream
+    from mergekit_math.methods.sparsify import MagnitudeTrim, della_drop, magnitude_outliers_prune
+
+    base, ft = Checkpoint(paths["B"]), Checkpoint(paths["A"])
+    name = "model.embed_tokens.weight"
+    delta = ft.read(name).float() - base.read(name).float()
+    base.close()
+    ft.close()
+    runs = {
+        "ties": lambda: MagnitudeTrim(delta.reshape(-1).abs(), 0.5),
+        "breadcrumbs": lambda: magnitude_outliers_prune(delta, 0.9, 0.01, None),
+        "breadcrumbs_ties": lambda: magnitude_outliers_prune(delta, 0.8, 0.02, None),
+        "della": lambda: della_drop(delta, 0.5, 0.15, None, MaskStream.of(0, 0, name)),
+        "della_linear": lambda: della_drop(delta, 0.6, 0.1, None, MaskStream.of(0, 0, name)),
+    }
+    seconds = []
+    with torch.inference_mode():
+        runs[method]()  # warm-up: first-call costs (allocator, kernels) are not the pass
+        for _ in range(reps):
+            began = time.perf_counter()
+            runs[method]()
+            seconds.append(time.perf_counter() - began)
+    return statistics.median(seconds) * 1e9 / delta.numel(), delta.numel()
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import psutil
+    import torch
+
+    try:
+        from importlib.metadata import version
+
+        mk = version("mergekit")
+    except Exception:
+        mk = "not installed"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {human(psutil.virtual_memory().total)} RAM, "
+        f"load average {load} at start, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, mergekit {mk}"
+    )
