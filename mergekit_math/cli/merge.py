@@ -356,8 +356,9 @@ def merge(
 
 def _load_torch(threads: int | None) -> None:
     """Import torch once planning is done (see :mod:`mergekit_math.cli.startup`)."""
-    from mergekit_math.cli.startup import import_torch
+    from mergekit_math.cli.startup import import_torch, tune_malloc
 
+    tune_malloc()
     import_torch()
     if threads is not None:
         import torch

@@ -14,6 +14,11 @@ touching what is computed:
   merge has imported torch through :func:`import_torch`: the output is complete and closed by
   then (atexit handlers and the flushing of stdout/stderr still run).
 
+- :func:`tune_malloc`: the merge allocates and frees the same few buffer sizes (256K-element
+  chunks, a few MB) on several threads. glibc serves such blocks with fresh ``mmap``s that the
+  kernel zeroes page by page and unmaps on free, and trims freed heap; raising both thresholds
+  keeps them for reuse. About 10% of a TinyLlama-sized task_arithmetic merge.
+
 Importing torch in a background thread while the recipe is planned was measured too and saved
 nothing (both are held by the GIL on this 2-core machine), so the import stays in line.
 """
@@ -42,6 +47,32 @@ def import_torch() -> None:
             gc.enable()
     gc.freeze()
     _imported = True
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_malloc() -> None:
+    """Keep freed blocks up to 64 MB for reuse (glibc only; elsewhere nothing changes). The
+    environment's MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, when set, win."""
+    import ctypes
+    import ctypes.util
+    import os
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return  # not glibc
+    mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 512 << 20)
 
 
 def freeze_for_exit() -> None:
