@@ -72,7 +72,7 @@ def check_eval_inputs(options: EvalOptions) -> int | None:
     """What the evaluation will read, checked without running it: the data file of the
     shipped tasks (every line), task YAML files and folders. Returns the number of problems in
     the data file, when one is given."""
-    from mergekit_math.eval.tasks import LOCAL_TASKS, check_gsm8k_jsonl, select_tasks
+    from mergekit_math.eval.tasks import LOCAL_TASKS, count_data, select_tasks
 
     specs = list(options.tasks)
     if options.data is None:
@@ -81,7 +81,7 @@ def check_eval_inputs(options: EvalOptions) -> int | None:
     if specs:
         with tempfile.TemporaryDirectory(prefix="mmath-check-") as work:
             select_tasks(specs, options.data, Path(work))
-    return check_gsm8k_jsonl(options.data) if options.data is not None else None
+    return count_data(options.tasks, options.data) if options.data is not None else None
 
 
 def _renamed(exc: UserError, flag: str, key: str) -> UserError:

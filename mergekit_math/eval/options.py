@@ -21,15 +21,17 @@ TasksOption = Annotated[
     typer.Option(
         "--tasks",
         "-t",
-        help="Comma-separated tasks: gsm8k_local, gsm8k_cot_local (shipped, offline), any "
-        "lm-eval task name, a task YAML file or a folder of them.",
+        help="Comma-separated tasks: gsm8k_local, gsm8k_cot_local, math_local, aime_local "
+        "(shipped, offline), any lm-eval task name, a task YAML file or a folder of them.",
     ),
 ]
 DataOption = Annotated[
     Path | None,
     typer.Option(
-        help="GSM8K-format JSONL for gsm8k_local/gsm8k_cot_local ({question, answer} with "
-        "'#### N'); default: 200 generated gsm-symbolic problems (seed 0).",
+        help="JSONL for the shipped tasks: GSM8K format for gsm8k_local/gsm8k_cot_local "
+        "({question, answer} with '#### N'), MATH format for math_local ({problem, answer or "
+        "solution with \\boxed{}, level, subject}), AIME for aime_local ({problem, answer "
+        "0-999}); default: 200 generated gsm-symbolic / math-symbolic problems (seed 0).",
     ),
 ]
 EvalDeviceOption = Annotated[str, typer.Option(help="cpu or cuda.")]
