@@ -1,4 +1,4 @@
-"""``mmath data``: offline evaluation data (generated GSM8K-format problem sets)."""
+"""``mmath data``: offline evaluation data (generated GSM8K- and MATH-format problem sets)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from mergekit_math.errors import UserError
 
 data_app = typer.Typer(
     cls=HandledGroup,
-    help="Offline evaluation data: generated GSM8K-format problem sets.",
+    help="Offline evaluation data: generated GSM8K-format and MATH-format problem sets.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -69,4 +69,49 @@ def data_gsm_symbolic(
     typer.echo(
         f"wrote {len(problems)} problems from {len(used)} of {len(TEMPLATES)} templates "
         f"(seed {seed}) to {output}"
+    )
+
+
+@data_app.command("math-symbolic")
+def data_math_symbolic(
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSONL file to write.")],
+    n: Annotated[int, typer.Option("-n", help="Number of problems.")] = 200,
+    seed: Annotated[int, typer.Option(help="Same seed, same problems.")] = 0,
+    level: Annotated[
+        str, typer.Option(help="Difficulty levels as in MATH: N, LOW-HIGH or N,M,...")
+    ] = "1-5",
+    family: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Only these families (repeatable): fractions, radicals, polynomials, "
+            "systems, probability, modular."
+        ),
+    ] = None,
+    integer_answers: Annotated[
+        bool,
+        typer.Option(help="Only problems whose answer is an integer 0-999 (for aime_local)."),
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+) -> None:
+    """Write N MATH-style problems with boxed answers in MATH-500 JSONL format.
+
+    Rows hold problem, solution (ending in \\boxed{answer}), answer (LaTeX), level (1-5),
+    subject and unique_id; every answer is computed with sympy. Use the file with
+    `mmath eval MODEL --tasks math_local --data FILE` (or aime_local with --integer-answers).
+
+    Example: mmath data math-symbolic -n 200 --seed 0 --level 1-5 -o math.jsonl
+    """
+    from mergekit_math.data.math_symbolic import generate, parse_levels, write_jsonl
+
+    if output.exists() and not force:
+        raise UserError(f"{output} already exists; pass --force to replace it")
+    levels = parse_levels(level)
+    problems = generate(
+        n, seed=seed, levels=levels, families=family or None, integer_answers=integer_answers
+    )
+    write_jsonl(problems, output)
+    used = sorted({p.family for p in problems})
+    typer.echo(
+        f"wrote {len(problems)} problems from {len(used)} families, levels "
+        f"{','.join(map(str, levels))} (seed {seed}) to {output}"
     )

@@ -37,7 +37,9 @@ class EvalOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tasks: list[str] = Field(description="Task names, task YAML files or folders of them.")
-    data: Path | None = Field(None, description="JSONL for the shipped tasks (GSM8K, MATH or AIME format).")
+    data: Path | None = Field(
+        None, description="JSONL for the shipped tasks (GSM8K, MATH or AIME format)."
+    )
     device: str = "cpu"
     dtype: str = Field("auto", description="auto, float32, bfloat16 or float16.")
     batch_size: int | str = 8
