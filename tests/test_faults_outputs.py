@@ -512,3 +512,18 @@ def test_progress_on_a_terminal_is_tqdm_unchanged():
     bar.update(3)
     bar.close()
     assert "\r" in stream.getvalue()
+
+
+def test_partial_of_a_reused_pid_is_removed_under_the_lock(tmp_path, zoo):
+    """A killed run's ``.out.mmath-partial-PID`` whose pid now belongs to another live
+    process (pid 1 here) is still stale: the next run holds the output's lock, so no one
+    else can be writing it."""
+    from mergekit_math.io.atomic import PARTIAL_MARK
+
+    out = tmp_path / "out"
+    stale = tmp_path / f".out{PARTIAL_MARK}1"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    res = mmath("merge", linear(tmp_path, zoo["a"]), out, "-q")
+    assert res.exit_code == 0, res.output
+    assert not stale.exists() and out.is_dir()

@@ -35,8 +35,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_partials(out_dir: Path) -> None:
-    """Remove temporaries left by killed runs for this output (their pid is gone)."""
+def clean_stale_partials(out_dir: Path, locked: bool = False) -> None:
+    """Remove temporaries left by killed runs for this output. ``locked``: the caller holds
+    the output's lock, so no other run can be writing one and every temporary but this
+    process's is stale (a pid check alone is fooled when the killed run's pid is reused,
+    which the 32768 pids of a busy machine make likely); else only those whose pid is gone."""
     prefix = f".{out_dir.name}{PARTIAL_MARK}"
     if not out_dir.parent.is_dir():
         return
@@ -45,7 +48,7 @@ def clean_stale_partials(out_dir: Path) -> None:
             pid = int(p.name[len(prefix) :])
         except ValueError:
             continue
-        if not _pid_alive(pid):
+        if (locked and pid != os.getpid()) or not _pid_alive(pid):
             _remove(p)
 
 
@@ -65,9 +68,10 @@ def lock_path(out_dir: Path) -> Path:
 
 
 @contextmanager
-def output_lock(out_dir: Path) -> Iterator[None]:
+def output_lock(out_dir: Path) -> Iterator[bool]:
     """Hold an exclusive lock on ``out_dir`` (non-blocking): a second run writing the same
-    output fails at once with a :class:`UserError` naming the first one's pid.
+    output fails at once with a :class:`UserError` naming the first one's pid. Yields
+    whether the lock is really held (False where the filesystem has no ``flock``).
 
     The lock is ``flock`` on the hidden sibling ``.NAME.mmath-lock`` (empty but for the
     holder's pid), removed when the run ends. A file left by a killed run holds no lock (the
@@ -76,7 +80,7 @@ def output_lock(out_dir: Path) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:  # not POSIX: the recheck before the final rename still holds
-        yield
+        yield False
         return
     path = lock_path(out_dir)
     while True:
@@ -92,7 +96,7 @@ def output_lock(out_dir: Path) -> Iterator[None]:
             ) from None
         except OSError:  # no flock here (some network filesystems): go on without it
             os.close(fd)
-            yield
+            yield False
             return
         # A run that just finished unlinks its lock file before unlocking it: if we locked
         # that unlinked file, try again on the one now at the path.
@@ -106,7 +110,7 @@ def output_lock(out_dir: Path) -> Iterator[None]:
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        yield
+        yield True
     finally:
         try:
             os.unlink(path)
@@ -158,10 +162,10 @@ def atomic_output(out_dir: Path, force: bool) -> Iterator[Path]:
     tmp: Path | None = None
     try:
         _make_parent(out_dir)
-        with output_lock(out_dir):
+        with output_lock(out_dir) as locked:
             if os.path.lexists(out_dir) and not force:
                 raise UserError(f"{out_dir} already exists; pass --force to replace it")
-            clean_stale_partials(out_dir)
+            clean_stale_partials(out_dir, locked)
             tmp = out_dir.parent / f".{out_dir.name}{PARTIAL_MARK}{os.getpid()}"
             _remove(tmp)
             tmp.mkdir()
