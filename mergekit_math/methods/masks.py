@@ -223,7 +223,8 @@ class MaskStream:
         primary, spare = self._numpy_blocks(q0, q1)
         kept = np.less(primary, tb)
         if tl:  # else a tied entry is never kept
-            rows, cols = np.nonzero(primary == tb)
+            tied = np.flatnonzero(primary == tb)  # (2-D np.nonzero is ten times slower)
+            rows, cols = tied >> BLOCK_BITS, tied & (BLOCK - 1)
             ranks = self._ranks_numpy(rows, q1 - q0)
             kept[rows, cols] = self._spare_numpy(spare, q0, rows, ranks) < tl
         return kept
