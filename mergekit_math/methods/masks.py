@@ -210,12 +210,14 @@ class MaskStream:
         if _numpy_backend(device):
             return torch.from_numpy(self._keep_numpy(q0, q1, tb, tl).reshape(-1)[lo : lo + count])
         primary, spare = self._torch_blocks(q0, q1, device)
+        primary = primary.reshape(-1)
         kept = primary < tb
-        tied = primary == tb
-        rows, cols = tied.nonzero(as_tuple=True)
-        ranks = tied.to(torch.int32).cumsum(dim=1, dtype=torch.int64)[rows, cols] - 1
-        kept[rows, cols] = self._spare_torch(spare, q0, rows, ranks) < tl
-        return kept.reshape(-1)[lo : lo + count]
+        if tl:  # else a tied entry is never kept
+            tied = (primary == tb).nonzero()[:, 0]
+            rows = tied >> BLOCK_BITS
+            ranks = _ranks_torch(rows, q1 - q0)
+            kept[tied] = self._spare_torch(spare, q0, rows, ranks) < tl
+        return kept[lo : lo + count]
 
     def _keep_numpy(self, q0: int, q1: int, tb: int, tl: int) -> np.ndarray:
         import numpy as np
@@ -225,23 +227,15 @@ class MaskStream:
         if tl:  # else a tied entry is never kept
             tied = np.flatnonzero(primary == tb)  # (2-D np.nonzero is ten times slower)
             rows, cols = tied >> BLOCK_BITS, tied & (BLOCK - 1)
-            ranks = self._ranks_numpy(rows, q1 - q0)
+            ranks = _ranks_numpy(rows, q1 - q0)
             kept[rows, cols] = self._spare_numpy(spare, q0, rows, ranks) < tl
         return kept
-
-    @staticmethod
-    def _ranks_numpy(rows: np.ndarray, blocks: int) -> np.ndarray:
-        """Each tied entry's rank among its block's tied entries (``rows`` sorted)."""
-        import numpy as np
-
-        counts = np.bincount(rows, minlength=blocks)
-        firsts = np.cumsum(counts) - counts
-        return np.arange(rows.size, dtype=np.int64) - firsts[rows]
 
     def keep_with(self, start: int, probs: torch.Tensor) -> torch.Tensor:
         """Keep decisions ``u_e < probs[e - start]`` for a flat float tensor of probabilities
         (DELLA), exact (compared in float64). ``start`` must begin a block: which spare word
         an entry takes depends on the entries before it in its block."""
+        import numpy as np
         import torch
 
         if start % BLOCK:
@@ -250,19 +244,41 @@ class MaskStream:
         if n == 0:
             return torch.zeros(0, dtype=torch.bool, device=probs.device)
         q0, q1 = start >> BLOCK_BITS, ((start + n - 1) >> BLOCK_BITS) + 1
-        t = torch.zeros((q1 - q0) * BLOCK, dtype=torch.float64, device=probs.device)
-        t[:n] = probs.reshape(-1).to(torch.float64) * 256.0  # exact; padding is never kept
-        t = t.reshape(q1 - q0, BLOCK)
-        floor = t.floor()
+        flat = probs.reshape(-1)
+        below = (flat * 256.0).floor_().to(torch.int16)  # exact in any float dtype: 0 .. 256
         if _numpy_backend(probs.device):
-            primary, spare = (torch.from_numpy(a) for a in self._numpy_blocks(q0, q1))
+            primary, spare = self._numpy_blocks(q0, q1)
+            primary = np.ascontiguousarray(primary).reshape(-1)[:n]
+            kept = np.less(primary, below.numpy())
+            tied = torch.from_numpy(np.flatnonzero(primary == below.numpy()))
+            rows = tied >> BLOCK_BITS
+            y = self._spare_numpy(spare, q0, rows.numpy(), _ranks_numpy(rows.numpy(), q1 - q0))
+            kept, y = torch.from_numpy(kept), torch.from_numpy(y)
         else:
             primary, spare = self._torch_blocks(q0, q1, probs.device)
-        b = primary.to(torch.float64)
-        kept = b < floor
-        tied = b == floor
-        rows, cols = tied.nonzero(as_tuple=True)
-        ranks = tied.to(torch.int32).cumsum(dim=1, dtype=torch.int64)[rows, cols] - 1
-        y = self._spare_torch(spare, q0, rows, ranks).to(torch.float64) * 2.0**-32
-        kept[rows, cols] = y < (t - floor)[rows, cols]
-        return kept.reshape(-1)[:n]
+            primary = primary.reshape(-1)[:n].to(torch.int16)
+            kept = primary < below
+            tied = (primary == below).nonzero()[:, 0]
+            rows = tied >> BLOCK_BITS
+            y = self._spare_torch(spare, q0, rows, _ranks_torch(rows, q1 - q0))
+        fraction = flat[tied].to(torch.float64) * 256.0 - below[tied]  # exact in float64
+        kept[tied] = y.to(torch.float64) * 2.0**-32 < fraction
+        return kept
+
+
+def _ranks_numpy(rows: np.ndarray, blocks: int) -> np.ndarray:
+    """Each tied entry's rank among its block's tied entries (``rows`` ascending)."""
+    import numpy as np
+
+    counts = np.bincount(rows, minlength=blocks)
+    firsts = np.cumsum(counts) - counts
+    return np.arange(rows.size, dtype=np.int64) - firsts[rows]
+
+
+def _ranks_torch(rows: torch.Tensor, blocks: int) -> torch.Tensor:
+    """:func:`_ranks_numpy` in torch (integer counts: the same on every device)."""
+    import torch
+
+    counts = torch.bincount(rows, minlength=blocks)
+    firsts = counts.cumsum(0) - counts
+    return torch.arange(rows.numel(), dtype=torch.int64, device=rows.device) - firsts[rows]
