@@ -4,8 +4,10 @@
 
 Version 1 was ``torch.rand(n, generator) < density`` (Mersenne Twister, one serial stream per
 tensor; mmath drew it through numpy's MT19937 when it could, shown as its own row). Version 2
-is Philox-4x32-10 by element index (``mergekit_math.methods.masks``): shown on one thread, and
-as the engine runs it, 2**18-element chunks on a pool of threads with one intra-op thread each.
+is one byte of Philox-4x64-10 per element, by element index, with ties refined from spare
+words (``mergekit_math.methods.masks``): shown on one thread, as the engine runs it (2**18-
+element chunks on a pool of threads with one intra-op thread each), and through the torch ops
+the GPU uses, run on the CPU.
 Prints the median of ``--runs`` runs in ns per element, and the CUDA row where a GPU is present.
 """
 
@@ -74,21 +76,33 @@ def main() -> None:
     ]
     torch.set_num_threads(1)
     results = [(name, _median_ns(fn, n, args.runs, sync), t) for name, fn, sync, t in rows]
-    results.append(("v2 Philox, whole tensor", _median_ns(v2_one, n, args.runs, nothing), 1))
+    results.append(("v2 Philox bytes, whole tensor", _median_ns(v2_one, n, args.runs, nothing), 1))
     results.append(
         (
-            "v2 Philox, 256K chunks on a pool",
+            "v2 Philox bytes, 256K chunks on a pool",
             _median_ns(v2_pool, n, args.runs, nothing),
             args.threads,
         )
     )
+    from mergekit_math.methods import masks
+
+    def v2_torch_ops() -> object:
+        numpy_backend = masks._numpy_backend
+        masks._numpy_backend = lambda device: False
+        try:
+            return stream.keep(0, min(n, 1 << 20), density)
+        finally:
+            masks._numpy_backend = numpy_backend
+
+    ops_ns = _median_ns(v2_torch_ops, min(n, 1 << 20), args.runs, nothing)
+    results.append(("v2 through the torch ops (the GPU path) on the CPU", ops_ns, 1))
     if torch.cuda.is_available():
 
         def v2_cuda() -> object:
             return stream.keep(0, n, density, "cuda")
 
         cuda_ns = _median_ns(v2_cuda, n, args.runs, torch.cuda.synchronize)
-        results.append(("v2 Philox on CUDA", cuda_ns, 0))
+        results.append(("v2 Philox bytes on CUDA", cuda_ns, 0))
     print(f"{n} elements, density {density}, median of {args.runs} runs")
     print("| mask | threads | ns/element |\n|---|---|---|")
     for name, ns, threads in results:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from mask_reference import keep as reference_keep
+from mask_reference import keeps as reference_keeps
 
 from mergekit_math.methods import MergeInputs, get_method
 from mergekit_math.methods.masks import MaskStream
@@ -170,7 +170,7 @@ def test_dare_linear_matches_manual_mask():
     expect = base.clone()
     for i, d in enumerate(deltas):
         # the mask definition, element by element (tests/mask_reference.py)
-        mask = torch.tensor([reference_keep(5 + i, e, 0.3) for e in range(d.numel())])
+        mask = torch.tensor(reference_keeps(5 + i, 0, [0.3] * d.numel()))
         mask = mask.reshape(d.shape)
         expect += 0.5 * d * mask / 0.3
     torch.testing.assert_close(out, expect)

@@ -1,25 +1,39 @@
 """The random keep decisions of DARE and DELLA (mask definition version :data:`MASK_VERSION`).
 
-Every element's uniform is a pure function of (seed, input index, tensor name, flat element
-index), so a tensor gets the same mask whole or in chunks of any size and offset, on any
-number of threads, on the CPU or a GPU:
+Every decision is a pure function of (seed, input index, tensor name, flat element index) and
+the keep probability, so a tensor gets the same mask whole or in chunks of any size and
+offset, on any number of threads, on the CPU or a GPU. The generator is Philox-4x64-10
+(Salmon et al., SC'11, "Parallel random numbers: as easy as 1, 2, 3"; Random123's constants,
+numpy's ``np.random.Philox``) under a 128-bit key, on the counters ``(c, 0, 0, 0)``; each
+counter gives four 64-bit words, read as 32 little-endian bytes.
 
-- key: the first 8 bytes (little endian) of SHA-256 of ``"{seed}\\0{input}\\0{tensor}"``,
-  split into two 32-bit words ``k0`` (low) and ``k1`` (high);
-- element ``e``: write ``e = q·2**16 + j·2**14 + i`` (``0 <= j < 4``, ``0 <= i < 2**14``);
-  Philox-4x32-10 (Salmon et al., SC'11, "Parallel random numbers: as easy as 1, 2, 3";
-  Random123's constants) under that key of the counter ``c = q·2**14 + i``, as the words
-  ``(c & 0xFFFFFFFF, c >> 32, 0, 0)``, gives four 32-bit words; ``x`` is word ``j``. (Each
-  counter serves four elements, 2**14 apart, so each word lane fills a contiguous run.)
-- uniform ``u = x · 2**-32``; DARE keeps the element iff ``u < density``, DELLA iff
-  ``u < p_e``. Both comparisons are exact (integers, or float64 with no rounding), so
-  ``P(keep) = ceil(density · 2**32) / 2**32`` exactly, within 2**-32 of ``density``.
+- key: the first 16 bytes (little endian) of SHA-256 of ``"{seed}\\0{input}\\0{tensor}"``,
+  split into 64-bit words ``k0`` (low) and ``k1`` (high);
+- elements come in blocks of ``B = 2**16``; block ``q`` owns the counters ``q·2112 ..
+  q·2112 + 2111``. Its first 2048 counters give 65536 bytes: element ``q·B + i`` has the byte
+  ``b = byte i``. The last 64 counters give 512 spare 32-bit words (little-endian halves of
+  their 256 words, low half first);
+- with ``t = 256·p`` for the keep probability ``p`` (DARE: ``density``; DELLA: the entry's
+  ``p_e``), the entry is kept if ``b < floor(t)``, dropped if ``b > floor(t)``; if
+  ``b == floor(t)`` (one byte in 256) it takes the next unused spare word ``y`` of its block
+  (the ``r``-th such entry of the block, in index order, takes word ``r``; from ``r = 512`` on,
+  word 0 of Philox at counter ``(q, r, 1, 0)``) and is kept iff ``y / 2**32 < t - floor(t)``.
 
-Why Philox: it is the counter-based generator of cuRAND, JAX, TensorFlow and numpy, passes
-BigCrush for every key, and needs only 32x32 -> 64 bit products, which torch's int64 tensors
-compute on every device (values stay in [0, 2**32) by masking; torch has no uint32
-arithmetic on all devices). A keyed 64-bit mix (SplitMix64) would be cheaper, but its streams
-for two keys are shifts of one Weyl sequence and may overlap; Philox keys are independent.
+So the entry is kept iff ``u = (b + y/2**32)/256 < p``: ``u`` has 40 random bits, the
+comparisons are exact (integers, or float64 with no rounding), and ``P(keep) =
+ceil(p·2**40)/2**40``, within ``2**-40`` of ``p``. Why this is exactly i.i.d. Bernoulli:
+Philox is a keyed bijection on counters whose outputs pass BigCrush for every key (it is the
+generator of cuRAND, JAX, TensorFlow and numpy), so all bytes and spare words are treated as
+independent uniform; which entries need a spare word is decided by the bytes alone, and each
+such entry gets a different word, so given the bytes the spare words used are i.i.d. uniform
+and independent of the bytes. The expected 256 spare words a block uses (standard deviation
+16) fit its 512 (overflow has probability below 1e-40 and is still defined). A byte per
+element, not a 32-bit word, is what makes it cheap: one Philox call serves 32 elements.
+
+On the CPU the words come from numpy's Philox in C (random access by setting its counter,
+one call per run of blocks; it releases the GIL); on other devices from the same function in
+torch int64 ops (64x64 -> 128-bit products from 32-bit halves). ``tests/test_masks.py`` checks
+both against Random123's known answers and ``tests/mask_reference.py`` (plain Python).
 Version 1 (mmath before this module) was ``torch.rand(numel, generator) < density`` from a
 Mersenne Twister seeded per (seed, input, tensor): one serial stream per tensor.
 """
@@ -32,130 +46,154 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 MASK_VERSION = 2
 
-_M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox-4x32 multipliers (Random123)
-_W0, _W1 = 0x9E3779B9, 0xBB67AE85  # key schedule (golden ratio, sqrt(3) - 1)
-_MASK32 = 0xFFFFFFFF
+_M64 = (1 << 64) - 1
+_M32 = 0xFFFFFFFF
+_MUL = (0xD2E7470EE14C6C93, 0xCA5A826395121157)  # Philox-4x64 multipliers (Random123)
+_BUMP = (0x9E3779B97F4A7C15, 0xBB67AE8584CAA73B)  # key schedule (golden ratio, sqrt(3) - 1)
 _ROUNDS = 10
-# Elements come in groups of 4·2**14: lane j of counters q·2**14 .. q·2**14 + 2**14 - 1 gives
-# the j-th quarter of group q, so every lane is written contiguously (no interleaving), and
-# the chunks of the engine (multiples of 2**16 elements) start on a group. 2**14 counters
-# also keep each op's operands (2 x 2**14 int64) in the L2 cache and no larger than torch's
-# parallel grain (32768 elements): on a shared machine OpenMP fan-out of such small ops
-# costs more than it gains, and the engine parallelises over chunks.
-_LANE_BITS = 14
-_LANE = 1 << _LANE_BITS
-_GROUP = 4 * _LANE
+BLOCK_BITS = 16
+BLOCK = 1 << BLOCK_BITS  # elements per block
+_PRIMARY = BLOCK // 32  # counters of a block's bytes
+_SPARE = 64  # counters of a block's spare words
+PER_BLOCK = _PRIMARY + _SPARE
+CAPACITY = 8 * _SPARE  # spare 32-bit words per block
+_PRIMARY_WORDS = 4 * _PRIMARY
 
 
 def mask_key(seed: int, source_index: int, tensor: str) -> int:
-    """The 64-bit Philox key of one input's mask for one output tensor."""
+    """The 128-bit Philox key of one input's mask for one output tensor."""
     digest = hashlib.sha256(f"{seed}\x00{source_index}\x00{tensor}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")
+    return int.from_bytes(digest[:16], "little")
 
 
 def keep_threshold(density: float) -> int:
-    """``T`` with ``x · 2**-32 < density  <=>  x < T`` for 32-bit ``x`` (exact)."""
+    """``T`` with ``u < density  <=>  b·2**32 + y < T`` for the 40-bit ``u`` (exact)."""
     if not 0 <= density <= 1:
         raise ValueError(f"density must lie in [0, 1], got {density}")
-    return math.ceil(density * 2.0**32)  # exact: scaling a double by 2**32 does not round
+    return math.ceil(density * 2.0**40)  # exact: scaling a double by 2**40 does not round
 
 
-class _Philox:
-    """Philox-4x32-10 of the counters ``(c & 0xFFFFFFFF, c >> 32, 0, 0)`` for a run of ``c``,
-    in reused buffers. ``even`` holds lanes (x0, x2), ``odd`` (x1, x3), as int64 rows of
-    32-bit values. A round is, with ``p0 = M0·x0`` and ``p1 = M1·x2`` (64-bit products)::
+def philox4x64(counter: tuple[int, int, int, int], key: int) -> list[int]:
+    """Philox-4x64-10 of one counter in Python integers (the overflow words)."""
+    x, k0, k1 = list(counter), key & _M64, key >> 64
+    for r in range(_ROUNDS):
+        if r:
+            k0, k1 = (k0 + _BUMP[0]) & _M64, (k1 + _BUMP[1]) & _M64
+        p0, p1 = _MUL[0] * x[0], _MUL[1] * x[2]
+        x = [(p1 >> 64) ^ x[1] ^ k0, p1 & _M64, (p0 >> 64) ^ x[3] ^ k1, p0 & _M64]
+    return x
 
-        x0, x1, x2, x3 = hi(p1) ^ x1 ^ k0, lo(p1), hi(p0) ^ x3 ^ k1, lo(p0)
 
-    Written as rows (p1, p0), the products are the next ``odd`` as they stand, and the next
-    ``even`` is four whole-buffer ops. ``odd`` keeps the products' high bits until the end:
-    they reach ``even`` only through xors that are masked to 32 bits before the next
-    multiply. A product may pass 2**63 and wrap (two's complement, on every torch device):
-    its 64 bits are still the unsigned product's, and ``>> 32`` then the mask reads ``hi``.
-    """
+def raw_numpy(key: int, first: int, count: int) -> np.ndarray:
+    """The words (uint64, 4 per counter) of counters ``(first .. first+count-1, 0, 0, 0)``,
+    from numpy's Philox-4x64-10 (which increments its counter before each call)."""
+    import numpy as np
 
-    def __init__(self, key: int, device: torch.device):
-        import torch
+    bits = np.random.Philox(key=key)
+    state = bits.state
+    before = (first - 1) % (1 << 256)
+    state["state"]["counter"] = np.array([(before >> (64 * i)) & _M64 for i in range(4)], "u8")
+    state["buffer_pos"] = 4
+    bits.state = state
+    return bits.random_raw(4 * count)
 
-        self.k0, self.k1 = key & _MASK32, key >> 32
-        k0, k1, keys = self.k0, self.k1, []
-        for _ in range(_ROUNDS - 1):
-            k0, k1 = (k0 + _W0) & _MASK32, (k1 + _W1) & _MASK32
-            keys.append([[k0], [k1]])
-        self.keys = torch.tensor(keys, dtype=torch.int64, device=device)  # rounds 2..10
-        self.buffers = [torch.empty((2, _LANE), dtype=torch.int64, device=device) for _ in "eos"]
-        self.base = torch.arange(_LANE, dtype=torch.int64, device=device)
 
-    def run(self, first: int, m: int) -> list[torch.Tensor]:
-        """Lanes x0, x1, x2, x3 (int64, 32-bit values) of the counters ``first ..
-        first+m-1``, inside one group (``first % 2**14 + m <= 2**14``): views of the buffers,
-        valid until the next call."""
-        import torch
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
 
-        even, odd, spare = (b[:, :m] for b in self.buffers)
-        rows = {id(t): (t[0], t[1]) for t in (even, odd, spare)}
-        # Round 1, where x2 = x3 = 0 and so p1 = 0: x0 = c_hi ^ k0, x1 = 0, x2 = hi(p0) ^ k1.
-        # A run lies inside one group of 2**14 counters, so c >> 32 is the same for all.
-        counter = torch.add(self.base[:m], first & _MASK32, out=rows[id(spare)][0])
-        even[0].fill_((first >> 32) ^ self.k0)
-        torch.mul(counter, _M0, out=odd[1])
-        torch.bitwise_right_shift(odd[1], 32, out=even[1])
-        even[1].bitwise_xor_(self.k1).bitwise_and_(_MASK32)
-        odd[0].zero_()
-        x0, x2 = rows[id(even)]
-        for keys in self.keys:
-            p1, p0 = rows[id(spare)]
-            torch.mul(x0, _M0, out=p0)
-            torch.mul(x2, _M1, out=p1)
-            torch.bitwise_right_shift(spare, 32, out=even)
-            even.bitwise_xor_(odd).bitwise_xor_(keys).bitwise_and_(_MASK32)
-            odd, spare = spare, odd
-        odd.bitwise_and_(_MASK32)
-        (x1, x3) = rows[id(odd)]
-        return [x0, x1, x2, x3]
+
+def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 64 bits of ``m · a`` (unsigned) for int64 ``a``: products of 32-bit
+    halves, each below 2**64 (they may wrap past 2**63; ``>> 32`` then the mask reads them)."""
+    lo = a * _signed(m)
+    a0, a1 = a & _M32, (a >> 32) & _M32
+    p00, p01, p10 = a0 * (m & _M32), a0 * (m >> 32), a1 * (m & _M32)
+    mid = ((p00 >> 32) & _M32) + (p01 & _M32) + (p10 & _M32)
+    hi = a1 * (m >> 32) + ((p01 >> 32) & _M32) + ((p10 >> 32) & _M32) + (mid >> 32)
+    return hi, lo
+
+
+def raw_torch(key: int, first: int, count: int, device: torch.device | str) -> torch.Tensor:
+    """:func:`raw_numpy` in torch int64 ops (the words' bits, as int64), on any device."""
+    import torch
+
+    x0 = torch.arange(first, first + count, dtype=torch.int64, device=device)
+    x1, x2, x3 = (torch.zeros_like(x0) for _ in range(3))
+    k0, k1 = key & _M64, key >> 64
+    for r in range(_ROUNDS):
+        if r:
+            k0, k1 = (k0 + _BUMP[0]) & _M64, (k1 + _BUMP[1]) & _M64
+        hi0, lo0 = _mulhilo(x0, _MUL[0])
+        hi1, lo1 = _mulhilo(x2, _MUL[1])
+        x0, x1, x2, x3 = hi1 ^ x1 ^ _signed(k0), lo1, hi0 ^ x3 ^ _signed(k1), lo0
+    return torch.stack([x0, x1, x2, x3], dim=1).reshape(-1)
+
+
+def _overflow_words(key: int, blocks: list[int], ranks: list[int]) -> list[int]:
+    return [philox4x64((q, r, 1, 0), key)[0] & _M32 for q, r in zip(blocks, ranks)]
+
+
+def _numpy_backend(device: torch.device | str) -> bool:
+    """Whether the words come from numpy's C Philox (CPU) or the torch ops (the tests force
+    the latter on the CPU to check that both give the same bits)."""
+    import torch
+
+    return torch.device(device).type == "cpu"
 
 
 @dataclass(frozen=True)
 class MaskStream:
-    """The uniforms of one (seed, input, tensor): a counter-based generator, so any range of
-    elements is computed directly, in any order, on any device."""
+    """The keep decisions of one (seed, input, tensor): computed directly for any range of
+    elements, in any order, on any device."""
 
-    key: int  # 64 bits, see mask_key
+    key: int  # 128 bits, see mask_key
 
     @classmethod
     def of(cls, seed: int, source_index: int, tensor: str) -> MaskStream:
         return cls(mask_key(seed, source_index, tensor))
 
-    def _lanes(self, start: int, end: int, device: torch.device):
-        """For each run of elements of ``[start, end)`` that one lane gives: ``(a, b, lane,
-        i)``, elements ``a .. b-1`` being ``lane[i : i + b - a]`` (views valid until the next
-        item)."""
-        philox = _Philox(self.key, device)
-        for group in range(start >> (_LANE_BITS + 2), ((end - 1) >> (_LANE_BITS + 2)) + 1):
-            g0 = group * _GROUP
-            r0, r1 = max(start, g0) - g0, min(end, g0 + _GROUP) - g0
-            lanes = range(r0 >> _LANE_BITS, ((r1 - 1) >> _LANE_BITS) + 1)
-            if len(lanes) == 1:  # one lane: only its counters
-                c0, c1 = r0 & (_LANE - 1), ((r1 - 1) & (_LANE - 1)) + 1
-            else:
-                c0, c1 = 0, _LANE
-            words = philox.run(group * _LANE + c0, c1 - c0)
-            for j in lanes:
-                a, b = max(r0, j * _LANE), min(r1, (j + 1) * _LANE)
-                yield g0 + a, g0 + b, words[j], a - j * _LANE - c0
+    def _numpy_blocks(self, q0: int, q1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Bytes ``(n, 65536)`` (uint8) and spare words ``(n, 512)`` (int64) of blocks q0..q1-1."""
+        import numpy as np
 
-    def words(self, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The 32-bit words ``x`` of elements ``start .. start+count-1``, as int64."""
+        raw = raw_numpy(self.key, q0 * PER_BLOCK, (q1 - q0) * PER_BLOCK)
+        raw = raw.astype("<u8", copy=False).reshape(q1 - q0, 4 * PER_BLOCK)
+        spare = raw[:, _PRIMARY_WORDS:].view(np.uint32).astype(np.int64)
+        return raw[:, :_PRIMARY_WORDS].view(np.uint8), spare
+
+    def _torch_blocks(self, q0: int, q1: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
-        out = torch.empty(count, dtype=torch.int64, device=device)
-        for a, b, lane, i in self._lanes(start, start + count, out.device):
-            out[a - start : b - start] = lane[i : i + b - a]
-        return out
+        raw = raw_torch(self.key, q0 * PER_BLOCK, (q1 - q0) * PER_BLOCK, device)
+        raw = raw.reshape(q1 - q0, 4 * PER_BLOCK)
+        primary = raw[:, :_PRIMARY_WORDS].contiguous().view(torch.uint8)  # little endian
+        s = raw[:, _PRIMARY_WORDS:]
+        spare = torch.stack([s & _M32, (s >> 32) & _M32], dim=2).reshape(q1 - q0, CAPACITY)
+        return primary, spare
+
+    def _spare_torch(self, spare: torch.Tensor, q0: int, rows, ranks) -> torch.Tensor:
+        """The spare word of each tied entry (block ``q0 + rows``, rank ``ranks``)."""
+        import torch
+
+        y = spare[rows, ranks.clamp(max=CAPACITY - 1)]
+        over = ranks >= CAPACITY
+        if bool(over.any()):  # probability below 1e-40 per block
+            i = over.nonzero()[:, 0]
+            extra = _overflow_words(self.key, (q0 + rows[i]).tolist(), ranks[i].tolist())
+            y[i] = torch.tensor(extra, dtype=y.dtype, device=y.device)
+        return y
+
+    def _spare_numpy(self, spare: np.ndarray, q0: int, rows, ranks) -> np.ndarray:
+        y = spare[rows, ranks.clip(max=CAPACITY - 1)]
+        over = (ranks >= CAPACITY).nonzero()[0]
+        if over.size:  # probability below 1e-40 per block
+            y[over] = _overflow_words(self.key, (q0 + rows[over]).tolist(), ranks[over].tolist())
+        return y
 
     def keep(
         self, start: int, count: int, density: float, device: torch.device | str = "cpu"
@@ -164,19 +202,83 @@ class MaskStream:
         import torch
 
         threshold = keep_threshold(density)
-        out = torch.empty(count, dtype=torch.bool, device=device)
-        if threshold >= 1 << 32:
-            return out.fill_(True)
-        for a, b, lane, i in self._lanes(start, start + count, out.device):
-            torch.lt(lane[i : i + b - a], threshold, out=out[a - start : b - start])
-        return out
+        if threshold >= 1 << 40 or threshold == 0 or count == 0:
+            return torch.full((count,), threshold >= 1 << 40, dtype=torch.bool, device=device)
+        tb, tl = threshold >> 32, threshold & _M32
+        q0, q1 = start >> BLOCK_BITS, ((start + count - 1) >> BLOCK_BITS) + 1
+        lo = start - (q0 << BLOCK_BITS)
+        if _numpy_backend(device):
+            return torch.from_numpy(self._keep_numpy(q0, q1, tb, tl).reshape(-1)[lo : lo + count])
+        primary, spare = self._torch_blocks(q0, q1, device)
+        primary = primary.reshape(-1)
+        kept = primary < tb
+        if tl:  # else a tied entry is never kept
+            tied = (primary == tb).nonzero()[:, 0]
+            rows = tied >> BLOCK_BITS
+            ranks = _ranks_torch(rows, q1 - q0)
+            kept[tied] = self._spare_torch(spare, q0, rows, ranks) < tl
+        return kept[lo : lo + count]
+
+    def _keep_numpy(self, q0: int, q1: int, tb: int, tl: int) -> np.ndarray:
+        import numpy as np
+
+        primary, spare = self._numpy_blocks(q0, q1)
+        kept = np.less(primary, tb)
+        if tl:  # else a tied entry is never kept
+            tied = np.flatnonzero(primary == tb)  # (2-D np.nonzero is ten times slower)
+            rows, cols = tied >> BLOCK_BITS, tied & (BLOCK - 1)
+            ranks = _ranks_numpy(rows, q1 - q0)
+            kept[rows, cols] = self._spare_numpy(spare, q0, rows, ranks) < tl
+        return kept
 
     def keep_with(self, start: int, probs: torch.Tensor) -> torch.Tensor:
         """Keep decisions ``u_e < probs[e - start]`` for a flat float tensor of probabilities
-        (DELLA), exact: ``u = x · 2**-32`` and ``probs`` compared as float64, neither
-        rounded."""
+        (DELLA), exact (compared in float64). ``start`` must begin a block: which spare word
+        an entry takes depends on the entries before it in its block."""
+        import numpy as np
         import torch
 
-        words = self.words(start, probs.numel(), probs.device)
-        uniform = words.to(torch.float64).mul_(2.0**-32)
-        return uniform < probs.reshape(-1).to(torch.float64)
+        if start % BLOCK:
+            raise ValueError(f"start {start} is not a multiple of {BLOCK}")
+        n = probs.numel()
+        if n == 0:
+            return torch.zeros(0, dtype=torch.bool, device=probs.device)
+        q0, q1 = start >> BLOCK_BITS, ((start + n - 1) >> BLOCK_BITS) + 1
+        flat = probs.reshape(-1)
+        below = (flat * 256.0).floor_().to(torch.int16)  # exact in any float dtype: 0 .. 256
+        if _numpy_backend(probs.device):
+            primary, spare = self._numpy_blocks(q0, q1)
+            primary = np.ascontiguousarray(primary).reshape(-1)[:n]
+            kept = np.less(primary, below.numpy())
+            tied = torch.from_numpy(np.flatnonzero(primary == below.numpy()))
+            rows = tied >> BLOCK_BITS
+            y = self._spare_numpy(spare, q0, rows.numpy(), _ranks_numpy(rows.numpy(), q1 - q0))
+            kept, y = torch.from_numpy(kept), torch.from_numpy(y)
+        else:
+            primary, spare = self._torch_blocks(q0, q1, probs.device)
+            primary = primary.reshape(-1)[:n].to(torch.int16)
+            kept = primary < below
+            tied = (primary == below).nonzero()[:, 0]
+            rows = tied >> BLOCK_BITS
+            y = self._spare_torch(spare, q0, rows, _ranks_torch(rows, q1 - q0))
+        fraction = flat[tied].to(torch.float64) * 256.0 - below[tied]  # exact in float64
+        kept[tied] = y.to(torch.float64) * 2.0**-32 < fraction
+        return kept
+
+
+def _ranks_numpy(rows: np.ndarray, blocks: int) -> np.ndarray:
+    """Each tied entry's rank among its block's tied entries (``rows`` ascending)."""
+    import numpy as np
+
+    counts = np.bincount(rows, minlength=blocks)
+    firsts = np.cumsum(counts) - counts
+    return np.arange(rows.size, dtype=np.int64) - firsts[rows]
+
+
+def _ranks_torch(rows: torch.Tensor, blocks: int) -> torch.Tensor:
+    """:func:`_ranks_numpy` in torch (integer counts: the same on every device)."""
+    import torch
+
+    counts = torch.bincount(rows, minlength=blocks)
+    firsts = counts.cumsum(0) - counts
+    return torch.arange(rows.numel(), dtype=torch.int64, device=rows.device) - firsts[rows]
