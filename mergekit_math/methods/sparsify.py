@@ -148,10 +148,40 @@ def magnitude_prune(delta: torch.Tensor, density: float, rescale: Rescale | None
     return rescale_l1(delta, kept) if rescale == "l1" else kept
 
 
+def rank_window(values: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    """Boolean mask of the elements of a flat tensor whose rank in a stable ascending sort
+    (equal values in index order) lies in ``[first, first + count)``, without sorting: the
+    values at the window's two ends come from :func:`kth_select`, every element strictly
+    between them is inside, and of the elements equal to an end the window takes a run of
+    consecutive ones in index order, as the stable sort would."""
+    import torch
+
+    n = values.numel()
+    mask = torch.zeros(n, dtype=torch.bool, device=values.device)
+    if count <= 0:
+        return mask
+    last = first + count - 1  # ascending ranks; the r-th smallest is the (n-r)-th largest
+    low, high = kth_select(values, n - first), kth_select(values, n - last)
+    below_low = n - low.above - low.ties.numel()  # elements smaller than the low end
+    below_high = n - high.above - high.ties.numel()
+    if low.threshold == high.threshold:
+        mask[low.ties[first - below_low : last - below_low + 1]] = True
+        return mask
+    for start in range(0, n, _SELECT_CHUNK):
+        part = values[start : start + _SELECT_CHUNK]
+        torch.gt(part, low.threshold, out=mask[start : start + _SELECT_CHUNK])
+        mask[start : start + _SELECT_CHUNK] &= part < high.threshold
+    mask[low.ties[first - below_low :]] = True
+    mask[high.ties[: last - below_high + 1]] = True
+    return mask
+
+
 def magnitude_outliers_prune(
     delta: torch.Tensor, density: float, gamma: float, rescale: Rescale | None
 ) -> torch.Tensor:
-    """Drop the ``gamma`` fraction of largest entries, then the smallest, keeping ``density``."""
+    """Drop the ``gamma`` fraction of largest entries, then the smallest, keeping ``density``
+    (whole tensor, as mergekit 0.1.5): the entries of ascending magnitude rank ``n_bottom ..
+    n_bottom + int(density·n) - 1``, equal magnitudes ranked in index order."""
     import torch
 
     if density >= 1:
@@ -161,12 +191,20 @@ def magnitude_outliers_prune(
     n_top = int(gamma * n)
     n_bottom = max(0, n - target - n_top)
     flat = delta.reshape(-1)
-    order = torch.sort(flat.abs(), descending=False, stable=True).indices
-    keep = order[n_bottom : n_bottom + target]
-    kept = torch.zeros_like(flat)
-    kept[keep] = flat[keep]
+    keep = rank_window(flat.abs(), n_bottom, target)
+    kept = torch.where(keep, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
     kept = kept.reshape(delta.shape)
     return rescale_l1(delta, kept) if rescale == "l1" else kept
+
+
+def row_ranks(rows: torch.Tensor) -> torch.Tensor:
+    """Each element's rank (int64, from 0) in a stable ascending sort of its row: one stable
+    argsort, then the inverse permutation by a scatter (not a second argsort)."""
+    import torch
+
+    order = rows.argsort(dim=1, stable=True)
+    positions = torch.arange(rows.shape[1], dtype=torch.int64, device=rows.device)
+    return torch.empty_like(order).scatter_(1, order, positions.expand_as(order))
 
 
 @dataclass(frozen=True)
@@ -226,7 +264,7 @@ def della_drop(
         raise ValueError(f"della needs density ± epsilon inside (0, 1), got {density} ± {epsilon}")
     rows = delta.unsqueeze(0) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     # stable: equal magnitudes rank in index order, the same on every device
-    ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).to(torch.float32)
+    ranks = row_ranks(rows.abs()).to(torch.float32)
     span = (rows.shape[1] - 1) or 1
     probs = (density - epsilon) + (ranks / span) * (2 * epsilon)
     mask = stream.keep_with(0, probs).reshape(rows.shape)
