@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -270,6 +270,12 @@ def _prepare_states(
                 future.result()
         return buf
 
+    def chunk_map(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+        pool = run.pool if run is not None else None
+        if pool is None:
+            return [fn(x) for x in items]
+        return [f.result() for f in [pool.submit(_in_worker, fn, x) for x in items]]
+
     return chunking.prepare(
         PrepareInputs(
             shared=item.shared,  # type: ignore[arg-type]
@@ -278,6 +284,7 @@ def _prepare_states(
             numel=item.out.numel,
             ranges=ranges,
             delta=full_delta,
+            map=chunk_map,
         )
     )
 

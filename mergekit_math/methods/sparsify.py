@@ -8,6 +8,7 @@ Pure functions of tensors (no IO, no global RNG); randomness comes from the
 
 from __future__ import annotations
 
+import builtins
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -17,6 +18,7 @@ from mergekit_math.methods.base import reduce_sum
 if TYPE_CHECKING:
     import torch
 
+    from mergekit_math.methods.base import ChunkMap
     from mergekit_math.methods.masks import MaskStream
 
 Rescale = Literal["paper", "l1"]
@@ -45,33 +47,41 @@ class Selection:
     ties: torch.Tensor  # ascending positions of the values equal to the threshold
 
 
-def _select_directly(values: torch.Tensor, k: int) -> Selection:
+def _starts(n: int) -> range:
+    return range(0, n, _SELECT_CHUNK)
+
+
+def _select_directly(values: torch.Tensor, k: int, map: ChunkMap = builtins.map) -> Selection:
     import torch
 
     n = values.numel()
     threshold = float(torch.kthvalue(values, n - k + 1).values)
-    above, ties = 0, []
-    for start in range(0, n, _SELECT_CHUNK):
+
+    def scan(start: int) -> tuple[int, torch.Tensor]:
         part = values[start : start + _SELECT_CHUNK]
-        above += int(torch.count_nonzero(part > threshold))
-        ties.append((part == threshold).nonzero().flatten() + start)
-    return Selection(threshold, above, torch.cat(ties))
+        above = int(torch.count_nonzero(part > threshold))
+        return above, (part == threshold).nonzero().flatten() + start
+
+    found = list(map(scan, _starts(n)))
+    return Selection(threshold, sum(a for a, _ in found), torch.cat([t for _, t in found]))
 
 
-def kth_select(values: torch.Tensor, k: int) -> Selection:
+def kth_select(values: torch.Tensor, k: int, map: ChunkMap = builtins.map) -> Selection:
     """The exact ``k``-th largest element of a flat float tensor (``1 <= k <= n``), with how
     many elements exceed it and where the elements equal to it are.
 
     For large tensors a strided sample brackets the answer; one chunked pass counts the
     elements above the bracket and collects those inside it (about 2 %, with positions), and
     a kthvalue over those finishes. Should the bracket miss (the counts say so), it falls back
-    to a kthvalue over everything, so the result is always exact.
+    to a kthvalue over everything, so the result is always exact. ``map`` runs the chunked
+    passes (the engine hands over its worker threads: single-threaded ops on each, rather
+    than this thread's OpenMP fan-out, which a busy machine makes 5-10x slower).
     """
     import torch
 
     n = values.numel()
     if n <= _DIRECT_SELECT:
-        return _select_directly(values, k)
+        return _select_directly(values, k, map)
     stride = n // _SAMPLE
     sample = values[::stride][:_SAMPLE].contiguous()
     size = sample.numel()
@@ -80,22 +90,24 @@ def kth_select(values: torch.Tensor, k: int) -> Selection:
     lo_rank, hi_rank = int(size * below - margin), int(size * below + margin) + 1
     lo = float(torch.kthvalue(sample, lo_rank).values) if lo_rank >= 1 else -math.inf
     hi = float(torch.kthvalue(sample, hi_rank).values) if hi_rank <= size else math.inf
-    above = 0
-    positions, inside = [], []
-    for start in range(0, n, _SELECT_CHUNK):
+
+    def scan(start: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         part = values[start : start + _SELECT_CHUNK]
         not_above = part <= hi
-        above += part.numel() - int(torch.count_nonzero(not_above))
+        above = part.numel() - int(torch.count_nonzero(not_above))
         where = (not_above & (part >= lo)).nonzero().flatten()
-        inside.append(part[where])
-        positions.append(where + start)
-    candidates = torch.cat(inside)
+        return above, part[where], where + start
+
+    found = list(map(scan, _starts(n)))
+    above = sum(a for a, _, _ in found)
+    candidates = torch.cat([c for _, c, _ in found])
     if not (above < k <= above + candidates.numel()):
-        return _select_directly(values, k)
+        return _select_directly(values, k, map)
     rank = k - above  # rank from the top among the candidates
     threshold = float(torch.kthvalue(candidates, candidates.numel() - rank + 1).values)
     above += int(torch.count_nonzero(candidates > threshold))
-    return Selection(threshold, above, torch.cat(positions)[candidates == threshold])
+    positions = torch.cat([p for _, _, p in found])
+    return Selection(threshold, above, positions[candidates == threshold])
 
 
 def kth_largest(values: torch.Tensor, k: int) -> float:
@@ -113,13 +125,17 @@ class MagnitudeTrim:
     """
 
     def __init__(
-        self, magnitude: torch.Tensor, density: float, ranges: list[tuple[int, int]] | None = None
+        self,
+        magnitude: torch.Tensor,
+        density: float,
+        ranges: list[tuple[int, int]] | None = None,
+        map: ChunkMap = builtins.map,
     ):
         import torch
 
         n = magnitude.numel()
         k = max(1, int(density * n))
-        selection = kth_select(magnitude, k)
+        selection = kth_select(magnitude, k, map)
         self.threshold = selection.threshold
         kept_ties = selection.ties[: k - selection.above]
         self.ties: dict[int, torch.Tensor] = {}
@@ -138,6 +154,12 @@ class MagnitudeTrim:
         if ties.numel():
             keep[ties] = 1.0
         return (flat * keep).reshape(delta.shape)
+
+
+def chunked_abs_(values: torch.Tensor, map: ChunkMap = builtins.map) -> torch.Tensor:
+    """``values.abs_()`` of a flat tensor, chunk by chunk through ``map``."""
+    list(map(lambda start: values[start : start + _SELECT_CHUNK].abs_(), _starts(values.numel())))
+    return values
 
 
 def magnitude_prune(delta: torch.Tensor, density: float, rescale: Rescale | None) -> torch.Tensor:

@@ -29,6 +29,7 @@ from mergekit_math.methods.sparsify import (
     MagnitudeTrim,
     Rescale,
     apply_keep,
+    chunked_abs_,
     della_drop,
     magnitude_outliers_prune,
     magnitude_prune,
@@ -195,7 +196,8 @@ def _chunking(variant: Variant) -> Chunking[DeltaShared, DeltaModel]:
             if p.density >= 1 or variant.sparsification == "none":
                 states.append(None)
             elif variant.sparsification == "magnitude":
-                states.append(MagnitudeTrim(inputs.delta(i).abs_(), p.density, inputs.ranges))
+                magnitude = chunked_abs_(inputs.delta(i), inputs.map)
+                states.append(MagnitudeTrim(magnitude, p.density, inputs.ranges, inputs.map))
             elif variant.sparsification == "random":
                 assert inputs.generators is not None
                 states.append(KeepMask(inputs.generators[i], p.density))
