@@ -10,6 +10,7 @@ import torch
 from mergekit_math.methods.masks import MaskStream
 from mergekit_math.methods.sparsify import (
     _DIRECT_SELECT,
+    RankWindow,
     della_drop,
     magnitude_outliers_prune,
     rank_window,
@@ -51,6 +52,17 @@ def test_rank_window_edges_and_bfloat16():
         assert torch.equal(rank_window(values, first, count), expect)
     same = torch.full((1001,), 0.25)  # one value: the window is a run of indices
     assert torch.equal(rank_window(same, 100, 300), _window_reference(same, 100, 300))
+
+
+@pytest.mark.parametrize("first,count", [(9_000, 80_000), (0, 100_003), (50_000, 1), (7, 0)])
+def test_rank_window_in_chunks_any_order_equals_the_whole(first, count):
+    values = _quantised(100_003, 40, seed=first).abs()
+    edges = [0, 1, 997, 40_000, 40_001, 99_000, 100_003]
+    ranges = list(zip(edges[:-1], edges[1:]))
+    window = RankWindow(values, first, count, ranges)
+    parts = {s: window.keep(values[s:e], s) for s, e in reversed(ranges)}
+    got = torch.cat([parts[s] for s, _ in ranges])
+    assert torch.equal(got, _window_reference(values, first, count))
 
 
 def _breadcrumbs_reference(delta, density, gamma):

@@ -131,19 +131,11 @@ class MagnitudeTrim:
         ranges: list[tuple[int, int]] | None = None,
         map: ChunkMap = builtins.map,
     ):
-        import torch
-
         n = magnitude.numel()
         k = max(1, int(density * n))
         selection = kth_select(magnitude, k, map)
         self.threshold = selection.threshold
-        kept_ties = selection.ties[: k - selection.above]
-        self.ties: dict[int, torch.Tensor] = {}
-        for start, end in ranges or [(0, n)]:
-            lo, hi = torch.searchsorted(
-                kept_ties, torch.tensor([start, end], device=kept_ties.device)
-            ).tolist()
-            self.ties[start] = kept_ties[lo:hi] - start
+        self.ties = _split(selection.ties[: k - selection.above], ranges or [(0, n)])
 
     def apply(self, delta: torch.Tensor, start: int = 0) -> torch.Tensor:
         flat = delta.reshape(-1)
@@ -170,32 +162,83 @@ def magnitude_prune(delta: torch.Tensor, density: float, rescale: Rescale | None
     return rescale_l1(delta, kept) if rescale == "l1" else kept
 
 
-def rank_window(values: torch.Tensor, first: int, count: int) -> torch.Tensor:
-    """Boolean mask of the elements of a flat tensor whose rank in a stable ascending sort
-    (equal values in index order) lies in ``[first, first + count)``, without sorting: the
-    values at the window's two ends come from :func:`kth_select`, every element strictly
-    between them is inside, and of the elements equal to an end the window takes a run of
-    consecutive ones in index order, as the stable sort would."""
+class RankWindow:
+    """Keep the elements whose rank in a stable ascending sort of the magnitudes (equal values
+    in index order) lies in ``[first, first + count)``, without sorting: the values at the
+    window's two ends come from :func:`kth_select`, every element strictly between them is
+    inside, and of the elements equal to an end the window takes a run of consecutive ones in
+    index order, as the stable sort would. ``ranges`` are the chunks :meth:`keep` will get (any
+    order, any thread), as for :class:`MagnitudeTrim`."""
+
+    def __init__(
+        self,
+        magnitude: torch.Tensor,
+        first: int,
+        count: int,
+        ranges: list[tuple[int, int]] | None = None,
+        map: ChunkMap = builtins.map,
+    ):
+        import torch
+
+        n = magnitude.numel()
+        self.low, self.high = math.inf, -math.inf  # an empty window keeps nothing
+        kept = magnitude.new_empty(0, dtype=torch.int64)
+        if count > 0:
+            last = first + count - 1  # the r-th smallest is the (n-r)-th largest
+            low, high = kth_select(magnitude, n - first, map), kth_select(magnitude, n - last, map)
+            self.low, self.high = low.threshold, high.threshold
+            below_low = n - low.above - low.ties.numel()  # elements smaller than the low end
+            below_high = n - high.above - high.ties.numel()
+            if low.threshold == high.threshold:
+                kept = low.ties[first - below_low : last - below_low + 1]
+            else:
+                ends = [low.ties[first - below_low :], high.ties[: last - below_high + 1]]
+                kept = torch.cat(ends).sort().values  # each ascending; _split needs all
+        self.ties = _split(kept, ranges or [(0, n)])
+
+    def keep(self, magnitude: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Boolean keep mask of the flat magnitudes of the chunk starting at ``start``."""
+        import torch
+
+        mask = torch.gt(magnitude, self.low)
+        mask &= magnitude < self.high
+        ties = self.ties[start]
+        if ties.numel():
+            mask[ties] = True
+        return mask
+
+    def apply(self, delta: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The chunk ``delta`` (starting at flat ``start``) with the dropped entries zeroed."""
+        import torch
+
+        flat = delta.reshape(-1)
+        zero = torch.zeros((), dtype=flat.dtype, device=flat.device)
+        return torch.where(self.keep(flat.abs(), start), flat, zero).reshape(delta.shape)
+
+
+def _split(positions: torch.Tensor, ranges: list[tuple[int, int]]) -> dict[int, torch.Tensor]:
+    """Ascending flat ``positions`` per range, relative to the range's start."""
     import torch
 
-    n = values.numel()
-    mask = torch.zeros(n, dtype=torch.bool, device=values.device)
-    if count <= 0:
-        return mask
-    last = first + count - 1  # ascending ranks; the r-th smallest is the (n-r)-th largest
-    low, high = kth_select(values, n - first), kth_select(values, n - last)
-    below_low = n - low.above - low.ties.numel()  # elements smaller than the low end
-    below_high = n - high.above - high.ties.numel()
-    if low.threshold == high.threshold:
-        mask[low.ties[first - below_low : last - below_low + 1]] = True
-        return mask
-    for start in range(0, n, _SELECT_CHUNK):
-        part = values[start : start + _SELECT_CHUNK]
-        torch.gt(part, low.threshold, out=mask[start : start + _SELECT_CHUNK])
-        mask[start : start + _SELECT_CHUNK] &= part < high.threshold
-    mask[low.ties[first - below_low :]] = True
-    mask[high.ties[: last - below_high + 1]] = True
-    return mask
+    out: dict[int, torch.Tensor] = {}
+    for start, end in ranges:
+        bounds = torch.tensor([start, end], device=positions.device)
+        lo, hi = torch.searchsorted(positions, bounds).tolist()
+        out[start] = positions[lo:hi] - start
+    return out
+
+
+def rank_window(values: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    """Boolean mask of the elements of a flat tensor of stable ascending rank in ``[first,
+    first + count)`` (see :class:`RankWindow`)."""
+    return RankWindow(values, first, count).keep(values)
+
+
+def breadcrumbs_window(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """Ascending magnitude ranks Breadcrumbs keeps of ``n``: ``(first, count)``."""
+    target = int(density * n)
+    n_top = int(gamma * n)
+    return max(0, n - target - n_top), target
 
 
 def magnitude_outliers_prune(
@@ -204,18 +247,10 @@ def magnitude_outliers_prune(
     """Drop the ``gamma`` fraction of largest entries, then the smallest, keeping ``density``
     (whole tensor, as mergekit 0.1.5): the entries of ascending magnitude rank ``n_bottom ..
     n_bottom + int(density·n) - 1``, equal magnitudes ranked in index order."""
-    import torch
-
     if density >= 1:
         return delta
-    n = delta.numel()
-    target = int(density * n)
-    n_top = int(gamma * n)
-    n_bottom = max(0, n - target - n_top)
-    flat = delta.reshape(-1)
-    keep = rank_window(flat.abs(), n_bottom, target)
-    kept = torch.where(keep, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
-    kept = kept.reshape(delta.shape)
+    first, count = breadcrumbs_window(delta.numel(), density, gamma)
+    kept = RankWindow(delta.reshape(-1).abs(), first, count).apply(delta)
     return rescale_l1(delta, kept) if rescale == "l1" else kept
 
 
