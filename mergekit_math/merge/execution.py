@@ -161,9 +161,10 @@ class _RangeInputs:
         return y.clone() if y.data_ptr() == t.data_ptr() and y.numel() else y
 
     def __call__(
-        self, raw: list[torch.Tensor], shaped: bool, check: bool = True
+        self, raw: list[torch.Tensor], shaped: bool, check: bool = True, only: int | None = None
     ) -> tuple[Any, list[torch.Tensor]]:
-        """(base, per-source tensor or delta) in the compute dtype from one range's raw data."""
+        """(base, per-source tensor or delta) in the compute dtype from one range's raw data;
+        with ``only``, just that source's (the others are empty placeholders, not computed)."""
         if shaped:
             raw = [t.reshape(shape) for t, shape in zip(raw, self.shapes)]
         finite = self.finite if check else None
@@ -181,6 +182,9 @@ class _RangeInputs:
             role = roles[i]
             if role == "base":
                 base = checked(i, self.upcast(raw[i]))
+            elif only is not None and len(tensors) != only:
+                tensors.append(raw[i][:0])
+                i += int(i + 1 < len(raw) and roles[i + 1] == "origin")
             elif role == "delta":  # from a patch: already a delta, not rounded to ``dtype``
                 d = raw[i].to(device=self.device, dtype=self.compute)
                 d = d.clone() if d.data_ptr() == raw[i].data_ptr() else d
@@ -257,7 +261,8 @@ def _prepare_states(
 
     def fill(buf: torch.Tensor, i: int, start: int, end: int) -> None:
         # no finite check: the merge pass reads these ranges again and checks them
-        _, deltas = inputs(_read_range(plan, item, start, end), shaped=False, check=False)
+        raw = _read_range(plan, item, start, end)
+        _, deltas = inputs(raw, shaped=False, check=False, only=i)
         buf[start:end] = deltas[i]
         _release_range(plan, item, start, end)
 
