@@ -92,8 +92,11 @@ def test_breadcrumbs_matches_a_sort_reference_bit_for_bit(shape, density, gamma)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 17), (129, 1001), (4097,)])
-def test_row_ranks_are_the_stable_argsort_ranks(shape):
-    rows = _quantised(int(torch.tensor(shape).prod()), 8, seed=len(shape)).abs()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_row_ranks_are_the_stable_argsort_ranks(shape, dtype):
+    n = int(torch.tensor(shape).prod())
+    rows = _quantised(n, 8, seed=len(shape), dtype=dtype).abs()
+    rows[..., :3] = torch.tensor([0.0, float("inf"), 1e-30]).to(dtype)[: rows.shape[-1]]
     rows = rows.reshape(1, -1) if len(shape) == 1 else rows.reshape(shape)
     expect = rows.argsort(dim=1, stable=True).argsort(dim=1)
     assert torch.equal(row_ranks(rows), expect)

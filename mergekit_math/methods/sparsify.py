@@ -254,12 +254,20 @@ def magnitude_outliers_prune(
     return rescale_l1(delta, kept) if rescale == "l1" else kept
 
 
+_SAME_SIZE_INT = {8: "int64", 4: "int32", 2: "int16"}
+
+
 def row_ranks(rows: torch.Tensor) -> torch.Tensor:
-    """Each element's rank (int64, from 0) in a stable ascending sort of its row: one stable
-    argsort, then the inverse permutation by a scatter (not a second argsort)."""
+    """Each element's rank (int64, from 0) in a stable ascending sort of its row of
+    non-negative floats: one stable argsort, of the bit patterns as signed integers (ordered
+    as the values are, without the float comparator's NaN handling), then the inverse
+    permutation by a scatter (not a second argsort)."""
     import torch
 
-    order = rows.argsort(dim=1, stable=True)
+    keys = rows
+    if rows.is_floating_point() and rows.element_size() in _SAME_SIZE_INT:
+        keys = rows.view(getattr(torch, _SAME_SIZE_INT[rows.element_size()]))
+    order = keys.argsort(dim=1, stable=True)
     positions = torch.arange(rows.shape[1], dtype=torch.int64, device=rows.device)
     return torch.empty_like(order).scatter_(1, order, positions.expand_as(order))
 
