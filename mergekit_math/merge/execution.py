@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -161,9 +161,10 @@ class _RangeInputs:
         return y.clone() if y.data_ptr() == t.data_ptr() and y.numel() else y
 
     def __call__(
-        self, raw: list[torch.Tensor], shaped: bool, check: bool = True
+        self, raw: list[torch.Tensor], shaped: bool, check: bool = True, only: int | None = None
     ) -> tuple[Any, list[torch.Tensor]]:
-        """(base, per-source tensor or delta) in the compute dtype from one range's raw data."""
+        """(base, per-source tensor or delta) in the compute dtype from one range's raw data;
+        with ``only``, just that source's (the others are empty placeholders, not computed)."""
         if shaped:
             raw = [t.reshape(shape) for t, shape in zip(raw, self.shapes)]
         finite = self.finite if check else None
@@ -181,6 +182,9 @@ class _RangeInputs:
             role = roles[i]
             if role == "base":
                 base = checked(i, self.upcast(raw[i]))
+            elif only is not None and len(tensors) != only:
+                tensors.append(raw[i][:0])
+                i += int(i + 1 < len(raw) and roles[i + 1] == "origin")
             elif role == "delta":  # from a patch: already a delta, not rounded to ``dtype``
                 d = raw[i].to(device=self.device, dtype=self.compute)
                 d = d.clone() if d.data_ptr() == raw[i].data_ptr() else d
@@ -248,6 +252,8 @@ def _prepare_states(
 ) -> Any:
     """The per-input states of the method's ``prepare``, which may need whole deltas: each
     is assembled range by range into the reused scratch buffer (on the worker threads)."""
+    import torch
+
     from mergekit_math.methods import PrepareInputs
 
     chunking = plan.method.chunking
@@ -255,7 +261,8 @@ def _prepare_states(
 
     def fill(buf: torch.Tensor, i: int, start: int, end: int) -> None:
         # no finite check: the merge pass reads these ranges again and checks them
-        _, deltas = inputs(_read_range(plan, item, start, end), shaped=False, check=False)
+        raw = _read_range(plan, item, start, end)
+        _, deltas = inputs(raw, shaped=False, check=False, only=i)
         buf[start:end] = deltas[i]
         _release_range(plan, item, start, end)
 
@@ -270,16 +277,32 @@ def _prepare_states(
                 future.result()
         return buf
 
-    return chunking.prepare(
-        PrepareInputs(
-            shared=item.shared,  # type: ignore[arg-type]
-            params=item.params,
-            generators=generators,
-            numel=item.out.numel,
-            ranges=ranges,
-            delta=full_delta,
-        )
+    def chunk_map(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+        pool = run.pool if run is not None else None
+        if pool is None:
+            return [fn(x) for x in items]
+        return [f.result() for f in [pool.submit(_in_worker, fn, x) for x in items]]
+
+    prepare_inputs = PrepareInputs(
+        shared=item.shared,  # type: ignore[arg-type]
+        params=item.params,
+        generators=generators,
+        numel=item.out.numel,
+        ranges=ranges,
+        delta=full_delta,
+        map=chunk_map,
     )
+    if run is None or run.pool is None:
+        return chunking.prepare(prepare_inputs)
+    # The heavy passes go through chunk_map; what is left here (selections over a few % of
+    # the elements) runs on one thread: OpenMP fan-out of it next to the reader, the writer
+    # and other processes costs more than it gains (5-10x on a busy 2-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return chunking.prepare(prepare_inputs)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass

@@ -9,9 +9,10 @@ themselves; :func:`_load_all` finds them by scanning the package folder.
 
 from __future__ import annotations
 
+import builtins
 import importlib
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
@@ -106,6 +107,10 @@ class MergeInputs(Generic[S, M]):
     states: list[Any] | None = None
 
 
+# map(fn, items) -> fn(item) for each item, in order (builtins.map, or a thread pool's)
+ChunkMap = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]
+
+
 @dataclass(frozen=True)
 class PrepareInputs(Generic[S, M]):
     """What :attr:`Chunking.prepare` gets before the chunks of one tensor."""
@@ -118,6 +123,9 @@ class PrepareInputs(Generic[S, M]):
     # delta(i): input i's whole delta, flat, in the compute dtype (read only when asked for;
     # the buffer is reused: valid until the next call).
     delta: Callable[[int], torch.Tensor]
+    # map(fn, items): how whole-tensor passes run ``fn`` over chunks, in order of ``items``
+    # (the engine's worker threads, one intra-op thread each; here: serially)
+    map: ChunkMap = builtins.map
 
 
 def _always(shared: Any, params: Any) -> bool:

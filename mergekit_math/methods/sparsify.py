@@ -8,6 +8,7 @@ Pure functions of tensors (no IO, no global RNG); randomness comes from the
 
 from __future__ import annotations
 
+import builtins
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -17,6 +18,7 @@ from mergekit_math.methods.base import reduce_sum
 if TYPE_CHECKING:
     import torch
 
+    from mergekit_math.methods.base import ChunkMap
     from mergekit_math.methods.masks import MaskStream
 
 Rescale = Literal["paper", "l1"]
@@ -45,33 +47,41 @@ class Selection:
     ties: torch.Tensor  # ascending positions of the values equal to the threshold
 
 
-def _select_directly(values: torch.Tensor, k: int) -> Selection:
+def _starts(n: int) -> range:
+    return range(0, n, _SELECT_CHUNK)
+
+
+def _select_directly(values: torch.Tensor, k: int, map: ChunkMap = builtins.map) -> Selection:
     import torch
 
     n = values.numel()
     threshold = float(torch.kthvalue(values, n - k + 1).values)
-    above, ties = 0, []
-    for start in range(0, n, _SELECT_CHUNK):
+
+    def scan(start: int) -> tuple[int, torch.Tensor]:
         part = values[start : start + _SELECT_CHUNK]
-        above += int(torch.count_nonzero(part > threshold))
-        ties.append((part == threshold).nonzero().flatten() + start)
-    return Selection(threshold, above, torch.cat(ties))
+        above = int(torch.count_nonzero(part > threshold))
+        return above, (part == threshold).nonzero().flatten() + start
+
+    found = list(map(scan, _starts(n)))
+    return Selection(threshold, sum(a for a, _ in found), torch.cat([t for _, t in found]))
 
 
-def kth_select(values: torch.Tensor, k: int) -> Selection:
+def kth_select(values: torch.Tensor, k: int, map: ChunkMap = builtins.map) -> Selection:
     """The exact ``k``-th largest element of a flat float tensor (``1 <= k <= n``), with how
     many elements exceed it and where the elements equal to it are.
 
     For large tensors a strided sample brackets the answer; one chunked pass counts the
     elements above the bracket and collects those inside it (about 2 %, with positions), and
     a kthvalue over those finishes. Should the bracket miss (the counts say so), it falls back
-    to a kthvalue over everything, so the result is always exact.
+    to a kthvalue over everything, so the result is always exact. ``map`` runs the chunked
+    passes (the engine hands over its worker threads: single-threaded ops on each, rather
+    than this thread's OpenMP fan-out, which a busy machine makes 5-10x slower).
     """
     import torch
 
     n = values.numel()
     if n <= _DIRECT_SELECT:
-        return _select_directly(values, k)
+        return _select_directly(values, k, map)
     stride = n // _SAMPLE
     sample = values[::stride][:_SAMPLE].contiguous()
     size = sample.numel()
@@ -80,22 +90,24 @@ def kth_select(values: torch.Tensor, k: int) -> Selection:
     lo_rank, hi_rank = int(size * below - margin), int(size * below + margin) + 1
     lo = float(torch.kthvalue(sample, lo_rank).values) if lo_rank >= 1 else -math.inf
     hi = float(torch.kthvalue(sample, hi_rank).values) if hi_rank <= size else math.inf
-    above = 0
-    positions, inside = [], []
-    for start in range(0, n, _SELECT_CHUNK):
+
+    def scan(start: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         part = values[start : start + _SELECT_CHUNK]
         not_above = part <= hi
-        above += part.numel() - int(torch.count_nonzero(not_above))
+        above = part.numel() - int(torch.count_nonzero(not_above))
         where = (not_above & (part >= lo)).nonzero().flatten()
-        inside.append(part[where])
-        positions.append(where + start)
-    candidates = torch.cat(inside)
+        return above, part[where], where + start
+
+    found = list(map(scan, _starts(n)))
+    above = sum(a for a, _, _ in found)
+    candidates = torch.cat([c for _, c, _ in found])
     if not (above < k <= above + candidates.numel()):
-        return _select_directly(values, k)
+        return _select_directly(values, k, map)
     rank = k - above  # rank from the top among the candidates
     threshold = float(torch.kthvalue(candidates, candidates.numel() - rank + 1).values)
     above += int(torch.count_nonzero(candidates > threshold))
-    return Selection(threshold, above, torch.cat(positions)[candidates == threshold])
+    positions = torch.cat([p for _, _, p in found])
+    return Selection(threshold, above, positions[candidates == threshold])
 
 
 def kth_largest(values: torch.Tensor, k: int) -> float:
@@ -113,21 +125,17 @@ class MagnitudeTrim:
     """
 
     def __init__(
-        self, magnitude: torch.Tensor, density: float, ranges: list[tuple[int, int]] | None = None
+        self,
+        magnitude: torch.Tensor,
+        density: float,
+        ranges: list[tuple[int, int]] | None = None,
+        map: ChunkMap = builtins.map,
     ):
-        import torch
-
         n = magnitude.numel()
         k = max(1, int(density * n))
-        selection = kth_select(magnitude, k)
+        selection = kth_select(magnitude, k, map)
         self.threshold = selection.threshold
-        kept_ties = selection.ties[: k - selection.above]
-        self.ties: dict[int, torch.Tensor] = {}
-        for start, end in ranges or [(0, n)]:
-            lo, hi = torch.searchsorted(
-                kept_ties, torch.tensor([start, end], device=kept_ties.device)
-            ).tolist()
-            self.ties[start] = kept_ties[lo:hi] - start
+        self.ties = _split(selection.ties[: k - selection.above], ranges or [(0, n)])
 
     def apply(self, delta: torch.Tensor, start: int = 0) -> torch.Tensor:
         flat = delta.reshape(-1)
@@ -140,6 +148,12 @@ class MagnitudeTrim:
         return (flat * keep).reshape(delta.shape)
 
 
+def chunked_abs_(values: torch.Tensor, map: ChunkMap = builtins.map) -> torch.Tensor:
+    """``values.abs_()`` of a flat tensor, chunk by chunk through ``map``."""
+    list(map(lambda start: values[start : start + _SELECT_CHUNK].abs_(), _starts(values.numel())))
+    return values
+
+
 def magnitude_prune(delta: torch.Tensor, density: float, rescale: Rescale | None) -> torch.Tensor:
     """Keep the ``max(1, int(density·n))`` entries of largest magnitude (TIES trim)."""
     if density >= 1:
@@ -148,25 +162,114 @@ def magnitude_prune(delta: torch.Tensor, density: float, rescale: Rescale | None
     return rescale_l1(delta, kept) if rescale == "l1" else kept
 
 
+class RankWindow:
+    """Keep the elements whose rank in a stable ascending sort of the magnitudes (equal values
+    in index order) lies in ``[first, first + count)``, without sorting: the values at the
+    window's two ends come from :func:`kth_select`, every element strictly between them is
+    inside, and of the elements equal to an end the window takes a run of consecutive ones in
+    index order, as the stable sort would. ``ranges`` are the chunks :meth:`keep` will get (any
+    order, any thread), as for :class:`MagnitudeTrim`."""
+
+    def __init__(
+        self,
+        magnitude: torch.Tensor,
+        first: int,
+        count: int,
+        ranges: list[tuple[int, int]] | None = None,
+        map: ChunkMap = builtins.map,
+    ):
+        import torch
+
+        n = magnitude.numel()
+        self.low, self.high = math.inf, -math.inf  # an empty window keeps nothing
+        kept = magnitude.new_empty(0, dtype=torch.int64)
+        if count > 0:
+            last = first + count - 1  # the r-th smallest is the (n-r)-th largest
+            low, high = kth_select(magnitude, n - first, map), kth_select(magnitude, n - last, map)
+            self.low, self.high = low.threshold, high.threshold
+            below_low = n - low.above - low.ties.numel()  # elements smaller than the low end
+            below_high = n - high.above - high.ties.numel()
+            if low.threshold == high.threshold:
+                kept = low.ties[first - below_low : last - below_low + 1]
+            else:
+                ends = [low.ties[first - below_low :], high.ties[: last - below_high + 1]]
+                kept = torch.cat(ends).sort().values  # each ascending; _split needs all
+        self.ties = _split(kept, ranges or [(0, n)])
+
+    def keep(self, magnitude: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Boolean keep mask of the flat magnitudes of the chunk starting at ``start``."""
+        import torch
+
+        mask = torch.gt(magnitude, self.low)
+        mask &= magnitude < self.high
+        ties = self.ties[start]
+        if ties.numel():
+            mask[ties] = True
+        return mask
+
+    def apply(self, delta: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The chunk ``delta`` (starting at flat ``start``) with the dropped entries zeroed."""
+        import torch
+
+        flat = delta.reshape(-1)
+        zero = torch.zeros((), dtype=flat.dtype, device=flat.device)
+        return torch.where(self.keep(flat.abs(), start), flat, zero).reshape(delta.shape)
+
+
+def _split(positions: torch.Tensor, ranges: list[tuple[int, int]]) -> dict[int, torch.Tensor]:
+    """Ascending flat ``positions`` per range, relative to the range's start."""
+    import torch
+
+    out: dict[int, torch.Tensor] = {}
+    for start, end in ranges:
+        bounds = torch.tensor([start, end], device=positions.device)
+        lo, hi = torch.searchsorted(positions, bounds).tolist()
+        out[start] = positions[lo:hi] - start
+    return out
+
+
+def rank_window(values: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    """Boolean mask of the elements of a flat tensor of stable ascending rank in ``[first,
+    first + count)`` (see :class:`RankWindow`)."""
+    return RankWindow(values, first, count).keep(values)
+
+
+def breadcrumbs_window(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """Ascending magnitude ranks Breadcrumbs keeps of ``n``: ``(first, count)``."""
+    target = int(density * n)
+    n_top = int(gamma * n)
+    return max(0, n - target - n_top), target
+
+
 def magnitude_outliers_prune(
     delta: torch.Tensor, density: float, gamma: float, rescale: Rescale | None
 ) -> torch.Tensor:
-    """Drop the ``gamma`` fraction of largest entries, then the smallest, keeping ``density``."""
-    import torch
-
+    """Drop the ``gamma`` fraction of largest entries, then the smallest, keeping ``density``
+    (whole tensor, as mergekit 0.1.5): the entries of ascending magnitude rank ``n_bottom ..
+    n_bottom + int(density·n) - 1``, equal magnitudes ranked in index order."""
     if density >= 1:
         return delta
-    n = delta.numel()
-    target = int(density * n)
-    n_top = int(gamma * n)
-    n_bottom = max(0, n - target - n_top)
-    flat = delta.reshape(-1)
-    order = torch.sort(flat.abs(), descending=False, stable=True).indices
-    keep = order[n_bottom : n_bottom + target]
-    kept = torch.zeros_like(flat)
-    kept[keep] = flat[keep]
-    kept = kept.reshape(delta.shape)
+    first, count = breadcrumbs_window(delta.numel(), density, gamma)
+    kept = RankWindow(delta.reshape(-1).abs(), first, count).apply(delta)
     return rescale_l1(delta, kept) if rescale == "l1" else kept
+
+
+_SAME_SIZE_INT = {8: "int64", 4: "int32", 2: "int16"}
+
+
+def row_ranks(rows: torch.Tensor) -> torch.Tensor:
+    """Each element's rank (int64, from 0) in a stable ascending sort of its row of
+    non-negative floats: one stable argsort, of the bit patterns as signed integers (ordered
+    as the values are, without the float comparator's NaN handling), then the inverse
+    permutation by a scatter (not a second argsort)."""
+    import torch
+
+    keys = rows
+    if rows.is_floating_point() and rows.element_size() in _SAME_SIZE_INT:
+        keys = rows.view(getattr(torch, _SAME_SIZE_INT[rows.element_size()]))
+    order = keys.argsort(dim=1, stable=True)
+    positions = torch.arange(rows.shape[1], dtype=torch.int64, device=rows.device)
+    return torch.empty_like(order).scatter_(1, order, positions.expand_as(order))
 
 
 @dataclass(frozen=True)
@@ -226,7 +329,7 @@ def della_drop(
         raise ValueError(f"della needs density ± epsilon inside (0, 1), got {density} ± {epsilon}")
     rows = delta.unsqueeze(0) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     # stable: equal magnitudes rank in index order, the same on every device
-    ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).to(torch.float32)
+    ranks = row_ranks(rows.abs()).to(torch.float32)
     span = (rows.shape[1] - 1) or 1
     probs = (density - epsilon) + (ranks / span) * (2 * epsilon)
     mask = stream.keep_with(0, probs).reshape(rows.shape)

@@ -27,8 +27,11 @@ from mergekit_math.methods.consensus import agreement_mask, elect_sign, zero_to_
 from mergekit_math.methods.sparsify import (
     KeepMask,
     MagnitudeTrim,
+    RankWindow,
     Rescale,
     apply_keep,
+    breadcrumbs_window,
+    chunked_abs_,
     della_drop,
     magnitude_outliers_prune,
     magnitude_prune,
@@ -116,7 +119,7 @@ def _sparsify(
     """Input ``i``'s delta after the variant's sparsification (whole tensor or one chunk)."""
     p = inputs.params[i]
     state = inputs.states[i] if inputs.states is not None else None
-    if isinstance(state, MagnitudeTrim):
+    if isinstance(state, (MagnitudeTrim, RankWindow)):
         return state.apply(delta, inputs.offset)
     if isinstance(state, KeepMask):
         start = inputs.offset
@@ -176,14 +179,15 @@ def _merge(variant: Variant):
 
 
 def _chunking(variant: Variant) -> Chunking[DeltaShared, DeltaModel]:
-    """Chunks for no sparsification, TIES trims without L1 rescale (a whole-tensor threshold
-    computed once) and DARE drops without L1 rescale (masks computed per chunk)."""
+    """Chunks for no sparsification, TIES trims and Breadcrumbs windows without L1 rescale
+    (whole-tensor thresholds computed once) and DARE drops without L1 rescale (masks computed
+    per chunk)."""
 
     def applies(shared: DeltaShared, params: list[DeltaModel]) -> bool:
         rescale = _rescale_mode(variant, shared.rescale)
         if variant.sparsification == "none":
             return True
-        if variant.sparsification == "magnitude":
+        if variant.sparsification in ("magnitude", "magnitude_outliers"):
             return rescale is None
         if variant.sparsification == "random":
             return rescale != "l1"
@@ -195,7 +199,14 @@ def _chunking(variant: Variant) -> Chunking[DeltaShared, DeltaModel]:
             if p.density >= 1 or variant.sparsification == "none":
                 states.append(None)
             elif variant.sparsification == "magnitude":
-                states.append(MagnitudeTrim(inputs.delta(i).abs_(), p.density, inputs.ranges))
+                magnitude = chunked_abs_(inputs.delta(i), inputs.map)
+                states.append(MagnitudeTrim(magnitude, p.density, inputs.ranges, inputs.map))
+            elif variant.sparsification == "magnitude_outliers":
+                assert isinstance(p, BreadcrumbsModel)
+                magnitude = chunked_abs_(inputs.delta(i), inputs.map)
+                first, count = breadcrumbs_window(inputs.numel, p.density, p.gamma)
+                window = RankWindow(magnitude, first, count, inputs.ranges, inputs.map)
+                states.append(window)
             elif variant.sparsification == "random":
                 assert inputs.generators is not None
                 states.append(KeepMask(inputs.generators[i], p.density))
@@ -204,7 +215,8 @@ def _chunking(variant: Variant) -> Chunking[DeltaShared, DeltaModel]:
         return states
 
     def buffers(shared: DeltaShared, params: list[DeltaModel]) -> int:
-        return int(variant.sparsification == "magnitude" and any(p.density < 1 for p in params))
+        selects = variant.sparsification in ("magnitude", "magnitude_outliers")
+        return int(selects and any(p.density < 1 for p in params))
 
     return Chunking(applies, prepare, buffers)
 
