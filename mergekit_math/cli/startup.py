@@ -55,8 +55,10 @@ _M_MMAP_THRESHOLD = -3
 
 
 def tune_malloc() -> None:
-    """Keep freed blocks up to 8 MB (and 64 MB of free heap) for reuse (glibc only; elsewhere nothing changes). The
-    environment's MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, when set, win."""
+    """Keep freed blocks up to 8 MB (and up to 64 MB of free heap) for reuse (glibc only;
+    elsewhere nothing changes). The environment's MALLOC_MMAP_THRESHOLD_ /
+    MALLOC_TRIM_THRESHOLD_, when set, win. Measured: the 64/512 MB of a first try kept more
+    heap out of core (7B: peak RSS 2.6 GB against 2.1 GB) for no measurable speed."""
     import ctypes
     import ctypes.util
     import os
