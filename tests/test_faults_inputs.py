@@ -231,23 +231,33 @@ def test_input_changed_between_planning_and_reading_stops_the_merge(tmp_path, zo
     assert_nothing_written(out)
 
 
-def test_input_replaced_mid_merge_stops_at_the_next_read(tmp_path, zoo):
+def test_input_replaced_mid_merge_stops_at_the_next_read(tmp_path, zoo, monkeypatch):
+    from mergekit_math.io.input_file import InputFile
     from mergekit_math.merge import execute
 
     model = copy_model(zoo["a"], tmp_path / "m")
     shard = model / "model.safetensors"
     plan = _plan(tmp_path, model, zoo["b"])
-    done: list[str] = []
+    reads: list[int] = []
+    check = InputFile.check
 
-    def after(item) -> None:  # swap the shard once the first tensor is written
-        if not done:
-            os.replace(shutil.copy(zoo["c"] / "model.safetensors", model / "x.tmp"), shard)
-        done.append(item.out.name)
+    # Swap the shard right after the check before its first read (a mapping or a pread keeps
+    # reading the planned inode, so that read still gets the planned bytes). The reader thread
+    # runs ahead of the writer by up to its IO budget (more than this whole model), so swapping
+    # after the first *written* tensor raced with everything having been read already.
+    def swap_after_first_check(self) -> int:
+        fd = check(self)
+        if self.path == shard:
+            if not reads:
+                os.replace(shutil.copy(zoo["c"] / "model.safetensors", model / "x.tmp"), shard)
+            reads.append(fd)
+        return fd
 
+    monkeypatch.setattr(InputFile, "check", swap_after_first_check)
     out = tmp_path / "out"
     with pytest.raises(UserError, match="replaced by another file"):
-        execute(plan, out, progress=False, on_tensor=after, chunk_elements=64)
-    assert 1 <= len(done) < len(plan.items)
+        execute(plan, out, progress=False, chunk_elements=64)
+    assert len(reads) == 1  # the first read went through; the check before the next one raised
     assert_nothing_written(out)
 
 
