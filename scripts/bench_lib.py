@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab
@@ -219,8 +220,25 @@ class Run:
     timings: dict[str, float] | None = None  # MMATH_TIMINGS of an mmath run
 
 
+def _peak_rss(p: Any) -> int:
+    """A process's peak RSS so far: VmHWM where /proc has it (exact up to the last poll), else
+    its current RSS."""
+    try:
+        for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return p.memory_info().rss
+
+
 def measure(cmd: list[str], env: dict[str, str] | None = None) -> Run:
-    """Wall time and peak RSS of the process tree of ``cmd`` (which must succeed)."""
+    """Wall time and peak RSS of the process tree of ``cmd`` (which must succeed).
+
+    The peak is polled from the tree (VmHWM), not taken from ``wait4``'s ``ru_maxrss``: Linux
+    keeps a process's maxrss across ``execve``, so a child forked from this script starts with
+    this script's RSS at the fork (which grows once outputs are compared) as its "peak".
+    """
     import psutil
 
     peak_tree = 0
@@ -234,19 +252,19 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> Run:
             root = psutil.Process(proc.pid)
         except psutil.NoSuchProcess:
             return
+        peaks: dict[int, int] = {}
         while not done.is_set():
-            total = 0
             try:
                 for p in [root, *root.children(recursive=True)]:
-                    total += p.memory_info().rss
+                    peaks[p.pid] = max(peaks.get(p.pid, 0), _peak_rss(p))
             except psutil.Error:
                 pass
-            peak_tree = max(peak_tree, total)
+            peak_tree = max(peak_tree, sum(peaks.values()))
             time.sleep(0.01)
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, status, _ = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     done.set()
     poller.join()
@@ -254,7 +272,7 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> Run:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{stderr[-3000:]}")
-    return Run(seconds, max(peak_tree, usage.ru_maxrss * 1024))
+    return Run(seconds, peak_tree)
 
 
 def drop_cache(files: list[Path]) -> None:
