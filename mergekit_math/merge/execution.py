@@ -7,7 +7,6 @@ a temporary folder that is renamed into place only when everything is written.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import sys
 import threading
@@ -107,30 +106,24 @@ def _warn(message: str) -> None:
 def _read_range(
     plan: Plan, item: PlanItem, start: int, end: int, pin: bool = False
 ) -> list[torch.Tensor]:
-    """The raw (stored dtype) inputs of ``item`` for flat elements ``[start, end)``."""
+    """The raw (stored dtype) inputs of ``item`` for flat elements ``[start, end)``, read
+    (``pread``) into buffers of their own, pinned with ``pin``.
+
+    Not views of mapped files: a read fault maps a whole fault-around block or large folio
+    (up to 2 MiB here) around the page touched, so releasing a chunk's pages after use
+    (``madvise``) left neighbours mapped and the merge's RSS grew with the model (+260 MB
+    over a TinyLlama merge). A copy out of the page cache costs no more than faulting the
+    mapping in (0.78 s vs 0.83 s for 2.2 GB, warm).
+    """
     import torch
 
     out = []
     for _, ckpt, name in _item_inputs(plan, item):
-        buf = None
-        if pin:
-            info = ckpt.info(name)
-            size = (end - start) * ITEMSIZE[info.dtype]
-            buf = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        info = ckpt.info(name)
+        size = (end - start) * ITEMSIZE[info.dtype]
+        buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
         out.append(ckpt.read_range(name, start, end, out=buf))
     return out
-
-
-def _prefault(plan: Plan, item: PlanItem, start: int, end: int, pin: bool = False) -> list:
-    """:func:`_read_range`, touching one byte per page so the page faults of the mapped
-    views happen here (in the read-ahead thread) rather than in the computation."""
-    import torch
-
-    views = _read_range(plan, item, start, end, pin)
-    for v in views:
-        if not pin and v.numel():
-            v.view(torch.uint8)[:: mmap.PAGESIZE].sum()
-    return views
 
 
 def _release_range(plan: Plan, item: PlanItem, start: int, end: int) -> None:
@@ -457,7 +450,7 @@ def _units(plan: Plan, device: str, chunk: int, pin: bool) -> Iterator[Unit]:
             start,
             end,
             _range_bytes(plan, item, start, end),
-            partial(_prefault, plan, item, start, end, pin),
+            partial(_read_range, plan, item, start, end, pin),
         )
         for item in plan.items
         for start, end in item_ranges(plan, item, device, chunk)
