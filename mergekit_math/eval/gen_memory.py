@@ -5,7 +5,7 @@ of ``--batch-size`` rows; ``model.generate`` then holds, for every row, keys and
 each layer for the prompt and every generated token until the last row of the batch stops:
 ``rows x (prompt + max_gen_toks) x kv_bytes_per_token`` (a row that stops early keeps its
 cache). With 32k-token budgets that product outgrows the device long before the weights do
-(Qwen2.5-7B in bf16: 56 KiB per token, so 8 rows x 33k tokens = 14.4 GiB). ``batch_guard``
+(Qwen2.5-7B in bf16: 56 KiB per token, so 8 rows x 33,792 tokens = 14.4 GiB). ``batch_guard``
 lowers the batch of a ``generate_until`` call so the worst batch's cache fits in
 ``KV_FRACTION`` of the memory free when the call starts, and says so.
 
