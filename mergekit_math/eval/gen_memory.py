@@ -26,7 +26,10 @@ from mergekit_math.errors import UserError
 
 KV_FRACTION = 0.5
 """Share of the free memory a generating batch's KV cache may take; the rest is left for
-activations, logits and the allocator's slack."""
+activations, logits and the allocator's slack. Measured on CPU (4-layer Llama, 8 KV heads of
+32, fp32, 100-token prompt, 2000 sampled tokens): the cache held by ``generate`` was 16.4 MiB
+at 1 row and 131.2 MiB at 8, as ``kv_bytes_per_token`` predicts, and peak RSS grew by 37 and
+165 MiB."""
 
 
 def kv_bytes_per_token(config: Any, dtype_bytes: int) -> int:
