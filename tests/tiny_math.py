@@ -59,18 +59,24 @@ def bare_answer(problem) -> str:
     return f" #### {problem.final}"
 
 
+def gsm8k_prompt(problem) -> str:
+    return f"Question: {problem.question}\nAnswer:"
+
+
 def train(
     folder: Path,
     problems: Sequence,
     answer: Callable = bare_answer,
     *,
+    prompt: Callable = gsm8k_prompt,
     start: Path | None = None,
     steps: int = 300,
     lr: float = 3e-3,
     seed: int = 0,
 ) -> Path:
-    """Teach ``Question: q\\nAnswer:<answer(p)></s>`` (loss on the answer only) from a fresh
-    model, or from the model in ``start``; saves into ``folder``."""
+    """Teach ``<prompt(p)><answer(p)></s>`` (loss on the answer only; the prompt defaults to
+    ``Question: q\\nAnswer:``) from a fresh model, or from the model in ``start``; saves into
+    ``folder``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if start is None:
@@ -81,10 +87,10 @@ def train(
     tok = AutoTokenizer.from_pretrained(folder)
     rows, masks = [], []
     for p in problems:
-        prompt = tok(f"Question: {p.question}\nAnswer:", add_special_tokens=False).input_ids
+        head = tok(prompt(p), add_special_tokens=False).input_ids
         target = tok(answer(p), add_special_tokens=False).input_ids + [2]
-        rows.append(prompt + target)
-        masks.append([0] * len(prompt) + [1] * len(target))
+        rows.append(head + target)
+        masks.append([0] * len(head) + [1] * len(target))
     width = max(map(len, rows))
     ids = torch.tensor([r + [3] * (width - len(r)) for r in rows])
     labels = ids.clone()

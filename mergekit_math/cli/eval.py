@@ -25,6 +25,7 @@ from mergekit_math.eval.options import (
     NoCacheOption,
     OnlineOption,
     RequireOption,
+    SamplesOption,
     TasksOption,
     VerboseOption,
     eval_options,
@@ -71,6 +72,7 @@ def eval_(
     num_fewshot: FewshotOption = None,
     apply_chat_template: ChatOption = False,
     gen_kwargs: GenKwargsOption = None,
+    samples: SamplesOption = 1,
     seed: EvalSeedOption = None,
     online: OnlineOption = False,
     no_cache: NoCacheOption = False,
@@ -82,7 +84,10 @@ def eval_(
     config, limit, few-shot, generation settings): a repeated evaluation is instant unless
     --no-cache. Runs offline unless --online. For generative tasks the table also shows the
     tokens generated per problem (the stored response re-tokenised with the model's tokenizer,
-    cut at the first stop string): mean / median / 90th percentile.
+    cut at the first stop string): mean / median / 90th percentile. With --samples K each
+    problem is generated K times and the table adds avg@K, pass@k and maj@K; tasks whose
+    problems have a level or subject (math_local) also get accuracy and tokens per level and
+    subject.
 
     Example: mmath eval out/ties-merge --tasks gsm8k_cot_local --data problems.jsonl --limit 50
     """
@@ -105,6 +110,7 @@ def eval_(
         online,
         no_cache,
         verbose=verbose,
+        samples=samples,
     )
     report = evaluate(model_dir, options)
     if output is not None:

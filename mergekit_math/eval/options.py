@@ -48,6 +48,15 @@ GenKwargsOption = Annotated[
     str | None,
     typer.Option(help="Generation settings k=v,... e.g. max_gen_toks=256,temperature=0."),
 ]
+SamplesOption = Annotated[
+    int,
+    typer.Option(
+        "--samples",
+        min=1,
+        help="Generations per problem; above 1 needs --gen-kwargs temperature=T>0 and adds "
+        "avg@K, pass@k (unbiased) and maj@K per task.",
+    ),
+]
 EvalSeedOption = Annotated[int | None, typer.Option(help="Seed for sampling and few-shot.")]
 OnlineOption = Annotated[
     bool,
@@ -80,9 +89,11 @@ def eval_options(
     online: bool,
     no_cache: bool,
     verbose: bool = False,
+    samples: int = 1,
 ) -> EvalOptions:
     """EvalOptions from the flags' raw values (validated, UserError naming the flag)."""
     from mergekit_math.eval.run import EvalOptions, parse_gen_kwargs, parse_limit
+    from mergekit_math.eval.sample_scores import sampling_gen_kwargs
     from mergekit_math.eval.tasks import split_tasks
 
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
@@ -104,7 +115,8 @@ def eval_options(
         limit=parse_limit(limit),
         num_fewshot=num_fewshot,
         apply_chat_template=apply_chat_template,
-        gen_kwargs=parse_gen_kwargs(gen_kwargs),
+        gen_kwargs=sampling_gen_kwargs(samples, parse_gen_kwargs(gen_kwargs)),
+        samples=samples,
         seed=seed,
         online=online,
         use_cache=not no_cache,

@@ -22,8 +22,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from mergekit_math import __version__
 from mergekit_math.errors import UserError
 from mergekit_math.eval import cache
+from mergekit_math.eval.gen_memory import batch_guard, check_context
 from mergekit_math.eval.noise import library_output
 from mergekit_math.eval.progress import request_progress
+from mergekit_math.eval.sample_scores import (
+    format_breakdown,
+    record_tasks,
+    sampling_gen_kwargs,
+    summarize,
+)
 from mergekit_math.eval.tasks import LOCAL_TASKS, TaskSelection, select_tasks
 from mergekit_math.io.fingerprint import model_fingerprint
 
@@ -47,6 +54,7 @@ class EvalOptions(BaseModel):
     num_fewshot: int | None = None
     apply_chat_template: bool = False
     gen_kwargs: dict[str, Any] = Field(default_factory=dict)
+    samples: int = Field(1, ge=1, description="Generations per problem (avg@K, pass@k, maj@K).")
     seed: int | None = None
     online: bool = False
     use_cache: bool = True
@@ -61,6 +69,7 @@ class EvalReport:
     data: dict[str, dict] = field(default_factory=lambda: {k: {} for k in PER_TASK})
     group_subtasks: dict[str, list[str]] = field(default_factory=dict)
     lengths: dict[str, dict] = field(default_factory=dict)
+    breakdown: dict[str, dict] = field(default_factory=dict)
     samples: dict[str, list] = field(default_factory=dict)
     cached: dict[str, bool] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
@@ -147,6 +156,8 @@ def evaluate(model_dir: Path | str, options: EvalOptions, verbose: bool = False)
     (what runs, how many samples, a bar per sample) goes to stderr."""
     started = time.perf_counter()
     model_dir = Path(model_dir)
+    gen_kwargs = sampling_gen_kwargs(options.samples, options.gen_kwargs)
+    options = options.model_copy(update={"gen_kwargs": gen_kwargs})
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: not a model folder (no config.json)")
     if options.device.startswith("cuda"):
@@ -164,6 +175,7 @@ def evaluate(model_dir: Path | str, options: EvalOptions, verbose: bool = False)
         sel = select_tasks(options.tasks, options.data, Path(work))
         report.tasks = sel.names
         manager = _task_manager(sel)
+        loaded = record_tasks(manager, options.samples)
         keys = {name: _key(name, manager, sel, options, fingerprint) for name in sel.names}
         entries: dict[str, dict] = {}
         for name, key in keys.items():
@@ -173,7 +185,7 @@ def evaluate(model_dir: Path | str, options: EvalOptions, verbose: bool = False)
                 report.cached[name] = True
         todo = [n for n in sel.names if n not in entries]
         if todo:
-            fresh = _run(model_dir, todo, manager, options)
+            fresh = _run(model_dir, todo, manager, options, loaded)
             for name in todo:
                 entries[name] = fresh[name]
                 report.cached[name] = False
@@ -226,6 +238,7 @@ def _key(name: str, manager: Any, sel: TaskSelection, options: EvalOptions, fp: 
             "chat_template": options.apply_chat_template,
             "seed": options.seed,
             "dtype": options.dtype,
+            **({"samples": options.samples} if options.samples != 1 else {}),
         }
     )
 
@@ -239,7 +252,9 @@ def _stable_config(config: dict) -> dict:
     return config
 
 
-def _run(model_dir: Path, names: list[str], manager: Any, options: EvalOptions) -> dict[str, dict]:
+def _run(
+    model_dir: Path, names: list[str], manager: Any, options: EvalOptions, loaded: dict[str, Any]
+) -> dict[str, dict]:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -249,6 +264,7 @@ def _run(model_dir: Path, names: list[str], manager: Any, options: EvalOptions) 
         dtype=options.dtype,
         batch_size=options.batch_size,
     )
+    check_context(loaded, options.gen_kwargs, lm.max_length)
     seeds = {}
     if options.seed is not None:
         seeds = {
@@ -264,6 +280,7 @@ def _run(model_dir: Path, names: list[str], manager: Any, options: EvalOptions) 
     # prints git's complaint when it is none; a merged model has no commit to record.
     with (
         mock.patch("lm_eval.evaluator.get_git_commit_hash", lambda: None),
+        batch_guard(lm, options.device),
         request_progress(lm, options.batch_size, options.device),
     ):
         out = _simple_evaluate(lm_eval, lm, names, manager, options, seeds)
@@ -287,10 +304,12 @@ def _run(model_dir: Path, names: list[str], manager: Any, options: EvalOptions) 
                     entry[k][m] = out[k][m]
         entry["group_subtasks"] = {m: groups[m] for m in members if m in groups}
         entry["samples"] = {m: out["samples"][m] for m in members if m in out.get("samples", {})}
-        entry["lengths"] = {}
+        entry["lengths"], entry["breakdown"] = {}, {}
         for m, rows in entry["samples"].items():
             if entry["configs"].get(m, {}).get("output_type") == "generate_until":
                 entry["lengths"][m] = count_generated_tokens(rows, lm.tokenizer)
+                more, entry["breakdown"][m] = summarize(rows, loaded.get(m), options.samples)
+                entry["results"].setdefault(m, {}).update(more)
         entry["meta"] = meta
         entries[name] = json.loads(json.dumps(entry, default=cache.to_json))
     return entries
@@ -363,6 +382,7 @@ def _merge(report: EvalReport, entry: dict) -> None:
         report.data[k].update(entry.get(k, {}))
     report.group_subtasks.update(entry.get("group_subtasks", {}))
     report.lengths.update(entry.get("lengths", {}))
+    report.breakdown.update({k: v for k, v in entry.get("breakdown", {}).items() if v})
     report.samples.update(entry.get("samples", {}))
     for k, v in entry.get("meta", {}).items():
         report.meta.setdefault(k, v)
@@ -416,7 +436,7 @@ def format_table(report: EvalReport) -> str:
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
     out.append("  ".join("-" * w for w in widths))
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in lines]
-    return "\n".join(out)
+    return "\n".join(out) + format_breakdown(report.breakdown)
 
 
 def results_document(report: EvalReport, options: EvalOptions) -> dict[str, Any]:
@@ -432,6 +452,7 @@ def results_document(report: EvalReport, options: EvalOptions) -> dict[str, Any]
         "limit": options.limit,
         "num_fewshot": options.num_fewshot,
         "gen_kwargs": options.gen_kwargs,
+        "samples": options.samples,
         "apply_chat_template": options.apply_chat_template,
         "seed": options.seed,
     }
@@ -447,6 +468,7 @@ def results_document(report: EvalReport, options: EvalOptions) -> dict[str, Any]
         "cot_lengths": report.lengths,
         "cot_length_method": "generated text re-tokenised with the model's tokenizer, "
         "without special tokens; text after the first stop string is not counted",
+        "breakdown": report.breakdown,
         "cached": report.cached,
         "seconds": round(report.seconds, 2),
     }
