@@ -93,7 +93,7 @@ def test_parse_objective_and_values():
     assert objective_value(o, row) == 0.5
     flexible = parse_objective("gsm8k_local:exact_match,flexible-extract:max")
     assert objective_value(flexible, row) == 0.75
-    with pytest.raises(UserError, match="ambiguous"):
+    with pytest.raises(UserError, match="--objective gsm8k_local:exact_match is ambiguous"):
         objective_value(parse_objective("gsm8k_local:exact_match:max"), row)
     with pytest.raises(UserError, match="no generated tokens"):
         objective_value(t, {"metrics": {ACC: 1.0}, "lengths": {}})
@@ -343,3 +343,45 @@ def test_two_workers_share_one_study(models, tmp_path):  # noqa: F811
     assert os.getpid() not in {r["pid"] for r in rows}
     assert {t.user_attrs["point"] for t in trials} == {r["id"] for r in rows}
     assert json.loads((out / "search.json").read_text())["study"] == "study"
+
+
+def test_single_objective_report_picks_the_best(tmp_path):
+    """One objective: the front is the best point, whatever --pick says; rows that lack the
+    objective are left out."""
+    import matplotlib.image
+
+    from mergekit_math.sweep.objectives import Dim
+    from mergekit_math.sweep.pareto import write_pareto
+    from mergekit_math.sweep.results import append_row
+    from mergekit_math.sweep.search import SearchManifest
+
+    manifest = SearchManifest(
+        recipe="/r/ta.yaml",
+        method="task_arithmetic",
+        space=[Dim(key=WEIGHT, low=0.0, high=1.0)],
+        objectives=[parse_objective(f"{ACC}:max")],
+        eval={"tasks": ["gsm8k_local"]},
+        identity={},
+        study="s",
+        storage="folder",
+    )
+    scores = [0.2, 0.9, 0.5, None]
+    for i, value in enumerate(scores):
+        append_row(
+            tmp_path / "results.jsonl",
+            {
+                "id": f"{i:016x}",
+                "point": {WEIGHT: i / 4},
+                "metrics": {} if value is None else {ACC: value},
+                "lengths": {},
+                "recipe": {"merge_method": "task_arithmetic", "seed": i},
+            },
+        )
+    for rule in ("knee", "min-tokens-within:0.5"):
+        files = write_pareto(tmp_path, manifest, parse_pick(rule))
+        assert len(files.points) == 3
+        assert [p.id for p in files.front] == [files.picked.id] == [f"{1:016x}"]
+        assert yaml.safe_load(files.best_recipe.read_text())["seed"] == 1
+    text = files.markdown.read_text()
+    assert "## Pareto front (1 non-dominated of 3 points)" in text
+    assert matplotlib.image.imread(files.plot).shape[:2] == (500, 800)

@@ -195,7 +195,10 @@ def objective_value(objective: Objective, row: dict[str, Any]) -> float:
                 "generate_until task among --tasks)"
             )
         return value
-    key = resolve_metric(objective.spec, list(row.get("metrics") or {}))
+    try:
+        key = resolve_metric(objective.spec, list(row.get("metrics") or {}))
+    except UserError as exc:
+        raise UserError(str(exc).replace("--metric", "--objective", 1)) from None
     value = row["metrics"][key]
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         raise UserError(f"--objective {objective.spec}: recorded value {value!r} is not a number")
