@@ -53,8 +53,8 @@ PickOption = Annotated[
 ]
 
 
-# Long: typer reads the options from the signature; the body builds SearchSettings, runs the
-# search and writes the reports.
+# Long: typer reads the 30 options from the signature; the body checks them and builds
+# SearchSettings (running and reporting are in _execute).
 @search_app.command("run")
 def run(
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML to search.")],
@@ -171,7 +171,7 @@ def run(
         no_cache,
         verbose=verbose,
     )
-    from mergekit_math.sweep.search import SearchSettings, plan_search, run_search
+    from mergekit_math.sweep.search import SearchSettings, plan_search
 
     if sampler not in ("tpe", "nsga2", "cmaes", "random"):
         raise UserError(f"--sampler: expected tpe, nsga2, cmaes or random, got {sampler!r}")
@@ -195,32 +195,43 @@ def run(
         force=force,
         lenient=lenient,
     )
-    search = plan_search(settings)
+    _execute(plan_search(settings), quiet)
+
+
+def _execute(search: Any, quiet: bool) -> None:
+    """Run a planned search with its progress display, then write and print its reports."""
+    from mergekit_math.sweep.search import run_search
+
+    s = search.settings
     for w in search.warnings:
         warn(w)
-    where = f"in {workers} worker processes" if workers > 1 else "in this process"
+    where = f"in {s.workers} worker processes" if s.workers > 1 else "in this process"
     typer.echo(
-        f"search: {trials} trials of {search.manifest.method} over "
+        f"search: {s.trials} trials of {search.manifest.method} over "
         + ", ".join(d.describe() for d in search.manifest.space)
-        + f" with {sampler} {where} -> {output}"
+        + f" with {s.sampler} {where} -> {s.out}"
     )
-    display = _Display(search, trials, quiet)
+    display = _Display(search, s.trials, quiet)
     on_interrupt(
         "every completed trial is recorded in "
-        f"{output / 'study.db' if storage is None else storage}; the interrupted ones run "
+        f"{s.out / 'study.db' if s.storage is None else s.storage}; the interrupted ones run "
         "again when you run the same command"
     )
     try:
         outcome = run_search(search, show=display.show)
     finally:
         display.close()
-    files = _report(output, pick)
-    if files is not None and outcome.failed:
-        fail(
-            f"{len(outcome.failed)} trials failed (first: {outcome.failed[0].error}); run the "
-            "same command again to run more",
-            code=1,
-        )
+    failed = (
+        f"{len(outcome.failed)} trials failed (first: {outcome.failed[0].error}); run the "
+        "same command again to run more"
+        if outcome.failed
+        else ""
+    )
+    if outcome.complete == 0 and failed:
+        fail(failed, code=1)
+    _report(s.out, s.pick, s.storage)
+    if failed:
+        fail(failed, code=1)
 
 
 class _Display:
