@@ -1,8 +1,8 @@
 """The ``mmath`` command line: the root group and its table of commands, one module per command
 group (:mod:`.merge`, :mod:`.models`, :mod:`.eval`, :mod:`.data`, :mod:`.patch`, :mod:`.valve`,
-:mod:`.ul2r`, :mod:`.sweep`), all under the one error handler (:mod:`.handler`). Each command is a
-thin typed function; heavy imports (torch, lm-eval, huggingface_hub, ray) happen inside it, so
-``mmath --help`` is instant."""
+:mod:`.ul2r`, :mod:`.sweep`, :mod:`.search`), all under the one error handler
+(:mod:`.handler`). Each command is a thin typed function; heavy imports (torch, lm-eval,
+huggingface_hub, ray, optuna) happen inside it, so ``mmath --help`` is instant."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from mergekit_math.cli import eval as _eval
 from mergekit_math.cli import merge as _merge
 from mergekit_math.cli import models as _models
 from mergekit_math.cli import patch as _patch
+from mergekit_math.cli import search as _search
 from mergekit_math.cli import sweep as _sweep
 from mergekit_math.cli import ul2r as _ul2r
 from mergekit_math.cli import valve as _valve
@@ -42,6 +43,7 @@ app.add_typer(_patch.patch_app, name="patch")
 app.add_typer(_valve.valve_app, name="valve")
 app.add_typer(_ul2r.ul2r_app, name="ul2r")
 app.add_typer(_sweep.sweep_app, name="sweep")
+app.add_typer(_search.search_app, name="search")
 app.add_typer(_data.data_app, name="data")
 
 

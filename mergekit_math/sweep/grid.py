@@ -58,8 +58,9 @@ def parse_set(text: str) -> Axis:
     return Axis(key=key, values=parse_values(values, key))
 
 
-def key_path(key: str) -> list[str | int]:
-    """``models[1].parameters.weight`` -> ``["models", 1, "parameters", "weight"]``."""
+def key_path(key: str, flag: str = "--set") -> list[str | int]:
+    """``models[1].parameters.weight`` -> ``["models", 1, "parameters", "weight"]``; ``flag``
+    names the option in errors (``--set``, or ``--space`` for searches)."""
     path: list[str | int] = []
     for part in key.split("."):
         m = _INDEX.match(part)
@@ -69,7 +70,7 @@ def key_path(key: str) -> list[str | int]:
             path.append(part)
         else:
             raise UserError(
-                f"--set {key}: not a recipe key; write it as validation errors name it, "
+                f"{flag} {key}: not a recipe key; write it as validation errors name it, "
                 "e.g. models[1].parameters.weight or parameters.density"
             )
     return path
@@ -207,41 +208,43 @@ def settable_keys(recipe: Recipe) -> dict[str, tuple[type[BaseModel], str]]:
     return out
 
 
-def check_axes(axes: list[Axis], recipe: Recipe, source: str) -> list[Axis]:
+def check_axes(axes: list[Axis], recipe: Recipe, source: str, flag: str = "--set") -> list[Axis]:
     """Refuse keys the recipe cannot take (listing those it can), repeated keys and values
     out of range; returns the axes with values converted to the parameter's type (so ``1``
-    and ``1.0`` are the same point)."""
+    and ``1.0`` are the same point). ``flag`` names the option in errors (a search checks the
+    ends of its ``--space`` ranges here)."""
     if not axes:
-        raise UserError("--set: give at least one KEY=VALUES to sweep")
+        raise UserError(f"{flag}: give at least one KEY=VALUES to sweep")
     keys = settable_keys(recipe)
     out: list[Axis] = []
     seen: set[str] = set()
     for axis in axes:
+        where = f"{flag} {axis.key}"
         if axis.key in seen:
-            raise UserError(f"--set {axis.key}: given twice; list all its values in one --set")
+            raise UserError(f"{where}: given twice; list all its values in one {flag}")
         seen.add(axis.key)
         if axis.key not in keys:
             raise UserError(
-                f"--set {axis.key}: not a key of {source} that a sweep can set"
+                f"{where}: not a key of {source} that a sweep can set"
                 f"{suggest(axis.key, list(keys))}; its settable keys ({recipe.merge_method}): "
                 + ", ".join(keys)
             )
-        _check_not_shadowed(axis.key, recipe)
+        _check_not_shadowed(axis.key, recipe, flag)
         model, field = keys[axis.key]
-        values = [check_value(model, field, v, f"--set {axis.key}") for v in axis.values]
-        _no_repeats(values, f"--set {axis.key}")
+        values = [check_value(model, field, v, where) for v in axis.values]
+        _no_repeats(values, where)
         out.append(Axis(key=axis.key, values=values))
     total = math.prod(len(a.values) for a in out)
-    if total > MAX_POINTS:
+    if flag == "--set" and total > MAX_POINTS:
         raise UserError(
             f"--set: the grid has {total} points; at most {MAX_POINTS} (use --random N)"
         )
     return out
 
 
-def _check_not_shadowed(key: str, recipe: Recipe) -> None:
+def _check_not_shadowed(key: str, recipe: Recipe, flag: str = "--set") -> None:
     """A recipe-level default that every input overrides would make every point the same."""
-    path = key_path(key)
+    path = key_path(key, flag)
     name = path[-1]
     if path[:-1] == ["parameters"] and recipe.models:
         entries = [m.parameters for m in recipe.models]
@@ -253,7 +256,7 @@ def _check_not_shadowed(key: str, recipe: Recipe) -> None:
         return
     if entries and all(p is not None and name in p for p in entries):
         raise UserError(
-            f"--set {key}: every input sets its own {name!r}, so this default is never used; "
+            f"{flag} {key}: every input sets its own {name!r}, so this default is never used; "
             f"sweep {inner}.parameters.{name} instead"
         )
 

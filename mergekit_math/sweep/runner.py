@@ -59,20 +59,10 @@ def plan_sweep(settings: SweepSettings) -> Sweep:
     """Check the recipe, the keys and values, the input checkpoints (headers only) and the
     sweep folder; resolve every point's recipe and find the points already recorded."""
     from mergekit_math.eval.run import EvalOptions
-    from mergekit_math.io.model_files import resolved_recipe
-    from mergekit_math.merge import build_plan
-    from mergekit_math.recipe import load_recipe
 
     warnings: list[str] = []
     path = settings.recipe
-    recipe = load_recipe(path, warnings=warnings if settings.lenient else None)
-    for block in ("evaluate", "push"):
-        if getattr(recipe, block) is not None:
-            setattr(recipe, block, None)
-            warnings.append(
-                f"{path}: the recipe's {block}: block is not used; the sweep evaluates every "
-                "point with its own options" + (" (see --push-best)" if block == "push" else "")
-            )
+    recipe = load_swept_recipe(path, settings.lenient, warnings)
     axes = check_axes([parse_set(s) for s in settings.sets], recipe, str(path))
     if settings.random is not None:
         points = random_points(axes, settings.random, settings.seed)
@@ -84,18 +74,7 @@ def plan_sweep(settings: SweepSettings) -> Sweep:
     else:
         points = grid_points(axes)
 
-    # One plan of the recipe itself checks every checkpoint and gives the resolved recipe
-    # (absolute paths, seed, defaults); a point's resolved recipe is that one with the
-    # point's keys set, since sweepable keys are exactly the ones resolution leaves alone.
-    # With --lenient the plan drops unknown parameters from the recipe: the points' resolved
-    # recipes (made from it) are strict.
-    plan = build_plan(recipe, recipe_dir=path.resolve().parent, lenient=settings.lenient)
-    try:
-        base = resolved_recipe(plan)
-        warnings += plan.warnings
-    finally:
-        for c in plan.checkpoints.values():
-            c.close()
+    base = resolve_base(recipe, path, settings.lenient, warnings)
     planned: dict[str, PlannedPoint] = {}
     for point in points:
         data = apply_point(base, point)
@@ -141,6 +120,42 @@ def plan_sweep(settings: SweepSettings) -> Sweep:
     recorded = {r.get("recipe_hash") for r in rows}
     todo = [p for p in planned.values() if p.hash not in recorded]
     return Sweep(settings, axes, list(planned.values()), todo, rows, manifest, warnings)
+
+
+def load_swept_recipe(path: Path, lenient: bool, warnings: list[str]) -> Any:
+    """The recipe a sweep or search varies, without its evaluate: and push: blocks (every
+    point is evaluated with the command's own options); warnings are appended."""
+    from mergekit_math.recipe import load_recipe
+
+    recipe = load_recipe(path, warnings=warnings if lenient else None)
+    for block in ("evaluate", "push"):
+        if getattr(recipe, block) is not None:
+            setattr(recipe, block, None)
+            warnings.append(
+                f"{path}: the recipe's {block}: block is not used; every point is evaluated "
+                "with the command's own options" + (" (see --push-best)" if block == "push" else "")
+            )
+    return recipe
+
+
+def resolve_base(recipe: Any, path: Path, lenient: bool, warnings: list[str]) -> dict[str, Any]:
+    """The resolved recipe (absolute paths, seed, defaults) that every point starts from.
+
+    One plan of the recipe itself checks every checkpoint (headers only); a point's resolved
+    recipe is this one with the point's keys set, since sweepable keys are exactly the ones
+    resolution leaves alone. With ``lenient`` the plan drops unknown parameters from the
+    recipe: the points' resolved recipes (made from it) are strict."""
+    from mergekit_math.io.model_files import resolved_recipe
+    from mergekit_math.merge import build_plan
+
+    plan = build_plan(recipe, recipe_dir=path.resolve().parent, lenient=lenient)
+    try:
+        base = resolved_recipe(plan)
+        warnings += plan.warnings
+    finally:
+        for c in plan.checkpoints.values():
+            c.close()
+    return base
 
 
 # ----------------------------------------------------------------------------- running
@@ -196,7 +211,7 @@ def run_local(
     point at a time (so at most ``jobs`` points hold weights on disk). On an interrupt the
     workers are terminated: a merge in progress removes its partial output."""
     if jobs == 1 or len(tasks) <= 1:
-        with _interrupts_noted() as noted:
+        with interrupts_noted() as noted:
             for task in tasks:
                 outcome = run_point_safe(task)
                 if noted and outcome[0] == "error":
@@ -230,7 +245,7 @@ def _init_worker(threads: int | None, parent: int | None = None) -> None:
 
 
 @contextlib.contextmanager
-def _interrupts_noted() -> Iterator[list[int]]:
+def interrupts_noted() -> Iterator[list[int]]:
     """Ctrl-C and SIGTERM raise KeyboardInterrupt as usual, and are also noted in the list
     yielded, so an interrupt that a library caught and wrapped still stops the sweep."""
     noted: list[int] = []
