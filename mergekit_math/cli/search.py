@@ -16,6 +16,7 @@ from mergekit_math.cli.handler import fail, on_interrupt, warn
 from mergekit_math.cli.sweep import _RunByDefault
 from mergekit_math.errors import UserError
 from mergekit_math.eval.options import (
+    BackendOption,
     BatchOption,
     ChatOption,
     DataOption,
@@ -28,6 +29,7 @@ from mergekit_math.eval.options import (
     OnlineOption,
     TasksOption,
     VerboseOption,
+    VllmArgsOption,
     eval_options,
 )
 
@@ -126,6 +128,8 @@ def run(
     online: OnlineOption = False,
     no_cache: NoCacheOption = False,
     verbose: VerboseOption = False,
+    backend: BackendOption = "hf",
+    vllm_args: VllmArgsOption = None,
     threads: Annotated[
         int | None, typer.Option(help="torch threads per trial (default: cores / workers).")
     ] = None,
@@ -170,6 +174,8 @@ def run(
         online,
         no_cache,
         verbose=verbose,
+        backend=backend,
+        vllm_args=vllm_args,
     )
     from mergekit_math.sweep.search import SearchSettings, plan_search
 
