@@ -142,6 +142,14 @@ def run(
         bool,
         typer.Option(help="Unknown recipe keys and parameters are warnings, as for sweep."),
     ] = False,
+    baselines: Annotated[
+        bool,
+        typer.Option(
+            help="Also evaluate the recipe's input models as they are (same settings; once, "
+            "recorded in SEARCH_DIR/baselines.jsonl) and show them in pareto.md and "
+            "pareto.png as reference points."
+        ),
+    ] = False,
 ) -> None:
     """Search RECIPE's --space for the best --objective values with Optuna; every trial is
     merged, evaluated and recorded as a sweep point in SEARCH_DIR/results.jsonl.
@@ -200,6 +208,7 @@ def run(
         device=device,
         force=force,
         lenient=lenient,
+        baselines=baselines,
     )
     _execute(plan_search(settings), quiet)
 
@@ -235,6 +244,12 @@ def _execute(search: Any, quiet: bool) -> None:
     )
     if outcome.complete == 0 and failed:
         fail(failed, code=1)
+    if s.baselines:
+        from mergekit_math.sweep.baselines import run_baselines
+
+        _, notes = run_baselines(s.out, search.base, search.manifest.eval, typer.echo)
+        for w in notes:
+            warn(w)
     _report(s.out, s.pick, s.storage)
     if failed:
         fail(failed, code=1)
