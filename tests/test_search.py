@@ -385,3 +385,40 @@ def test_single_objective_report_picks_the_best(tmp_path):
     text = files.markdown.read_text()
     assert "## Pareto front (1 non-dominated of 3 points)" in text
     assert matplotlib.image.imread(files.plot).shape[:2] == (500, 800)
+
+
+def test_baselines_are_the_input_models_evaluated_as_mmath_eval_does(models, tmp_path):  # noqa: F811
+    out = tmp_path / "study"
+    res = mmath(*search_args(models, out, 2, "--baselines"))
+    assert res.exit_code == 0, res.output
+    text = (out / "pareto.md").read_text()
+    refs = text.split("## Input models (reference, not part of the front)", 1)[1]
+    rows = {
+        line.split("`")[1]: [c.strip() for c in line.split("|")[2:-1]]
+        for line in refs.splitlines()
+        if line.startswith("| `")
+    }
+    inputs = [str(models["root"] / "base"), str(models["root"] / "sevens")]
+    assert sorted(rows) == sorted(inputs)
+    for model in inputs:
+        direct = mmath(
+            "eval", model, "--tasks", "gsm8k_local", "--data", models["data"], "--num-fewshot",
+            "0", "--gen-kwargs", GEN, "--no-cache", "-o", tmp_path / Path(model).name,
+        )  # fmt: skip
+        assert direct.exit_code == 0, direct.output
+        doc = json.loads((tmp_path / Path(model).name / "results.json").read_text())
+        acc = doc["results"]["gsm8k_local"]["exact_match,strict-match"]
+        tokens = doc["mmath"]["cot_lengths"]["gsm8k_local"]["mean"]
+        assert rows[model] == [f"{acc:.4f}", f"{tokens:.1f}"]
+    # the trained input answers every problem; the untrained base none: both are references,
+    # never points of the front
+    assert rows[inputs[1]][0] == "1.0000" and rows[inputs[0]][0] == "0.0000"
+    assert not set(front_ids(text)) & {"input:base", "input:sevens"}
+
+    # a rerun (more trials) evaluates no input model again
+    recorded = (out / "baselines.jsonl").read_text()
+    res = mmath(*search_args(models, out, 3, "--baselines"))
+    assert res.exit_code == 0, res.output
+    assert "baseline sevens: recorded" in res.output and "evaluating" not in res.output
+    assert (out / "baselines.jsonl").read_text() == recorded
+    assert "## Input models" in (out / "pareto.md").read_text()

@@ -13,6 +13,7 @@ import typer
 from mergekit_math.cli.handler import fail, on_interrupt, warn, warn_token
 from mergekit_math.errors import UserError
 from mergekit_math.eval.options import (
+    BackendOption,
     BatchOption,
     ChatOption,
     DataOption,
@@ -28,6 +29,7 @@ from mergekit_math.eval.options import (
     SamplesOption,
     TasksOption,
     VerboseOption,
+    VllmArgsOption,
     eval_options,
 )
 
@@ -77,6 +79,8 @@ def eval_(
     online: OnlineOption = False,
     no_cache: NoCacheOption = False,
     verbose: VerboseOption = False,
+    backend: BackendOption = "hf",
+    vllm_args: VllmArgsOption = None,
 ) -> None:
     """Evaluate MODEL_DIR with lm-eval and print accuracy and chain-of-thought lengths.
 
@@ -111,6 +115,8 @@ def eval_(
         no_cache,
         verbose=verbose,
         samples=samples,
+        backend=backend,
+        vllm_args=vllm_args,
     )
     report = evaluate(model_dir, options)
     if output is not None:
@@ -161,6 +167,8 @@ def push(
     online: OnlineOption = False,
     no_cache: NoCacheOption = False,
     verbose: VerboseOption = False,
+    backend: BackendOption = "hf",
+    vllm_args: VllmArgsOption = None,
 ) -> None:
     """Publish MODEL_DIR to the Hub as REPO_ID, only if it clears every --require bar.
 
@@ -200,6 +208,8 @@ def push(
             online,
             no_cache,
             verbose=verbose,
+            backend=backend,
+            vllm_args=vllm_args,
         )
     try:
         result = publish(

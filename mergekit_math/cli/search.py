@@ -16,6 +16,7 @@ from mergekit_math.cli.handler import fail, on_interrupt, warn
 from mergekit_math.cli.sweep import _RunByDefault
 from mergekit_math.errors import UserError
 from mergekit_math.eval.options import (
+    BackendOption,
     BatchOption,
     ChatOption,
     DataOption,
@@ -28,6 +29,7 @@ from mergekit_math.eval.options import (
     OnlineOption,
     TasksOption,
     VerboseOption,
+    VllmArgsOption,
     eval_options,
 )
 
@@ -126,6 +128,8 @@ def run(
     online: OnlineOption = False,
     no_cache: NoCacheOption = False,
     verbose: VerboseOption = False,
+    backend: BackendOption = "hf",
+    vllm_args: VllmArgsOption = None,
     threads: Annotated[
         int | None, typer.Option(help="torch threads per trial (default: cores / workers).")
     ] = None,
@@ -137,6 +141,14 @@ def run(
     lenient: Annotated[
         bool,
         typer.Option(help="Unknown recipe keys and parameters are warnings, as for sweep."),
+    ] = False,
+    baselines: Annotated[
+        bool,
+        typer.Option(
+            help="Also evaluate the recipe's input models as they are (same settings; once, "
+            "recorded in SEARCH_DIR/baselines.jsonl) and show them in pareto.md and "
+            "pareto.png as reference points."
+        ),
     ] = False,
 ) -> None:
     """Search RECIPE's --space for the best --objective values with Optuna; every trial is
@@ -170,6 +182,8 @@ def run(
         online,
         no_cache,
         verbose=verbose,
+        backend=backend,
+        vllm_args=vllm_args,
     )
     from mergekit_math.sweep.search import SearchSettings, plan_search
 
@@ -194,6 +208,7 @@ def run(
         device=device,
         force=force,
         lenient=lenient,
+        baselines=baselines,
     )
     _execute(plan_search(settings), quiet)
 
@@ -229,6 +244,12 @@ def _execute(search: Any, quiet: bool) -> None:
     )
     if outcome.complete == 0 and failed:
         fail(failed, code=1)
+    if s.baselines:
+        from mergekit_math.sweep.baselines import run_baselines
+
+        _, notes = run_baselines(s.out, search.base, search.manifest.eval, typer.echo)
+        for w in notes:
+            warn(w)
     _report(s.out, s.pick, s.storage)
     if failed:
         fail(failed, code=1)

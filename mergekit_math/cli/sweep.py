@@ -18,6 +18,7 @@ from mergekit_math.eval.options import (
     ChatOption,
     DataOption,
     DtypeOption,
+    EvalBackendOption,
     EvalSeedOption,
     FewshotOption,
     GenKwargsOption,
@@ -26,6 +27,7 @@ from mergekit_math.eval.options import (
     OnlineOption,
     TasksOption,
     VerboseOption,
+    VllmArgsOption,
     eval_options,
 )
 
@@ -95,6 +97,8 @@ def run(
     online: OnlineOption = False,
     no_cache: NoCacheOption = False,
     verbose: VerboseOption = False,
+    eval_backend: EvalBackendOption = "hf",
+    vllm_args: VllmArgsOption = None,
     metric: MetricOption = None,
     random: Annotated[
         int | None,
@@ -215,6 +219,9 @@ def run(
         online,
         no_cache,
         verbose=verbose,
+        backend=eval_backend,
+        vllm_args=vllm_args,
+        backend_flag="--eval-backend",
     )
     from mergekit_math.sweep.report import parse_metric
     from mergekit_math.sweep.runner import SweepSettings, plan_sweep

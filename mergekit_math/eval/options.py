@@ -74,6 +74,27 @@ VerboseOption = Annotated[
     ),
 ]
 
+BackendOption = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        help="hf (transformers; CPU or CUDA) or vllm (vLLM on a CUDA GPU; pip install "
+        "'mergekit-math[vllm]'). vllm ignores --device and --batch-size: it schedules its "
+        "own batches on the GPUs in CUDA_VISIBLE_DEVICES.",
+    ),
+]
+EvalBackendOption = Annotated[
+    str, typer.Option("--eval-backend", help="Evaluation backend: hf or vllm (as --backend).")
+]
+VllmArgsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--vllm-args",
+        help="vLLM engine settings k=v,...: tensor_parallel_size, gpu_memory_utilization "
+        "(default 0.9), max_model_len (default: the model's context).",
+    ),
+]
+
 
 def eval_options(
     tasks: str | None,
@@ -90,8 +111,14 @@ def eval_options(
     no_cache: bool,
     verbose: bool = False,
     samples: int = 1,
+    backend: str = "hf",
+    vllm_args: str | None = None,
+    backend_flag: str = "--backend",
 ) -> EvalOptions:
-    """EvalOptions from the flags' raw values (validated, UserError naming the flag)."""
+    """EvalOptions from the flags' raw values (validated, UserError naming the flag). The
+    backend is checked here, so ``--backend vllm`` without vLLM or a GPU stops before any
+    merge or evaluation."""
+    from mergekit_math.eval.backend import check_backend, parse_backend, parse_vllm_args
     from mergekit_math.eval.run import EvalOptions, parse_gen_kwargs, parse_limit
     from mergekit_math.eval.sample_scores import sampling_gen_kwargs
     from mergekit_math.eval.tasks import split_tasks
@@ -106,7 +133,18 @@ def eval_options(
             raise UserError(
                 f"--batch-size: expected a number or 'auto', got {batch_size!r}"
             ) from None
+    chosen = parse_backend(backend, backend_flag)
+    if vllm_args and chosen != "vllm":
+        raise UserError(f"--vllm-args: only for {backend_flag} vllm")
+    try:
+        pairs = parse_gen_kwargs(vllm_args)
+    except UserError as exc:
+        raise UserError(str(exc).replace("--gen-kwargs", "--vllm-args", 1)) from None
+    vllm = parse_vllm_args(pairs)
+    check_backend(chosen, backend_flag)
     return EvalOptions(
+        backend=chosen,
+        vllm=vllm,
         tasks=split_tasks(tasks) if tasks else [],
         data=data,
         device=device,

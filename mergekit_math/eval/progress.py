@@ -10,6 +10,7 @@ for every finished request; while a batch generates, the bar's postfix counts it
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -120,7 +121,7 @@ def _hooked(lm: Any, bar: _Bar) -> Iterator[None]:
             bar.finished(attr)
 
         hook.add_partial = add_partial
-    if hasattr(lm, "_model_generate"):
+    if _hf_generate(lm):
         generate = lm._model_generate
 
         def model_generate(context: Any, max_length: int, stop: list[str], **kwargs: Any) -> Any:
@@ -149,3 +150,16 @@ def _hooked(lm: Any, bar: _Bar) -> Iterator[None]:
             lm.__dict__.pop(name, None)
         if hook is not None:
             hook.__dict__.pop("add_partial", None)
+
+
+def _hf_generate(lm: Any) -> bool:
+    """Whether ``lm._model_generate`` is HFLM's (a batch of token ids, a length and stop
+    strings); vLLM's takes a list of prompts and SamplingParams and is left alone."""
+    method = getattr(lm, "_model_generate", None)
+    if method is None:
+        return False
+    try:
+        names = list(inspect.signature(method).parameters)
+    except (TypeError, ValueError):
+        return False
+    return names[:3] == ["context", "max_length", "stop"]

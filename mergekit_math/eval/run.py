@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mergekit_math import __version__
 from mergekit_math.errors import UserError
 from mergekit_math.eval import cache
+from mergekit_math.eval.backend import Backend, VllmSettings, check_backend, make_lm, model_config
 from mergekit_math.eval.gen_memory import batch_guard, check_context
 from mergekit_math.eval.noise import library_output
 from mergekit_math.eval.progress import request_progress
@@ -59,6 +60,8 @@ class EvalOptions(BaseModel):
     online: bool = False
     use_cache: bool = True
     verbose: bool = Field(False, description="Show the libraries' own messages and bars.")
+    backend: Backend = Field("hf", description="hf (transformers) or vllm (a CUDA GPU).")
+    vllm: VllmSettings = Field(default_factory=VllmSettings, description="vLLM's settings.")
 
 
 @dataclass
@@ -160,7 +163,8 @@ def evaluate(model_dir: Path | str, options: EvalOptions, verbose: bool = False)
     options = options.model_copy(update={"gen_kwargs": gen_kwargs})
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: not a model folder (no config.json)")
-    if options.device.startswith("cuda"):
+    check_backend(options.backend)
+    if options.device.startswith("cuda") and options.backend == "hf":
         import torch
 
         if not torch.cuda.is_available():
@@ -239,8 +243,17 @@ def _key(name: str, manager: Any, sel: TaskSelection, options: EvalOptions, fp: 
             "seed": options.seed,
             "dtype": options.dtype,
             **({"samples": options.samples} if options.samples != 1 else {}),
+            **_backend_key(options),
         }
     )
+
+
+def _backend_key(options: EvalOptions) -> dict[str, Any]:
+    """The backend in the cache key (absent for hf, so earlier entries stay valid). vLLM's
+    context length changes what is truncated; its other settings only where it runs."""
+    if options.backend == "hf":
+        return {}
+    return {"backend": options.backend, "max_model_len": options.vllm.max_model_len}
 
 
 def _stable_config(config: dict) -> dict:
@@ -256,14 +269,8 @@ def _run(
     model_dir: Path, names: list[str], manager: Any, options: EvalOptions, loaded: dict[str, Any]
 ) -> dict[str, dict]:
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(
-        pretrained=str(model_dir),
-        device=options.device,
-        dtype=options.dtype,
-        batch_size=options.batch_size,
-    )
+    lm = make_lm(model_dir, options)
     check_context(loaded, options.gen_kwargs, lm.max_length)
     seeds = {}
     if options.seed is not None:
@@ -292,6 +299,7 @@ def _run(
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": options.device,
         "batch_size": options.batch_size,
+        "backend": options.backend,
     }
     groups = out.get("group_subtasks", {})
     entries = {}
@@ -443,9 +451,10 @@ def results_document(report: EvalReport, options: EvalOptions) -> dict[str, Any]
     """``results.json``: lm-eval's dictionaries plus what mmath knows about the run."""
     doc: dict[str, Any] = {k: report.data[k] for k in PER_TASK}
     doc["group_subtasks"] = report.group_subtasks
+    model, model_args = model_config(report.model, options)
     doc["config"] = {
-        "model": "hf",
-        "model_args": f"pretrained={report.model}",
+        "model": model,
+        "model_args": model_args,
         "device": options.device,
         "dtype": options.dtype,
         "batch_size": options.batch_size,

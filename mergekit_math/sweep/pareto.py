@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_math.errors import UserError
+from mergekit_math.sweep.baselines import read_baselines
 from mergekit_math.sweep.grid import describe, format_value, short_names
 from mergekit_math.sweep.objectives import (
     Objective,
@@ -27,6 +28,7 @@ from mergekit_math.sweep.results import RESULTS, latest_rows, read_rows
 PARETO_MD = "pareto.md"
 PARETO_PNG = "pareto.png"
 BEST_RECIPE = "best_recipe.yaml"
+REF_MARKERS = ["D", "s", "^", "v", "P", "X"]
 
 
 @dataclass
@@ -52,6 +54,7 @@ class ParetoFiles:
     front: list[Scored]
     picked: Scored
     warnings: list[str]
+    baselines: list[Scored]
 
 
 def score(rows: list[dict[str, Any]], objectives: list[Objective]) -> list[Scored]:
@@ -96,6 +99,7 @@ def write_pareto(
     up = [o.direction == "maximize" for o in objectives]
     front = [points[i] for i in pareto_front([p.values for p in points], up)]
     picked = choose(front, objectives, pick)
+    refs = score(read_baselines(folder), objectives)  # the input models, for reference only
     warnings: list[str] = []
     best = folder / BEST_RECIPE
     header = (
@@ -106,14 +110,15 @@ def write_pareto(
     _write_atomic(best, recipe_text(picked.row["recipe"], header))
     plot_path: Path | None = folder / PARETO_PNG
     try:
-        plot(plot_path, manifest, points, front, picked)  # type: ignore[arg-type]
+        plot(plot_path, manifest, points, front, picked, refs)  # type: ignore[arg-type]
     except ImportError:
         warnings.append(f"{PARETO_PNG} not written: the plot needs matplotlib")
         plot_path = None
     text = markdown(manifest, points, front, picked, pick, trials or {}, plot_path is not None)
+    text += reference_table(manifest, refs)
     md = folder / PARETO_MD
     _write_atomic(md, text)
-    return ParetoFiles(md, plot_path, best, points, front, picked, warnings)
+    return ParetoFiles(md, plot_path, best, points, front, picked, warnings, refs)
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -205,7 +210,12 @@ def markdown(
 
 
 def plot(
-    path: Path, manifest: Any, points: list[Scored], front: list[Scored], picked: Scored
+    path: Path,
+    manifest: Any,
+    points: list[Scored],
+    front: list[Scored],
+    picked: Scored,
+    refs: list[Scored] | None = None,
 ) -> None:
     """pareto.png, ``PNG_SIZE`` pixels: the 'accuracy' objective against the 'cost' one (mean
     tokens), every point grey, the front joined and highlighted, the pick starred; with one
@@ -225,6 +235,8 @@ def plot(
     line = sorted(front, key=lambda p: xy([p])[0][0])
     ax.plot(*xy(line), color="tab:blue", marker="o", lw=1.8, label="Pareto front", zorder=3)
     ax.plot(*xy([picked]), marker="*", ms=18, color="crimson", ls="none", label="picked", zorder=4)
+    if cost is not None:
+        _plot_refs(ax, refs or [], quality, cost)
     ax.set_xlabel(
         "tokens generated per sample (mean)"
         if cost is not None and objectives[cost].is_tokens
@@ -238,6 +250,44 @@ def plot(
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=DPI)
     os.replace(tmp, path)
+
+
+def _plot_refs(ax: Any, refs: list[Scored], quality: int, cost: int) -> None:
+    """The input models (--baselines): a distinct marker each, labelled with its name."""
+    for p, marker in zip(refs, REF_MARKERS * (1 + len(refs) // len(REF_MARKERS))):
+        x, y = p.values[cost], p.values[quality]
+        name = Path(p.row["model"]).name
+        ax.plot(x, y, marker=marker, ms=10, color="darkorange", mec="black", ls="none", zorder=5)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    if refs:
+        ax.plot(
+            [],
+            [],
+            marker=REF_MARKERS[0],
+            color="darkorange",
+            mec="black",
+            ls="none",
+            label="input models",
+        )
+        ax.legend(loc="best", fontsize=8)
+
+
+def reference_table(manifest: Any, refs: list[Scored]) -> str:
+    """pareto.md's section of the input models: reference rows, not in the front."""
+    if not refs:
+        return ""
+    objectives: list[Objective] = manifest.objectives
+    header = ["input model", *(f"{_label(o)} ({o.direction[:3]})" for o in objectives)]
+    lines = [
+        "## Input models (reference, not part of the front)",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|:---|" + "---:|" * len(objectives),
+    ]
+    for p in refs:
+        cells = [f"`{p.row['model']}`", *(_fmt(o, v) for o, v in zip(objectives, p.values))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _write_atomic(path: Path, text: str) -> None:

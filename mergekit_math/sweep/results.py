@@ -155,6 +155,8 @@ def eval_identity(options: Any) -> dict[str, Any]:
         "apply_chat_template": options.apply_chat_template,
         "seed": options.seed,
         "dtype": options.dtype,
+        # absent for hf, so the folders of earlier sweeps still match
+        **({"backend": options.backend} if options.backend != "hf" else {}),
     }
 
 

@@ -61,7 +61,15 @@ STUDY_DB = "study.db"
 SEARCH_MANIFEST = "search.json"
 CLAIM = ".search.claim"
 """Held (``flock``) while a worker counts the study's trials and claims the next one."""
-SEARCH_FILES = (RESULTS, SEARCH_MANIFEST, STUDY_DB, "pareto.md", "pareto.png", "best_recipe.yaml")
+SEARCH_FILES = (
+    RESULTS,
+    SEARCH_MANIFEST,
+    STUDY_DB,
+    "pareto.md",
+    "pareto.png",
+    "best_recipe.yaml",
+    "baselines.jsonl",
+)
 MAX_FAILURES = 3
 """A worker stops after this many failed trials in one run (a broken setup fails them all)."""
 POLL_SECONDS = 0.5
@@ -90,6 +98,7 @@ class SearchSettings(BaseModel):
     device: str = "cpu"
     force: bool = False
     lenient: bool = False
+    baselines: bool = Field(False, description="Also evaluate the recipe's input models.")
 
 
 class SearchManifest(BaseModel):
