@@ -90,6 +90,7 @@ class SearchSettings(BaseModel):
     device: str = "cpu"
     force: bool = False
     lenient: bool = False
+    in_memory: bool = Field(False, description="Merge into a model kept loaded (--in-memory).")
 
 
 class SearchManifest(BaseModel):
@@ -444,6 +445,7 @@ def run_trial(
         device=search.settings.device,
         threads=threads,
         results=str(out / RESULTS),
+        in_memory=search.settings.in_memory,
     )
     try:
         status, payload = row_for(task)
