@@ -8,9 +8,9 @@ character-level tokenizer (kept in --work and reused): ``tiny`` is the sweep tes
 layers, 64 wide, fp32), ``standin`` a ~270M-parameter Llama in bf16 (6 layers, 2048 wide, 540
 MB of weights) with random weights. Then runs ``mmath sweep`` of task_arithmetic over
 ``--points`` weights, once per mode (disk first, then in-memory; ``--no-cache``, one process),
-each in a fresh folder, and prints per mode: the command's wall time, points per hour over it,
-and the steady-state seconds per point (median of merge + eval seconds, the first point left
-out: it pays the imports and, in memory, the skeleton).
+each in a fresh folder, with ``--threads`` (default 1), and prints per mode: the command's
+wall time, points per hour over it, and the steady-state seconds per point (median of merge +
+eval seconds, the first point left out: it pays the imports and, in memory, the skeleton).
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, dtype="float32"),
-    "standin": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=6, dtype="bfloat16"),
+    "standin": dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=6, dtype="bfloat16"
+    ),
 }
 
 
@@ -80,7 +82,9 @@ def build(work: Path, shape: str) -> Path:
     return root
 
 
-def run(root: Path, out: Path, points: int, limit: int | None, in_memory: bool) -> dict:
+def run(
+    root: Path, out: Path, points: int, limit: int | None, threads: int, in_memory: bool
+) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     step = 1 / max(1, points - 1)
     values = ",".join(f"{i * step:.4g}" for i in range(points))
@@ -89,6 +93,7 @@ def run(root: Path, out: Path, points: int, limit: int | None, in_memory: bool) 
     cmd += ["--data", str(root / "data.jsonl"), "--num-fewshot", "0", "--batch-size", "6"]
     cmd += ["--gen-kwargs", "max_gen_toks=16", "--no-cache", "-q", "-o", str(out)]
     cmd += ["--limit", str(limit)] if limit else []
+    cmd += ["--threads", str(threads)]
     cmd += ["--in-memory"] if in_memory else []
     env = dict(os.environ, PYTHONPATH=str(ROOT), MMATH_CACHE_DIR=str(out.parent / "cache"))
     began = time.perf_counter()
@@ -116,11 +121,12 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--points", type=int, default=6)
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per point")
     parser.add_argument("--work", type=Path, default=Path("out/bench-sweep-points"))
     args = parser.parse_args()
     root = build(args.work.resolve(), args.shape)
     results = [
-        run(root, root / f"sweep-{mode}", args.points, args.limit, mode == "mem")
+        run(root, root / f"sweep-{mode}", args.points, args.limit, args.threads, mode == "mem")
         for mode in ("disk", "mem")
     ]
     same = all(
