@@ -460,6 +460,36 @@ def test_two_jobs_give_the_same_rows(models, reference, tmp_path):
     assert not list((out / "points").glob("*/model"))  # --keep none
 
 
+def test_in_memory_gives_the_same_rows(models, reference, tmp_path):
+    """--in-memory: the same rows (metrics, lengths, fingerprints) as the disk sweep, no
+    weights written for the points not kept, and the kept point's files are the disk
+    merge's, byte for byte."""
+    from mergekit_math.merge import in_memory
+
+    in_memory._cached = None  # a skeleton of this process's earlier tests is not reused
+    out = tmp_path / "sweep"
+    res = mmath(*sweep_args(models, out, "0.5:1:0.5"), "--in-memory", "--no-cache")
+    assert res.exit_code == 0, res.output
+    rows = rows_of(out)
+    assert [r["point"][WEIGHT] for r in rows] == [0.5, 1.0]
+    assert not any(r["eval_cached"] for r in rows)
+    assert in_memory._cached is not None  # evaluated from the loaded model
+    ref = comparable(reference["rows"])
+    assert comparable(rows) == {k: ref[k] for k in comparable(rows)}
+    assert not list((out / "points").glob("*/model"))
+
+    kept = tmp_path / "kept"
+    res = mmath(*sweep_args(models, kept, "0.5:1:0.5"), "--in-memory", "--keep", "best")
+    assert res.exit_code == 0, res.output
+    [model] = list((kept / "points").glob("*/model"))
+    [expect] = list((reference["out"] / "points").glob("*/model"))
+    assert model.parent.name == expect.parent.name
+    names = sorted(p.name for p in expect.iterdir())
+    assert sorted(p.name for p in model.iterdir()) == names
+    for name in names:
+        assert (model / name).read_bytes() == (expect / name).read_bytes(), name
+
+
 def test_ray_backend_gives_the_same_rows(models, reference, tmp_path):
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from mergekit_math.cli.handler import fail, on_interrupt, warn
-from mergekit_math.cli.sweep import _RunByDefault
+from mergekit_math.cli.sweep import InMemoryOption, _RunByDefault
 from mergekit_math.errors import UserError
 from mergekit_math.eval.options import (
     BackendOption,
@@ -150,6 +150,7 @@ def run(
             "pareto.png as reference points."
         ),
     ] = False,
+    in_memory: InMemoryOption = False,
 ) -> None:
     """Search RECIPE's --space for the best --objective values with Optuna; every trial is
     merged, evaluated and recorded as a sweep point in SEARCH_DIR/results.jsonl.
@@ -209,6 +210,7 @@ def run(
         force=force,
         lenient=lenient,
         baselines=baselines,
+        in_memory=in_memory,
     )
     _execute(plan_search(settings), quiet)
 

@@ -63,6 +63,18 @@ MetricOption = Annotated[
 ]
 
 
+InMemoryOption = Annotated[
+    bool,
+    typer.Option(
+        "--in-memory",
+        help="Merge each point straight into a model kept loaded in this worker (RAM or "
+        "GPU) and evaluate it there: no weights are written or read back, except for kept "
+        "points. Same bytes as the files; a point whose model differs in shape is merged "
+        "to disk.",
+    ),
+]
+
+
 # Long: typer reads the 25 options from the signature (30 lines), and the body checks flag
 # combinations, builds SweepSettings, runs the sweep and reports/pushes; splitting the
 # reporting tail out is the next step.
@@ -169,6 +181,7 @@ def run(
             "warnings (and left out of every point's recipe) instead of errors."
         ),
     ] = False,
+    in_memory: InMemoryOption = False,
 ) -> None:
     """Merge and evaluate RECIPE at every point of the --set grid; rows go to
     SWEEP_DIR/results.jsonl as points finish.
@@ -246,6 +259,7 @@ def run(
         device=device,
         force=force,
         lenient=lenient,
+        in_memory=in_memory,
     )
     sweep = plan_sweep(settings)
     for w in sweep.warnings:

@@ -96,16 +96,20 @@ def vllm_model_args(model_dir: Path, options: Any) -> dict[str, Any]:
     return args
 
 
-def make_lm(model_dir: Path, options: Any) -> Any:
-    """The lm-eval model that evaluates ``model_dir`` with ``options``' backend."""
+def make_lm(model_dir: Path, options: Any, in_memory: Any = None) -> Any:
+    """The lm-eval model that evaluates ``model_dir`` with ``options``' backend, or the model
+    object ``in_memory`` holds (an in-memory sweep point: HF only)."""
     if options.backend == "vllm":
+        if in_memory is not None:
+            raise UserError("--in-memory evaluates with the hf backend; vLLM loads from disk")
         from lm_eval.api.registry import get_model
 
         return get_model("vllm")(**vllm_model_args(model_dir, options))
     from lm_eval.models.huggingface import HFLM
 
     return HFLM(
-        pretrained=str(model_dir),
+        pretrained=str(model_dir) if in_memory is None else in_memory.model,
+        tokenizer=None if in_memory is None else in_memory.tokenizer,
         device=options.device,
         dtype=options.dtype,
         batch_size=options.batch_size,

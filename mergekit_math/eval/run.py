@@ -153,15 +153,21 @@ def offline(online: bool) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def evaluate(model_dir: Path | str, options: EvalOptions, verbose: bool = False) -> EvalReport:
+def evaluate(
+    model_dir: Path | str, options: EvalOptions, verbose: bool = False, *, in_memory: Any = None
+) -> EvalReport:
     """Evaluate ``model_dir`` on ``options.tasks``; cached tasks are not run again. The
     libraries' own output is kept out unless ``verbose`` (or ``options.verbose``); progress
-    (what runs, how many samples, a bar per sample) goes to stderr."""
+    (what runs, how many samples, a bar per sample) goes to stderr.
+
+    ``in_memory`` (a :class:`~mergekit_math.merge.in_memory.InMemoryModel`: model, tokenizer
+    and fingerprint) is evaluated instead of loading ``model_dir``, which then only names it
+    and may not exist."""
     started = time.perf_counter()
     model_dir = Path(model_dir)
     gen_kwargs = sampling_gen_kwargs(options.samples, options.gen_kwargs)
     options = options.model_copy(update={"gen_kwargs": gen_kwargs})
-    if not (model_dir / "config.json").is_file():
+    if in_memory is None and not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: not a model folder (no config.json)")
     check_backend(options.backend)
     if options.device.startswith("cuda") and options.backend == "hf":
@@ -169,7 +175,7 @@ def evaluate(model_dir: Path | str, options: EvalOptions, verbose: bool = False)
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available here")
-    fingerprint = model_fingerprint(model_dir)
+    fingerprint = in_memory.fingerprint if in_memory else model_fingerprint(model_dir)
     report = EvalReport(model_dir.absolute(), fingerprint, [])
     with (
         library_output(verbose or options.verbose),
@@ -189,7 +195,7 @@ def evaluate(model_dir: Path | str, options: EvalOptions, verbose: bool = False)
                 report.cached[name] = True
         todo = [n for n in sel.names if n not in entries]
         if todo:
-            fresh = _run(model_dir, todo, manager, options, loaded)
+            fresh = _run(model_dir, todo, manager, options, loaded, in_memory)
             for name in todo:
                 entries[name] = fresh[name]
                 report.cached[name] = False
@@ -266,11 +272,16 @@ def _stable_config(config: dict) -> dict:
 
 
 def _run(
-    model_dir: Path, names: list[str], manager: Any, options: EvalOptions, loaded: dict[str, Any]
+    model_dir: Path,
+    names: list[str],
+    manager: Any,
+    options: EvalOptions,
+    loaded: dict[str, Any],
+    in_memory: Any = None,
 ) -> dict[str, dict]:
     import lm_eval
 
-    lm = make_lm(model_dir, options)
+    lm = make_lm(model_dir, options, in_memory)
     check_context(loaded, options.gen_kwargs, lm.max_length)
     seeds = {}
     if options.seed is not None:

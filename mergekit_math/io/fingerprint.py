@@ -38,7 +38,7 @@ def model_files(folder: Path) -> list[Path]:
     weights = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
     if not weights:
         raise UserError(f"{folder}: no weights (*.safetensors or *.bin) in this folder")
-    extra = [folder / n for n in _EXTRA_FILES if (folder / n).is_file()]
+    extra = extra_files(folder)
     for p in weights + extra:  # a symlink out of the folder is refused, as the reader does
         inside(folder, p.name, f"{folder}: {p.name}")
     return weights + extra
@@ -56,24 +56,45 @@ def model_fingerprint(folder: Path | str, memo: bool = True) -> str:
             known = json.loads(memo_path.read_text())
         except (OSError, ValueError):
             known = {}
-    h = hashlib.blake2b(digest_size=20)
     changed = False
+    digests: list[tuple[str, str]] = []
     for path in model_files(folder):
         st = path.stat()
         key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
         digest = known.get(key)
         if digest is None:
-            digest = _file_digest(path)
+            digest = file_digest(path)
             known[key] = digest
             changed = True
-        h.update(f"{path.name}\x00{digest}\x00".encode())
+        digests.append((path.name, digest))
     if memo and changed:
         _save_memo(memo_path, known)
+    return combine(digests)
+
+
+def combine(digests: list[tuple[str, str]]) -> str:
+    """The fingerprint of a model from its files' ``(name, digest)`` pairs in
+    :func:`model_files` order; an in-memory merge hashes the bytes it would have written and
+    gets the same fingerprint as the folder."""
+    h = hashlib.blake2b(digest_size=20)
+    for name, digest in digests:
+        h.update(f"{name}\x00{digest}\x00".encode())
     return "blake2b:" + h.hexdigest()
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=20)
+def new_digest() -> hashlib._Hash:
+    """The hash of one file's bytes (:func:`file_digest` fed incrementally)."""
+    return hashlib.blake2b(digest_size=20)
+
+
+def extra_files(folder: Path) -> list[Path]:
+    """The config, generation config and tokenizer files of a folder that a fingerprint
+    covers, in order."""
+    return [folder / n for n in _EXTRA_FILES if (folder / n).is_file()]
+
+
+def file_digest(path: Path) -> str:
+    h = new_digest()
     buf = bytearray(_BLOCK)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:

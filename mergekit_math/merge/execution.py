@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -23,8 +22,10 @@ from mergekit_math.errors import UserError
 from mergekit_math.io.atomic import atomic_output
 from mergekit_math.io.progress import byte_progress
 from mergekit_math.io.reader import ITEMSIZE
-from mergekit_math.merge.inputs import _input_wheres, _item_inputs, _range_bytes
+from mergekit_math.merge.finite import FiniteCheck
+from mergekit_math.merge.inputs import _item_inputs, _range_bytes
 from mergekit_math.merge.memory import CHUNK_ELEMENTS, _budgets, check_memory, item_ranges
+from mergekit_math.merge.sink import Sink, Tee
 from mergekit_math.merge.types import Plan, PlanItem
 from mergekit_math.pipeline import Prefetcher, Unit, WriterThread
 
@@ -52,49 +53,6 @@ class _Run:
     scratch: torch.Tensor | None = None  # see _scratch
     strict_finite: bool = False  # refuse inputs with NaN/inf instead of warning
     warn: Callable[[str], None] | None = None
-
-
-class _FiniteCheck:
-    """Counts the NaN/inf values of each input of one output tensor as its ranges are read
-    (they would pass through every method into the output), to warn once per tensor and
-    input, or refuses them with ``strict``.
-
-    One sum per input range is the test (NaN and inf survive a sum); only a sum that is not
-    finite (or overflowed) counts the values exactly.
-    """
-
-    def __init__(self, plan: Plan, item: PlanItem, run: _Run):
-        self.inputs = [
-            (f"{where} ({ckpt.ref})", name)
-            for where, (_, ckpt, name) in zip(_input_wheres(plan, item), _item_inputs(plan, item))
-        ]
-        self.counts = [0] * len(self.inputs)
-        self.strict = run.strict_finite
-        self.warn = run.warn
-        self._lock = threading.Lock()
-
-    def __call__(self, i: int, x: torch.Tensor) -> None:
-        import torch
-
-        wide = x.dtype if x.dtype == torch.float64 else torch.float32
-        if bool(torch.isfinite(x.sum(dtype=wide))):
-            return
-        bad = x.numel() - int(torch.isfinite(x).sum())
-        if not bad:
-            return
-        where, name = self.inputs[i]
-        if self.strict:
-            raise UserError(
-                f"{where}: tensor {name} has non-finite values (NaN or inf); "
-                "nothing was written (--strict-finite)"
-            )
-        with self._lock:
-            self.counts[i] += bad
-
-    def report(self) -> None:
-        for (where, name), bad in zip(self.inputs, self.counts):
-            if bad and self.warn is not None:
-                self.warn(f"{where}: tensor {name} has {bad} non-finite values (NaN or inf)")
 
 
 def _warn(message: str) -> None:
@@ -136,7 +94,7 @@ class _RangeInputs:
     compute dtype: per source its tensor, or its delta for a delta method, with the finite
     check on every input read."""
 
-    def __init__(self, plan: Plan, item: PlanItem, device: str, finite: _FiniteCheck | None):
+    def __init__(self, plan: Plan, item: PlanItem, device: str, finite: FiniteCheck | None):
         recipe = plan.recipe
         inputs = _item_inputs(plan, item)
         self.roles = [r for r, _, _ in inputs]
@@ -398,7 +356,7 @@ def compute_item(
         return
 
     out_dtype = _torch_dtype(item.out.dtype)
-    finite = _FiniteCheck(plan, item, run) if run is not None else None
+    finite = FiniteCheck(plan, item, run.strict_finite, run.warn) if run is not None else None
     inputs = _RangeInputs(plan, item, device, finite)
     generators = _generators(plan, item)
     states = None
@@ -528,6 +486,59 @@ def _write_timings(
     Path(path).write_text(json.dumps({k: round(v, 4) for k, v in numbers.items()}) + "\n")
 
 
+def stream_plan(
+    plan: Plan,
+    sink: Sink,
+    *,
+    device: str = "cpu",
+    progress: bool = True,
+    on_tensor: Callable[[PlanItem], None] | None = None,
+    max_memory: int | None = None,
+    chunk_elements: int | None = None,
+    threads: int | None = None,
+    strict_finite: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> None:
+    """Compute every output tensor of the plan into ``sink`` (see :func:`execute` for the
+    options): the one merge loop, whatever receives its bytes. The sink is closed at the
+    end, or aborted on failure."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here")
+    if max_memory is not None:
+        check_memory(plan, max_memory, device)
+    chunk, io_budget = _budgets(max_memory)
+    if chunk_elements is not None:
+        chunk = chunk_elements
+    pin = device.startswith("cuda")
+    bar = byte_progress(plan.write_bytes, f"merge {plan.method.name}", progress)
+    prefetch = Prefetcher(_units(plan, device, chunk, pin), io_budget)
+    writes = WriterThread(lambda part, name, last: sink.write_part(name, part, last), io_budget)
+    workers = threads or torch.get_num_threads()
+    pool = _compute_pool(workers)
+    run = _Run(prefetch, chunk, pool, workers, strict_finite=strict_finite, warn=warn or _warn)
+    try:
+        began = time.perf_counter()
+        _merge_items(plan, device, run, writes, bar, on_tensor)
+        writes.finish()
+        closing = time.perf_counter()
+        sink.close()
+        if os.environ.get("MMATH_TIMINGS"):  # opt-in, for scripts/bench_merge.py
+            ended = time.perf_counter()
+            timings = (ended - began, ended - closing, prefetch, writes)
+            _write_timings(os.environ["MMATH_TIMINGS"], *timings)
+    except BaseException:
+        writes.abort()
+        sink.abort()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        prefetch.close()
+        bar.close()
+        _close_inputs(plan)
+
+
 def execute(
     plan: Plan,
     out_dir: Path,
@@ -542,59 +553,44 @@ def execute(
     threads: int | None = None,
     strict_finite: bool = False,
     warn: Callable[[str], None] | None = None,
+    also: Sink | None = None,
 ) -> Path:
     """Run the plan into ``out_dir`` atomically; returns the final path.
 
     A reader thread reads the inputs ahead (pinned memory for CUDA), the main thread computes
     and a writer thread streams the results into the shards; ``max_memory`` bounds the bytes
     of tensor data held at once by shrinking chunks and read-ahead (checked before any read).
+    ``also`` receives every part too (an in-memory model filled by the same merge).
 
     An input tensor with NaN or inf values gets one warning per tensor and input (``warn``,
     default: a ``warning:`` line on stderr); with ``strict_finite`` it stops the merge with a
     :class:`UserError` and nothing is written.
     """
-    import torch
-
     from mergekit_math.io.model_files import write_model_files
     from mergekit_math.io.writer import ShardedWriter
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available here")
     if max_memory is not None:
-        check_memory(plan, max_memory, device)
-    chunk, io_budget = _budgets(max_memory)
-    if chunk_elements is not None:
-        chunk = chunk_elements
-    pin = device.startswith("cuda")
+        check_memory(plan, max_memory, device)  # before the output folder is made
     out_dir = Path(out_dir)
     with atomic_output(out_dir, force) as tmp:
         writer = ShardedWriter(tmp, [i.out for i in plan.items], max_shard_size)
-        bar = byte_progress(plan.write_bytes, f"merge {plan.method.name}", progress)
-        prefetch = Prefetcher(_units(plan, device, chunk, pin), io_budget)
-        writes = WriterThread(
-            lambda part, name, last: writer.write_part(name, part, last), io_budget
+        sink: Sink = writer if also is None else Tee(writer, also)
+        stream_plan(
+            plan,
+            sink,
+            device=device,
+            progress=progress,
+            on_tensor=on_tensor,
+            max_memory=max_memory,
+            chunk_elements=chunk_elements,
+            threads=threads,
+            strict_finite=strict_finite,
+            warn=warn,
         )
-        workers = threads or torch.get_num_threads()
-        pool = _compute_pool(workers)
-        run = _Run(prefetch, chunk, pool, workers, strict_finite=strict_finite, warn=warn or _warn)
-        try:
-            began = time.perf_counter()
-            _merge_items(plan, device, run, writes, bar, on_tensor)
-            writes.finish()
-            closing = time.perf_counter()
-            writer.close()
-            if os.environ.get("MMATH_TIMINGS"):  # opt-in, for scripts/bench_merge.py
-                ended = time.perf_counter()
-                timings = (ended - began, ended - closing, prefetch, writes)
-                _write_timings(os.environ["MMATH_TIMINGS"], *timings)
-        except BaseException:
-            writes.abort()
-            writer.abort()
-            raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            prefetch.close()
-            bar.close()
-            _close_inputs(plan)
         write_model_files(plan, tmp)
     return out_dir.absolute()

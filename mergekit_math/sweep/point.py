@@ -66,6 +66,9 @@ class PointTask:
     """Leave the weights in place (``--keep all|best``)."""
     results: str | None = None
     """Append the row to this results file; None when the caller records it."""
+    in_memory: bool = False
+    """Merge into this process's loaded model and evaluate it there (``--in-memory``): no
+    files unless kept; a model that cannot hold the output falls back to the disk path."""
 
 
 def recipe_hash(recipe: dict[str, Any]) -> str:
@@ -107,7 +110,7 @@ def _merge_and_evaluate(task: PointTask, folder: Path) -> dict[str, Any]:
     import torch
 
     from mergekit_math.eval.run import EvalOptions, evaluate
-    from mergekit_math.merge import build_plan, execute
+    from mergekit_math.merge import build_plan
     from mergekit_math.recipe import parse_recipe
 
     _import_evaluation()  # once per process, so it does not count as the first point's time
@@ -126,16 +129,10 @@ def _merge_and_evaluate(task: PointTask, folder: Path) -> dict[str, Any]:
             started = time.perf_counter()
             recipe = parse_recipe(task.recipe, source=str(recipe_path))
             plan = build_plan(recipe, recipe_dir=folder)
-            execute(
-                plan,
-                model_dir,
-                device=task.device,
-                force=True,
-                progress=False,
-                threads=task.threads,
-            )
+            options = EvalOptions(**task.eval)
+            loaded = _merge(task, plan, model_dir, options)
             merge_seconds = time.perf_counter() - started
-            report = evaluate(model_dir, EvalOptions(**task.eval))
+            report = evaluate(model_dir, options, in_memory=loaded)
     except BaseException:
         shutil.rmtree(model_dir, ignore_errors=True)
         raise
@@ -145,6 +142,31 @@ def _merge_and_evaluate(task: PointTask, folder: Path) -> dict[str, Any]:
     if not task.keep:
         shutil.rmtree(model_dir, ignore_errors=True)
     return row
+
+
+def _merge(task: PointTask, plan: Any, model_dir: Path, options: Any) -> Any:
+    """Merge the point: into the folder (None returned), or with ``in_memory`` into this
+    process's model (returned; the folder is written too when the point is kept). A model
+    that cannot hold the output is merged to the folder instead, with a note in the log."""
+    from mergekit_math.merge import execute
+
+    if task.in_memory:
+        from mergekit_math.merge.in_memory import SkeletonMismatch, merge_in_memory
+
+        try:
+            return merge_in_memory(
+                plan,
+                device=task.device,
+                eval_device=options.device,
+                dtype=options.dtype,
+                threads=task.threads,
+                keep=model_dir if task.keep else None,
+            )
+        except SkeletonMismatch as exc:
+            # raised before the first read: the plan is still whole
+            print(f"in-memory merge not possible ({exc}); merging to {model_dir}", flush=True)
+    execute(plan, model_dir, device=task.device, force=True, progress=False, threads=task.threads)
+    return None
 
 
 def _refuse_links(folder: Path) -> None:

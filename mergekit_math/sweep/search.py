@@ -99,6 +99,7 @@ class SearchSettings(BaseModel):
     force: bool = False
     lenient: bool = False
     baselines: bool = Field(False, description="Also evaluate the recipe's input models.")
+    in_memory: bool = Field(False, description="Merge into a model kept loaded (--in-memory).")
 
 
 class SearchManifest(BaseModel):
@@ -453,6 +454,7 @@ def run_trial(
         device=search.settings.device,
         threads=threads,
         results=str(out / RESULTS),
+        in_memory=search.settings.in_memory,
     )
     try:
         status, payload = row_for(task)

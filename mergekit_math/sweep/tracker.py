@@ -40,6 +40,7 @@ class SweepSettings(BaseModel):
     device: str = "cpu"
     force: bool = False
     lenient: bool = Field(False, description="Unknown recipe keys and parameters warn.")
+    in_memory: bool = Field(False, description="Merge into a model kept loaded (--in-memory).")
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,7 @@ def tasks_for(sweep: Sweep, threads: int | None, record: bool) -> list[PointTask
             threads=threads,
             keep=s.keep != "none",
             results=str(out / RESULTS) if record else None,
+            in_memory=s.in_memory,
         )
         for p in sweep.todo
     ]
