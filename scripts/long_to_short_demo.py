@@ -5,8 +5,8 @@ A long-chain model L learns to answer ``What is a + b * c?`` with a two-step wor
 short-chain model S is L tuned further to answer ``#### N`` alone (the models of
 ``scripts/valve_demo.py``). The recipe is task arithmetic with base L and S at weight w:
 θ(w) = L + w (S − L). The search samples w in [0, 1.25] with Optuna (two objectives: exact
-match, max; mean generated tokens, min) and writes the Pareto front, its plot, the picked
-recipe and the points' timings:
+match, max; mean generated tokens, min), evaluates L and S as reference points
+(``--baselines``) and writes the Pareto front, its plot, the picked recipe and the timing:
 
     python scripts/long_to_short_demo.py docs/long_to_short      # outputs there
 
@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--problems", type=int, default=6)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--in-memory", action="store_true", help="mmath search --in-memory")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="mmath-l2s-demo-"))
@@ -89,6 +90,8 @@ def main() -> None:
             "max_gen_toks=64",
             "--pick",
             "min-tokens-within:0.01",
+            "--baselines",
+            *(["--in-memory"] if args.in_memory else []),
             "-o",
             search,
         )
@@ -96,7 +99,8 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         for name in ("pareto.md", "pareto.png", "best_recipe.yaml"):
             shutil.copy(search / name, args.out / name)
-        timing = {"trials": args.trials, "workers": args.workers, "seconds": round(seconds, 1)}
+        timing = {"trials": args.trials, "workers": args.workers, "in_memory": args.in_memory}
+        timing["seconds"] = round(seconds, 1)  # training excluded; baselines' evals included
         timing["points_per_hour"] = round(args.trials / seconds * 3600, 1)
         (args.out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
         print(json.dumps(timing))
