@@ -13,6 +13,15 @@ from typing import Annotated, Any
 import typer
 
 from mergekit_math.cli.handler import fail, on_interrupt, warn
+from mergekit_math.cli.push_best import (
+    PrivateOption,
+    PushBest,
+    PushBestOption,
+    RequireOption,
+    TokenOption,
+    push_flags,
+    push_point,
+)
 from mergekit_math.cli.sweep import InMemoryOption, _RunByDefault
 from mergekit_math.errors import UserError
 from mergekit_math.eval.options import (
@@ -151,6 +160,10 @@ def run(
         ),
     ] = False,
     in_memory: InMemoryOption = False,
+    push_best: PushBestOption = None,
+    require: RequireOption = None,
+    private: PrivateOption = False,
+    token: TokenOption = None,
 ) -> None:
     """Search RECIPE's --space for the best --objective values with Optuna; every trial is
     merged, evaluated and recorded as a sweep point in SEARCH_DIR/results.jsonl.
@@ -158,7 +171,9 @@ def run(
     The study is stored in SEARCH_DIR/study.db (or --storage): the same command again runs
     only the trials missing to reach --trials; a trial interrupted by Ctrl-C is run again.
     At the end pareto.md (the non-dominated trials), pareto.png (accuracy against mean
-    tokens) and best_recipe.yaml (the --pick point, for `mmath merge`) are written.
+    tokens) and best_recipe.yaml (the --pick point, for `mmath merge`) are written. With
+    --push-best REPO the --pick point (its kept weights, or best_recipe.yaml merged again into
+    SEARCH_DIR/best) is evaluated against the --require bars and pushed only if it clears them.
 
     Example: mmath search recipes/ties.yaml --space models[0].parameters.weight=0:1
     --space parameters.density=0.1:1 --objective gsm8k_local:exact_match,flexible-extract:max
@@ -169,6 +184,7 @@ def run(
         raise UserError("--tasks: name at least one task (e.g. gsm8k_local)")
     if workers < 1:
         raise UserError("--workers must be at least 1")
+    push = push_flags(push_best, require, private, token)
     options = eval_options(
         tasks,
         data.resolve() if data is not None else None,
@@ -212,11 +228,12 @@ def run(
         baselines=baselines,
         in_memory=in_memory,
     )
-    _execute(plan_search(settings), quiet)
+    _execute(plan_search(settings), quiet, push)
 
 
-def _execute(search: Any, quiet: bool) -> None:
-    """Run a planned search with its progress display, then write and print its reports."""
+def _execute(search: Any, quiet: bool, push: PushBest | None = None) -> None:
+    """Run a planned search with its progress display, then write and print its reports;
+    with ``push``, publish the picked point through the eval gate when no trial failed."""
     from mergekit_math.sweep.search import run_search
 
     s = search.settings
@@ -252,9 +269,11 @@ def _execute(search: Any, quiet: bool) -> None:
         _, notes = run_baselines(s.out, search.base, search.manifest.eval, typer.echo)
         for w in notes:
             warn(w)
-    _report(s.out, s.pick, s.storage)
+    files = _report(s.out, s.pick, s.storage)
     if failed:
-        fail(failed, code=1)
+        fail(failed + ("; nothing was pushed" if push is not None else ""), code=1)
+    if push is not None:
+        push_point(s.out, files.picked.row, search.manifest.eval, push, quiet)
 
 
 class _Display:
@@ -362,10 +381,23 @@ def report(
         str | None,
         typer.Option(help="The study's --storage URL, when it was not SEARCH_DIR/study.db."),
     ] = None,
+    push_best: PushBestOption = None,
+    require: RequireOption = None,
+    private: PrivateOption = False,
+    token: TokenOption = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Rebuild SEARCH_DIR's pareto.md, pareto.png and best_recipe.yaml from its results,
-    with another --pick if you like.
+    with another --pick if you like; --push-best publishes that pick as `mmath search` does.
 
     Example: mmath search report sweeps/search --pick min-tokens-within:0.02
+    --push-best me/qwen-math-short --require 'gsm8k_local:exact_match,strict-match>=0.6'
     """
-    _report(search_dir, pick, storage)
+    push = push_flags(push_best, require, private, token)
+    files = _report(search_dir, pick, storage)
+    if push is not None:
+        from mergekit_math.sweep.search import read_search_manifest
+
+        manifest = read_search_manifest(search_dir)
+        assert manifest is not None  # _report refused a folder without one
+        push_point(search_dir, files.picked.row, manifest.eval, push, quiet)

@@ -11,7 +11,15 @@ from typing import Annotated, Any
 
 import typer
 
-from mergekit_math.cli.handler import HandledGroup, fail, on_interrupt, warn, warn_token
+from mergekit_math.cli.handler import HandledGroup, fail, warn
+from mergekit_math.cli.push_best import (
+    PrivateOption,
+    PushBestOption,
+    RequireOption,
+    TokenOption,
+    push_flags,
+    push_point,
+)
 from mergekit_math.errors import UserError
 from mergekit_math.eval.options import (
     BatchOption,
@@ -143,30 +151,10 @@ def run(
         str | None,
         typer.Option(help="cpu or cuda for merging and evaluating (default: cuda with GPUs)."),
     ] = None,
-    push_best: Annotated[
-        str | None,
-        typer.Option(
-            help="After the sweep, publish the best point to this Hub repo if it "
-            "clears every --require bar."
-        ),
-    ] = None,
-    require: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--require",
-            help="Bar for --push-best, repeatable: 'TASK:METRIC[,FILTER]>=VALUE'.",
-        ),
-    ] = None,
-    private: Annotated[bool, typer.Option(help="--push-best: create the repo private.")] = False,
-    token: Annotated[
-        str | None,
-        typer.Option(
-            help="Hub token for --push-best. Visible in the process list while the sweep "
-            "runs: prefer HF_TOKEN in the environment (default: HF_TOKEN, then the saved "
-            "login).",
-            show_default=False,
-        ),
-    ] = None,
+    push_best: PushBestOption = None,
+    require: RequireOption = None,
+    private: PrivateOption = False,
+    token: TokenOption = None,
     force: Annotated[
         bool, typer.Option(help="Discard SWEEP_DIR's recorded points and start over.")
     ] = False,
@@ -200,22 +188,10 @@ def run(
     Example: mmath sweep recipes/dare_ties.yaml --set parameters.lambda=log:0.25:4:5
     --tasks gsm8k_cot_local --backend ray --address auto --gpus-per-point 1 -o sweeps/dare
     """
-    if token is not None:
-        warn_token()
     _check_run_flags(keep, backend, address, cpus_per_point, gpus_per_point, jobs, threads, random)
     if device is None:
         device = "cuda" if gpus_per_point else "cpu"
-    if require and not push_best:
-        raise UserError("--require is the bar of --push-best; give --push-best REPO too")
-    requirements = []
-    if push_best:
-        from mergekit_math.cli.eval import check_repo_id
-        from mergekit_math.hub.publish import parse_requirements
-
-        check_repo_id(push_best, "--push-best")
-        if not require:
-            raise UserError("--push-best needs a bar: --require 'TASK:METRIC,FILTER>=VALUE'")
-        requirements = parse_requirements(require)
+    push = push_flags(push_best, require, private, token)
     if not tasks:
         raise UserError("--tasks: name at least one task (e.g. gsm8k_local)")
     options = eval_options(
@@ -306,10 +282,8 @@ def run(
             "again once it ends",
             code=1,
         )
-    if push_best and files is not None:
-        _push_best(
-            output, files, sweep.manifest.eval, push_best, requirements, private, token, quiet
-        )
+    if push is not None and files is not None:
+        push_point(output, files.best, sweep.manifest.eval, push, quiet)
 
 
 def _check_run_flags(
@@ -392,65 +366,6 @@ def _try_report(folder: Path, metric: str | None) -> None:
         write_report(folder, metric)
     except (UserError, ImportError, OSError):
         pass
-
-
-def _push_best(
-    folder: Path,
-    files: Any,
-    eval_options: dict,
-    repo: str,
-    requirements: list,
-    private: bool,
-    token: str | None,
-    quiet: bool,
-) -> None:
-    from mergekit_math.eval.run import EvalOptions
-    from mergekit_math.hub.publish import GateFailed, PushSettings, publish
-    from mergekit_math.sweep.point import MODEL
-    from mergekit_math.sweep.results import POINTS
-
-    best = files.best
-    if best is None:
-        raise UserError("--push-best: no point has a value of the primary metric")
-    model_dir = folder / POINTS / best["id"] / MODEL
-    on_interrupt("nothing was pushed")
-    try:
-        if not model_dir.is_dir():
-            model_dir = _merge_best(folder, best, quiet)
-        typer.echo(f"--push-best: point {best['id'][:8]} from {model_dir}")
-        result = publish(
-            model_dir,
-            PushSettings(repo, private=private),
-            requirements=requirements,
-            options=EvalOptions(**eval_options),
-            token=token,
-            echo=typer.echo,
-            warn=warn,
-        )
-    except GateFailed as exc:
-        typer.echo(exc.table)
-        fail(f"{exc}; the best point was not pushed", code=1)
-    typer.echo(f"pushed to {result.url}")
-    typer.echo(f"commit {result.commit_id}: {result.commit_url}")
-
-
-def _merge_best(folder: Path, best: dict, quiet: bool) -> Path:
-    """The best point's weights were not kept: merge its resolved recipe again (merges are
-    deterministic) into SWEEP_DIR/best and check the fingerprint matches its row's."""
-    from mergekit_math.io.fingerprint import model_fingerprint
-    from mergekit_math.merge import build_plan, execute
-    from mergekit_math.recipe import parse_recipe
-    from mergekit_math.sweep.runner import BEST
-
-    out = folder / BEST
-    plan = build_plan(parse_recipe(best["recipe"], source="best_recipe.yaml"), recipe_dir=folder)
-    execute(plan, out, force=True, progress=not quiet)
-    if model_fingerprint(out) != best["fingerprint"]:
-        raise UserError(
-            f"{out}: merging the best recipe again gave other weights than point {best['id']} "
-            "(did an input model change?); nothing was pushed"
-        )
-    return out
 
 
 @sweep_app.command("report")

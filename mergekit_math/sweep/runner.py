@@ -14,6 +14,7 @@ from typing import Any
 
 from mergekit_math.errors import UserError
 from mergekit_math.io.atomic import sigterm_raises
+from mergekit_math.sweep.best_model import BEST
 from mergekit_math.sweep.grid import (
     apply_point,
     check_axes,
@@ -49,8 +50,6 @@ from mergekit_math.sweep.tracker import (
 
 # What --force removes from a sweep folder (and nothing else).
 SWEEP_FILES = (RESULTS, MANIFEST, "report.md", "sweep.png", "best_recipe.yaml")
-BEST = "best"
-"""Where --push-best merges the best point again when its weights were not kept."""
 
 
 # Long: the resume rules (which recorded, failed, busy or changed points run again) read best

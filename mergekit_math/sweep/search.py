@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mergekit_math import __version__
 from mergekit_math.errors import UserError
+from mergekit_math.sweep.best_model import BEST
 from mergekit_math.sweep.grid import apply_point
 from mergekit_math.sweep.objectives import (
     Dim,
@@ -320,7 +321,8 @@ def reset_folder(search: Search) -> None:
     out = search.out
     for name in SEARCH_FILES:
         (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / POINTS, ignore_errors=True)
+    for name in (POINTS, BEST):
+        shutil.rmtree(out / name, ignore_errors=True)
     if search.settings.storage:
         optuna = _quiet_optuna()
         with contextlib.suppress(KeyError):
