@@ -1,6 +1,7 @@
 """Tiny character-level Llamas that tests train in seconds on CPU to answer generated math
 problems in the gsm8k_local format (``Question: q\\nAnswer:`` at zero shots), so evaluation
-results are known in advance."""
+results are known in advance. ``extra_chars`` adds characters to the vocabulary (``\\{}`` for
+``\\boxed{}`` answers) after the default ones, whose ids never change."""
 
 from __future__ import annotations
 
@@ -12,14 +13,20 @@ import torch
 CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?!+-*/=#:$%'<>\n")
 
 
-def build_tokenizer(folder: Path) -> None:
+def vocabulary(extra_chars: str = "") -> dict[str, int]:
+    """Token ids: four special tokens, then CHARS, then ``extra_chars`` not among them."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for c in [*CHARS, *extra_chars]:
+        vocab.setdefault(c, len(vocab))
+    return vocab
+
+
+def build_tokenizer(folder: Path, extra_chars: str = "") -> None:
     """One token per character; decoding joins them back without spaces."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
-    for c in CHARS:
-        vocab.setdefault(c, len(vocab))
+    vocab = vocabulary(extra_chars)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()
@@ -32,7 +39,7 @@ def build_tokenizer(folder: Path) -> None:
     ).save_pretrained(folder)
 
 
-def new_model(folder: Path, seed: int = 0):
+def new_model(folder: Path, seed: int = 0, extra_chars: str = ""):
     """An untrained model (not saved) with its tokenizer saved into ``folder``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -43,7 +50,7 @@ def new_model(folder: Path, seed: int = 0):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=len(CHARS) + 4,
+        vocab_size=len(vocabulary(extra_chars)),
         max_position_embeddings=512,
         bos_token_id=1,
         eos_token_id=2,
@@ -51,7 +58,7 @@ def new_model(folder: Path, seed: int = 0):
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
-    build_tokenizer(folder)
+    build_tokenizer(folder, extra_chars)
     return model
 
 
@@ -73,17 +80,18 @@ def train(
     steps: int = 300,
     lr: float = 3e-3,
     seed: int = 0,
+    extra_chars: str = "",
 ) -> Path:
     """Teach ``<prompt(p)><answer(p)></s>`` (loss on the answer only; the prompt defaults to
     ``Question: q\\nAnswer:``) from a fresh model, or from the model in ``start``; saves into
-    ``folder``."""
+    ``folder``. ``extra_chars`` as for :func:`new_model` (a ``start`` model must have them)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if start is None:
-        model = new_model(folder, seed)
+        model = new_model(folder, seed, extra_chars)
     else:
         model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
-        build_tokenizer(folder)
+        build_tokenizer(folder, extra_chars)
     tok = AutoTokenizer.from_pretrained(folder)
     rows, masks = [], []
     for p in problems:
