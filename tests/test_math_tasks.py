@@ -310,3 +310,58 @@ def test_eval_data_errors_for_math_tasks(tmp_path, tiny):
     )
     bad = mmath("eval", tiny, "--tasks", "aime_local", "--data", data)
     assert bad.exit_code != 0 and f'{data}:1: the "answer" must be an integer' in bad.output
+
+
+MATH_PROMPT = (
+    "Problem: {}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+    "\nSolution:"
+)
+BOXED_CHARS = "\\{}^()"
+"""What level-1 math-symbolic problems and their boxed answers need beyond tiny_math.CHARS."""
+
+
+def test_boxed_answers_score_as_trained(tmp_path):
+    """A tiny model trained here to answer eight level-1 problems with `\\boxed{...}`: five
+    with the reference answer, two in another form of the same value (a decimal for a
+    fraction, an unsimplified radical) and one wrong. Greedy `mmath eval --tasks math_local`
+    must score exactly 7/8, and each logged sample as trained."""
+    from tiny_math import CHARS, train, vocabulary
+
+    assert not set("\\{}") & set(CHARS)  # the default vocabulary cannot write \boxed{}
+    default = list(vocabulary())
+    assert list(vocabulary(BOXED_CHARS))[: len(default)] == default  # its ids stay as they are
+    problems = generate(8, seed=0, levels=(1,))
+    references = [p.answer for p in problems]
+    assert references == [
+        "1", r"5 \sqrt{7}", "33", "-1", r"\frac{2}{3}", "3", r"\frac{7}{10}", r"5 \sqrt{14}"
+    ]  # fmt: skip
+    assert problems[1].problem == r"Simplify $\sqrt{175}$."
+    # 7/10 as a decimal and 5√7 unsimplified (right), a wrong remainder (3 + 1)
+    trained = references[:]
+    trained[6], trained[1], trained[5] = "0.7", r"\sqrt{175}", "4"
+    expected = [0.0 if i == 5 else 1.0 for i in range(8)]
+    index = {p.unique_id: i for i, p in enumerate(problems)}
+    data = tmp_path / "math.jsonl"
+    write_jsonl(problems, data)
+    model = train(
+        tmp_path / "model",
+        problems,
+        lambda p: f" The answer is $\\boxed{{{trained[index[p.unique_id]]}}}$.",
+        prompt=lambda p: MATH_PROMPT.format(p.problem),
+        steps=200,
+        extra_chars=BOXED_CHARS,
+    )
+    out = tmp_path / "eval"
+    res = mmath(
+        "eval", model, "--tasks", "math_local", "--data", data,
+        "--gen-kwargs", "max_gen_toks=40", "-o", out,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in (out / "samples_math_local.jsonl").open()]
+    assert sorted(index[r["doc"]["unique_id"]] for r in rows) == list(range(8))
+    for r in rows:
+        i = index[r["doc"]["unique_id"]]
+        assert extract_answer(r["filtered_resps"][0]) == trained[i], r["filtered_resps"]
+        assert r["math_verify"] == expected[i], (i, r["filtered_resps"])
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["results"]["math_local"]["math_verify,none"] == pytest.approx(7 / 8)
