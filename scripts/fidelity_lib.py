@@ -3,18 +3,20 @@ then fine-tuned briefly into specialists, so that merges act on small moves from
 
 Problems are one-step word problems in the style of the gsm-symbolic templates (names from
 ``mergekit_math.data.gsm_symbolic``, GSM8K calculator annotations, ``#### N`` answers) in two
-skills, ``addsub`` (2-digit addition and subtraction) and ``muldiv`` (a 1-digit times a 1-2
-digit number, and the matching division), each with a long worked chain and a short one:
+skills, ``addsub`` (a number up to 28 plus or minus a digit) and ``muldiv`` (a digit times a
+number up to 12, and the matching division), each with a long worked chain and a short one:
 
-    long:  Ben has 47 apples. Mei gives Ben 38 more apples. Now Ben has 47 + 38 =
-           <<47+38=85>>85 apples.\\n#### 85
-    short: 47+38=85\\n#### 85
+    question: Ben has 17 apples. Mei gives Ben 8 more apples. How many apples does Ben have?
+    long:     Now Ben has 17 + 8 = <<17+8=25>>25 apples.\n#### 25
+    short:    17+8=25\n#### 25
 
-Operand pairs are split by a hash into train and held-out sets, so evaluation problems use
-operand pairs no model has trained on: accuracy measures arithmetic that generalises, not
-memorised answers. The real gsm-symbolic templates (2-5 steps, products in the thousands) are
-beyond a model this small trained for minutes on a CPU; their text joins the corpus as plain
-text, with generated sentences.
+One question in eight (a fixed hash of its text) is held out: no model trains on it, and
+evaluation uses only those, so a score is on problems the model has not seen (their
+arithmetic facts recur across questions, as a pretrained model's would). The real
+gsm-symbolic templates (2-5 steps, 2-4 digit products) are beyond a model this small trained
+for minutes on a CPU (a first try at 2-digit operands left the base and a specialist at
+0.5-1.5% on held-out operand pairs); their text joins the corpus as plain text, with
+generated sentences.
 
 Everything is seeded from one seed; ``build(work)`` trains what is missing into
 ``work/models`` and skips what is there, so reruns evaluate without training.
@@ -55,12 +57,12 @@ class Scale:
     continue_steps: int = 300
     batch: int = 16
     block: int = 128
-    eval_n: int = 200
+    eval_n: int = 100
     seed: int = 0
 
     @classmethod
     def reduced(cls) -> Scale:
-        return cls(hidden=96, layers=2, pretrain_steps=400, finetune_steps=60, eval_n=60)
+        return cls(pretrain_steps=500, finetune_steps=100, eval_n=40)
 
 
 @dataclass(frozen=True)
@@ -78,42 +80,36 @@ class Problem:
 # --- problems ------------------------------------------------------------------------------
 
 
-def held_out(*operands: int) -> bool:
-    """One operand tuple in eight is reserved for evaluation (a fixed hash, not the RNG)."""
-    digest = hashlib.sha256(repr(operands).encode()).digest()
-    return digest[0] % 8 == 0
+def held_out(question: str) -> bool:
+    """One question in eight is reserved for evaluation (a fixed hash of its text)."""
+    return hashlib.sha256(question.encode()).digest()[0] % 8 == 0
 
 
-def _addsub(rng: random.Random) -> tuple[tuple[int, ...], str, str, str, int]:
+def _addsub(rng: random.Random) -> tuple[str, str, str, int]:
     a, b = rng.sample(NAMES, 2)
     item = rng.choice(ITEMS)
     if rng.random() < 0.5:
-        x, y = rng.randint(10, 99), rng.randint(10, 99)
+        x, y = rng.randint(1, 19), rng.randint(1, 9)
         z = x + y
         q = f"{a} has {x} {item}. {b} gives {a} {y} more {item}. How many {item} does {a} have?"
-        chain = f"{a} has {x} {item}. {b} gives {a} {y} more {item}. Now {a} has"
-        return (x, y, 0), q, chain, f"{x} + {y} = <<{x}+{y}={z}>>{z} {item}.", z
-    x = rng.randint(20, 99)
-    y = rng.randint(10, x - 1)
+        return q, f"Now {a} has", f"{x} + {y} = <<{x}+{y}={z}>>{z} {item}.", z
+    x, y = rng.randint(10, 28), rng.randint(1, 9)
     z = x - y
     q = f"{a} has {x} {item}. {a} gives {y} {item} to {b}. How many {item} does {a} have left?"
-    chain = f"{a} has {x} {item}. {a} gives away {y} {item}. Now {a} has"
-    return (x, y, 1), q, chain, f"{x} - {y} = <<{x}-{y}={z}>>{z} {item}.", z
+    return q, f"Now {a} has", f"{x} - {y} = <<{x}-{y}={z}>>{z} {item}.", z
 
 
-def _muldiv(rng: random.Random) -> tuple[tuple[int, ...], str, str, str, int]:
+def _muldiv(rng: random.Random) -> tuple[str, str, str, int]:
     (a,) = rng.sample(NAMES, 1)
     item = rng.choice(ITEMS)
-    x, y = rng.randint(2, 9), rng.randint(3, 30)
+    x, y = rng.randint(2, 9), rng.randint(2, 12)
     if rng.random() < 0.5:
         z = x * y
         q = f"{a} has {x} boxes with {y} {item} in each box. How many {item} does {a} have?"
-        chain = f"{a} has {x} boxes. Each box holds {y} {item}. In all {a} has"
-        return (x, y, 2), q, chain, f"{x} * {y} = <<{x}*{y}={z}>>{z} {item}.", z
+        return q, f"In all {a} has", f"{x} * {y} = <<{x}*{y}={z}>>{z} {item}.", z
     t = x * y
     q = f"{a} shares {t} {item} equally among {x} friends. How many {item} does each friend get?"
-    chain = f"{a} has {t} {item} for {x} friends. Each friend gets"
-    return (t, x, 3), q, chain, f"{t} / {x} = <<{t}/{x}={y}>>{y} {item}.", y
+    return q, "Each friend gets", f"{t} / {x} = <<{t}/{x}={y}>>{y} {item}.", y
 
 
 BUILDERS: dict[str, Callable] = {"addsub": _addsub, "muldiv": _muldiv}
@@ -121,15 +117,15 @@ BUILDERS: dict[str, Callable] = {"addsub": _addsub, "muldiv": _muldiv}
 
 def draw(skill: str, rng: random.Random) -> tuple[Problem, bool]:
     """One problem and whether its operands are held out."""
-    operands, q, chain, calc, z = BUILDERS[skill](rng)
+    q, chain, calc, z = BUILDERS[skill](rng)
     compact = calc.split(" = <<")[1].split(">>")[0]
     long = f" {chain} {calc}\n#### {z}"
     short = f" {compact}\n#### {z}"
-    return Problem(q, long, short, z, skill), held_out(*operands)
+    return Problem(q, long, short, z, skill), held_out(q)
 
 
 def stream(skill: str, seed: int, *, evaluation: bool) -> Iterator[Problem]:
-    """Endless problems of ``skill`` from the train (or held-out) operand pairs."""
+    """Endless problems of ``skill``: the training questions, or the held-out ones."""
     rng = random.Random(f"{seed}-{skill}-{'eval' if evaluation else 'train'}")
     while True:
         problem, out = draw(skill, rng)
@@ -226,8 +222,10 @@ def qa_ids(p: Problem, form: str) -> tuple[list[int], list[int]]:
 
 
 def pretrain_blocks(seed: int, mix: dict[tuple[str, str], float], scale: Scale) -> Iterator:
-    """Endless packed blocks of ``scale.block`` tokens: QA problems drawn by ``mix`` weights
-    over (skill, form), one in four documents plain text."""
+    """Endless packed blocks of ``scale.block`` tokens: of the documents, 15% plain text, 25%
+    drills (ten bare equations ``17+8=25`` of training questions, the arithmetic facts at a
+    fraction of the tokens a word problem costs), the rest QA problems drawn by ``mix`` weights
+    over (skill, form)."""
     import torch
 
     rng = random.Random(f"{seed}-pretrain")
@@ -237,8 +235,13 @@ def pretrain_blocks(seed: int, mix: dict[tuple[str, str], float], scale: Scale) 
     buffer: list[int] = []
     while True:
         while len(buffer) < scale.block * scale.batch:
-            if rng.random() < 0.25:
+            draw = rng.random()
+            if draw < 0.15:
                 buffer += [BOS, *encode(rng.choice(text)), EOS]
+            elif draw < 0.4:
+                facts = (next(streams[(rng.choice(SKILLS), "short")]) for _ in range(10))
+                drill = " ".join(p.short.split("\n")[0].strip() for p in facts)
+                buffer += [BOS, *encode(drill), EOS]
             else:
                 key = rng.choices(keys, weights)[0]
                 head, tail = qa_ids(next(streams[key]), key[1])
