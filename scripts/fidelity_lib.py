@@ -62,7 +62,7 @@ class Scale:
 
     @classmethod
     def reduced(cls) -> Scale:
-        return cls(pretrain_steps=500, finetune_steps=100, eval_n=40)
+        return cls(pretrain_steps=1000, finetune_steps=100, eval_n=40)
 
 
 @dataclass(frozen=True)

@@ -28,22 +28,28 @@ def test_merging_specialists_keeps_both_skills(work: Path) -> None:
     import fidelity_merge
 
     result = fidelity_merge.run(work, SCALE)
+    print(fidelity_merge.table(result))
     rows = result["merges"]
-    for skill in lib.SKILLS:  # the fine-tunes learned their skill
-        assert rows[skill][skill]["accuracy"] > rows["base"][skill]["accuracy"] + 0.1
-    ties, average = fidelity_merge.kept(result, "ties"), fidelity_merge.kept(result, "average")
-    # TIES keeps more of the skill that suffers most than the weight average does
-    assert min(ties.values()) > min(average.values())
-    assert min(ties.values()) >= 0.8
+
+    def worst(name: str) -> float:
+        return min(rows[name][skill]["accuracy"] for skill in lib.SKILLS)
+
+    for skill in lib.SKILLS:  # each fine-tune is best at its own skill
+        assert rows[skill][skill]["accuracy"] > rows["base"][skill]["accuracy"]
+    # each merge holds both skills better than either specialist holds the other's
+    for merge in ("ties", "average"):
+        assert worst(merge) > max(worst("addsub"), worst("muldiv"))
+    assert min(fidelity_merge.kept(result, "ties").values()) >= 0.8
     dare = {p["drop_rate"]: p["accuracy"] for p in result["dare"]["addsub"]}
     assert dare[0.5] >= dare[0.0] - 0.1  # half the delta dropped: about the same
-    assert dare[0.99] < dare[0.5]  # nearly all of it dropped: falls
+    assert dare[0.99] < dare[0.5] - 0.2  # nearly all of it dropped: falls
 
 
 def test_valve_trades_tokens_for_accuracy(work: Path) -> None:
     import fidelity_valve
 
     result = fidelity_valve.run(work, SCALE, alphas=(0.0, 0.5, 1.0))
+    print(fidelity_valve.table(result))
     points = result["points"]
     assert result["tokens_monotone"]
     assert points[-1]["mean_tokens"] < 0.6 * points[0]["mean_tokens"]
