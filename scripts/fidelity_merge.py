@@ -9,7 +9,7 @@ The models come from ``scripts/fidelity_lib.py`` (trained once, cached under WOR
 ``addsub`` and ``muldiv`` are the base fine-tuned 200 steps at a low rate on held-in addition /
 subtraction and multiplication / division word problems. Every merge is an ``mmath merge`` of a
 recipe written here, every score an ``mmath eval --tasks gsm8k_local`` of held-out problems
-(operand pairs no model trained on), zero-shot, greedy, strict ``#### N`` match.
+(questions no model trained on), zero-shot, greedy, strict ``#### N`` match.
 """
 
 from __future__ import annotations
@@ -78,18 +78,25 @@ def scores(work: Path, model: Path, data: dict[str, Path], tag: str, limit: int 
     }
 
 
-def run(work: Path, scale: lib.Scale) -> dict:
-    """Train (or reuse) the models, merge, evaluate; the numbers as a dictionary."""
+def run(
+    work: Path,
+    scale: lib.Scale,
+    merges: tuple[str, ...] = tuple(MERGES),
+    dare_on: tuple[str, ...] = lib.SKILLS,
+) -> dict:
+    """Train (or reuse) the models, merge (the recipes named in ``merges``), evaluate, and
+    sweep DARE's drop rate on the deltas of the specialists in ``dare_on``; the numbers."""
     models = lib.build(work, scale, ("base", "addsub", "muldiv"))
     data = lib.write_eval(work, scale.eval_n, scale.seed)
     rows: dict[str, dict] = {}
     for name in ("base", "addsub", "muldiv"):
         rows[name] = {"what": name, **scores(work, models / name, data, name, None)}
-    for name, (body, what) in MERGES.items():
+    for name in merges:
+        body, what = MERGES[name]
         model = merged(work, name, body.format(m=models))
         rows[name] = {"what": what, **scores(work, model, data, name, None)}
     dare: dict[str, list[dict]] = {}
-    for specialist in ("addsub", "muldiv"):
+    for specialist in dare_on:
         dare[specialist] = []
         for p in DROP_RATES:
             if p == 0:
