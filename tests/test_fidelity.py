@@ -1,6 +1,7 @@
 """The papers' effects in the fidelity setting, reduced (scripts/fidelity_*.py at a smaller
 scale, a few minutes on 2 cores): a regression in the merge engine or the evaluation shows up
-as an effect that no longer holds. ``-m slow``."""
+as an effect that no longer holds. ``-m fidelity`` (``make test-fidelity``); ``make test``
+deselects them to keep the suite near 15 minutes."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 import fidelity_lib as lib  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fidelity]
 
 SCALE = lib.Scale.reduced()
 

@@ -188,10 +188,10 @@ def run(
     Example: mmath sweep recipes/dare_ties.yaml --set parameters.lambda=log:0.25:4:5
     --tasks gsm8k_cot_local --backend ray --address auto --gpus-per-point 1 -o sweeps/dare
     """
+    push = push_flags(push_best, require, private, token)  # first: it warns about --token
     _check_run_flags(keep, backend, address, cpus_per_point, gpus_per_point, jobs, threads, random)
     if device is None:
         device = "cuda" if gpus_per_point else "cpu"
-    push = push_flags(push_best, require, private, token)
     if not tasks:
         raise UserError("--tasks: name at least one task (e.g. gsm8k_local)")
     options = eval_options(
