@@ -25,7 +25,8 @@ OLD_MARK = ".mmath-old-"
 LOCK_MARK = ".mmath-lock"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this host; one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -48,7 +49,7 @@ def clean_stale_partials(out_dir: Path, locked: bool = False) -> None:
             pid = int(p.name[len(prefix) :])
         except ValueError:
             continue
-        if (locked and pid != os.getpid()) or not _pid_alive(pid):
+        if (locked and pid != os.getpid()) or not pid_alive(pid):
             _remove(p)
 
 

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mergekit_math import __version__
 from mergekit_math.errors import UserError
+from mergekit_math.io.atomic import pid_alive
 from mergekit_math.sweep.best_model import BEST
 from mergekit_math.sweep.grid import apply_point
 from mergekit_math.sweep.objectives import (
@@ -337,7 +338,8 @@ def reclaim_stale(study: Any) -> int:
     host = socket.gethostname()
     count = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get("host") != host or _alive(t.user_attrs.get("pid")):
+        pid = t.user_attrs.get("pid")
+        if t.user_attrs.get("host") != host or (isinstance(pid, int) and pid_alive(pid)):
             continue
         # Optuna has no public setter for another process's trial: the storage's is used.
         if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
@@ -350,18 +352,6 @@ def reclaim_stale(study: Any) -> int:
 def _enqueue_again(study: Any, params: dict[str, Any], number: int) -> None:
     if params:
         study.enqueue_trial(params, user_attrs={"retry_of": number})
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextlib.contextmanager
