@@ -172,22 +172,11 @@ def plain_text(seed: int, n: int = 3000) -> list[str]:
 
 
 def build_tokenizer(folder: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """The tests' one-token-per-character tokenizer over this setting's CHARS."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from tiny_math import build_tokenizer as build
 
-    vocab = {"<unk>": 0, "<s>": BOS, "</s>": EOS, "<pad>": PAD}
-    for c in CHARS:
-        vocab.setdefault(c, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-    ).save_pretrained(folder)
+    build(folder, chars=CHARS)
 
 
 def encode(text: str) -> list[int]:

@@ -26,11 +26,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from tiny_math import train  # noqa: E402
-from valve_demo import mmath, problems  # noqa: E402
+from valve_demo import mmath, train_pair  # noqa: E402
 
 RECIPE = """merge_method: task_arithmetic
 base_model: {long}
@@ -53,15 +51,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="mmath-l2s-demo-"))
     try:
-        probs = problems(args.problems, seed=0)
-        data = work / "problems.jsonl"
-        data.write_text(
-            "".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n" for p in probs)
-        )
-        print("training the long-chain model L ...", flush=True)
-        long = train(work / "long", probs, lambda p: " " + p.answer, steps=400)
-        print("training the short-chain model S from L ...", flush=True)
-        short = train(work / "short", probs, start=long, steps=200)
+        _, data, long, short = train_pair(work, args.problems)
         recipe = work / "l2s.yaml"
         recipe.write_text(RECIPE.format(long=long, short=short))
         search = work / "search"

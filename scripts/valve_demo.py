@@ -52,6 +52,21 @@ def mmath(*args: object) -> None:
     subprocess.run(cmd, check=True)
 
 
+def train_pair(work: Path, n: int) -> tuple[list[Problem], Path, Path, Path]:
+    """``n`` problems (also written to ``work/problems.jsonl``), the long-chain model L and the
+    short-chain model S tuned from it, in ``work``."""
+    probs = problems(n, seed=0)
+    data = work / "problems.jsonl"
+    data.write_text(
+        "".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n" for p in probs)
+    )
+    print("training the long-chain model L ...", flush=True)
+    long = train(work / "long", probs, lambda p: " " + p.answer, steps=400)
+    print("training the short-chain model S from L ...", flush=True)
+    short = train(work / "short", probs, start=long, steps=200)
+    return probs, data, long, short
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("out", type=Path, help="folder for valve.md, valve.png, mixchain.jsonl")
@@ -61,15 +76,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="mmath-valve-demo-"))
     try:
-        probs = problems(args.problems, seed=0)
-        data = work / "problems.jsonl"
-        data.write_text(
-            "".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n" for p in probs)
-        )
-        print("training the long-chain model L ...", flush=True)
-        long = train(work / "long", probs, lambda p: " " + p.answer, steps=400)
-        print("training the short-chain model S from L ...", flush=True)
-        short = train(work / "short", probs, start=long, steps=200)
+        _, data, long, short = train_pair(work, args.problems)
         mmath("valve", "extract", "--long", long, "--short", short, "-o", work / "dir", "-q")
         sweep = work / "sweep"
         mmath(

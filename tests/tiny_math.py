@@ -13,20 +13,20 @@ import torch
 CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?!+-*/=#:$%'<>\n")
 
 
-def vocabulary(extra_chars: str = "") -> dict[str, int]:
-    """Token ids: four special tokens, then CHARS, then ``extra_chars`` not among them."""
+def vocabulary(extra_chars: str = "", chars: Sequence[str] = CHARS) -> dict[str, int]:
+    """Token ids: four special tokens, then ``chars``, then ``extra_chars`` not among them."""
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
-    for c in [*CHARS, *extra_chars]:
+    for c in [*chars, *extra_chars]:
         vocab.setdefault(c, len(vocab))
     return vocab
 
 
-def build_tokenizer(folder: Path, extra_chars: str = "") -> None:
+def build_tokenizer(folder: Path, extra_chars: str = "", chars: Sequence[str] = CHARS) -> None:
     """One token per character; decoding joins them back without spaces."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = vocabulary(extra_chars)
+    vocab = vocabulary(extra_chars, chars)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()
