@@ -136,6 +136,24 @@ def make_model(
     return folder
 
 
+@pytest.fixture(scope="module")
+def math_models(tmp_path_factory) -> dict[str, Path]:
+    """A tiny model trained on five generated GSM8K-format problems, an untrained one and the
+    problems' JSONL (one set per test module: the eval tests and the vLLM backend tests)."""
+    from tiny_math import new_model, train
+
+    from mergekit_math.data.gsm_symbolic import generate, write_jsonl
+
+    root = tmp_path_factory.mktemp("math")
+    problems = generate(5, seed=11)
+    data = root / "problems.jsonl"
+    write_jsonl(problems, data)
+    trained, untrained = root / "trained", root / "untrained"
+    train(trained, problems)
+    new_model(untrained, seed=1).save_pretrained(untrained)
+    return {"trained": trained, "untrained": untrained, "data": data, "root": root}
+
+
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory) -> dict[str, Path]:
     """A base and three fine-tunes of a tiny Llama (fp32), shared by many tests."""

@@ -15,23 +15,8 @@ import pytest
 import yaml
 from conftest import mmath, write_recipe
 from hub_server import TOKEN, hub_fixture  # noqa: F401  (the `hub` fixture)
-from tiny_math import new_model, train
-
-from mergekit_math.data.gsm_symbolic import generate, write_jsonl
 
 GEN = "max_gen_toks=12"
-
-
-@pytest.fixture(scope="module")
-def math_models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("math")
-    problems = generate(5, seed=11)
-    data = root / "problems.jsonl"
-    write_jsonl(problems, data)
-    trained, untrained = root / "trained", root / "untrained"
-    train(trained, problems)
-    new_model(untrained, seed=1).save_pretrained(untrained)
-    return {"trained": trained, "untrained": untrained, "data": data, "root": root}
 
 
 @pytest.fixture(autouse=True)

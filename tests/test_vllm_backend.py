@@ -13,28 +13,12 @@ import importlib.util
 import json
 import sys
 import types
-from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import mmath
-from tiny_math import new_model, train
-
-from mergekit_math.data.gsm_symbolic import generate, write_jsonl
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-
-
-@pytest.fixture(scope="module")
-def math_models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("vllm_math")
-    problems = generate(5, seed=11)
-    data = root / "problems.jsonl"
-    write_jsonl(problems, data)
-    trained, untrained = root / "trained", root / "untrained"
-    train(trained, problems)
-    new_model(untrained, seed=1).save_pretrained(untrained)
-    return {"trained": trained, "untrained": untrained, "data": data}
 
 
 @pytest.fixture(autouse=True)
