@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -21,10 +21,19 @@ from typing import TYPE_CHECKING, Any
 from mergekit_math.errors import UserError
 from mergekit_math.io.atomic import atomic_output
 from mergekit_math.io.progress import byte_progress
-from mergekit_math.io.reader import ITEMSIZE
 from mergekit_math.merge.finite import FiniteCheck
+from mergekit_math.merge.fused import FusedRange
 from mergekit_math.merge.inputs import _item_inputs, _range_bytes
 from mergekit_math.merge.memory import CHUNK_ELEMENTS, _budgets, check_memory, item_ranges
+from mergekit_math.merge.prepare import _prepare_states
+from mergekit_math.merge.ranges import (
+    _in_worker,
+    _RangeInputs,
+    _read_range,
+    _release_range,
+    _Run,
+    _torch_dtype,
+)
 from mergekit_math.merge.sink import Sink, Tee
 from mergekit_math.merge.types import Plan, PlanItem
 from mergekit_math.pipeline import Prefetcher, Unit, WriterThread
@@ -36,122 +45,10 @@ if TYPE_CHECKING:
     from mergekit_math.methods.masks import MaskStream
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    return getattr(torch, name)
-
-
-@dataclass
-class _Run:
-    """What ``execute`` shares with :func:`compute_item` while it runs."""
-
-    prefetch: Prefetcher | None
-    chunk: int
-    pool: ThreadPoolExecutor | None = None
-    workers: int = 1
-    scratch: torch.Tensor | None = None  # see _scratch
-    strict_finite: bool = False  # refuse inputs with NaN/inf instead of warning
-    warn: Callable[[str], None] | None = None
-
-
 def _warn(message: str) -> None:
     from tqdm import tqdm
 
     tqdm.write(f"warning: {message}", file=sys.stderr)
-
-
-def _read_range(
-    plan: Plan, item: PlanItem, start: int, end: int, pin: bool = False
-) -> list[torch.Tensor]:
-    """The raw (stored dtype) inputs of ``item`` for flat elements ``[start, end)``, read
-    (``pread``) into buffers of their own, pinned with ``pin``.
-
-    Not views of mapped files: a read fault maps a whole fault-around block or large folio
-    (up to 2 MiB here) around the page touched, so releasing a chunk's pages after use
-    (``madvise``) left neighbours mapped and the merge's RSS grew with the model (+260 MB
-    over a TinyLlama merge). A copy out of the page cache costs no more than faulting the
-    mapping in (0.78 s vs 0.83 s for 2.2 GB, warm).
-    """
-    import torch
-
-    out = []
-    for _, ckpt, name in _item_inputs(plan, item):
-        info = ckpt.info(name)
-        size = (end - start) * ITEMSIZE[info.dtype]
-        buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
-        out.append(ckpt.read_range(name, start, end, out=buf))
-    return out
-
-
-def _release_range(plan: Plan, item: PlanItem, start: int, end: int) -> None:
-    for _, ckpt, name in _item_inputs(plan, item):
-        ckpt.release_range(name, start, end)
-
-
-class _RangeInputs:
-    """Turns one range's raw (stored dtype) inputs of an item into ``(base, tensors)`` in the
-    compute dtype: per source its tensor, or its delta for a delta method, with the finite
-    check on every input read."""
-
-    def __init__(self, plan: Plan, item: PlanItem, device: str, finite: FiniteCheck | None):
-        recipe = plan.recipe
-        inputs = _item_inputs(plan, item)
-        self.roles = [r for r, _, _ in inputs]
-        self.shapes = [c.info(n).shape for _, c, n in inputs]
-        self.device = device
-        self.compute = _torch_dtype(recipe.compute_dtype)
-        self.load = _torch_dtype(recipe.dtype) if recipe.dtype else None
-        self.delta_kind = plan.method.kind == "delta"
-        self.finite = finite
-
-    def upcast(self, t: torch.Tensor) -> torch.Tensor:
-        y = t.to(self.load) if self.load is not None else t
-        y = y.to(device=self.device, dtype=self.compute, non_blocking=True)
-        # never compute in place on the file mapping
-        return y.clone() if y.data_ptr() == t.data_ptr() and y.numel() else y
-
-    def __call__(
-        self, raw: list[torch.Tensor], shaped: bool, check: bool = True, only: int | None = None
-    ) -> tuple[Any, list[torch.Tensor]]:
-        """(base, per-source tensor or delta) in the compute dtype from one range's raw data;
-        with ``only``, just that source's (the others are empty placeholders, not computed)."""
-        if shaped:
-            raw = [t.reshape(shape) for t, shape in zip(raw, self.shapes)]
-        finite = self.finite if check else None
-
-        def checked(i: int, x: torch.Tensor) -> torch.Tensor:
-            if finite is not None:
-                finite(i, x)
-            return x
-
-        roles = self.roles
-        base = None
-        tensors: list[torch.Tensor] = []
-        i = 0
-        while i < len(raw):
-            role = roles[i]
-            if role == "base":
-                base = checked(i, self.upcast(raw[i]))
-            elif only is not None and len(tensors) != only:
-                tensors.append(raw[i][:0])
-                i += int(i + 1 < len(raw) and roles[i + 1] == "origin")
-            elif role == "delta":  # from a patch: already a delta, not rounded to ``dtype``
-                d = raw[i].to(device=self.device, dtype=self.compute)
-                d = d.clone() if d.data_ptr() == raw[i].data_ptr() else d
-                tensors.append(checked(i, d))
-            else:
-                x = checked(i, self.upcast(raw[i]))
-                if self.delta_kind:
-                    if i + 1 < len(raw) and roles[i + 1] == "origin":
-                        i += 1
-                        x = x.sub_(checked(i, self.upcast(raw[i])))
-                    else:
-                        assert base is not None
-                        x = x.sub_(base)
-                tensors.append(x)
-            i += 1
-        return base, tensors
 
 
 def _fetch(
@@ -193,69 +90,6 @@ def _generators(plan: Plan, item: PlanItem) -> list[MaskStream] | None:
     return [MaskStream.of(plan.seed, s.index, item.out.name) for s in item.group.sources]
 
 
-def _prepare_states(
-    plan: Plan,
-    item: PlanItem,
-    run: _Run | None,
-    ranges: list[tuple[int, int]],
-    inputs: _RangeInputs,
-    generators: list[MaskStream] | None,
-) -> Any:
-    """The per-input states of the method's ``prepare``, which may need whole deltas: each
-    is assembled range by range into the reused scratch buffer (on the worker threads)."""
-    import torch
-
-    from mergekit_math.methods import PrepareInputs
-
-    chunking = plan.method.chunking
-    assert chunking is not None and chunking.prepare is not None
-
-    def fill(buf: torch.Tensor, i: int, start: int, end: int) -> None:
-        # no finite check: the merge pass reads these ranges again and checks them
-        raw = _read_range(plan, item, start, end)
-        _, deltas = inputs(raw, shaped=False, check=False, only=i)
-        buf[start:end] = deltas[i]
-        _release_range(plan, item, start, end)
-
-    def full_delta(i: int) -> torch.Tensor:
-        buf = _scratch(run, item.out.numel, inputs.compute, inputs.device)
-        pool = run.pool if run is not None else None
-        if pool is None:
-            for start, end in ranges:
-                fill(buf, i, start, end)
-        else:
-            for future in [pool.submit(_in_worker, fill, buf, i, s, e) for s, e in ranges]:
-                future.result()
-        return buf
-
-    def chunk_map(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
-        pool = run.pool if run is not None else None
-        if pool is None:
-            return [fn(x) for x in items]
-        return [f.result() for f in [pool.submit(_in_worker, fn, x) for x in items]]
-
-    prepare_inputs = PrepareInputs(
-        shared=item.shared,  # type: ignore[arg-type]
-        params=item.params,
-        generators=generators,
-        numel=item.out.numel,
-        ranges=ranges,
-        delta=full_delta,
-        map=chunk_map,
-    )
-    if run is None or run.pool is None:
-        return chunking.prepare(prepare_inputs)
-    # The heavy passes go through chunk_map; what is left here (selections over a few % of
-    # the elements) runs on one thread: OpenMP fan-out of it next to the reader, the writer
-    # and other processes costs more than it gains (5-10x on a busy 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return chunking.prepare(prepare_inputs)
-    finally:
-        torch.set_num_threads(threads)
-
-
 @dataclass
 class _RangeMerge:
     """The method's result for one range of an item, in the output dtype on the CPU; called
@@ -268,10 +102,16 @@ class _RangeMerge:
     states: Any
     shaped: bool  # the item is one range: its inputs keep their shapes
     out_dtype: torch.dtype
+    fused: FusedRange | None = None
 
     def __call__(self, raw: list[torch.Tensor], start: int, end: int) -> torch.Tensor:
         from mergekit_math.methods import MergeInputs
 
+        if self.fused is not None:
+            result = self.fused(raw, start, self.states)
+            if result is not None:
+                _release_range(self.plan, self.item, start, end)
+                return result.reshape(self.item.out.shape) if self.shaped else result
         base, tensors = self.inputs(raw, shaped=self.shaped)
         result = self.plan.method.merge(
             MergeInputs(
@@ -359,11 +199,12 @@ def compute_item(
     finite = FiniteCheck(plan, item, run.strict_finite, run.warn) if run is not None else None
     inputs = _RangeInputs(plan, item, device, finite)
     generators = _generators(plan, item)
+    fused = FusedRange.of(plan, item, device, finite, generators)
     states = None
     chunking = plan.method.chunking
     if not whole and chunking is not None and chunking.prepare is not None:
-        states = _prepare_states(plan, item, run, ranges, inputs, generators)
-    merge_range = _RangeMerge(plan, item, inputs, generators, states, whole, out_dtype)
+        states = _prepare_states(plan, item, run, ranges, inputs, generators, fused)
+    merge_range = _RangeMerge(plan, item, inputs, generators, states, whole, out_dtype, fused)
 
     pool = run.pool if run is not None else None
     if whole or pool is None:
@@ -373,31 +214,6 @@ def compute_item(
         yield from _pooled_parts(plan, item, run, pool, ranges, merge_range)
     if finite is not None:
         finite.report()
-
-
-def _scratch(run: _Run | None, numel: int, dtype: torch.dtype, device: str) -> torch.Tensor:
-    """A tensor of ``numel`` elements reused across tensors: a fresh allocation of the
-    largest tensor per item costs a page fault per 4 KB every time."""
-    import torch
-
-    if run is None:
-        return torch.empty(numel, dtype=dtype, device=device)
-    buf = run.scratch
-    want = torch.device(device)
-    same_device = buf is not None and buf.device.type == want.type
-    if same_device and want.index is not None:
-        same_device = buf.device.index == want.index  # type: ignore[union-attr]
-    if buf is None or buf.numel() < numel or buf.dtype != dtype or not same_device:
-        run.scratch = buf = None  # free the old one first
-        run.scratch = buf = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel]
-
-
-def _in_worker(fn: Callable[..., Any], *args: Any) -> Any:
-    import torch
-
-    with torch.inference_mode():
-        return fn(*args)
 
 
 def _units(plan: Plan, device: str, chunk: int, pin: bool) -> Iterator[Unit]:

@@ -46,7 +46,10 @@ class FiniteCheck:
         wide = x.dtype if x.dtype == torch.float64 else torch.float32
         if bool(torch.isfinite(x.sum(dtype=wide))):
             return
-        bad = x.numel() - int(torch.isfinite(x).sum())
+        self.count(i, x.numel() - int(torch.isfinite(x).sum()))
+
+    def count(self, i: int, bad: int) -> None:
+        """Input ``i`` has ``bad`` non-finite values in a range (a fused kernel's count)."""
         if not bad:
             return
         where, name = self.inputs[i]

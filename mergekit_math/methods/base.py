@@ -107,6 +107,26 @@ class MergeInputs(Generic[S, M]):
     states: list[Any] | None = None
 
 
+@dataclass(frozen=True)
+class FusedInputs(Generic[S, M]):
+    """What a method's fused kernel (:attr:`MergeMethod.fused`) gets for one range: the
+    inputs as stored (numpy ``uint16`` arrays of bfloat16 bits, or ``float32``), flat; the
+    non-base ones all of one dtype. It fills ``out`` (``uint16`` bfloat16 bits or
+    ``float32``) and adds each input's count of NaN/inf elements to ``bad`` (base first
+    when given, then ``tensors``). ``tensors`` are the models themselves, not deltas.
+    """
+
+    base: Any  # numpy array or None
+    tensors: list[Any]
+    params: list[M]
+    shared: S
+    generators: list[MaskStream] | None
+    offset: int
+    states: list[Any] | None
+    out: Any
+    bad: Any
+
+
 # map(fn, items) -> fn(item) for each item, in order (builtins.map, or a thread pool's)
 ChunkMap = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]
 
@@ -202,6 +222,10 @@ class MergeMethod(Generic[S, M]):
     shared_defaults: dict[str, Any] = field(default_factory=dict)
     # Whether inputs equal to the base (zero deltas) give the base back exactly.
     keeps_base: bool = True
+    # The same arithmetic as ``merge`` (on chunks, or whole tensors flattened) as one fused
+    # CPU kernel (:mod:`mergekit_math.kernels`): fills ``out`` and returns True, or returns
+    # False where it does not apply (the engine then runs ``merge``).
+    fused: Callable[[FusedInputs[S, M]], bool] | None = None
 
     @property
     def min_models(self) -> int:

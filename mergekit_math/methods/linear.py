@@ -9,6 +9,7 @@ from pydantic import Field
 from mergekit_math.methods.base import (
     ELEMENTWISE,
     Example,
+    FusedInputs,
     MergeInputs,
     MergeMethod,
     Params,
@@ -45,14 +46,36 @@ def linear(inputs: MergeInputs[LinearShared, LinearModel]) -> torch.Tensor:
     first = inputs.tensors[0]
     result = torch.zeros_like(first)
     for tensor, p in zip(inputs.tensors, inputs.params):
-        result.add_(tensor, alpha=p.weight)
+        result.add_(tensor, alpha=p.weight)  # fused multiply-add (vectorised), as mergekit
     if inputs.shared.normalize:
-        weights = [p.weight for p in inputs.params]
-        total = torch.tensor(weights, dtype=first.dtype).sum()
-        if total.abs() < 1e-8:
-            raise ValueError("linear: the weights sum to zero; set normalize: false")
-        result.div_(total)
+        result.div_(_total(inputs.params, first.dtype))
     return result
+
+
+def _total(params: list[LinearModel], dtype: torch.dtype) -> torch.Tensor:
+    import torch
+
+    total = torch.tensor([p.weight for p in params], dtype=dtype).sum()
+    if total.abs() < 1e-8:
+        raise ValueError("linear: the weights sum to zero; set normalize: false")
+    return total
+
+
+def linear_fused(inputs: FusedInputs[LinearShared, LinearModel]) -> bool:
+    """:func:`linear` as one fused kernel (float32)."""
+    import numpy as np
+    import torch
+
+    from mergekit_math.kernels.elementwise import linear as kernel
+
+    if inputs.base is not None:
+        return False
+    weights = tuple(np.float32(p.weight) for p in inputs.params)
+    div = np.float32(1.0)
+    if inputs.shared.normalize:
+        div = np.float32(_total(inputs.params, torch.float32).item())
+    kernel(tuple(inputs.tensors), weights, div, inputs.out, inputs.bad)
+    return True
 
 
 register(
@@ -61,6 +84,7 @@ register(
         pretty_name="Linear",
         paper_url="https://arxiv.org/abs/2203.05482",
         merge=linear,
+        fused=linear_fused,
         check=check_weights,
         chunking=ELEMENTWISE,
         shared_params=LinearShared,

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from mergekit_math import kernels
 from mergekit_math.methods.base import reduce_sum
 
 if TYPE_CHECKING:
@@ -70,18 +71,26 @@ def kth_select(values: torch.Tensor, k: int, map: ChunkMap = builtins.map) -> Se
     """The exact ``k``-th largest element of a flat float tensor (``1 <= k <= n``), with how
     many elements exceed it and where the elements equal to it are.
 
-    For large tensors a strided sample brackets the answer; one chunked pass counts the
-    elements above the bracket and collects those inside it (about 2 %, with positions), and
-    a kthvalue over those finishes. Should the bracket miss (the counts say so), it falls back
-    to a kthvalue over everything, so the result is always exact. ``map`` runs the chunked
-    passes (the engine hands over its worker threads: single-threaded ops on each, rather
-    than this thread's OpenMP fan-out, which a busy machine makes 5-10x slower).
+    For large float32 magnitudes on the CPU, a radix selection on their bits
+    (:mod:`mergekit_math.kernels.select`). Otherwise, for large tensors a strided sample
+    brackets the answer; one chunked pass counts the elements above the bracket and
+    collects those inside it (about 2 %, with positions), and a kthvalue over those
+    finishes. Should the bracket miss (the counts say so), it falls back to a kthvalue over
+    everything, so the result is always exact. ``map`` runs the chunked passes (the engine
+    hands over its worker threads: single-threaded ops on each, rather than this thread's
+    OpenMP fan-out, which a busy machine makes 5-10x slower).
     """
     import torch
 
     n = values.numel()
     if n <= _DIRECT_SELECT:
         return _select_directly(values, k, map)
+    if values.dtype == torch.float32 and kernels.enabled(values.device.type):
+        from mergekit_math.kernels.select import kth_largest_bits
+
+        found = kth_largest_bits(values, k, map)  # magnitudes only: None for negatives
+        if found is not None:
+            return Selection(*found)
     stride = n // _SAMPLE
     sample = values[::stride][:_SAMPLE].contiguous()
     size = sample.numel()

@@ -16,6 +16,7 @@ from pydantic import Field
 from mergekit_math.methods.base import (
     Chunking,
     Example,
+    FusedInputs,
     MergeInputs,
     MergeMethod,
     Params,
@@ -178,6 +179,59 @@ def _merge(variant: Variant):
     return merge
 
 
+def _fused(variant: Variant):
+    """:func:`_merge` as one fused kernel for no sparsification, TIES trims (thresholds from
+    ``prepare``) and DARE keep masks; other variants decline."""
+
+    def fused(inputs: FusedInputs[DeltaShared, DeltaModel]) -> bool:
+        import numpy as np
+
+        from mergekit_math.kernels import elementwise
+
+        if inputs.base is None or not inputs.tensors:
+            return False
+        shared = inputs.shared
+        rescale = _rescale_mode(variant, shared.rescale)
+        k, n = len(inputs.tensors), inputs.out.shape[0]
+        thresholds = np.full(k, -np.inf, np.float32)
+        sel, scale = np.empty((k, 0), np.uint8), np.ones(k, np.float32)
+        masked = variant.sparsification == "random"
+        if masked and rescale == "l1":
+            return False
+        for i, p in enumerate(inputs.params):
+            state = inputs.states[i] if inputs.states is not None else None
+            if p.density >= 1 or variant.sparsification == "none":
+                continue
+            if isinstance(state, MagnitudeTrim):
+                thresholds[i] = state.threshold
+                ties = state.ties[inputs.offset]  # the entries at the threshold it keeps here
+                if ties.numel():
+                    sel = sel if sel.shape[1] == n else np.zeros((k, n), np.uint8)
+                    sel[i, ties.numpy()] = 1
+            elif masked:
+                assert inputs.generators is not None
+                sel = sel if sel.shape[1] == n else np.ones((k, n), np.uint8)
+                sel[i] = inputs.generators[i].keep(inputs.offset, n, p.density).numpy()
+                scale[i] = p.density if rescale == "paper" else 1.0
+            else:
+                return False
+        weights = tuple(np.float32(p.weight) for p in inputs.params)
+        lam = np.float32(shared.lambda_)
+        normalize = variant.default_normalize if shared.normalize is None else shared.normalize
+        if not sel.shape[1]:  # trims without ties here, or nothing to drop
+            sel, masked = None, False
+        args = (inputs.base, tuple(inputs.tensors), thresholds, sel, scale if masked else None)
+        if variant.consensus:
+            elementwise.delta_ties(*args, weights, normalize, lam, inputs.out, inputs.bad)
+        else:
+            divisor = float(sum(weights, np.float32(0.0)))
+            divisor = divisor if normalize and abs(divisor) >= 1e-8 else 1.0
+            elementwise.delta_sum(*args, weights, np.float32(divisor), lam, inputs.out, inputs.bad)
+        return True
+
+    return fused
+
+
 def _chunking(variant: Variant) -> Chunking[DeltaShared, DeltaModel]:
     """Chunks for no sparsification, TIES trims and Breadcrumbs windows without L1 rescale
     (whole-tensor thresholds computed once) and DARE drops without L1 rescale (masks computed
@@ -254,6 +308,7 @@ def _register(
             pretty_name=pretty,
             paper_url=url,
             merge=_merge(variant),
+            fused=_fused(variant),
             check=_check(variant),
             shared_defaults={
                 "normalize": variant.default_normalize,

@@ -1,0 +1,149 @@
+"""The fused chunk kernels: linear and the task-arithmetic family (sum or TIES consensus of
+weighted deltas, each trimmed by a magnitude threshold or dropped by a random keep mask).
+
+Each computes, per element and in float32, exactly the steps of the torch path in
+``methods/linear.py`` and ``methods/task_arithmetic.py``, in the same order (products and
+sums rounded one at a time, no fused multiply-add), and writes the output dtype. The inputs
+of one kernel call (``xs``/``ms``) are a tuple of arrays of one stored dtype, so numba
+unrolls the loop over them and vectorises the loop over elements. The finite check counts
+come from a read-only pass per input first (``bad[j]``).
+
+TIES trims keep the entries above the threshold and, of the entries equal to it, the ones
+chosen in index order (``MagnitudeTrim``), marked in a selection array.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, types
+from numba.extending import overload
+
+from mergekit_math.kernels.scalar import fma, load, nonfinite, sign_bit_one, step, store
+
+_ZERO = np.float32(0.0)
+_ONE = np.float32(1.0)
+
+
+@njit(error_model="numpy")
+def _count_bad(xs, bad):  # noqa: ANN001, ANN202
+    for j in range(len(xs)):
+        x = xs[j]
+        count = 0
+        for i in range(x.shape[0]):
+            count += nonfinite(x, i)
+        bad[j] += count
+
+
+@njit(error_model="numpy")
+def _linear_loop(xs, ws, div, out):  # noqa: ANN001, ANN202
+    for i in range(out.shape[0]):
+        acc = _ZERO
+        for j in range(len(xs)):
+            acc = fma(load(xs[j], i), ws[j], acc)
+        store(out, i, acc / div)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def linear(xs, ws, div, out, bad):  # noqa: ANN001, ANN201
+    """out = (Σ_j x_j·w_j) / div (div 1 without normalize), each product added with one
+    rounding: torch's vectorised ``add_(x, alpha=w)`` (and mergekit's ``addcmul_``) fuse
+    it, their scalar loop for the last few elements of a tensor does not, so the torch path
+    can differ from this in those by one float32 ulp."""
+    _count_bad(xs, bad)
+    _linear_loop(xs, ws, div, out)
+
+
+def kept(ms, j, i, b, thr, sel, scale):  # noqa: ANN001, ANN201
+    """Input j's delta at element i after its trim or keep mask (numba only), chosen by the
+    argument types, so that each variant compiles to a loop without branches:
+
+    - ``sel`` and ``scale`` None: trim, kept if its magnitude is above ``thr[j]`` (-inf
+      keeps everything);
+    - ``scale`` None: trim, also kept where ``sel[j, i]`` marks one of the ties chosen;
+    - both arrays: keep mask ``sel[j, i]``, the kept entry divided by ``scale[j]``.
+    """
+    raise NotImplementedError
+
+
+@overload(kept, inline="always")
+def _kept(ms, j, i, b, thr, sel, scale):  # noqa: ANN001, ANN202
+    if isinstance(scale, types.NoneType) and isinstance(sel, types.NoneType):
+
+        def trim(ms, j, i, b, thr, sel, scale):  # noqa: ANN001, ANN202
+            d = load(ms[j], i) - b
+            return d * (_ONE if abs(d) > thr[j] else _ZERO)
+
+        return trim
+    if isinstance(scale, types.NoneType):
+
+        def trim_ties(ms, j, i, b, thr, sel, scale):  # noqa: ANN001, ANN202
+            d = load(ms[j], i) - b
+            return d * (_ONE if (abs(d) > thr[j]) | (sel[j, i] != 0) else _ZERO)
+
+        return trim_ties
+
+    def mask(ms, j, i, b, thr, sel, scale):  # noqa: ANN001, ANN202
+        d = load(ms[j], i) - b
+        return (d * np.float32(sel[j, i])) / scale[j]
+
+    return mask
+
+
+@njit(error_model="numpy")
+def _sum_loop(base, ms, thr, sel, scale, ws, div, lam, out):  # noqa: ANN001, ANN202
+    for i in range(out.shape[0]):
+        b = load(base, i)
+        acc = _ZERO
+        for j in range(len(ms)):
+            acc = acc + kept(ms, j, i, b, thr, sel, scale) * ws[j]
+        store(out, i, b + (acc / div) * lam)
+
+
+@njit(error_model="numpy")
+def _ties_loop(base, ms, thr, sel, scale, ws, normalize, lam, out):  # noqa: ANN001, ANN202
+    for i in range(out.shape[0]):
+        b = load(base, i)
+        total = _ZERO
+        for j in range(len(ms)):
+            total = total + kept(ms, j, i, b, thr, sel, scale) * ws[j]
+        elected = sign_bit_one(total)
+        mixed = _ZERO
+        weight = _ZERO
+        for j in range(len(ms)):
+            s = kept(ms, j, i, b, thr, sel, scale) * ws[j]
+            agree = step(s * elected)
+            mixed = mixed + s * agree
+            weight = weight + ws[j] * agree
+        if normalize:
+            mixed = mixed / (weight + (_ZERO if abs(weight) > 0 else _ONE))  # zero_to_one
+        store(out, i, b + mixed * lam)
+
+
+# The loops are functions of their own, and the variants of ``kept`` differ by argument
+# types, not by flags: written inside the entry points, or with run-time branches in the
+# loop, LLVM did not vectorise them (20-60 ns per element instead of 0.4-1).
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def delta_into(base, m, out):  # noqa: ANN001, ANN201
+    """out = m - base in float32 (a whole delta assembled for a TIES threshold)."""
+    for i in range(out.shape[0]):
+        out[i] = load(m, i) - load(base, i)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def delta_sum(base, ms, thr, sel, scale, ws, div, lam, out, bad):  # noqa: ANN001, ANN201
+    """out = base + ((Σ_j kept_j·w_j) / div)·λ (see :func:`_kept`); ``bad``: base first,
+    then the models."""
+    _count_bad((base,), bad[:1])
+    _count_bad(ms, bad[1:])
+    _sum_loop(base, ms, thr, sel, scale, ws, div, lam, out)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def delta_ties(base, ms, thr, sel, scale, ws, normalize, lam, out, bad):  # noqa: ANN001, ANN201
+    """TIES: the elected sign of Σ kept_j·w_j, the agreeing entries summed (divided by their
+    weights' sum with ``normalize``), times λ, plus the base."""
+    _count_bad((base,), bad[:1])
+    _count_bad(ms, bad[1:])
+    _ties_loop(base, ms, thr, sel, scale, ws, normalize, lam, out)

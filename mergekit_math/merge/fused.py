@@ -1,0 +1,122 @@
+"""The engine's side of fused kernels (:mod:`mergekit_math.kernels`): whether an item's
+ranges can run through its method's kernel, and the call that hands it one range's inputs
+as stored and takes back the output dtype."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from mergekit_math.merge.finite import FiniteCheck
+from mergekit_math.merge.inputs import _item_inputs
+from mergekit_math.merge.types import Plan, PlanItem
+
+if TYPE_CHECKING:
+    import torch
+
+    from mergekit_math.methods.masks import MaskStream
+
+# stored dtype -> (numpy dtype of the kernel's view, the torch dtype of the same width)
+_VIEWS = {"bfloat16": ("uint16", "int16"), "float32": ("float32", "float32")}
+
+
+class FusedRange:
+    """Runs one item's ranges through its method's fused kernel; ``None`` from
+    :meth:`of` where the kernel cannot apply to this item at all, ``None`` from a call where
+    the method's kernel declines these parameters (then the torch path runs)."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        item: PlanItem,
+        finite: FiniteCheck | None,
+        generators: list[MaskStream] | None,
+    ):
+        self.plan = plan
+        self.item = item
+        self.finite = finite
+        self.generators = generators
+        self.has_base = _item_inputs(plan, item)[0][0] == "base"
+        self.out_dtype = item.out.dtype
+
+    @classmethod
+    def of(
+        cls,
+        plan: Plan,
+        item: PlanItem,
+        device: str,
+        finite: FiniteCheck | None,
+        generators: list[MaskStream] | None,
+    ) -> FusedRange | None:
+        from mergekit_math import kernels
+
+        recipe = plan.recipe
+        if plan.method.fused is None or not kernels.enabled(device):
+            return None
+        if recipe.compute_dtype != "float32" or item.out.dtype not in _VIEWS:
+            return None
+        inputs = _item_inputs(plan, item)
+        roles = [role for role, _, _ in inputs]
+        if any(role not in ("base", "source") for role in roles) or "base" in roles[1:]:
+            return None
+        stored = [ckpt.info(name).dtype for _, ckpt, name in inputs]
+        if any(d not in _VIEWS or (recipe.dtype not in (None, d)) for d in stored):
+            return None
+        sources = stored[1:] if roles[0] == "base" else stored
+        if len(set(sources)) != 1:
+            return None
+        return cls(plan, item, finite, generators)
+
+    def __call__(
+        self, raw: list[torch.Tensor], start: int, states: list[Any] | None
+    ) -> torch.Tensor | None:
+        """The output of the range starting at flat ``start`` (flat, in the output dtype),
+        or None where the method's kernel declines."""
+        import numpy as np
+        import torch
+
+        from mergekit_math.methods import FusedInputs
+
+        arrays = [_as_numpy(t) for t in raw]
+        n = arrays[0].shape[0]
+        view, torch_view = _VIEWS[self.out_dtype]
+        out = torch.empty(n, dtype=getattr(torch, self.out_dtype))
+        bad = np.zeros(len(arrays), np.int64)
+        base = arrays[0] if self.has_base else None
+        done = self.plan.method.fused(
+            FusedInputs(
+                base=base,
+                tensors=arrays[1:] if self.has_base else arrays,
+                params=self.item.params,
+                shared=self.item.shared,
+                generators=self.generators,
+                offset=start,
+                states=states,
+                out=out.view(getattr(torch, torch_view)).numpy().view(view),
+                bad=bad,
+            )
+        )
+        if not done:
+            return None
+        if self.finite is not None:
+            for i in np.flatnonzero(bad):
+                self.finite.count(int(i), int(bad[i]))
+        return out
+
+    def delta(self, raw: list[torch.Tensor], i: int, out: torch.Tensor) -> bool:
+        """Source ``i``'s delta against the base, into the float32 range ``out`` (False
+        where this item has no base)."""
+        if not self.has_base or self.plan.method.kind != "delta":
+            return False
+        from mergekit_math.kernels.elementwise import delta_into
+
+        delta_into(_as_numpy(raw[0]), _as_numpy(raw[1 + i]), out.numpy())
+        return True
+
+
+def _as_numpy(t: torch.Tensor) -> Any:
+    import torch
+
+    flat = t.reshape(-1)
+    if flat.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view("uint16")
+    return flat.numpy()

@@ -1,0 +1,89 @@
+"""Per-tensor preparation of chunked methods (TIES thresholds, Breadcrumbs windows, DARE
+masks): the method's ``Chunking.prepare`` gets whole deltas assembled range by range into
+the reused scratch buffer, and runs its passes on the engine's worker threads."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from mergekit_math.merge.fused import FusedRange
+from mergekit_math.merge.ranges import (
+    _in_worker,
+    _RangeInputs,
+    _read_range,
+    _release_range,
+    _Run,
+    _scratch,
+)
+from mergekit_math.merge.types import Plan, PlanItem
+
+if TYPE_CHECKING:
+    import torch
+
+    from mergekit_math.methods.masks import MaskStream
+
+
+def _prepare_states(
+    plan: Plan,
+    item: PlanItem,
+    run: _Run | None,
+    ranges: list[tuple[int, int]],
+    inputs: _RangeInputs,
+    generators: list[MaskStream] | None,
+    fused: FusedRange | None = None,
+) -> Any:
+    """The per-input states of the method's ``prepare``, which may need whole deltas: each
+    is assembled range by range into the reused scratch buffer (on the worker threads)."""
+    import torch
+
+    from mergekit_math.methods import PrepareInputs
+
+    chunking = plan.method.chunking
+    assert chunking is not None and chunking.prepare is not None
+
+    def fill(buf: torch.Tensor, i: int, start: int, end: int) -> None:
+        # no finite check: the merge pass reads these ranges again and checks them
+        raw = _read_range(plan, item, start, end, only=i)
+        if fused is None or not fused.delta(raw, i, buf[start:end]):
+            _, deltas = inputs(raw, shaped=False, check=False, only=i)
+            buf[start:end] = deltas[i]
+        _release_range(plan, item, start, end)
+
+    def full_delta(i: int) -> torch.Tensor:
+        buf = _scratch(run, item.out.numel, inputs.compute, inputs.device)
+        pool = run.pool if run is not None else None
+        if pool is None:
+            for start, end in ranges:
+                fill(buf, i, start, end)
+        else:
+            for future in [pool.submit(_in_worker, fill, buf, i, s, e) for s, e in ranges]:
+                future.result()
+        return buf
+
+    def chunk_map(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+        pool = run.pool if run is not None else None
+        if pool is None:
+            return [fn(x) for x in items]
+        return [f.result() for f in [pool.submit(_in_worker, fn, x) for x in items]]
+
+    prepare_inputs = PrepareInputs(
+        shared=item.shared,  # type: ignore[arg-type]
+        params=item.params,
+        generators=generators,
+        numel=item.out.numel,
+        ranges=ranges,
+        delta=full_delta,
+        map=chunk_map,
+    )
+    if run is None or run.pool is None:
+        return chunking.prepare(prepare_inputs)
+    # The heavy passes go through chunk_map; what is left here (selections over a few % of
+    # the elements) runs on one thread: OpenMP fan-out of it next to the reader, the writer
+    # and other processes costs more than it gains (5-10x on a busy 2-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return chunking.prepare(prepare_inputs)
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,184 @@
+"""The fused kernels (mergekit_math/kernels) against the torch path of the same methods:
+the same bits, on inputs with signed zeros, NaN, inf, ties at the TIES threshold and
+values that round differently, in bfloat16 and float32, for every variant with a kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mergekit_math.merge.fused import _as_numpy
+from mergekit_math.methods import FusedInputs, MergeInputs, get_method
+from mergekit_math.methods.masks import MaskStream
+from mergekit_math.methods.sparsify import KeepMask, MagnitudeTrim
+
+N = 5000  # not a multiple of any vector width: the loops' tails run too
+TAIL = 64
+
+
+def _inputs(k: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    """Base then k models: small moves from the base, with special values sprinkled in."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(N, generator=g)
+    out = [base]
+    for _ in range(k):
+        out.append(base + 0.01 * torch.randn(N, generator=g))
+    specials = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-40])
+    for j, t in enumerate(out):
+        at = torch.randint(0, N, (12,), generator=g)
+        t[at] = specials[torch.randint(0, len(specials), (12,), generator=g)]
+        t[7 * j : 7 * j + 5] = 0.0 if j % 2 else -0.0  # zeros against zeros
+    for t in out[1:]:  # equal deltas: ties at any threshold
+        t[100:140] = out[0][100:140] + 0.25
+    return [t.to(dtype) for t in out]
+
+
+def _same(fused: torch.Tensor, ref: torch.Tensor) -> None:
+    nan = torch.isnan(ref)
+    assert torch.equal(torch.isnan(fused), nan)
+    a = fused[~nan].view(torch.int16 if fused.dtype == torch.bfloat16 else torch.int32)
+    b = ref[~nan].view(torch.int16 if ref.dtype == torch.bfloat16 else torch.int32)
+    differ = (a != b).nonzero().flatten()
+    assert differ.numel() == 0, (differ[:5], fused[~nan][differ[:5]], ref[~nan][differ[:5]])
+
+
+def _run(method_name: str, models: list[dict], shared: dict, dtype, states_of=None, seed=0):
+    method = get_method(method_name)
+    has_base = method.kind == "delta"
+    raw = _inputs(len(models), dtype, seed)[0 if has_base else 1 :]
+    params = [method.model_params(**m) for m in models]
+    shared_params = method.shared_params(**shared)
+    generators = [MaskStream.of(3, i, "t") for i in range(len(models))] if method.random else None
+    wide = [t.float() for t in raw]
+    if has_base:
+        base, tensors = wide[0], [t - wide[0] for t in wide[1:]]
+    else:
+        base, tensors = None, wide
+    states = states_of(tensors, params, generators) if states_of else None
+    ref = method.merge(MergeInputs(base, tensors, params, shared_params, generators, 0, states))
+    ref = ref.to(dtype)
+    out = torch.empty(N, dtype=dtype)
+    view = out.view(torch.int16).numpy().view("uint16") if dtype == torch.bfloat16 else out.numpy()
+    arrays = [_as_numpy(t) for t in raw]
+    bad = np.zeros(len(arrays), np.int64)
+    done = method.fused(
+        FusedInputs(
+            base=arrays[0] if has_base else None,
+            tensors=arrays[1:] if has_base else arrays,
+            params=params,
+            shared=shared_params,
+            generators=generators,
+            offset=0,
+            states=states,
+            out=view,
+            bad=bad,
+        )
+    )
+    assert done
+    if method_name == "linear":
+        # torch's scalar loop for a tensor's last elements does not fuse the multiply-add
+        _same(out[:-TAIL], ref[:-TAIL])
+        torch.testing.assert_close(out[-TAIL:], ref[-TAIL:], equal_nan=True, rtol=2**-7, atol=0)
+    else:
+        _same(out, ref)
+    expected = [int((~torch.isfinite(t.float())).sum()) for t in raw]
+    assert bad.tolist() == expected
+
+
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_linear(dtype, normalize, k):
+    models = [{"weight": w} for w in (0.3, 0.7, -0.2, 0.45, 1.3)[:k]]
+    _run("linear", models, {"normalize": normalize}, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shared", [{}, {"lambda": 0.7}, {"normalize": True, "lambda": 1.3}])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_task_arithmetic(dtype, shared, k):
+    models = [{"weight": w} for w in (0.5, 0.6, -0.3, 0.9)[:k]]
+    _run("task_arithmetic", models, shared, dtype)
+
+
+def _trims(tensors, params, generators):
+    return [MagnitudeTrim(t.abs(), p.density) for t, p in zip(tensors, params)]
+
+
+def _keeps(tensors, params, generators):
+    return [KeepMask(g, p.density) for g, p in zip(generators, params)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shared", [{}, {"normalize": False}, {"lambda": 0.8}])
+@pytest.mark.parametrize("densities", [(0.3, 0.5), (0.2, 1.0, 0.6)])
+def test_ties(dtype, shared, densities):
+    models = [{"weight": 0.4 + 0.3 * i, "density": d} for i, d in enumerate(densities)]
+    _run("ties", models, shared, dtype, _trims)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+@pytest.mark.parametrize("rescale", [{}, {"rescale": False}, {"rescale": "paper"}])
+@pytest.mark.parametrize("chunked", [True, False])
+def test_dare(dtype, method, rescale, chunked):
+    models = [{"weight": 0.5, "density": 0.3}, {"weight": 0.7, "density": 0.9}]
+    _run(method, models, rescale, dtype, _keeps if chunked else None, seed=1)
+
+
+def test_ties_kernel_keeps_exactly_k_with_ties():
+    """All deltas equal: the threshold ties everywhere and exactly int(density·n) entries
+    per input are kept, the first ones in index order, as the torch path keeps them."""
+    method = get_method("ties")
+    base = torch.zeros(N)
+    raw = [base, base + 0.5, base - 0.5]
+    params = [method.model_params(weight=1.0, density=0.3)] * 2
+    tensors = [t - base for t in raw[1:]]
+    states = _trims(tensors, params, None)
+    shared = method.shared_params()
+    out = torch.empty(N)
+    method.fused(
+        FusedInputs(
+            raw[0].numpy(),
+            [t.numpy() for t in raw[1:]],
+            params,
+            shared,
+            None,
+            0,
+            states,
+            out.numpy(),
+            np.zeros(3, np.int64),
+        )
+    )
+    ref = method.merge(MergeInputs(base, tensors, params, shared, None, 0, states))
+    _same(out, ref)
+    k = int(0.3 * N)  # both keep their first k entries; the sum +0 elects +, so +0.5 wins
+    assert torch.equal(out[:k], torch.full((k,), 0.5)) and torch.equal(out[k:], torch.zeros(N - k))
+
+
+@pytest.mark.parametrize("n,density", [(3_000_000, 0.3), (1_500_001, 0.01), (1_200_000, 1.0)])
+def test_radix_selection_equals_the_sampled_kthvalue(monkeypatch, n, density):
+    """Threshold, count above and tie positions: the same from the bits as from torch."""
+    from mergekit_math.methods.sparsify import kth_select
+
+    g = torch.Generator().manual_seed(n)
+    values = torch.randn(n, generator=g).to(torch.bfloat16).float().abs()  # many ties
+    values[:1000] = 0.0
+    k = max(1, int(density * n))
+    fast = kth_select(values, k)
+    monkeypatch.setenv("MMATH_FUSED", "0")
+    slow = kth_select(values, k)
+    assert (fast.threshold, fast.above) == (slow.threshold, slow.above)
+    assert torch.equal(fast.ties, slow.ties)
+
+
+def test_radix_selection_declines_negative_values():
+    from mergekit_math.kernels.select import kth_largest_bits
+
+    values = torch.randn(2_000_000, generator=torch.Generator().manual_seed(0))
+    assert kth_largest_bits(values, 10, map) is None
+    assert kth_largest_bits(values.abs(), 10, map) is not None
