@@ -69,10 +69,11 @@ def run(
     scale: lib.Scale,
     skills: tuple[str, ...] = lib.SKILLS,
     patches: tuple[str, ...] = tuple(PATCHES),
+    on_v1: tuple[str, ...] | None = None,
 ) -> dict:
     """Train (or reuse) base, base_v2 and the specialists of ``skills``; extract each patch
-    kind against the base, apply it to base_v2 (and, as a check, to the base) and evaluate
-    each model on the specialist's skill; the numbers."""
+    kind against the base, apply it to base_v2 (and, as a check, the ``on_v1`` ones, default
+    all, to the base) and evaluate each model on the specialist's skill; the numbers."""
     models = lib.build(work, scale, ("base", "base_v2", *skills))
     data = lib.write_eval(work, scale.eval_n, scale.seed)
 
@@ -91,7 +92,10 @@ def run(
         }
         for name in patches:
             folder = patch(work, models, skill, name)
-            for target, key in (("base_v2", "v2"), ("base", "v1")):
+            targets = [("base_v2", "v2")]
+            if on_v1 is None or name in on_v1:
+                targets.append(("base", "v1"))
+            for target, key in targets:
                 tag = f"{key}+{skill}_{name}"
                 model = applied(work, models, folder, target, tag)
                 rows[f"{key}+{name}"] = {

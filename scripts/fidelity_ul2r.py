@@ -8,13 +8,14 @@ text, while its left-to-right loss on the same text stays within 2% of the base'
 The base comes from ``scripts/fidelity_lib.py`` (trained once, cached under WORK/models). The
 UL2R phase is ``mmath ul2r train`` of a config made by the code behind ``mmath ul2r config``
 (preset ``ul2r``: 50% S, 25% R, 25% X, prefix-LM attention, sentinels added to the character
-vocabulary) on a fresh draw of the pretraining corpus. The held-out text is QA problems whose
-question is held out by ``fidelity_lib.held_out`` (a fixed hash): no model, base or UL2R, ever
-trained on them. The denoising losses are mmath's own held-out evaluation
-(``mergekit_math.ul2r.loss.evaluate``, run by the trainer before the first step, which is the
-base with its new sentinel rows, and every ``STEPS // 4`` steps); the left-to-right loss is
-the mean next-token cross-entropy of ``<s>Question: …\\nAnswer: …</s>``, the base's training
-format, computed here.
+vocabulary) on a fresh draw of the pretraining corpus; a control trains the same steps on the
+same documents with plain causal LM. The held-out text is QA problems whose question is held
+out by ``fidelity_lib.held_out`` (a fixed hash): no model ever trained on them. The denoising
+losses are mmath's own held-out evaluation (``mergekit_math.ul2r.loss.evaluate`` on the
+trainer's held-out batches; the base's sentinel rows set up as the trainer sets them before
+its first step); the left-to-right loss is the mean next-token cross-entropy of
+``<s>Question: …\\nAnswer: …</s>``, the base's training format, computed here, also at the
+UL2R phase's checkpoints (every ``steps // 4``).
 """
 
 from __future__ import annotations
