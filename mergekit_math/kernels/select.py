@@ -45,14 +45,15 @@ def positions_of(values, bits, offset):  # noqa: ANN001, ANN201
     """The flat positions (``offset`` + index) of the values whose bits are ``bits``."""
     count = 0
     for i in range(values.shape[0]):
-        count += _f32_to_bits(values[i]) == bits
-    out = np.empty(count, np.int64)
+        count += np.int64(_f32_to_bits(values[i]) == bits)
+    # every position is written at the next free place, which advances only on a match: no
+    # branch (a branch per value made this loop 6x slower)
+    out = np.empty(count + 1, np.int64)
     j = 0
     for i in range(values.shape[0]):
-        if _f32_to_bits(values[i]) == bits:
-            out[j] = offset + i
-            j += 1
-    return out
+        out[j] = offset + i
+        j += np.int64(_f32_to_bits(values[i]) == bits)
+    return out[:count]
 
 
 def _pick(hist: np.ndarray, k: int) -> tuple[int, int]:
