@@ -39,6 +39,7 @@ _NOT_ON_MERGE_PATH = (
     "huggingface_hub",
     "scipy",
     "ray",
+    "numba",  # the fused kernels: only for merges large enough to pay for loading them
 )
 
 

@@ -10,7 +10,12 @@ float32), count non-finite inputs for the finite check, and write the output dty
 Where a kernel does not apply (no numba, a GPU, float16 storage, inputs with their own
 origin, a variant without a kernel), the engine runs the torch path; both give the same
 float32 operations, so results agree (to the bit on the cases ``tests/test_kernels.py``
-checks). ``MMATH_FUSED=0`` turns the kernels off.
+checks).
+
+Loading numba and the cached kernels costs about half a second and 120 MB of memory, more
+than the kernels save on a small merge, so by default they run only where the work is large:
+a merge of at least :data:`MIN_ELEMENTS` output elements, or a selection over that many.
+``MMATH_FUSED=0`` turns the kernels off, ``MMATH_FUSED=1`` turns them on whatever the size.
 
 Compiled kernels are cached on disk by numba (next to this package, or the user's cache
 folder), so a merge pays the compile time (about a second per kernel) once per machine.
@@ -31,9 +36,21 @@ def _numba_ok() -> bool:
     return True
 
 
-def enabled(device: str) -> bool:
-    """Whether fused kernels run for a merge on ``device`` (CPU only; ``MMATH_FUSED=0``
-    forces the torch path)."""
-    if os.environ.get("MMATH_FUSED", "1") == "0":
+# the size from which the kernels pay for loading them: the torch path costs about 4 ns per
+# output element more than the kernels (task arithmetic of three inputs), numba's start-up
+# about 0.5 s, so the break-even is near 100 M elements; below a quarter of that the torch
+# path is certainly the faster
+MIN_ELEMENTS = 32 << 20
+
+
+def enabled(device: str, elements: int | None = None) -> bool:
+    """Whether fused kernels run for work of ``elements`` output elements (a whole merge,
+    or one selection; None: any size) on ``device``: CPU only, numba installed, and at
+    least :data:`MIN_ELEMENTS` unless ``MMATH_FUSED=1``; ``MMATH_FUSED=0`` forces the
+    torch path."""
+    mode = os.environ.get("MMATH_FUSED", "")
+    if mode == "0" or device != "cpu":
         return False
-    return device == "cpu" and _numba_ok()
+    if mode != "1" and elements is not None and elements < MIN_ELEMENTS:
+        return False
+    return _numba_ok()

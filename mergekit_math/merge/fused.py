@@ -50,7 +50,7 @@ class FusedRange:
         from mergekit_math import kernels
 
         recipe = plan.recipe
-        if plan.method.fused is None or not kernels.enabled(device):
+        if plan.method.fused is None or not kernels.enabled(device, plan.output_elements):
             return None
         if recipe.compute_dtype != "float32" or item.out.dtype not in _VIEWS:
             return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel
@@ -85,6 +86,10 @@ class Plan:
     @property
     def write_bytes(self) -> int:
         return sum(i.out.nbytes for i in self.items)
+
+    @functools.cached_property
+    def output_elements(self) -> int:
+        return sum(i.out.numel for i in self.items)
 
     @property
     def parents(self) -> list[str]:

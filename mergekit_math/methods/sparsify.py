@@ -85,7 +85,7 @@ def kth_select(values: torch.Tensor, k: int, map: ChunkMap = builtins.map) -> Se
     n = values.numel()
     if n <= _DIRECT_SELECT:
         return _select_directly(values, k, map)
-    if values.dtype == torch.float32 and kernels.enabled(values.device.type):
+    if values.dtype == torch.float32 and kernels.enabled(values.device.type, n):
         from mergekit_math.kernels.select import kth_largest_bits
 
         found = kth_largest_bits(values, k, map)  # magnitudes only: None for negatives
