@@ -307,7 +307,10 @@ MODELS: dict[str, tuple[str | None, object]] = {
     # CoT-Valve's S is tuned from L: Δ = S − L is the chain-length direction
     "short": ("long", (("addsub", "short"), ("muldiv", "short"))),
     "base_v2": ("base", "continue"),
+    # a gentler S (a quarter of the steps), to see whether CoT-Valve's step in α softens
+    "short_50": ("long", (("addsub", "short"), ("muldiv", "short"))),
 }
+STEPS = {"short_50": 50}  # fine-tuning steps where not scale.finetune_steps
 
 
 def _mixed(seed: int, pairs: tuple, scale: Scale, tag: str) -> Iterator:
@@ -344,7 +347,7 @@ def train_model(name: str, models: Path, scale: Scale) -> None:
         steps, lr, warmup = scale.continue_steps, PRETRAIN_LR / 10, 20
     else:
         batches = _mixed(seed, what, scale, name)
-        steps, lr, warmup = scale.finetune_steps, FINETUNE_LR, 20
+        steps, lr, warmup = STEPS.get(name, scale.finetune_steps), FINETUNE_LR, 20
     fit(model, batches, steps, lr, warmup, name)
     folder = models / name
     tmp = models / f".{name}.tmp"

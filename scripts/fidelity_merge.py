@@ -53,6 +53,18 @@ MERGES: dict[str, tuple[str, str]] = {
     ),
 }
 DROP_RATES = (0.0, 0.5, 0.9, 0.99)
+# the TIES / DARE-TIES grid: each specialist's density × the recipe's ``lambda`` (the scale of
+# the merged delta; per-model weights would cancel in the disjoint mean)
+GRID_METHODS = ("ties", "dare_ties")
+DENSITIES = (0.2, 0.5, 0.8)
+LAMBDAS = (0.5, 0.75, 1.0)
+GRID = (
+    "merge_method: {method}\nbase_model: {m}/base\nmodels:\n"
+    "  - {{model: {m}/addsub, parameters: {{weight: 1.0, density: {density}}}}}\n"
+    "  - {{model: {m}/muldiv, parameters: {{weight: 1.0, density: {density}}}}}\n"
+    "parameters: {{normalize: true, lambda: {lam}}}\nseed: 0\n"
+)
+BAR = 0.9  # the claim: each skill keeps at least 90% of its specialist's accuracy
 DARE = (
     "merge_method: dare_linear\nbase_model: {m}/base\nmodels:\n"
     "  - {{model: {m}/{model}, parameters: {{weight: 1.0}}}}\n"
@@ -83,9 +95,11 @@ def run(
     scale: lib.Scale,
     merges: tuple[str, ...] = tuple(MERGES),
     dare_on: tuple[str, ...] = lib.SKILLS,
+    grid_methods: tuple[str, ...] = (),
 ) -> dict:
-    """Train (or reuse) the models, merge (the recipes named in ``merges``), evaluate, and
-    sweep DARE's drop rate on the deltas of the specialists in ``dare_on``; the numbers."""
+    """Train (or reuse) the models, merge (the recipes named in ``merges``), evaluate, sweep
+    DARE's drop rate on the deltas of the specialists in ``dare_on``, and the density × λ grid
+    of each method in ``grid_methods``; the numbers."""
     models = lib.build(work, scale, ("base", "addsub", "muldiv"))
     data = lib.write_eval(work, scale.eval_n, scale.seed)
     rows: dict[str, dict] = {}
@@ -108,7 +122,24 @@ def run(
                     model, data[specialist], work / "evals" / f"dare_{specialist}_{p}"
                 )
             dare[specialist].append({"drop_rate": p, **acc})
-    return {"setting": scale.__dict__, "merges": rows, "dare": dare}
+    result = {"setting": scale.__dict__, "merges": rows, "dare": dare}
+    if grid_methods:
+        result["grid"] = grid(work, models, data, grid_methods)
+    return result
+
+
+def grid(work: Path, models: Path, data: dict[str, Path], methods: tuple[str, ...]) -> list[dict]:
+    """Every method × density × λ point of the grid, merged and scored on both skills."""
+    points = []
+    for method in methods:
+        for density in DENSITIES:
+            for lam in LAMBDAS:
+                name = f"grid_{method}_d{density}_l{lam}"
+                body = GRID.format(method=method, m=models, density=density, lam=lam)
+                acc = scores(work, merged(work, name, body), data, name, None)
+                points.append({"method": method, "density": density, "lambda": lam, **acc})
+                print(f"  {name}: {acc}", flush=True)
+    return points
 
 
 def kept(result: dict, name: str) -> dict[str, float]:
@@ -139,6 +170,66 @@ def table(result: dict) -> str:
                 f"{100 * (pt['accuracy'] - first):+.1f} pts |"
             )
     return "\n".join(lines) + "\n"
+
+
+def grid_table(result: dict) -> str:
+    """The grid, each skill's accuracy and what it keeps of its specialist's, with the weight
+    average's row to compare."""
+    rows = result["merges"]
+    spec = {s: max(rows[s][s]["accuracy"], 1e-9) for s in lib.SKILLS}
+    lines = [
+        "| method | density | λ | addsub acc | muldiv acc | addsub kept | muldiv kept | "
+        "min kept | mean kept | ≥ 90% both | mean tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    avg = {"method": "weight average", "density": "", "lambda": ""}
+    for p in [{**avg, **{s: rows["average"][s] for s in lib.SKILLS}}, *result["grid"]]:
+        k = [p[s]["accuracy"] / spec[s] for s in lib.SKILLS]
+        tokens = sum(p[s]["mean_tokens"] for s in lib.SKILLS) / len(lib.SKILLS)
+        lines.append(
+            f"| {p['method']} | {p['density']} | {p['lambda']} | {p['addsub']['accuracy']:.3f} | "
+            f"{p['muldiv']['accuracy']:.3f} | {k[0]:.0%} | {k[1]:.0%} | {min(k):.0%} | "
+            f"{sum(k) / 2:.0%} | {'yes' if min(k) >= BAR else 'no'} | {tokens:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_grid(result: dict, path: Path) -> None:
+    """One heatmap per method: the smaller kept fraction of the two skills (the claim's bar)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["merges"]
+    spec = {s: max(rows[s][s]["accuracy"], 1e-9) for s in lib.SKILLS}
+    methods = sorted({p["method"] for p in result["grid"]}, key=GRID_METHODS.index)
+    average = min(rows["average"][s]["accuracy"] / spec[s] for s in lib.SKILLS)
+    fig, axes = plt.subplots(
+        1,
+        len(methods),
+        figsize=(4.6 * len(methods), 3.8),
+        squeeze=False,
+        layout="constrained",
+    )
+    for ax, method in zip(axes[0], methods):
+        cells = [[0.0] * len(LAMBDAS) for _ in DENSITIES]
+        for p in result["grid"]:
+            if p["method"] == method:
+                k = min(p[s]["accuracy"] / spec[s] for s in lib.SKILLS)
+                cells[DENSITIES.index(p["density"])][LAMBDAS.index(p["lambda"])] = k
+        image = ax.imshow(cells, vmin=0.5, vmax=1.0, cmap="viridis", origin="lower")
+        for i, row in enumerate(cells):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.0%}", ha="center", va="center",
+                        color="white" if v < 0.8 else "black")  # fmt: skip
+        ax.set_xticks(range(len(LAMBDAS)), [str(x) for x in LAMBDAS])
+        ax.set_yticks(range(len(DENSITIES)), [str(x) for x in DENSITIES])
+        ax.set_xlabel("λ")
+        ax.set_ylabel("density")
+        ax.set_title(f"{method}: min kept (average: {average:.0%})")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    fig.savefig(path, dpi=110)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -174,15 +265,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("out/fidelity"))
     parser.add_argument("--docs", type=Path, help="Write merge.md, merge.json, merge.png here.")
+    parser.add_argument(
+        "--grid", default=",".join(GRID_METHODS),
+        help="Methods of the density × λ grid (comma-separated; '' for none).",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    result = run(args.work.resolve(), lib.Scale())
+    methods = tuple(m for m in args.grid.split(",") if m)
+    result = run(args.work.resolve(), lib.Scale(), grid_methods=methods)
     text = table(result)
+    if methods:
+        text += "\n" + grid_table(result)
     print(text)
     if args.docs is not None:
         args.docs.mkdir(parents=True, exist_ok=True)
         (args.docs / "merge.md").write_text(text)
         (args.docs / "merge.json").write_text(json.dumps(result, indent=2) + "\n")
         plot(result, args.docs / "merge.png")
+        if methods:
+            plot_grid(result, args.docs / "merge_grid.png")
 
 
 if __name__ == "__main__":

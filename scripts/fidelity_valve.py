@@ -24,12 +24,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fidelity_lib as lib  # noqa: E402
 
 ALPHAS = (0.0, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.8, 1.0)
+# a finer grid inside the step (0.25 to 0.35), and the α whose answers are sorted by form
+FINE = (0.26, 0.28, 0.3, 0.32, 0.34)
+FORMS_AT = (0.0, 0.25, 0.26, 0.28, 0.3, 0.32, 0.34, 0.35, 0.4, 1.0)
 TOLERANCE = 0.05  # accuracy points allowed below the long model
 
 
-def run(work: Path, scale: lib.Scale, alphas: tuple[float, ...] = ALPHAS) -> dict:
-    """Train (or reuse) long and short, extract the direction, sweep α; the numbers."""
-    models = lib.build(work, scale, ("base", "long", "short"))
+def run(
+    work: Path,
+    scale: lib.Scale,
+    alphas: tuple[float, ...] = ALPHAS,
+    forms_at: tuple[float, ...] = (),
+    short: str = "short",
+) -> dict:
+    """Train (or reuse) long and ``short`` (or the variant ``short_50``), extract the
+    direction, sweep α, and sort the answers at each α of ``forms_at`` (swept too) by chain
+    form; the numbers."""
+    alphas = tuple(sorted(set(alphas) | set(forms_at)))
+    models = lib.build(work, scale, ("base", "long", short))
     rows = [
         r
         for skill in lib.SKILLS
@@ -37,10 +49,10 @@ def run(work: Path, scale: lib.Scale, alphas: tuple[float, ...] = ALPHAS) -> dic
     ]
     data = work / "eval_both.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    valve = work / "valve"
+    valve = work / ("valve" if short == "short" else f"valve_{short}")
     if not (valve / "dir").is_dir():
         lib.mmath(
-            "valve", "extract", "--long", models / "long", "--short", models / "short",
+            "valve", "extract", "--long", models / "long", "--short", models / short,
             "-o", valve / "dir", "-q",
         )  # fmt: skip
     lib.mmath(
@@ -57,7 +69,52 @@ def run(work: Path, scale: lib.Scale, alphas: tuple[float, ...] = ALPHAS) -> dic
     ]
     points = [{k: v for k, v in p.items() if k != "model"} for p in points]  # no local paths
     points.sort(key=lambda p: p["alpha"])
-    return {"setting": scale.__dict__, "points": points, **summary(points)}
+    result = {"setting": scale.__dict__, "short": short, "points": points, **summary(points)}
+    if forms_at:
+        result["forms"] = [forms(valve, models, data, a) for a in forms_at]
+    return result
+
+
+def form_of(response: str) -> str:
+    """``long`` (a worked sentence with a ``<<a+b=c>>`` annotation), ``short`` (a bare
+    equation before ``####``) or ``other``."""
+    body = response.split("####")[0].strip()
+    if "<<" in body:
+        return "long"
+    if body and all(c in "0123456789+-*/= " for c in body):
+        return "short"
+    return "other"
+
+
+def forms(valve: Path, models: Path, data: Path, alpha: float) -> dict:
+    """θ(α)'s answers (``mmath eval``'s samples, from its cache after the sweep) by form: the
+    fraction of each, the mean tokens and accuracy within each, and one example of each."""
+    from transformers import AutoTokenizer
+
+    if alpha == 0:
+        folder = models / "long"
+    else:
+        folder = valve / "sweep" / "models" / f"alpha_{alpha:g}"
+    out = valve / "samples" / f"alpha_{alpha:g}"
+    lib.evaluate(folder, data, out)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    rows = [json.loads(line) for line in (out / "samples_gsm8k_local.jsonl").open() if line]
+    by: dict[str, list[tuple[int, float, str]]] = {"long": [], "short": [], "other": []}
+    for row in rows:
+        resps = row["resps"][0]
+        text = resps[0] if isinstance(resps, list) else resps
+        text = text.split("\n\n")[0]
+        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        by[form_of(text)].append((n, float(row["exact_match"]), text))
+    entry: dict = {"alpha": alpha, "n": len(rows)}
+    for form, items in by.items():
+        entry[form] = {
+            "fraction": len(items) / max(len(rows), 1),
+            "mean_tokens": sum(i[0] for i in items) / len(items) if items else None,
+            "accuracy": sum(i[1] for i in items) / len(items) if items else None,
+            "example": items[0][2] if items else None,
+        }
+    return entry
 
 
 def summary(points: list[dict]) -> dict:
@@ -95,23 +152,46 @@ def table(result: dict) -> str:
                  f"where they fall by more than a token: {result['falling_steps']}; shortest chain "
                  f"within {TOLERANCE * 100:.0f} points of α=0: "
                  f"{result['shortest_within_tolerance']:.0%} of the long model's")  # fmt: skip
+    if "forms" in result:
+        lines += [
+            "",
+            "| α | long form | short form | other | tokens, long answers | "
+            "tokens, short answers | accuracy, long / short |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for f in result["forms"]:
+            cells = [f"{f[k]['fraction']:.0%}" for k in ("long", "short", "other")]
+            cells += [_num(f[k]["mean_tokens"], "{:.1f}") for k in ("long", "short")]
+            acc = " / ".join(_num(f[k]["accuracy"], "{:.2f}") for k in ("long", "short"))
+            lines.append(f"| {f['alpha']} | " + " | ".join(cells) + f" | {acc} |")
     return "\n".join(lines) + "\n"
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "–" if x is None else fmt.format(x)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("out/fidelity"))
     parser.add_argument("--docs", type=Path, help="Write valve.md, valve.json, valve.png here.")
+    parser.add_argument(
+        "--short", default="short", choices=("short", "short_50"),
+        help="The short model: S (200 steps from L) or short_50 (50 steps); short_50's files "
+        "are valve_short_50.md/.json/.png.",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     work = args.work.resolve()
-    result = run(work, lib.Scale())
+    result = run(work, lib.Scale(), forms_at=FORMS_AT, short=args.short)
     text = table(result)
     print(text)
     if args.docs is not None:
+        stem = "valve" if args.short == "short" else f"valve_{args.short}"
         args.docs.mkdir(parents=True, exist_ok=True)
-        (args.docs / "valve.md").write_text(text)
-        (args.docs / "valve.json").write_text(json.dumps(result, indent=2) + "\n")
-        shutil.copy2(work / "valve" / "sweep" / "valve.png", args.docs / "valve.png")
+        (args.docs / f"{stem}.md").write_text(text)
+        (args.docs / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        folder = work / ("valve" if args.short == "short" else f"valve_{args.short}")
+        shutil.copy2(folder / "sweep" / "valve.png", args.docs / f"{stem}.png")
 
 
 if __name__ == "__main__":
