@@ -9,7 +9,9 @@ unrolls the loop over them and vectorises the loop over elements. The finite che
 come from a read-only pass per input first (``bad[j]``).
 
 TIES trims keep the entries above the threshold and, of the entries equal to it, the ones
-chosen in index order (``MagnitudeTrim``), marked in a selection array.
+chosen in index order (``MagnitudeTrim``), marked in a selection array. Breadcrumbs windows
+keep the entries strictly between two thresholds and the chosen ones equal to either end
+(``RankWindow``), zeroing the rest as ``torch.where`` does (NaN and -0.0 become +0.0).
 """
 
 from __future__ import annotations
@@ -53,36 +55,48 @@ def linear(xs, ws, div, out, bad):  # noqa: ANN001, ANN201
     _linear_loop(xs, ws, div, out)
 
 
-def kept(ms, j, i, b, thr, sel, scale):  # noqa: ANN001, ANN201
-    """Input j's delta at element i after its trim or keep mask (numba only), chosen by the
-    argument types, so that each variant compiles to a loop without branches:
+def kept(ms, j, i, b, thr, hi, sel, scale):  # noqa: ANN001, ANN201
+    """Input j's delta at element i after its trim, window or keep mask (numba only), chosen
+    by the argument types, so that each variant compiles to a loop without branches:
 
-    - ``sel`` and ``scale`` None: trim, kept if its magnitude is above ``thr[j]`` (-inf
-      keeps everything);
-    - ``scale`` None: trim, also kept where ``sel[j, i]`` marks one of the ties chosen;
-    - both arrays: keep mask ``sel[j, i]``, the kept entry divided by ``scale[j]``.
+    - ``hi``, ``sel`` and ``scale`` None: trim, kept if its magnitude is above ``thr[j]``
+      (-inf keeps everything);
+    - ``hi`` and ``scale`` None: trim, also kept where ``sel[j, i]`` marks one of the ties
+      chosen;
+    - ``hi`` and ``sel`` arrays: window, kept if its magnitude lies strictly between
+      ``thr[j]`` and ``hi[j]`` or ``sel[j, i]`` marks it, else +0.0;
+    - ``sel`` and ``scale`` arrays: keep mask ``sel[j, i]``, the kept entry divided by
+      ``scale[j]``.
     """
     raise NotImplementedError
 
 
 @overload(kept, inline="always")
-def _kept(ms, j, i, b, thr, sel, scale):  # noqa: ANN001, ANN202
+def _kept(ms, j, i, b, thr, hi, sel, scale):  # noqa: ANN001, ANN202
+    if not isinstance(hi, types.NoneType):
+
+        def window(ms, j, i, b, thr, hi, sel, scale):  # noqa: ANN001, ANN202
+            d = load(ms[j], i) - b
+            m = abs(d)
+            return d if ((m > thr[j]) & (m < hi[j])) | (sel[j, i] != 0) else _ZERO
+
+        return window
     if isinstance(scale, types.NoneType) and isinstance(sel, types.NoneType):
 
-        def trim(ms, j, i, b, thr, sel, scale):  # noqa: ANN001, ANN202
+        def trim(ms, j, i, b, thr, hi, sel, scale):  # noqa: ANN001, ANN202
             d = load(ms[j], i) - b
             return d * (_ONE if abs(d) > thr[j] else _ZERO)
 
         return trim
     if isinstance(scale, types.NoneType):
 
-        def trim_ties(ms, j, i, b, thr, sel, scale):  # noqa: ANN001, ANN202
+        def trim_ties(ms, j, i, b, thr, hi, sel, scale):  # noqa: ANN001, ANN202
             d = load(ms[j], i) - b
             return d * (_ONE if (abs(d) > thr[j]) | (sel[j, i] != 0) else _ZERO)
 
         return trim_ties
 
-    def mask(ms, j, i, b, thr, sel, scale):  # noqa: ANN001, ANN202
+    def mask(ms, j, i, b, thr, hi, sel, scale):  # noqa: ANN001, ANN202
         d = load(ms[j], i) - b
         return (d * np.float32(sel[j, i])) / scale[j]
 
@@ -90,27 +104,27 @@ def _kept(ms, j, i, b, thr, sel, scale):  # noqa: ANN001, ANN202
 
 
 @njit(error_model="numpy")
-def _sum_loop(base, ms, thr, sel, scale, ws, div, lam, out):  # noqa: ANN001, ANN202
+def _sum_loop(base, ms, thr, hi, sel, scale, ws, div, lam, out):  # noqa: ANN001, ANN202
     for i in range(out.shape[0]):
         b = load(base, i)
         acc = _ZERO
         for j in range(len(ms)):
-            acc = acc + kept(ms, j, i, b, thr, sel, scale) * ws[j]
+            acc = acc + kept(ms, j, i, b, thr, hi, sel, scale) * ws[j]
         store(out, i, b + (acc / div) * lam)
 
 
 @njit(error_model="numpy")
-def _ties_loop(base, ms, thr, sel, scale, ws, normalize, lam, out):  # noqa: ANN001, ANN202
+def _ties_loop(base, ms, thr, hi, sel, scale, ws, normalize, lam, out):  # noqa: ANN001, ANN202
     for i in range(out.shape[0]):
         b = load(base, i)
         total = _ZERO
         for j in range(len(ms)):
-            total = total + kept(ms, j, i, b, thr, sel, scale) * ws[j]
+            total = total + kept(ms, j, i, b, thr, hi, sel, scale) * ws[j]
         elected = sign_bit_one(total)
         mixed = _ZERO
         weight = _ZERO
         for j in range(len(ms)):
-            s = kept(ms, j, i, b, thr, sel, scale) * ws[j]
+            s = kept(ms, j, i, b, thr, hi, sel, scale) * ws[j]
             agree = step(s * elected)
             mixed = mixed + s * agree
             weight = weight + ws[j] * agree
@@ -132,18 +146,18 @@ def delta_into(base, m, out):  # noqa: ANN001, ANN201
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def delta_sum(base, ms, thr, sel, scale, ws, div, lam, out, bad):  # noqa: ANN001, ANN201
+def delta_sum(base, ms, thr, hi, sel, scale, ws, div, lam, out, bad):  # noqa: ANN001, ANN201
     """out = base + ((Σ_j kept_j·w_j) / div)·λ (see :func:`_kept`); ``bad``: base first,
     then the models."""
     _count_bad((base,), bad[:1])
     _count_bad(ms, bad[1:])
-    _sum_loop(base, ms, thr, sel, scale, ws, div, lam, out)
+    _sum_loop(base, ms, thr, hi, sel, scale, ws, div, lam, out)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def delta_ties(base, ms, thr, sel, scale, ws, normalize, lam, out, bad):  # noqa: ANN001, ANN201
+def delta_ties(base, ms, thr, hi, sel, scale, ws, normalize, lam, out, bad):  # noqa: ANN001, ANN201
     """TIES: the elected sign of Σ kept_j·w_j, the agreeing entries summed (divided by their
     weights' sum with ``normalize``), times λ, plus the base."""
     _count_bad((base,), bad[:1])
     _count_bad(ms, bad[1:])
-    _ties_loop(base, ms, thr, sel, scale, ws, normalize, lam, out)
+    _ties_loop(base, ms, thr, hi, sel, scale, ws, normalize, lam, out)

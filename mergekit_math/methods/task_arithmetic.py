@@ -180,8 +180,8 @@ def _merge(variant: Variant):
 
 
 def _fused(variant: Variant):
-    """:func:`_merge` as one fused kernel for no sparsification, TIES trims (thresholds from
-    ``prepare``) and DARE keep masks; other variants decline."""
+    """:func:`_merge` as one fused kernel for no sparsification, TIES trims and Breadcrumbs
+    windows (thresholds from ``prepare``) and DARE keep masks; other variants decline."""
 
     def fused(inputs: FusedInputs[DeltaShared, DeltaModel]) -> bool:
         import numpy as np
@@ -192,35 +192,16 @@ def _fused(variant: Variant):
             return False
         shared = inputs.shared
         rescale = _rescale_mode(variant, shared.rescale)
-        k, n = len(inputs.tensors), inputs.out.shape[0]
-        thresholds = np.full(k, -np.inf, np.float32)
-        sel, scale = np.empty((k, 0), np.uint8), np.ones(k, np.float32)
         masked = variant.sparsification == "random"
         if masked and rescale == "l1":
             return False
-        for i, p in enumerate(inputs.params):
-            state = inputs.states[i] if inputs.states is not None else None
-            if p.density >= 1 or variant.sparsification == "none":
-                continue
-            if isinstance(state, MagnitudeTrim):
-                thresholds[i] = state.threshold
-                ties = state.ties[inputs.offset]  # the entries at the threshold it keeps here
-                if ties.numel():
-                    sel = sel if sel.shape[1] == n else np.zeros((k, n), np.uint8)
-                    sel[i, ties.numpy()] = 1
-            elif masked:
-                assert inputs.generators is not None
-                sel = sel if sel.shape[1] == n else np.ones((k, n), np.uint8)
-                sel[i] = inputs.generators[i].keep(inputs.offset, n, p.density).numpy()
-                scale[i] = p.density if rescale == "paper" else 1.0
-            else:
-                return False
+        kernel_args = _kernel_args(variant, inputs, masked)
+        if kernel_args is None:
+            return False
         weights = tuple(np.float32(p.weight) for p in inputs.params)
         lam = np.float32(shared.lambda_)
         normalize = variant.default_normalize if shared.normalize is None else shared.normalize
-        if not sel.shape[1]:  # trims without ties here, or nothing to drop
-            sel, masked = None, False
-        args = (inputs.base, tuple(inputs.tensors), thresholds, sel, scale if masked else None)
+        args = (inputs.base, tuple(inputs.tensors), *kernel_args)
         if variant.consensus:
             elementwise.delta_ties(*args, weights, normalize, lam, inputs.out, inputs.bad)
         else:
@@ -230,6 +211,48 @@ def _fused(variant: Variant):
         return True
 
     return fused
+
+
+def _kernel_args(variant: Variant, inputs: FusedInputs[DeltaShared, DeltaModel], masked: bool):
+    """The kernels' ``thr, hi, sel, scale`` for this chunk (see ``elementwise.kept``: which
+    are None picks the variant), or None where some input's state has no kernel."""
+    import numpy as np
+
+    k, n = len(inputs.tensors), inputs.out.shape[0]
+    window = variant.sparsification == "magnitude_outliers"
+    thresholds = np.full(k, -np.inf, np.float32)
+    highs = np.full(k, np.inf, np.float32)
+    # a window keeps what ``sel`` marks besides its range: everything, for an input kept whole
+    sel, scale = np.empty((k, 0), np.uint8), np.ones(k, np.float32)
+    if window:
+        sel = np.zeros((k, n), np.uint8)
+    for i, p in enumerate(inputs.params):
+        state = inputs.states[i] if inputs.states is not None else None
+        if p.density >= 1 or variant.sparsification == "none":
+            if window:
+                sel[i] = 1
+            continue
+        if isinstance(state, (MagnitudeTrim, RankWindow)):
+            if isinstance(state, RankWindow):
+                thresholds[i], highs[i] = state.low, state.high
+            else:
+                thresholds[i] = state.threshold
+            ties = state.ties[inputs.offset]  # the entries at a threshold it keeps here
+            if ties.numel():
+                sel = sel if sel.shape[1] == n else np.zeros((k, n), np.uint8)
+                sel[i, ties.numpy()] = 1
+        elif masked:
+            assert inputs.generators is not None
+            sel = sel if sel.shape[1] == n else np.ones((k, n), np.uint8)
+            sel[i] = inputs.generators[i].keep(inputs.offset, n, p.density).numpy()
+            scale[i] = p.density if _rescale_mode(variant, inputs.shared.rescale) == "paper" else 1
+        else:
+            return None
+    if window:
+        return thresholds, highs, sel, None
+    if not sel.shape[1]:  # trims without ties here, or nothing to drop
+        return thresholds, None, None, None
+    return thresholds, None, sel, scale if masked else None
 
 
 def _chunking(variant: Variant) -> Chunking[DeltaShared, DeltaModel]:
