@@ -206,11 +206,18 @@ def test_compiled_selection_scan_equals_the_torch_scan(monkeypatch, n, density, 
     values[:1000] = 0.0
     values[5000:5003] = float("nan")
     k = max(1, int(density * n))
+    monkeypatch.setenv("MMATH_FUSED", "1")  # the kernels at any size (these are < 32M)
     fast = kth_select(values, k)
     monkeypatch.setenv("MMATH_FUSED", "0")
     slow = kth_select(values, k)
     assert (fast.threshold, fast.above) == (slow.threshold, slow.above)
     assert torch.equal(fast.ties, slow.ties)
+    if not signed:  # the radix selection itself answered (it declines signed values)
+        from mergekit_math.kernels.select import kth_largest_bits
+
+        threshold, above, ties = kth_largest_bits(values, k, map)
+        assert (threshold, above) == (slow.threshold, slow.above)
+        assert torch.equal(ties, slow.ties)
 
 
 # ------------------------------------------------------------------- through the engine
