@@ -146,6 +146,13 @@ def delta_into(base, m, out):  # noqa: ANN001, ANN201
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
+def magnitude_into(base, m, out):  # noqa: ANN001, ANN201
+    """out = |m - base| in float32 (a whole magnitude for a TIES or Breadcrumbs threshold)."""
+    for i in range(out.shape[0]):
+        out[i] = abs(load(m, i) - load(base, i))
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
 def delta_sum(base, ms, thr, hi, sel, scale, ws, div, lam, out, bad):  # noqa: ANN001, ANN201
     """out = base + ((Σ_j kept_j·w_j) / div)·λ (see :func:`_kept`); ``bad``: base first,
     then the models."""

@@ -102,14 +102,17 @@ class FusedRange:
                 self.finite.count(int(i), int(bad[i]))
         return out
 
-    def delta(self, raw: list[torch.Tensor], i: int, out: torch.Tensor) -> bool:
-        """Source ``i``'s delta against the base, into the float32 range ``out`` (False
-        where this item has no base)."""
+    def delta(
+        self, raw: list[torch.Tensor], i: int, out: torch.Tensor, absolute: bool = False
+    ) -> bool:
+        """Source ``i``'s delta against the base (its magnitude with ``absolute``), into the
+        float32 range ``out`` (False where this item has no base)."""
         if not self.has_base or self.plan.method.kind != "delta":
             return False
-        from mergekit_math.kernels.elementwise import delta_into
+        from mergekit_math.kernels.elementwise import delta_into, magnitude_into
 
-        delta_into(_as_numpy(raw[0]), _as_numpy(raw[1 + i]), out.numpy())
+        kernel = magnitude_into if absolute else delta_into
+        kernel(_as_numpy(raw[0]), _as_numpy(raw[1 + i]), out.numpy())
         return True
 
 

@@ -42,22 +42,25 @@ def _prepare_states(
     chunking = plan.method.chunking
     assert chunking is not None and chunking.prepare is not None
 
-    def fill(buf: torch.Tensor, i: int, start: int, end: int) -> None:
+    def fill(buf: torch.Tensor, i: int, start: int, end: int, absolute: bool) -> None:
         # no finite check: the merge pass reads these ranges again and checks them
         raw = _read_range(plan, item, start, end, only=i)
-        if fused is None or not fused.delta(raw, i, buf[start:end]):
+        if fused is None or not fused.delta(raw, i, buf[start:end], absolute):
             _, deltas = inputs(raw, shaped=False, check=False, only=i)
             buf[start:end] = deltas[i]
+            if absolute:
+                buf[start:end].abs_()
         _release_range(plan, item, start, end)
 
-    def full_delta(i: int) -> torch.Tensor:
+    def full_delta(i: int, absolute: bool = False) -> torch.Tensor:
         buf = _scratch(run, item.out.numel, inputs.compute, inputs.device)
         pool = run.pool if run is not None else None
         if pool is None:
             for start, end in ranges:
-                fill(buf, i, start, end)
+                fill(buf, i, start, end, absolute)
         else:
-            for future in [pool.submit(_in_worker, fill, buf, i, s, e) for s, e in ranges]:
+            tasks = [pool.submit(_in_worker, fill, buf, i, s, e, absolute) for s, e in ranges]
+            for future in tasks:
                 future.result()
         return buf
 
@@ -74,6 +77,7 @@ def _prepare_states(
         numel=item.out.numel,
         ranges=ranges,
         delta=full_delta,
+        magnitude=lambda i: full_delta(i, absolute=True),
         map=chunk_map,
     )
     if run is None or run.pool is None:

@@ -255,6 +255,14 @@ def _kernel_args(variant: Variant, inputs: FusedInputs[DeltaShared, DeltaModel],
     return thresholds, None, sel, scale if masked else None
 
 
+def _magnitude(inputs: PrepareInputs[DeltaShared, DeltaModel], i: int) -> torch.Tensor:
+    """Input ``i``'s whole |delta|: filled in one pass where the engine can, else the delta's
+    absolute value taken in place."""
+    if inputs.magnitude is not None:
+        return inputs.magnitude(i)
+    return chunked_abs_(inputs.delta(i), inputs.map)
+
+
 def _chunking(variant: Variant) -> Chunking[DeltaShared, DeltaModel]:
     """Chunks for no sparsification, TIES trims and Breadcrumbs windows without L1 rescale
     (whole-tensor thresholds computed once) and DARE drops without L1 rescale (masks computed
@@ -276,11 +284,11 @@ def _chunking(variant: Variant) -> Chunking[DeltaShared, DeltaModel]:
             if p.density >= 1 or variant.sparsification == "none":
                 states.append(None)
             elif variant.sparsification == "magnitude":
-                magnitude = chunked_abs_(inputs.delta(i), inputs.map)
+                magnitude = _magnitude(inputs, i)
                 states.append(MagnitudeTrim(magnitude, p.density, inputs.ranges, inputs.map))
             elif variant.sparsification == "magnitude_outliers":
                 assert isinstance(p, BreadcrumbsModel)
-                magnitude = chunked_abs_(inputs.delta(i), inputs.map)
+                magnitude = _magnitude(inputs, i)
                 first, count = breadcrumbs_window(inputs.numel, p.density, p.gamma)
                 window = RankWindow(magnitude, first, count, inputs.ranges, inputs.map)
                 states.append(window)
