@@ -405,3 +405,10 @@ def evaluate(model: Path, data: Path, out: Path, limit: int | None = None) -> di
         "accuracy": doc["results"]["gsm8k_local"]["exact_match,strict-match"],
         "mean_tokens": lengths["mean"],
     }
+
+
+def write_docs(docs: Path, stem: str, text: str, result: dict) -> None:
+    """``STEM.md`` (the tables, ``text``) and ``STEM.json`` (the numbers) in ``docs``."""
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / f"{stem}.md").write_text(text)
+    (docs / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -15,7 +15,6 @@ recipe written here, every score an ``mmath eval --tasks gsm8k_local`` of held-o
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -278,9 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         text += "\n" + grid_table(result)
     print(text)
     if args.docs is not None:
-        args.docs.mkdir(parents=True, exist_ok=True)
-        (args.docs / "merge.md").write_text(text)
-        (args.docs / "merge.json").write_text(json.dumps(result, indent=2) + "\n")
+        lib.write_docs(args.docs, "merge", text, result)
         plot(result, args.docs / "merge.png")
         if methods:
             plot_grid(result, args.docs / "merge_grid.png")

@@ -17,7 +17,6 @@ gsm8k_local`` of held-out problems (zero-shot, greedy, strict ``#### N`` match).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -204,9 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     text = table(result)
     print(text)
     if args.docs is not None:
-        args.docs.mkdir(parents=True, exist_ok=True)
-        (args.docs / "portllm.md").write_text(text)
-        (args.docs / "portllm.json").write_text(json.dumps(result, indent=2) + "\n")
+        lib.write_docs(args.docs, "portllm", text, result)
         plot(result, args.docs / "portllm.png")
 
 

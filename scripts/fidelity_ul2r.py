@@ -329,9 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     text = table(result)
     print(text)
     if args.docs is not None:
-        args.docs.mkdir(parents=True, exist_ok=True)
-        (args.docs / "ul2r.md").write_text(text)
-        (args.docs / "ul2r.json").write_text(json.dumps(result, indent=2) + "\n")
+        lib.write_docs(args.docs, "ul2r", text, result)
         plot(result, args.docs / "ul2r.png")
 
 

@@ -187,11 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.docs is not None:
         stem = "valve" if args.short == "short" else f"valve_{args.short}"
-        args.docs.mkdir(parents=True, exist_ok=True)
-        (args.docs / f"{stem}.md").write_text(text)
-        (args.docs / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-        folder = work / ("valve" if args.short == "short" else f"valve_{args.short}")
-        shutil.copy2(folder / "sweep" / "valve.png", args.docs / f"{stem}.png")
+        lib.write_docs(args.docs, stem, text, result)  # the stem names its work folder too
+        shutil.copy2(work / stem / "sweep" / "valve.png", args.docs / f"{stem}.png")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ checks).
 
 Loading numba and the cached kernels costs about half a second and 120 MB of memory, more
 than the kernels save on a small merge, so by default they run only where the work is large:
-a merge of at least :data:`MIN_ELEMENTS` output elements, or a selection over that many.
+a merge of at least :data:`MIN_ELEMENTS` output elements (its threshold selections follow
+the merge's choice), or a selection on its own over that many.
 ``MMATH_FUSED=0`` turns the kernels off, ``MMATH_FUSED=1`` turns them on whatever the size.
 
 Compiled kernels are cached on disk by numba (next to this package, or the user's cache

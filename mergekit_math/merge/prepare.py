@@ -37,6 +37,7 @@ def _prepare_states(
     is assembled range by range into the reused scratch buffer (on the worker threads)."""
     import torch
 
+    from mergekit_math import kernels
     from mergekit_math.methods import PrepareInputs
 
     chunking = plan.method.chunking
@@ -78,6 +79,7 @@ def _prepare_states(
         ranges=ranges,
         delta=full_delta,
         magnitude=lambda i: full_delta(i, absolute=True),
+        compiled=kernels.enabled(inputs.device, plan.output_elements),
         map=chunk_map,
     )
     if run is None or run.pool is None:

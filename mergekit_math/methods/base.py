@@ -143,11 +143,13 @@ class PrepareInputs(Generic[S, M]):
     # delta(i): input i's whole delta, flat, in the compute dtype (read only when asked for;
     # the buffer is reused: valid until the next call).
     delta: Callable[[int], torch.Tensor]
-    # magnitude(i): the same buffer filled with |delta| in one pass (None: take abs of delta)
-    magnitude: Callable[[int], torch.Tensor] | None = None
+    # magnitude(i): the same buffer filled with |delta| in one pass
+    magnitude: Callable[[int], torch.Tensor]
     # map(fn, items): how whole-tensor passes run ``fn`` over chunks, in order of ``items``
     # (the engine's worker threads, one intra-op thread each; here: serially)
     map: ChunkMap = builtins.map
+    # whether whole-tensor passes may use the compiled kernels (decided once for the merge)
+    compiled: bool = False
 
 
 def _always(shared: Any, params: Any) -> bool:

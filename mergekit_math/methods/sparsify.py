@@ -67,11 +67,15 @@ def _select_directly(values: torch.Tensor, k: int, map: ChunkMap = builtins.map)
     return Selection(threshold, sum(a for a, _ in found), torch.cat([t for _, t in found]))
 
 
-def kth_select(values: torch.Tensor, k: int, map: ChunkMap = builtins.map) -> Selection:
+def kth_select(
+    values: torch.Tensor, k: int, map: ChunkMap = builtins.map, compiled: bool | None = None
+) -> Selection:
     """The exact ``k``-th largest element of a flat float tensor (``1 <= k <= n``), with how
     many elements exceed it and where the elements equal to it are.
 
-    For large float32 magnitudes on the CPU, a radix selection on their bits
+    For large float32 magnitudes on the CPU, where the compiled kernels run (``compiled``:
+    the caller's decision for the whole merge; None: by this tensor's size, see
+    :func:`mergekit_math.kernels.enabled`), a radix selection on their bits
     (:mod:`mergekit_math.kernels.select`). Otherwise, for large tensors a strided sample
     brackets the answer; one chunked pass counts the elements above the bracket and
     collects those inside it (about 2 %, with positions), and a kthvalue over those
@@ -85,7 +89,9 @@ def kth_select(values: torch.Tensor, k: int, map: ChunkMap = builtins.map) -> Se
     n = values.numel()
     if n <= _DIRECT_SELECT:
         return _select_directly(values, k, map)
-    if values.dtype == torch.float32 and kernels.enabled(values.device.type, n):
+    if compiled is None:  # on its own: the kernels pay for loading them on large tensors
+        compiled = kernels.enabled(values.device.type, n)
+    if compiled and values.dtype == torch.float32 and values.device.type == "cpu":
         from mergekit_math.kernels.select import kth_largest_bits
 
         found = kth_largest_bits(values, k, map)  # magnitudes only: None for negatives
@@ -139,10 +145,11 @@ class MagnitudeTrim:
         density: float,
         ranges: list[tuple[int, int]] | None = None,
         map: ChunkMap = builtins.map,
+        compiled: bool | None = None,
     ):
         n = magnitude.numel()
         k = max(1, int(density * n))
-        selection = kth_select(magnitude, k, map)
+        selection = kth_select(magnitude, k, map, compiled)
         self.threshold = selection.threshold
         self.ties = _split(selection.ties[: k - selection.above], ranges or [(0, n)])
 
@@ -155,12 +162,6 @@ class MagnitudeTrim:
         if ties.numel():
             keep[ties] = 1.0
         return (flat * keep).reshape(delta.shape)
-
-
-def chunked_abs_(values: torch.Tensor, map: ChunkMap = builtins.map) -> torch.Tensor:
-    """``values.abs_()`` of a flat tensor, chunk by chunk through ``map``."""
-    list(map(lambda start: values[start : start + _SELECT_CHUNK].abs_(), _starts(values.numel())))
-    return values
 
 
 def magnitude_prune(delta: torch.Tensor, density: float, rescale: Rescale | None) -> torch.Tensor:
@@ -186,6 +187,7 @@ class RankWindow:
         count: int,
         ranges: list[tuple[int, int]] | None = None,
         map: ChunkMap = builtins.map,
+        compiled: bool | None = None,
     ):
         import torch
 
@@ -194,7 +196,8 @@ class RankWindow:
         kept = magnitude.new_empty(0, dtype=torch.int64)
         if count > 0:
             last = first + count - 1  # the r-th smallest is the (n-r)-th largest
-            low, high = kth_select(magnitude, n - first, map), kth_select(magnitude, n - last, map)
+            low = kth_select(magnitude, n - first, map, compiled)
+            high = kth_select(magnitude, n - last, map, compiled)
             self.low, self.high = low.threshold, high.threshold
             below_low = n - low.above - low.ties.numel()  # elements smaller than the low end
             below_high = n - high.above - high.ties.numel()

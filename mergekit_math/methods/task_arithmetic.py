@@ -32,7 +32,6 @@ from mergekit_math.methods.sparsify import (
     Rescale,
     apply_keep,
     breadcrumbs_window,
-    chunked_abs_,
     della_drop,
     magnitude_outliers_prune,
     magnitude_prune,
@@ -195,7 +194,7 @@ def _fused(variant: Variant):
         masked = variant.sparsification == "random"
         if masked and rescale == "l1":
             return False
-        kernel_args = _kernel_args(variant, inputs, masked)
+        kernel_args = _kernel_args(variant, inputs, rescale)
         if kernel_args is None:
             return False
         weights = tuple(np.float32(p.weight) for p in inputs.params)
@@ -213,11 +212,14 @@ def _fused(variant: Variant):
     return fused
 
 
-def _kernel_args(variant: Variant, inputs: FusedInputs[DeltaShared, DeltaModel], masked: bool):
+def _kernel_args(
+    variant: Variant, inputs: FusedInputs[DeltaShared, DeltaModel], rescale: Rescale | None
+):
     """The kernels' ``thr, hi, sel, scale`` for this chunk (see ``elementwise.kept``: which
     are None picks the variant), or None where some input's state has no kernel."""
     import numpy as np
 
+    masked = variant.sparsification == "random"
     k, n = len(inputs.tensors), inputs.out.shape[0]
     window = variant.sparsification == "magnitude_outliers"
     thresholds = np.full(k, -np.inf, np.float32)
@@ -245,7 +247,7 @@ def _kernel_args(variant: Variant, inputs: FusedInputs[DeltaShared, DeltaModel],
             assert inputs.generators is not None
             sel = sel if sel.shape[1] == n else np.ones((k, n), np.uint8)
             sel[i] = inputs.generators[i].keep(inputs.offset, n, p.density).numpy()
-            scale[i] = p.density if _rescale_mode(variant, inputs.shared.rescale) == "paper" else 1
+            scale[i] = p.density if rescale == "paper" else 1.0
         else:
             return None
     if window:
@@ -253,14 +255,6 @@ def _kernel_args(variant: Variant, inputs: FusedInputs[DeltaShared, DeltaModel],
     if not sel.shape[1]:  # trims without ties here, or nothing to drop
         return thresholds, None, None, None
     return thresholds, None, sel, scale if masked else None
-
-
-def _magnitude(inputs: PrepareInputs[DeltaShared, DeltaModel], i: int) -> torch.Tensor:
-    """Input ``i``'s whole |delta|: filled in one pass where the engine can, else the delta's
-    absolute value taken in place."""
-    if inputs.magnitude is not None:
-        return inputs.magnitude(i)
-    return chunked_abs_(inputs.delta(i), inputs.map)
 
 
 def _chunking(variant: Variant) -> Chunking[DeltaShared, DeltaModel]:
@@ -284,13 +278,17 @@ def _chunking(variant: Variant) -> Chunking[DeltaShared, DeltaModel]:
             if p.density >= 1 or variant.sparsification == "none":
                 states.append(None)
             elif variant.sparsification == "magnitude":
-                magnitude = _magnitude(inputs, i)
-                states.append(MagnitudeTrim(magnitude, p.density, inputs.ranges, inputs.map))
+                magnitude = inputs.magnitude(i)
+                states.append(
+                    MagnitudeTrim(magnitude, p.density, inputs.ranges, inputs.map, inputs.compiled)
+                )
             elif variant.sparsification == "magnitude_outliers":
                 assert isinstance(p, BreadcrumbsModel)
-                magnitude = _magnitude(inputs, i)
+                magnitude = inputs.magnitude(i)
                 first, count = breadcrumbs_window(inputs.numel, p.density, p.gamma)
-                window = RankWindow(magnitude, first, count, inputs.ranges, inputs.map)
+                window = RankWindow(
+                    magnitude, first, count, inputs.ranges, inputs.map, inputs.compiled
+                )
                 states.append(window)
             elif variant.sparsification == "random":
                 assert inputs.generators is not None
