@@ -19,10 +19,10 @@ from mask_reference import key_of
 from mergekit_math.errors import UserError
 from mergekit_math.merge import build_plan, execute, is_chunked
 from mergekit_math.methods.masks import MaskStream
+from mergekit_math.methods.selection import kth_largest
 from mergekit_math.methods.sparsify import (
     KeepMask,
     MagnitudeTrim,
-    kth_largest,
     magnitude_prune,
 )
 from mergekit_math.recipe import load_recipe

@@ -11,6 +11,7 @@ import torch
 from mergekit_math.merge.fused import _as_numpy
 from mergekit_math.methods import FusedInputs, MergeInputs, get_method
 from mergekit_math.methods.masks import MaskStream
+from mergekit_math.methods.selection import Selection
 from mergekit_math.methods.sparsify import KeepMask, MagnitudeTrim
 
 N = 5000  # not a multiple of any vector width: the loops' tails run too
@@ -195,29 +196,35 @@ def test_ties_kernel_keeps_exactly_k_with_ties():
 
 @pytest.mark.parametrize("n,density", [(3_000_000, 0.3), (1_500_001, 0.01), (1_200_000, 1.0)])
 @pytest.mark.parametrize("signed", [False, True])
-def test_compiled_selection_scan_equals_the_torch_scan(monkeypatch, n, density, signed):
-    """Threshold, count above and tie positions: the same from the compiled scan as from
-    the torch ops, on values with many ties (bfloat16-rounded) and NaN."""
-    from mergekit_math.methods.sparsify import kth_select
+def test_compiled_selection_equals_the_torch_selection(monkeypatch, n, density, signed):
+    """Threshold, count above and ties per range: the same from the radix selection as from
+    the torch ops, on values with many ties (bfloat16-rounded) and NaN, for two ``k`` at
+    once (a Breadcrumbs window's ends) and ranges that cut the task grid anywhere."""
+    from mergekit_math.methods.selection import kth_selects
 
     g = torch.Generator().manual_seed(n)
     values = torch.randn(n, generator=g).to(torch.bfloat16).float()
     values = values if signed else values.abs()
     values[:1000] = 0.0
     values[5000:5003] = float("nan")
-    k = max(1, int(density * n))
+    ks = [max(1, int(density * n)), max(1, n // 7)]
+    bounds = [0, 1, 999, 1001, 262_143, 262_145, n // 2, n - 5, n]
+    ranges = list(zip(bounds, bounds[1:]))
     monkeypatch.setenv("MMATH_FUSED", "1")  # the kernels at any size (these are < 32M)
-    fast = kth_select(values, k)
+    fast = kth_selects(values, ks, ranges=ranges)
     monkeypatch.setenv("MMATH_FUSED", "0")
-    slow = kth_select(values, k)
-    assert (fast.threshold, fast.above) == (slow.threshold, slow.above)
-    assert torch.equal(fast.ties, slow.ties)
+    slow = kth_selects(values, ks, ranges=ranges)
+    assert fast == slow
+    for k, selection in zip(ks, slow):  # the counts are the positions' counts
+        tied = (values == selection.threshold).nonzero().flatten()
+        assert selection.tied == tied.numel()
+        assert selection.above < k <= selection.above + tied.numel()
+        assert selection.ties[0] == int((values[:1] == selection.threshold).sum())
     if not signed:  # the radix selection itself answered (it declines signed values)
         from mergekit_math.kernels.select import kth_largest_bits
 
-        threshold, above, ties = kth_largest_bits(values, k, map)
-        assert (threshold, above) == (slow.threshold, slow.above)
-        assert torch.equal(ties, slow.ties)
+        found = kth_largest_bits(values, ks, map, ranges)
+        assert [Selection(*f) for f in found] == slow
 
 
 # ------------------------------------------------------------------- through the engine
@@ -302,3 +309,32 @@ def test_merges_through_the_engine_equal_the_torch_path(
             )
         else:
             _same(got.flatten(), ref.flatten())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mark_ties_marks_the_run_of_ties_in_index_order(dtype):
+    """Runs that begin and end inside blocks, on block edges, cover all ties or none."""
+    from mergekit_math.kernels.elementwise import mark_ties
+
+    n = 5000
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(n, generator=g).to(dtype)
+    model = (base.float() + torch.randint(-1, 2, (n,), generator=g) * 0.25).to(dtype)
+    magnitude = (model.float() - base.float()).abs()
+    values, counts = magnitude.unique(return_counts=True)
+    value = float(values[counts.argmax()])  # the commonest magnitude
+    tied = (magnitude == value).nonzero().flatten()
+    count = tied.numel()
+    assert count > 1500
+    as_np = [t.view(torch.int16).numpy().view(np.uint16) for t in (base, model)]
+    if dtype == torch.float32:
+        as_np = [base.numpy(), model.numpy()]
+    runs = [(0, count), (0, 0), (1, 1), (37, 512), (511, 513), (count - 3, 3), (700, count - 700)]
+    for skip, take in runs:
+        sel = np.zeros(n, np.uint8)
+        sel[::97] = 1  # marks already there stay
+        mark_ties(*as_np, np.float32(value), skip, take, sel)
+        expect = np.zeros(n, np.uint8)
+        expect[::97] = 1
+        expect[tied[skip : skip + take].numpy()] = 1
+        assert np.array_equal(sel, expect), (skip, take)

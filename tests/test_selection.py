@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mergekit_math.methods.masks import MaskStream
+from mergekit_math.methods.selection import _DIRECT_SELECT
 from mergekit_math.methods.sparsify import (
-    _DIRECT_SELECT,
     RankWindow,
     della_drop,
     magnitude_outliers_prune,
@@ -119,3 +119,34 @@ def test_della_matches_the_double_argsort_reference():
     assert torch.equal(got.view(torch.int32), expect.view(torch.int32))
     paper = della_drop(delta, 0.5, 0.3, "paper", stream)
     assert torch.equal(paper, expect.div(probs.reshape(delta.shape)))
+
+
+def test_tie_rules_widen_whole_chunks_and_run_only_where_kept_ties_end():
+    """A trim's ties are kept in index order: the chunks before the one where they run out
+    keep every tie by a bound moved one float32 below the threshold, that one chunk gets a
+    run, the chunks after keep none (strict bound)."""
+    from mergekit_math.methods.sparsify import MagnitudeTrim
+
+    values = torch.full((10_000,), 0.5)
+    values[::7] = 1.0  # 1429 above the threshold, 8571 equal to it
+    ranges = [(s, min(s + 1000, 10_000)) for s in range(0, 10_000, 1000)]
+    trim = MagnitudeTrim(values, 0.5, ranges)
+    assert trim.threshold == 0.5
+    with_runs = [s for s, rule in trim.rules.items() if rule.runs]
+    assert len(with_runs) == 1
+    widened = [s for s, rule in trim.rules.items() if rule.low < 0.5]
+    assert widened == [s for s, _ in ranges if s < with_runs[0]]
+    assert all(trim.rules[s].low == 0.5 for s, _ in ranges if s > with_runs[0])
+    keep = torch.cat([trim.rules[s].keep(values[s:e]) for s, e in ranges])
+    tied = (values == 0.5).nonzero().flatten()
+    assert int(keep.sum()) == 5000 and bool(keep[values == 1.0].all())
+    assert torch.equal((keep & (values == 0.5)).nonzero().flatten(), tied[: 5000 - 1429])
+
+
+def test_rank_window_with_both_ends_partial_in_one_chunk():
+    """Ties at both ends of a window cut inside the same chunk: two runs in one rule."""
+    values = torch.tensor([0.1, 0.2, 0.3] * 100)
+    window = RankWindow(values, 50, 120, [(0, 300)])
+    (rule,) = window.rules.values()
+    assert len(rule.runs) == 2
+    assert torch.equal(window.keep(values), _window_reference(values, 50, 120))

@@ -202,7 +202,9 @@ def compute_item(
     fused = FusedRange.of(plan, item, device, finite, generators)
     states = None
     chunking = plan.method.chunking
-    if not whole and chunking is not None and chunking.prepare is not None:
+    # a tensor of one range is merged whole, by the fused kernel where there is one (which
+    # needs the states too: TIES thresholds), else by the method's whole-tensor path
+    if chunking is not None and chunking.prepare is not None and (not whole or fused):
         states = _prepare_states(plan, item, run, ranges, inputs, generators, fused)
     merge_range = _RangeMerge(plan, item, inputs, generators, states, whole, out_dtype, fused)
 

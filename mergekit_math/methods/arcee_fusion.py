@@ -15,7 +15,7 @@ over all ``n`` entries. mergekit applies that rule to the whole tensor only up t
 entries; above that it sorts a sample of 1,000,000 entries drawn with the global RNG
 (``torch.randint``), so its result on large tensors is random. Here the rule is applied to
 the whole tensor at every size, exactly and deterministically, with an exact k-th selection
-instead of a sort (:func:`~mergekit_math.methods.sparsify.kth_largest`). Up to 1,000,000
+instead of a sort (:func:`~mergekit_math.methods.selection.kth_largest`). Up to 1,000,000
 entries the output is mergekit's, bit for bit, when rows have at most 32768 entries; longer
 rows are summed in float64 (see :func:`row_kl`), so their KL may differ from mergekit's in the
 last bit.
@@ -33,7 +33,7 @@ from mergekit_math.methods.base import (
     reduce_sum,
     register,
 )
-from mergekit_math.methods.sparsify import kth_largest
+from mergekit_math.methods.selection import kth_largest
 
 if TYPE_CHECKING:
     import torch

@@ -32,7 +32,7 @@ from mergekit_math.methods.base import (
     register,
 )
 from mergekit_math.methods.consensus import agreement_mask, elect_sign
-from mergekit_math.methods.sparsify import kth_select
+from mergekit_math.methods.selection import first_ties, kth_select
 
 if TYPE_CHECKING:
     import torch
@@ -84,7 +84,7 @@ def variance_mask(deltas: torch.Tensor, fraction: float) -> torch.Tensor | None:
     selection = kth_select(flat, k)
     # 1.0 above the threshold, else 0.0: sign(v - t) ∈ {-1, 0, 1} -> {0, 0, 1}
     keep = (flat - selection.threshold).sign_().add_(1).mul_(0.5).floor_()
-    ties = selection.ties[: k - selection.above]
+    ties = first_ties(flat, selection, k - selection.above)
     if ties.numel():
         keep[ties] = 1.0
     return keep.reshape(variance.shape)

@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from mergekit_math import kernels
 from mergekit_math.methods.base import reduce_sum
+from mergekit_math.methods.selection import TieRule, kth_select, kth_selects, tie_rules
 
 if TYPE_CHECKING:
     import torch
@@ -34,109 +34,13 @@ def rescale_l1(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> to
     return kept * (before / after)
 
 
-# Tensors up to this many elements get their threshold from one kthvalue; larger ones from a
-# sample-bracketed selection (exact, and about 10x cheaper on embedding-sized tensors).
-_DIRECT_SELECT = 1 << 20
-_SELECT_CHUNK = 1 << 18
-_SAMPLE = 1 << 16
-
-
-@dataclass(frozen=True)
-class Selection:
-    threshold: float  # the k-th largest value
-    above: int  # how many values are larger
-    ties: torch.Tensor  # ascending positions of the values equal to the threshold
-
-
-def _starts(n: int) -> range:
-    return range(0, n, _SELECT_CHUNK)
-
-
-def _select_directly(values: torch.Tensor, k: int, map: ChunkMap = builtins.map) -> Selection:
-    import torch
-
-    n = values.numel()
-    threshold = float(torch.kthvalue(values, n - k + 1).values)
-
-    def scan(start: int) -> tuple[int, torch.Tensor]:
-        part = values[start : start + _SELECT_CHUNK]
-        above = int(torch.count_nonzero(part > threshold))
-        return above, (part == threshold).nonzero().flatten() + start
-
-    found = list(map(scan, _starts(n)))
-    return Selection(threshold, sum(a for a, _ in found), torch.cat([t for _, t in found]))
-
-
-def kth_select(
-    values: torch.Tensor, k: int, map: ChunkMap = builtins.map, compiled: bool | None = None
-) -> Selection:
-    """The exact ``k``-th largest element of a flat float tensor (``1 <= k <= n``), with how
-    many elements exceed it and where the elements equal to it are.
-
-    For large float32 magnitudes on the CPU, where the compiled kernels run (``compiled``:
-    the caller's decision for the whole merge; None: by this tensor's size, see
-    :func:`mergekit_math.kernels.enabled`), a radix selection on their bits
-    (:mod:`mergekit_math.kernels.select`). Otherwise, for large tensors a strided sample
-    brackets the answer; one chunked pass counts the elements above the bracket and
-    collects those inside it (about 2 %, with positions), and a kthvalue over those
-    finishes. Should the bracket miss (the counts say so), it falls back to a kthvalue over
-    everything, so the result is always exact. ``map`` runs the chunked passes (the engine
-    hands over its worker threads: single-threaded ops on each, rather than this thread's
-    OpenMP fan-out, which a busy machine makes 5-10x slower).
-    """
-    import torch
-
-    n = values.numel()
-    if n <= _DIRECT_SELECT:
-        return _select_directly(values, k, map)
-    if compiled is None:  # on its own: the kernels pay for loading them on large tensors
-        compiled = kernels.enabled(values.device.type, n)
-    if compiled and values.dtype == torch.float32 and values.device.type == "cpu":
-        from mergekit_math.kernels.select import kth_largest_bits
-
-        found = kth_largest_bits(values, k, map)  # magnitudes only: None for negatives
-        if found is not None:
-            return Selection(*found)
-    stride = n // _SAMPLE
-    sample = values[::stride][:_SAMPLE].contiguous()
-    size = sample.numel()
-    below = (n - k) / n  # fraction of elements below the answer
-    margin = 8 * math.sqrt(size * below * (1 - below)) + 16
-    lo_rank, hi_rank = int(size * below - margin), int(size * below + margin) + 1
-    lo = float(torch.kthvalue(sample, lo_rank).values) if lo_rank >= 1 else -math.inf
-    hi = float(torch.kthvalue(sample, hi_rank).values) if hi_rank <= size else math.inf
-
-    def scan(start: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        part = values[start : start + _SELECT_CHUNK]
-        not_above = part <= hi
-        above = part.numel() - int(torch.count_nonzero(not_above))
-        where = (not_above & (part >= lo)).nonzero().flatten()
-        return above, part[where], where + start
-
-    found = list(map(scan, _starts(n)))
-    above = sum(a for a, _, _ in found)
-    candidates = torch.cat([c for _, c, _ in found])
-    if not (above < k <= above + candidates.numel()):
-        return _select_directly(values, k, map)
-    rank = k - above  # rank from the top among the candidates
-    threshold = float(torch.kthvalue(candidates, candidates.numel() - rank + 1).values)
-    above += int(torch.count_nonzero(candidates > threshold))
-    positions = torch.cat([p for _, _, p in found])
-    return Selection(threshold, above, positions[candidates == threshold])
-
-
-def kth_largest(values: torch.Tensor, k: int) -> float:
-    """The exact ``k``-th largest element of a flat float tensor (``1 <= k <= n``)."""
-    return kth_select(values, k).threshold
-
-
 class MagnitudeTrim:
     """TIES trim of one tensor's delta: keep its ``k`` largest magnitudes.
 
     Entries equal to the threshold fill the remaining places in index order, so exactly ``k``
     are kept and the choice depends neither on the selection algorithm nor on the thread
     count. ``ranges`` are the chunks :meth:`apply` will get (any order, any thread); each
-    chunk's share of the tied entries is fixed here.
+    chunk's share of the tied entries is fixed here (``rules``, see :class:`TieRule`).
     """
 
     def __init__(
@@ -147,21 +51,20 @@ class MagnitudeTrim:
         map: ChunkMap = builtins.map,
         compiled: bool | None = None,
     ):
+        import torch
+
         n = magnitude.numel()
         k = max(1, int(density * n))
-        selection = kth_select(magnitude, k, map, compiled)
+        ranges = ranges or [(0, n)]
+        selection = kth_select(magnitude, k, map, compiled, ranges)
         self.threshold = selection.threshold
-        self.ties = _split(selection.ties[: k - selection.above], ranges or [(0, n)])
+        double = magnitude.dtype == torch.float64
+        self.rules = tie_rules(ranges, selection, None, 0, k - selection.above, double)
 
     def apply(self, delta: torch.Tensor, start: int = 0) -> torch.Tensor:
         flat = delta.reshape(-1)
-        magnitude = flat.abs()
-        # 1.0 above the threshold, else 0.0: sign(|d| - t) ∈ {-1, 0, 1} -> {0, 0, 1}
-        keep = (magnitude - self.threshold).sign_().add_(1).mul_(0.5).floor_()
-        ties = self.ties[start]
-        if ties.numel():
-            keep[ties] = 1.0
-        return (flat * keep).reshape(delta.shape)
+        keep = self.rules[start].keep(flat.abs())
+        return (flat * keep.to(flat.dtype)).reshape(delta.shape)
 
 
 def magnitude_prune(delta: torch.Tensor, density: float, rescale: Rescale | None) -> torch.Tensor:
@@ -175,7 +78,7 @@ def magnitude_prune(delta: torch.Tensor, density: float, rescale: Rescale | None
 class RankWindow:
     """Keep the elements whose rank in a stable ascending sort of the magnitudes (equal values
     in index order) lies in ``[first, first + count)``, without sorting: the values at the
-    window's two ends come from :func:`kth_select`, every element strictly between them is
+    window's two ends come from :func:`kth_selects`, every element strictly between them is
     inside, and of the elements equal to an end the window takes a run of consecutive ones in
     index order, as the stable sort would. ``ranges`` are the chunks :meth:`keep` will get (any
     order, any thread), as for :class:`MagnitudeTrim`."""
@@ -192,32 +95,25 @@ class RankWindow:
         import torch
 
         n = magnitude.numel()
+        ranges = ranges or [(0, n)]
         self.low, self.high = math.inf, -math.inf  # an empty window keeps nothing
-        kept = magnitude.new_empty(0, dtype=torch.int64)
+        self.rules = {start: TieRule(math.inf, -math.inf) for start, _ in ranges}
         if count > 0:
             last = first + count - 1  # the r-th smallest is the (n-r)-th largest
-            low = kth_select(magnitude, n - first, map, compiled)
-            high = kth_select(magnitude, n - last, map, compiled)
+            ks = [n - first, n - last]
+            low, high = kth_selects(magnitude, ks, map, compiled, ranges)
             self.low, self.high = low.threshold, high.threshold
-            below_low = n - low.above - low.ties.numel()  # elements smaller than the low end
-            below_high = n - high.above - high.ties.numel()
+            below_low = n - low.above - low.tied  # elements smaller than the low end
+            below_high = n - high.above - high.tied
             if low.threshold == high.threshold:
-                kept = low.ties[first - below_low : last - below_low + 1]
+                ties = (first - below_low, last - below_low + 1)
             else:
-                ends = [low.ties[first - below_low :], high.ties[: last - below_high + 1]]
-                kept = torch.cat(ends).sort().values  # each ascending; _split needs all
-        self.ties = _split(kept, ranges or [(0, n)])
+                ties = (first - below_low, last - below_high + 1)
+            self.rules = tie_rules(ranges, low, high, *ties, magnitude.dtype == torch.float64)
 
     def keep(self, magnitude: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Boolean keep mask of the flat magnitudes of the chunk starting at ``start``."""
-        import torch
-
-        mask = torch.gt(magnitude, self.low)
-        mask &= magnitude < self.high
-        ties = self.ties[start]
-        if ties.numel():
-            mask[ties] = True
-        return mask
+        return self.rules[start].keep(magnitude)
 
     def apply(self, delta: torch.Tensor, start: int = 0) -> torch.Tensor:
         """The chunk ``delta`` (starting at flat ``start``) with the dropped entries zeroed."""
@@ -226,18 +122,6 @@ class RankWindow:
         flat = delta.reshape(-1)
         zero = torch.zeros((), dtype=flat.dtype, device=flat.device)
         return torch.where(self.keep(flat.abs(), start), flat, zero).reshape(delta.shape)
-
-
-def _split(positions: torch.Tensor, ranges: list[tuple[int, int]]) -> dict[int, torch.Tensor]:
-    """Ascending flat ``positions`` per range, relative to the range's start."""
-    import torch
-
-    out: dict[int, torch.Tensor] = {}
-    for start, end in ranges:
-        bounds = torch.tensor([start, end], device=positions.device)
-        lo, hi = torch.searchsorted(positions, bounds).tolist()
-        out[start] = positions[lo:hi] - start
-    return out
 
 
 def rank_window(values: torch.Tensor, first: int, count: int) -> torch.Tensor:

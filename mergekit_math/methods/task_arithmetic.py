@@ -219,6 +219,8 @@ def _kernel_args(
     are None picks the variant), or None where some input's state has no kernel."""
     import numpy as np
 
+    from mergekit_math.kernels import elementwise
+
     masked = variant.sparsification == "random"
     k, n = len(inputs.tensors), inputs.out.shape[0]
     window = variant.sparsification == "magnitude_outliers"
@@ -226,23 +228,20 @@ def _kernel_args(
     highs = np.full(k, np.inf, np.float32)
     # a window keeps what ``sel`` marks besides its range: everything, for an input kept whole
     sel, scale = np.empty((k, 0), np.uint8), np.ones(k, np.float32)
-    if window:
-        sel = np.zeros((k, n), np.uint8)
     for i, p in enumerate(inputs.params):
         state = inputs.states[i] if inputs.states is not None else None
         if p.density >= 1 or variant.sparsification == "none":
             if window:
+                sel = sel if sel.shape[1] == n else np.zeros((k, n), np.uint8)
                 sel[i] = 1
             continue
         if isinstance(state, (MagnitudeTrim, RankWindow)):
-            if isinstance(state, RankWindow):
-                thresholds[i], highs[i] = state.low, state.high
-            else:
-                thresholds[i] = state.threshold
-            ties = state.ties[inputs.offset]  # the entries at a threshold it keeps here
-            if ties.numel():
+            rule = state.rules[inputs.offset]
+            thresholds[i], highs[i] = rule.low, rule.high
+            for value, skip, take in rule.runs:  # some of the chunk's ties, not all
                 sel = sel if sel.shape[1] == n else np.zeros((k, n), np.uint8)
-                sel[i, ties.numpy()] = 1
+                tensor = inputs.tensors[i]
+                elementwise.mark_ties(inputs.base, tensor, np.float32(value), skip, take, sel[i])
         elif masked:
             assert inputs.generators is not None
             sel = sel if sel.shape[1] == n else np.ones((k, n), np.uint8)
@@ -250,10 +249,10 @@ def _kernel_args(
             scale[i] = p.density if rescale == "paper" else 1.0
         else:
             return None
+    if not sel.shape[1]:  # no marks here: trims or windows without ties, or nothing to drop
+        return thresholds, highs if window else None, None, None
     if window:
         return thresholds, highs, sel, None
-    if not sel.shape[1]:  # trims without ties here, or nothing to drop
-        return thresholds, None, None, None
     return thresholds, None, sel, scale if masked else None
 
 
