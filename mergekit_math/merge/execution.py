@@ -204,7 +204,11 @@ def compute_item(
     chunking = plan.method.chunking
     # a tensor of one range is merged whole, by the fused kernel where there is one (which
     # needs the states too: TIES thresholds), else by the method's whole-tensor path
-    if chunking is not None and chunking.prepare is not None and (not whole or fused):
+    prepares = chunking is not None and chunking.prepare is not None
+    if whole:
+        prepares = prepares and fused is not None
+        prepares = prepares and plan.method.chunkable(item.shared, item.params)
+    if prepares:
         states = _prepare_states(plan, item, run, ranges, inputs, generators, fused)
     merge_range = _RangeMerge(plan, item, inputs, generators, states, whole, out_dtype, fused)
 

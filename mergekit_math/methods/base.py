@@ -255,7 +255,7 @@ def register(method: MergeMethod[S, M]) -> MergeMethod[S, M]:
 
 
 # Shared kernels any method may import (they register nothing).
-KERNEL_MODULES = ("sparsify", "consensus", "masks")
+KERNEL_MODULES = ("sparsify", "selection", "consensus", "masks")
 # Modules of the package that are not merge methods.
 _NOT_METHODS = frozenset({"base", "listing", *KERNEL_MODULES})
 
