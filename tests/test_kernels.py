@@ -221,9 +221,9 @@ def test_compiled_selection_equals_the_torch_selection(monkeypatch, n, density, 
         assert selection.above < k <= selection.above + tied.numel()
         assert selection.ties[0] == int((values[:1] == selection.threshold).sum())
     if not signed:  # the radix selection itself answered (it declines signed values)
-        from mergekit_math.kernels.select import kth_largest_bits
+        from mergekit_math.kernels.select import kth_largest_bits, tensor_parts
 
-        found = kth_largest_bits(values, ks, map, ranges)
+        found = kth_largest_bits(tensor_parts(values, ranges), ks, map, len(ranges))
         assert [Selection(*f) for f in found] == slow
 
 

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import torch
 
     from mergekit_math.methods.masks import MaskStream
+    from mergekit_math.methods.selection import StoredMagnitude
 
 # stored dtype -> (numpy dtype of the kernel's view, the torch dtype of the same width)
 _VIEWS = {"bfloat16": ("uint16", "int16"), "float32": ("float32", "float32")}
@@ -114,6 +115,16 @@ class FusedRange:
         kernel = magnitude_into if absolute else delta_into
         kernel(_as_numpy(raw[0]), _as_numpy(raw[1 + i]), out.numpy())
         return True
+
+    def stored(self, raws: list[list[torch.Tensor]], i: int) -> StoredMagnitude | None:
+        """Source ``i``'s magnitude over the item, from its ranges' raw inputs as read (in
+        order), not materialised (None where this item has no base)."""
+        if not self.has_base or self.plan.method.kind != "delta":
+            return None
+        from mergekit_math.methods.selection import StoredMagnitude
+
+        parts = [(_as_numpy(raw[0]), _as_numpy(raw[1 + i])) for raw in raws]
+        return StoredMagnitude(parts, self.item.out.numel)
 
 
 def _as_numpy(t: torch.Tensor) -> Any:

@@ -48,7 +48,8 @@ def item_memory(
         return n * per_element
     chunking = plan.method.chunking
     buffers = chunking.buffers(item.shared, item.params) if chunking is not None else 0
-    return chunk * per_element + buffers * n * cbytes
+    # whole-tensor buffers, or (compiled kernels) the item's inputs held as read instead
+    return chunk * per_element + n * max(buffers * cbytes, raw if buffers else 0)
 
 
 def _budgets(max_memory: int | None) -> tuple[int, int]:

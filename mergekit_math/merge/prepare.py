@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from mergekit_math.methods.masks import MaskStream
+    from mergekit_math.methods.selection import StoredMagnitude
 
 
 def _prepare_states(
@@ -32,9 +33,12 @@ def _prepare_states(
     inputs: _RangeInputs,
     generators: list[MaskStream] | None,
     fused: FusedRange | None = None,
+    held: list[list[torch.Tensor]] | None = None,
 ) -> Any:
     """The per-input states of the method's ``prepare``, which may need whole deltas: each
-    is assembled range by range into the reused scratch buffer (on the worker threads)."""
+    is assembled range by range into the reused scratch buffer (on the worker threads).
+    With ``held`` (every range's raw inputs, read once for prepare and merge) and a fused
+    kernel, magnitudes are not assembled: the compiled selection reads them from ``held``."""
     import torch
 
     from mergekit_math import kernels
@@ -65,6 +69,10 @@ def _prepare_states(
                 future.result()
         return buf
 
+    def magnitude(i: int) -> torch.Tensor | StoredMagnitude:
+        stored = fused.stored(held, i) if held is not None and fused is not None else None
+        return stored if stored is not None else full_delta(i, absolute=True)
+
     def chunk_map(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
         pool = run.pool if run is not None else None
         if pool is None:
@@ -78,7 +86,7 @@ def _prepare_states(
         numel=item.out.numel,
         ranges=ranges,
         delta=full_delta,
-        magnitude=lambda i: full_delta(i, absolute=True),
+        magnitude=lambda i: magnitude(i),
         compiled=kernels.enabled(inputs.device, plan.output_elements),
         map=chunk_map,
     )

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
     from mergekit_math.methods.masks import MaskStream
+    from mergekit_math.methods.selection import StoredMagnitude
 
 
 class Params(BaseModel):
@@ -143,8 +144,9 @@ class PrepareInputs(Generic[S, M]):
     # delta(i): input i's whole delta, flat, in the compute dtype (read only when asked for;
     # the buffer is reused: valid until the next call).
     delta: Callable[[int], torch.Tensor]
-    # magnitude(i): the same buffer filled with |delta| in one pass
-    magnitude: Callable[[int], torch.Tensor]
+    # magnitude(i): the same buffer filled with |delta| in one pass, or, where the engine
+    # holds the tensor's inputs as read, those (for the compiled selection; see sparsify)
+    magnitude: Callable[[int], torch.Tensor | StoredMagnitude]
     # map(fn, items): how whole-tensor passes run ``fn`` over chunks, in order of ``items``
     # (the engine's worker threads, one intra-op thread each; here: serially)
     map: ChunkMap = builtins.map

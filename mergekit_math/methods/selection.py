@@ -13,7 +13,7 @@ from __future__ import annotations
 import builtins
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mergekit_math import kernels
 
@@ -32,6 +32,21 @@ _SAMPLE = 1 << 16
 _RADIX_SMALLEST = 1 << 16
 
 Ranges = list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class StoredMagnitude:
+    """One input's |model - base| over a tensor, not materialised: per range of the merge
+    (in order), the two stored arrays (numpy: bfloat16 bits as uint16, or float32) the
+    compiled selection computes each magnitude from (``kernels.select.magnitude_at``), as
+    the fused kernels compute the delta. What the engine hands a TIES or Breadcrumbs
+    ``prepare`` when it holds the tensor's inputs as read."""
+
+    parts: list[tuple[Any, Any]]
+    elements: int
+
+    def numel(self) -> int:
+        return self.elements
 
 
 @dataclass(frozen=True)
@@ -110,7 +125,7 @@ def _select_bracketed(values: torch.Tensor, k: int, map: ChunkMap, ranges: Range
 
 
 def kth_selects(
-    values: torch.Tensor,
+    values: torch.Tensor | StoredMagnitude,
     ks: list[int],
     map: ChunkMap = builtins.map,
     compiled: bool | None = None,
@@ -123,25 +138,32 @@ def kth_selects(
     For large float32 magnitudes on the CPU, where the compiled kernels run (``compiled``:
     the caller's decision for the whole merge; None: by this tensor's size, see
     :func:`mergekit_math.kernels.enabled`), a radix selection on their bits, two passes for
-    all ``ks`` together (:mod:`mergekit_math.kernels.select`), from 65,537 elements on.
-    Otherwise, per ``k``, a kthvalue for small tensors and a sample-bracketed selection for
-    large ones. ``map`` runs
-    the chunked passes (the engine hands over its worker threads: single-threaded ops on
-    each, rather than this thread's OpenMP fan-out, which a busy machine makes 5-10x
-    slower).
+    all ``ks`` together (:mod:`mergekit_math.kernels.select`), from 65,537 elements on, and
+    always for a :class:`StoredMagnitude` (whose ranges are its parts). Otherwise, per
+    ``k``, a kthvalue for small tensors and a sample-bracketed selection for large ones.
+    ``map`` runs the chunked passes (the engine hands over its worker threads: single-
+    threaded ops on each, rather than this thread's OpenMP fan-out, which a busy machine
+    makes 5-10x slower).
     """
     import torch
 
+    if isinstance(values, StoredMagnitude):
+        from mergekit_math.kernels.select import kth_largest_bits
+
+        parts = list(enumerate(values.parts))
+        found = kth_largest_bits(parts, ks, map, len(parts))
+        assert found is not None  # magnitudes have no sign bit
+        return [Selection(*f) for f in found]
     n = values.numel()
     ranges = ranges or [(0, n)]
     if compiled is None:  # on its own: the kernels pay for loading them on large tensors
         compiled = kernels.enabled(values.device.type, n)
     radix = compiled and n > _RADIX_SMALLEST and values.dtype == torch.float32
     if radix and values.device.type == "cpu":
-        from mergekit_math.kernels.select import kth_largest_bits
+        from mergekit_math.kernels.select import kth_largest_bits, tensor_parts
 
-        found = kth_largest_bits(values, ks, map, ranges)  # None: not magnitudes
-        if found is not None:
+        found = kth_largest_bits(tensor_parts(values, ranges), ks, map, len(ranges))
+        if found is not None:  # else some value is negative: not magnitudes
             return [Selection(*f) for f in found]
     if n <= _DIRECT_SELECT:
         return [_select_directly(values, k, map, ranges) for k in ks]
@@ -149,7 +171,7 @@ def kth_selects(
 
 
 def kth_select(
-    values: torch.Tensor,
+    values: torch.Tensor | StoredMagnitude,
     k: int,
     map: ChunkMap = builtins.map,
     compiled: bool | None = None,

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from mergekit_math.methods.base import reduce_sum
-from mergekit_math.methods.selection import TieRule, kth_select, kth_selects, tie_rules
+from mergekit_math.methods.selection import (
+    StoredMagnitude,
+    TieRule,
+    kth_select,
+    kth_selects,
+    tie_rules,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -45,7 +51,7 @@ class MagnitudeTrim:
 
     def __init__(
         self,
-        magnitude: torch.Tensor,
+        magnitude: torch.Tensor | StoredMagnitude,
         density: float,
         ranges: list[tuple[int, int]] | None = None,
         map: ChunkMap = builtins.map,
@@ -58,7 +64,7 @@ class MagnitudeTrim:
         ranges = ranges or [(0, n)]
         selection = kth_select(magnitude, k, map, compiled, ranges)
         self.threshold = selection.threshold
-        double = magnitude.dtype == torch.float64
+        double = isinstance(magnitude, torch.Tensor) and magnitude.dtype == torch.float64
         self.rules = tie_rules(ranges, selection, None, 0, k - selection.above, double)
 
     def apply(self, delta: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -85,7 +91,7 @@ class RankWindow:
 
     def __init__(
         self,
-        magnitude: torch.Tensor,
+        magnitude: torch.Tensor | StoredMagnitude,
         first: int,
         count: int,
         ranges: list[tuple[int, int]] | None = None,
@@ -109,7 +115,8 @@ class RankWindow:
                 ties = (first - below_low, last - below_low + 1)
             else:
                 ties = (first - below_low, last - below_high + 1)
-            self.rules = tie_rules(ranges, low, high, *ties, magnitude.dtype == torch.float64)
+            double = isinstance(magnitude, torch.Tensor) and magnitude.dtype == torch.float64
+            self.rules = tie_rules(ranges, low, high, *ties, double)
 
     def keep(self, magnitude: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Boolean keep mask of the flat magnitudes of the chunk starting at ``start``."""
