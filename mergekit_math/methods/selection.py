@@ -18,9 +18,12 @@ from typing import TYPE_CHECKING, Any
 from mergekit_math import kernels
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
     import torch
 
-    from mergekit_math.methods.base import ChunkMap
+    # methods.base.ChunkMap, not imported from there: base refers to this module
+    ChunkMap = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]
 
 # Tensors up to this many elements get their threshold from one kthvalue; larger ones from a
 # sample-bracketed selection (exact, and about 10x cheaper on embedding-sized tensors).
