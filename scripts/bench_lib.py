@@ -331,26 +331,45 @@ def compare(ours: Path, theirs: Path) -> tuple[float, float]:
 
 
 def selection_ns(method: str, paths: dict[str, Path], reps: int = 3) -> tuple[float, int]:
-    """ns per element of the method's whole-tensor selection pass (the kernels of
-    mergekit_math/methods/sparsify.py, with the recipe's parameters) on the largest tensor's
-    delta, median of ``reps`` after a warm-up, in this process; and that tensor's element count."""
+    """ns per element of the method's whole-tensor selection on the largest tensor, median
+    of ``reps`` after a warm-up, in this process (one thread), with the recipe's parameters;
+    and that tensor's element count. TIES and Breadcrumbs: the selection the engine runs
+    with the compiled kernels, from the stored pairs in 1M-element ranges (threshold(s)
+    and per-range tie rules; ``methods/selection.py``); DELLA: its whole-tensor drop."""
     import statistics
 
     import torch
 
     from mergekit_math.io.reader import Checkpoint
+    from mergekit_math.merge.fused import _as_numpy
     from mergekit_math.methods.masks import MaskStream
-    from mergekit_math.methods.sparsify import MagnitudeTrim, della_drop, magnitude_outliers_prune
+    from mergekit_math.methods.selection import StoredMagnitude
+    from mergekit_math.methods.sparsify import (
+        MagnitudeTrim,
+        RankWindow,
+        breadcrumbs_window,
+        della_drop,
+    )
 
     base, ft = Checkpoint(paths["B"]), Checkpoint(paths["A"])
     name = "model.embed_tokens.weight"
-    delta = ft.read(name).float() - base.read(name).float()
+    stored_base, stored_ft = base.read(name).reshape(-1), ft.read(name).reshape(-1)
     base.close()
     ft.close()
+    delta = stored_ft.float() - stored_base.float()
+    n = delta.numel()
+    ranges = [(s, min(s + (1 << 20), n)) for s in range(0, n, 1 << 20)]
+    stored = StoredMagnitude(
+        [(_as_numpy(stored_base[a:b]), _as_numpy(stored_ft[a:b])) for a, b in ranges], n
+    )
+
+    def window(density: float, gamma: float) -> RankWindow:
+        return RankWindow(stored, *breadcrumbs_window(n, density, gamma), ranges)
+
     runs = {
-        "ties": lambda: MagnitudeTrim(delta.reshape(-1).abs(), 0.5),
-        "breadcrumbs": lambda: magnitude_outliers_prune(delta, 0.9, 0.01, None),
-        "breadcrumbs_ties": lambda: magnitude_outliers_prune(delta, 0.8, 0.02, None),
+        "ties": lambda: MagnitudeTrim(stored, 0.5, ranges),
+        "breadcrumbs": lambda: window(0.9, 0.01),
+        "breadcrumbs_ties": lambda: window(0.8, 0.02),
         "della": lambda: della_drop(delta, 0.5, 0.15, None, MaskStream.of(0, 0, name)),
         "della_linear": lambda: della_drop(delta, 0.6, 0.1, None, MaskStream.of(0, 0, name)),
     }
@@ -361,7 +380,7 @@ def selection_ns(method: str, paths: dict[str, Path], reps: int = 3) -> tuple[fl
             began = time.perf_counter()
             runs[method]()
             seconds.append(time.perf_counter() - began)
-    return statistics.median(seconds) * 1e9 / delta.numel(), delta.numel()
+    return statistics.median(seconds) * 1e9 / n, n
 
 
 def human(n: float) -> str:

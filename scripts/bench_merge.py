@@ -304,8 +304,9 @@ def report(bench: Bench, results: dict[str, Result], started: datetime.datetime)
         "",
         "Inside mmath's merge loop (MMATH_TIMINGS, medians): the main thread's waits for the "
         "reader and writer threads and the rest (compute); overlap = (reader busy + compute + "
-        "writer busy) / loop. Selection: the whole-tensor pass of the sparsify.py kernel on "
-        "the largest tensor (embed_tokens), in-process, median of 3.",
+        "writer busy) / loop. Selection: the whole-tensor selection on the largest tensor "
+        "(embed_tokens), in-process on one thread, median of 3 (TIES, Breadcrumbs: the "
+        "compiled selection from the stored pairs, as the merge runs it; DELLA: its drop).",
         "",
         *loop_table(results),
         "",

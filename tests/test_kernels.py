@@ -338,3 +338,40 @@ def test_mark_ties_marks_the_run_of_ties_in_index_order(dtype):
         expect[::97] = 1
         expect[tied[skip : skip + take].numpy()] = 1
         assert np.array_equal(sel, expect), (skip, take)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_selection_merges_read_each_range_once_with_the_kernels(
+    tmp_path, monkeypatch, bf16_zoo, method
+):
+    """With the kernels, the ranges read for a tensor's threshold selection are the ones
+    merged (no second read); the torch path assembles each input's magnitude by reading
+    its ranges again."""
+    from collections import Counter
+
+    from conftest import write_recipe
+
+    from mergekit_math.io.reader import Checkpoint
+    from mergekit_math.merge import build_plan, execute
+    from mergekit_math.recipe import load_recipe
+
+    reads: Counter = Counter()
+    read_range = Checkpoint.read_range
+
+    def counted(self, name, start, end, *args, **kwargs):
+        reads[(id(self), name, start, end)] += 1
+        return read_range(self, name, start, end, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpoint, "read_range", counted)
+    params = _RECIPES[method]
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"merge_method: {method}\nbase_model: {bf16_zoo['base']}\nmodels:\n"
+        f"  - model: {bf16_zoo['a']}\n    {params}\n  - model: {bf16_zoo['b']}\n    {params}\n",
+    )
+    for mode in ("1", "0"):
+        reads.clear()
+        monkeypatch.setenv("MMATH_FUSED", mode)
+        plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
+        execute(plan, tmp_path / mode, progress=False, chunk_elements=1500)
+        assert reads and (max(reads.values()) == 1) == (mode == "1"), mode
