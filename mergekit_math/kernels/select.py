@@ -6,7 +6,9 @@ range, finds the exact value and how many elements of each range equal it. No so
 copy of the values, no positions: about 1.2 ns per element against 4-5 for the
 sample-bracketed ``torch.kthvalue`` selection, and 4.6 for the three-pass radix selection
 that collected the tied positions (those are found later, in the few ranges that need them,
-see :class:`mergekit_math.methods.selection.TieRule`).
+see :class:`mergekit_math.methods.selection.TieRule`). The magnitudes are a float32 array,
+or computed as the passes go from the stored (base, model) pairs the engine read for the
+merge (:func:`magnitude_at`), so that they are neither materialised nor read twice.
 
 The second pass does not branch on the bin: a bfloat16 model's deltas repeat a few values so
 often that a fifth of a tensor may sit in the answer's bin, and a branch on it mispredicted
