@@ -37,6 +37,8 @@ class FusedRange:
         self.finite = finite
         self.generators = generators
         self.has_base = _item_inputs(plan, item)[0][0] == "base"
+        # the sources are deltas against that base (what delta() and stored() give)
+        self.deltas = self.has_base and plan.method.kind == "delta"
         self.out_dtype = item.out.dtype
 
     @classmethod
@@ -108,7 +110,7 @@ class FusedRange:
     ) -> bool:
         """Source ``i``'s delta against the base (its magnitude with ``absolute``), into the
         float32 range ``out`` (False where this item has no base)."""
-        if not self.has_base or self.plan.method.kind != "delta":
+        if not self.deltas:
             return False
         from mergekit_math.kernels.elementwise import delta_into, magnitude_into
 
@@ -119,7 +121,7 @@ class FusedRange:
     def stored(self, raws: list[list[torch.Tensor]], i: int) -> StoredMagnitude | None:
         """Source ``i``'s magnitude over the item, from its ranges' raw inputs as read (in
         order), not materialised (None where this item has no base)."""
-        if not self.has_base or self.plan.method.kind != "delta":
+        if not self.deltas:
             return None
         from mergekit_math.methods.selection import StoredMagnitude
 

@@ -86,7 +86,7 @@ def _prepare_states(
         numel=item.out.numel,
         ranges=ranges,
         delta=full_delta,
-        magnitude=lambda i: magnitude(i),
+        magnitude=magnitude,
         compiled=kernels.enabled(inputs.device, plan.output_elements),
         map=chunk_map,
     )

@@ -40,6 +40,13 @@ def rescale_l1(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> to
     return kept * (before / after)
 
 
+def _double(magnitude: torch.Tensor | StoredMagnitude) -> bool:
+    """Whether the magnitudes compare as float64 (else float32: see :class:`TieRule`)."""
+    import torch
+
+    return isinstance(magnitude, torch.Tensor) and magnitude.dtype == torch.float64
+
+
 class MagnitudeTrim:
     """TIES trim of one tensor's delta: keep its ``k`` largest magnitudes.
 
@@ -57,15 +64,12 @@ class MagnitudeTrim:
         map: ChunkMap = builtins.map,
         compiled: bool | None = None,
     ):
-        import torch
-
         n = magnitude.numel()
         k = max(1, int(density * n))
         ranges = ranges or [(0, n)]
         selection = kth_select(magnitude, k, map, compiled, ranges)
         self.threshold = selection.threshold
-        double = isinstance(magnitude, torch.Tensor) and magnitude.dtype == torch.float64
-        self.rules = tie_rules(ranges, selection, None, 0, k - selection.above, double)
+        self.rules = tie_rules(ranges, selection, None, 0, k - selection.above, _double(magnitude))
 
     def apply(self, delta: torch.Tensor, start: int = 0) -> torch.Tensor:
         flat = delta.reshape(-1)
@@ -98,8 +102,6 @@ class RankWindow:
         map: ChunkMap = builtins.map,
         compiled: bool | None = None,
     ):
-        import torch
-
         n = magnitude.numel()
         ranges = ranges or [(0, n)]
         self.low, self.high = math.inf, -math.inf  # an empty window keeps nothing
@@ -115,8 +117,7 @@ class RankWindow:
                 ties = (first - below_low, last - below_low + 1)
             else:
                 ties = (first - below_low, last - below_high + 1)
-            double = isinstance(magnitude, torch.Tensor) and magnitude.dtype == torch.float64
-            self.rules = tie_rules(ranges, low, high, *ties, double)
+            self.rules = tie_rules(ranges, low, high, *ties, _double(magnitude))
 
     def keep(self, magnitude: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Boolean keep mask of the flat magnitudes of the chunk starting at ``start``."""
