@@ -166,15 +166,25 @@ def _run(recipe: Path, out: Path, **kwargs) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method,index", CHUNKED)
 @pytest.mark.parametrize("zoo_name", ["zoo", "bf16_zoo"])
-def test_chunked_equals_whole(tmp_path, request, method, index, zoo_name):
+def test_chunked_equals_whole(tmp_path, request, monkeypatch, method, index, zoo_name):
+    """A method's chunked merge (small chunks) gives the whole-tensor merge's bits; one
+    whose chunking is ``compiled`` runs on chunks with the kernels (forced on here) and is
+    compared with the whole-tensor torch path."""
     zoo = request.getfixturevalue(zoo_name)
     example = method.examples[index]
     recipe = write_recipe(tmp_path / "r.yaml", example_recipe(method, example, zoo))
-    plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
     assert method.chunking is not None
+    compiled = method.chunking.compiled
+    if compiled:
+        monkeypatch.setenv("MMATH_FUSED", "0")
+        plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
+        assert not any(is_chunked(plan, item) for item in plan.items)
+    whole = _run(recipe, tmp_path / "whole", chunk_elements=10**9)
+    if compiled:
+        monkeypatch.setenv("MMATH_FUSED", "1")
+    plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
     if method.chunking.applies(plan.items[0].shared, plan.items[0].params):
         assert all(is_chunked(plan, item) for item in plan.items)
-    whole = _run(recipe, tmp_path / "whole", chunk_elements=10**9)
     # 997 elements: chunk boundaries fall mid-row and every tensor has several chunks
     chunked = _run(recipe, tmp_path / "chunked", chunk_elements=997, max_shard_size=30_000)
     assert whole.keys() == chunked.keys()

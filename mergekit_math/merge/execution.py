@@ -76,7 +76,7 @@ def _take(
 
 
 def _hold(
-    plan: Plan, item: PlanItem, run: _Run, ranges: list[tuple[int, int]]
+    plan: Plan, item: PlanItem, run: _Run | None, ranges: list[tuple[int, int]]
 ) -> dict[int, list[torch.Tensor]]:
     """Every range's raw inputs, read once for a preparation that needs whole magnitudes
     and for the merge after it. They are held outside the read-ahead budget (released as
@@ -244,8 +244,11 @@ def compute_item(
     held = None
     if prepares:
         assert chunking is not None
-        # a compiled selection reads the magnitudes from the inputs as read: read them once
-        if fused is not None and run is not None and chunking.buffers(item.shared, item.params):
+        # a compiled selection reads the magnitudes from the inputs as read, as do compiled
+        # statistics: read them once
+        if fused is not None and (
+            chunking.compiled or (run is not None and chunking.buffers(item.shared, item.params))
+        ):
             held = _hold(plan, item, run, ranges)
         whole_inputs = list(held.values()) if held is not None else None
         states = _prepare_states(plan, item, run, ranges, inputs, generators, fused, whole_inputs)

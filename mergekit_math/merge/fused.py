@@ -118,6 +118,14 @@ class FusedRange:
         kernel(_as_numpy(raw[0]), _as_numpy(raw[1 + i]), out.numpy())
         return True
 
+    def arrays(self, raws: list[list[torch.Tensor]]) -> list[tuple[Any, list[Any]]]:
+        """Each range's raw inputs as numpy arrays: (base or None, the other inputs)."""
+        held = []
+        for raw in raws:
+            arrays = [_as_numpy(t) for t in raw]
+            held.append((arrays[0], arrays[1:]) if self.has_base else (None, arrays))
+        return held
+
     def stored(self, raws: list[list[torch.Tensor]], i: int) -> StoredMagnitude | None:
         """Source ``i``'s magnitude over the item, from its ranges' raw inputs as read (in
         order), not materialised (None where this item has no base)."""

@@ -23,7 +23,15 @@ def is_chunked(plan: Plan, item: PlanItem, device: str = "cpu") -> bool:
         return True
     if item.aligned:  # its inputs are gathered rows, made whole
         return False
-    return device == "cpu" and plan.method.chunkable(item.shared, item.params)
+    if device != "cpu" or not plan.method.chunkable(item.shared, item.params):
+        return False
+    chunking = plan.method.chunking
+    if chunking is not None and chunking.compiled:
+        # its statistics come from compiled passes over the inputs as read
+        from mergekit_math.merge.fused import FusedRange
+
+        return FusedRange.of(plan, item, device, None, None) is not None
+    return True
 
 
 def item_ranges(plan: Plan, item: PlanItem, device: str, chunk: int) -> list[tuple[int, int]]:
@@ -48,8 +56,9 @@ def item_memory(
         return n * per_element
     chunking = plan.method.chunking
     buffers = chunking.buffers(item.shared, item.params) if chunking is not None else 0
+    held = buffers or (chunking is not None and chunking.compiled)
     # whole-tensor buffers, or (compiled kernels) the item's inputs held as read instead
-    return chunk * per_element + n * max(buffers * cbytes, raw if buffers else 0)
+    return chunk * per_element + n * max(buffers * cbytes, raw if held else 0)
 
 
 def _budgets(max_memory: int | None) -> tuple[int, int]:

@@ -89,7 +89,10 @@ def _prepare_states(
         magnitude=magnitude,
         compiled=kernels.enabled(inputs.device, plan.output_elements),
         map=chunk_map,
+        held=fused.arrays(held) if fused is not None and held is not None else None,
     )
+    if chunking.compiled and prepare_inputs.held is None:
+        raise RuntimeError(f"{plan.method.name}: compiled statistics without the held inputs")
     if run is None or run.pool is None:
         return chunking.prepare(prepare_inputs)
     # The heavy passes go through chunk_map; what is left here (selections over a few % of

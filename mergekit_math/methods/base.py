@@ -152,6 +152,10 @@ class PrepareInputs(Generic[S, M]):
     map: ChunkMap = builtins.map
     # whether whole-tensor passes may use the compiled kernels (decided once for the merge)
     compiled: bool = False
+    # the tensor's inputs as the engine read them for the merge, range by range: (base or
+    # None, [the other inputs]), numpy arrays as stored (bfloat16 bits or float32); given
+    # to methods whose chunking is ``compiled`` (None elsewhere)
+    held: list[tuple[Any, list[Any]]] | None = None
 
 
 def _always(shared: Any, params: Any) -> bool:
@@ -169,12 +173,16 @@ class Chunking(Generic[S, M]):
     ``applies``: whether, with these resolved parameters, every output element depends only
     on the inputs at the same position, given the per-input states ``prepare`` computes
     once per tensor. ``buffers``: how many whole-tensor compute-dtype buffers ``prepare``
-    holds at once (for the memory estimate).
+    holds at once (for the memory estimate). ``compiled``: the method runs on chunks only
+    where its fused kernel runs; its ``prepare`` then gets the inputs as read
+    (:attr:`PrepareInputs.held`, held for the merge: no whole-tensor buffers) and computes
+    its statistics with compiled passes over them.
     """
 
     applies: Callable[[S, list[M]], bool] = _always
     prepare: Callable[[PrepareInputs[S, M]], list[Any]] | None = None
     buffers: Callable[[S, list[M]], int] = _no_buffers
+    compiled: bool = False
 
 
 # Elementwise methods (linear, passthrough): chunks need no preparation.
@@ -257,7 +265,7 @@ def register(method: MergeMethod[S, M]) -> MergeMethod[S, M]:
 
 
 # Shared kernels any method may import (they register nothing).
-KERNEL_MODULES = ("sparsify", "selection", "consensus", "masks")
+KERNEL_MODULES = ("sparsify", "selection", "consensus", "masks", "statistics")
 # Modules of the package that are not merge methods.
 _NOT_METHODS = frozenset({"base", "listing", *KERNEL_MODULES})
 

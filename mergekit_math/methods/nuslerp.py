@@ -24,15 +24,18 @@ tensor, long rows) accumulate in float64 so the result does not depend on the th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from mergekit_math.methods.base import (
+    Chunking,
     Example,
+    FusedInputs,
     MergeInputs,
     MergeMethod,
     Params,
+    PrepareInputs,
     reduce_norm,
     reduce_sum,
     register,
@@ -108,17 +111,33 @@ def nuslerp(
     else:
         a, b = v0, v1
 
-    cos = reduce_sum(_directions(a) * _directions(b), dim=-1).unsqueeze(-1).clamp(-1, 1)
-    colinear = (1 - cos.square()) <= COLINEAR_EPS**2
-    # The spherical branch is computed everywhere: where the pair is colinear it gets
-    # cos = 0 (θ = π/2, sin θ = 1) so it stays finite, and torch.where keeps the linear value.
-    theta = torch.acos(torch.where(colinear, 0, cos))
-    spherical = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+    cos = _cosine(a, b)
+    colinear, sin_first, sin_second, sin_theta = angle_terms(t, cos)
+    # The spherical branch is computed everywhere (finite where the pair is colinear, see
+    # angle_terms); torch.where keeps the linear value there.
+    spherical = (sin_first * a + sin_second * b) / sin_theta
     result = torch.where(colinear, (1 - t) * a + t * b, spherical)
 
     if transposed:
         result = result.transpose(0, -1)
     return result.reshape(shape)
+
+
+def angle_terms(
+    t: float, cos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the cosines of the pairs: where they are colinear, and ``sin((1 - t) θ)``,
+    ``sin(t θ)`` and ``sin θ``. Colinear pairs get cos = 0 (θ = π/2, sin θ = 1), so their
+    spherical value stays finite."""
+    import torch
+
+    colinear = (1 - cos.square()) <= COLINEAR_EPS**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    return colinear, torch.sin((1 - t) * theta), torch.sin(t * theta), torch.sin(theta)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return reduce_sum(_directions(a) * _directions(b), dim=-1).unsqueeze(-1).clamp(-1, 1)
 
 
 def nuslerp_merge(inputs: MergeInputs[NuslerpShared, NuslerpModel]) -> torch.Tensor:
@@ -132,9 +151,74 @@ def nuslerp_merge(inputs: MergeInputs[NuslerpShared, NuslerpModel]) -> torch.Ten
         "row_wise": inputs.shared.nuslerp_row_wise,
     }
     base = inputs.base
+    if inputs.states is not None:  # a chunk of a flattened tensor: nuslerp_prepare's terms
+        return _chunk(t, inputs.states, first, second, base)
     if base is None:
         return nuslerp(t, first, second, **options)
     return base + nuslerp(t, first - base, second - base, **options)
+
+
+def _chunk(
+    t: float,
+    states: list[Any],
+    first: torch.Tensor,
+    second: torch.Tensor,
+    base: torch.Tensor | None,
+) -> torch.Tensor:
+    colinear, sin_first, sin_second, sin_theta = states
+    if base is not None:
+        first, second = first - base, second - base
+    if colinear.item():
+        result = (1 - t) * first + t * second
+    else:
+        result = (sin_first * first + sin_second * second) / sin_theta
+    return result if base is None else base + result
+
+
+def _flattened(shared: NuslerpShared, params: list[NuslerpModel]) -> bool:
+    return shared.nuslerp_flatten
+
+
+def nuslerp_prepare(inputs: PrepareInputs[NuslerpShared, NuslerpModel]) -> list[Any]:
+    """The flattened tensor's angle terms (:func:`angle_terms`)."""
+    from mergekit_math.methods import statistics
+
+    t = interpolation_position(inputs.params[0].weight, inputs.params[1].weight)
+    delta = inputs.held is not None and inputs.held[0][0] is not None
+    if not statistics.compiled_sums(inputs):  # short: torch sums, as the whole path
+        first, second = statistics.whole(inputs, 0), statistics.whole(inputs, 1)
+        if delta:
+            base = statistics.whole(inputs, None)
+            first, second = first - base, second - base
+        return list(angle_terms(t, _cosine(first, second)))
+    lengths = [statistics.norm(inputs, j, delta).clamp(min=NORM_FLOOR) for j in (0, 1)]
+    scales = (lengths[0].item(), lengths[1].item())
+    cos = statistics.dot(inputs, (0, 1), delta, scales).unsqueeze(-1).clamp(-1, 1)
+    return list(angle_terms(t, cos))
+
+
+def nuslerp_fused(inputs: FusedInputs[NuslerpShared, NuslerpModel]) -> bool:
+    """A chunk of a flattened tensor as one fused kernel."""
+    import numpy as np
+
+    from mergekit_math.kernels.interp import count_bad, two_way
+
+    if inputs.states is None:
+        return False
+    colinear, sin_first, sin_second, sin_theta = (s.item() for s in inputs.states)
+    t = interpolation_position(inputs.params[0].weight, inputs.params[1].weight)
+    first, second = inputs.tensors
+    if inputs.base is not None:
+        first, second = (inputs.base, first), (inputs.base, second)
+    arrays = ([] if inputs.base is None else [inputs.base]) + inputs.tensors
+    for j, array in enumerate(arrays):
+        count_bad(array, inputs.bad, j)
+    if colinear:  # torch rounds a Python float factor to float32
+        c1, c2, div = np.float32(1 - t), np.float32(t), np.float32(1)
+    else:
+        c1, c2, div = np.float32(sin_first), np.float32(sin_second), np.float32(sin_theta)
+    two_way(first, second, c1, c2, div, not colinear, inputs.out)
+    return True
 
 
 register(
@@ -156,6 +240,8 @@ register(
         ),
         base="optional",
         inputs=(2, 2),
+        chunking=Chunking(applies=_flattened, prepare=nuslerp_prepare, compiled=True),
+        fused=nuslerp_fused,
         description=("SLERP of two models by weight; with base_model, of their task vectors."),
     )
 )

@@ -1,0 +1,90 @@
+"""Whole-tensor sums for the preparation of chunked SLERP-family methods and Model Stock,
+from the inputs the engine holds (:attr:`PrepareInputs.held`).
+
+A long reduction (more than :data:`SINGLE_THREAD_REDUCTION` elements) is a float64 sum
+rounded once to float32 as :func:`reduce_sum` computes it, here by the compiled passes of
+:mod:`mergekit_math.kernels.stats` (per range, on the engine's worker threads, the ranges'
+sums added exactly). Shorter tensors are summed by torch in float32, as the whole-tensor
+path and mergekit sum them: :func:`whole` gives them as one float32 tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from mergekit_math.methods.base import SINGLE_THREAD_REDUCTION, PrepareInputs
+
+if TYPE_CHECKING:
+    import torch
+
+
+def compiled_sums(inputs: PrepareInputs[Any, Any]) -> bool:
+    """Whether this tensor's reductions are long ones (summed by the compiled passes)."""
+    return inputs.numel > SINGLE_THREAD_REDUCTION
+
+
+def _held(inputs: PrepareInputs[Any, Any]) -> list[tuple[Any, list[Any]]]:
+    if inputs.held is None:
+        raise RuntimeError("compiled statistics need the inputs the engine holds")
+    return inputs.held
+
+
+def whole(inputs: PrepareInputs[Any, Any], j: int | None) -> torch.Tensor:
+    """Input ``j`` (None: the base) over the whole tensor, flat, as float32."""
+    import numpy as np
+    import torch
+
+    parts = []
+    for base, others in _held(inputs):
+        array = base if j is None else others[j]
+        if array.dtype == np.uint16:
+            parts.append(torch.from_numpy(array.view(np.int16)).view(torch.bfloat16).float())
+        else:
+            parts.append(torch.from_numpy(array).float())
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _source(held_range: tuple[Any, list[Any]], j: int | None, delta: bool) -> Any:
+    base, others = held_range
+    if j is None:
+        return base
+    return (base, others[j]) if delta else others[j]
+
+
+def rounded(total: float) -> torch.Tensor:
+    """A float64 sum rounded to a float32 0-d tensor, as ``reduce_sum`` rounds it."""
+    import torch
+
+    return torch.tensor(total, dtype=torch.float64).to(torch.float32)
+
+
+def norm(inputs: PrepareInputs[Any, Any], j: int | None, delta: bool = False) -> torch.Tensor:
+    """``reduce_norm`` of input ``j`` (of ``j - base`` with ``delta``) over the tensor."""
+    import torch
+
+    from mergekit_math.kernels.stats import sum_squares
+
+    sums = inputs.map(lambda h: sum_squares(_source(h, j, delta)), _held(inputs))
+    return torch.tensor(math.sqrt(math.fsum(sums)), dtype=torch.float64).to(torch.float32)
+
+
+def dot(
+    inputs: PrepareInputs[Any, Any],
+    pair: tuple[int | None, int | None],
+    delta: bool = False,
+    scales: tuple[float, float] = (1.0, 1.0),
+) -> torch.Tensor:
+    """``reduce_sum((x / sx) * (y / sy))`` of the inputs ``pair`` (None: the base; with
+    ``delta`` each minus the base), each step rounded to float32 as torch rounds it."""
+    import numpy as np
+
+    from mergekit_math.kernels.stats import sum_products
+
+    j, k = pair
+    sx, sy = np.float32(scales[0]), np.float32(scales[1])
+
+    def one(h: tuple[Any, list[Any]]) -> float:
+        return sum_products(_source(h, j, delta), _source(h, k, delta), sx, sy)
+
+    return rounded(math.fsum(inputs.map(one, _held(inputs))))

@@ -1,0 +1,228 @@
+"""Chunked SLERP, NuSLERP and Model Stock: the preparation's compiled whole-tensor sums
+(mergekit_math/kernels/stats.py) against torch's, and whole merges through the engine in
+chunks with the kernels against the whole-tensor torch path, bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mergekit_math.merge.fused import _as_numpy
+from mergekit_math.methods.base import reduce_norm, reduce_sum
+
+
+def _pair(n: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    model = base + 0.01 * torch.randn(n, generator=g)
+    return base.to(dtype), model.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [32769, 100_003, 1_000_000])
+def test_compiled_sums_equal_torch_float64_sums(dtype, n):
+    """Norms and scaled dot products of arrays and of (base, model) deltas, summed over
+    ranges by the compiled passes, round to torch's float64 sums rounded to float32."""
+    from mergekit_math.kernels.stats import sum_products, sum_squares
+    from mergekit_math.methods import statistics
+
+    base, model = _pair(n, dtype, seed=n)
+    b, m = _as_numpy(base), _as_numpy(model)
+    cut = n // 3
+    ranges = [(0, cut), (cut, n)]
+    wide_base, wide_model = base.float(), model.float()
+    delta = wide_model - wide_base
+
+    def summed(fn, *sources):
+        parts = [fn(*[_cut(s, lo, hi) for s in sources]) for lo, hi in ranges]
+        return statistics.rounded(np.sum(parts, dtype=np.float64))
+
+    assert torch.equal(summed(sum_squares, m), reduce_sum(wide_model.square()))
+    assert torch.equal(summed(sum_squares, (b, m)), reduce_sum(delta.square()))
+    na, nb = reduce_norm(wide_base), reduce_norm(delta)
+    scales = (np.float32(na.item()), np.float32(nb.item()))
+    got = summed(lambda x, y: sum_products(x, y, *scales), b, (b, m))
+    assert torch.equal(got, reduce_sum((wide_base / na) * (delta / nb)))
+
+
+def _cut(source, lo, hi):
+    if isinstance(source, tuple):
+        return tuple(a[lo:hi] for a in source)
+    return source[lo:hi]
+
+
+# ------------------------------------------------------------------- one chunk
+
+
+def _states(method: str, variant: str) -> list[torch.Tensor]:
+    f32 = torch.float32
+    if method == "slerp":
+        return [torch.tensor(0.61, dtype=f32), torch.tensor(0.43, dtype=f32)]
+    if method == "model_stock":
+        return [torch.tensor([0.83], dtype=f32)]
+    colinear = torch.tensor([variant == "colinear"])
+    return [colinear, *(torch.tensor([v], dtype=f32) for v in (0.37, 0.91, 0.99))]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "method,variant,count,base",
+    [
+        ("slerp", "", 1, True),
+        ("nuslerp", "colinear", 2, True),
+        ("nuslerp", "spherical", 2, True),
+        ("nuslerp", "spherical", 2, False),
+        ("nuslerp", "colinear", 2, False),
+        ("model_stock", "", 2, True),
+        ("model_stock", "", 4, True),
+    ],
+)
+def test_chunk_kernels_equal_the_torch_chunk_path(dtype, method, variant, count, base):
+    """Given a tensor's states, a chunk's fused kernel gives the torch path's bits, on
+    inputs with signed zeros, NaN, inf and subnormals, and counts each input's non-finite
+    elements."""
+    from test_kernels import _inputs, _same
+
+    from mergekit_math.methods import FusedInputs, MergeInputs, get_method
+
+    m = get_method(method)
+    raw = _inputs(count, dtype, seed=count)
+    raw = raw if base else raw[1:]
+    weights = [{"weight": 0.3 + 0.4 * k} for k in range(count)]
+    params = (
+        [m.model_params(**w) for w in weights]
+        if method == "nuslerp"
+        else [m.model_params() for _ in range(count)]
+    )
+    shared = m.shared_params(**({"t": 0.4} if method == "slerp" else {}))
+    states = _states(method, variant)
+    wide = [t.float() for t in raw]
+    ref = m.merge(
+        MergeInputs(
+            wide[0] if base else None, wide[1:] if base else wide, params, shared, None, 0, states
+        )
+    ).to(dtype)
+    out = torch.empty(ref.numel(), dtype=dtype)
+    view = out.view(torch.int16).numpy().view("uint16") if dtype == torch.bfloat16 else out.numpy()
+    arrays = [_as_numpy(t) for t in raw]
+    bad = np.zeros(len(arrays), np.int64)
+    done = m.fused(
+        FusedInputs(
+            base=arrays[0] if base else None,
+            tensors=arrays[1:] if base else arrays,
+            params=params,
+            shared=shared,
+            generators=None,
+            offset=0,
+            states=states,
+            out=view,
+            bad=bad,
+        )
+    )
+    assert done
+    _same(out, ref)
+    assert bad.tolist() == [int((~torch.isfinite(t.float())).sum()) for t in raw]
+
+
+# ------------------------------------------------------------------- through the engine
+
+
+def _wide_model(folder, *, seed: int, base=None, dtype: str = "bfloat16"):
+    """A one-layer Llama whose larger tensors exceed 32768 elements (long reductions) and
+    whose norms are short ones; with ``base``, base + N(0, 0.02)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    if base is None:
+        config = LlamaConfig(
+            hidden_size=128,
+            intermediate_size=320,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=300,
+            max_position_embeddings=64,
+        )
+        model = AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.2)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape) * 0.02)
+    model.to(getattr(torch, dtype)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def wide_zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("widezoo")
+    base32 = _wide_model(root / "base32", seed=0, dtype="float32")
+    out = {"float32": {"base": base32}, "bfloat16": {"base": _wide_model(root / "base", seed=0)}}
+    for i, name in enumerate(("a", "b", "c"), 1):
+        out["float32"][name] = _wide_model(root / f"{name}32", seed=i, base=base32, dtype="float32")
+        out["bfloat16"][name] = _wide_model(root / name, seed=i, base=base32)
+    return out
+
+
+# method -> (recipe-level parameters, per-model weights or None, number of models)
+_RECIPES = {
+    "slerp": ("parameters: {t: 0.3}", None, 1),
+    "slerp-far": ("parameters: {t: 0.7}", None, 1),
+    "nuslerp": ("", (0.3, 0.7), 2),
+    "nuslerp-nobase": ("", (1.0, 2.0), 2),
+    "model_stock": ("", None, 2),
+    "model_stock-3": ("", None, 3),
+}
+
+
+def _recipe(method: str, models: dict, dtype: str) -> str:
+    shared, weights, count = _RECIPES[method]
+    lines = [f"merge_method: {method.split('-')[0]}", f"dtype: {dtype}", shared, "models:"]
+    if not method.endswith("nobase"):
+        lines.insert(1, f"base_model: {models['base']}")
+    for k, name in enumerate(["a", "b", "c"][:count]):
+        lines.append(f"  - model: {models[name]}")
+        if weights:
+            lines.append(f"    parameters: {{weight: {weights[k]}}}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("method", sorted(_RECIPES))
+@pytest.mark.parametrize("stored", ["float32", "bfloat16"])
+def test_chunked_interpolations_equal_the_whole_tensor_path(
+    tmp_path, monkeypatch, wide_zoo, method, stored
+):
+    """With the kernels forced on, the merge runs in chunks (statistics prepared from the
+    held inputs, compiled where a tensor is longer than 32768 elements) and gives the bits
+    of the whole-tensor torch path, tensor by tensor."""
+    from conftest import load_dir, write_recipe
+
+    from mergekit_math.merge import build_plan, execute
+    from mergekit_math.merge.memory import is_chunked
+    from mergekit_math.recipe import load_recipe
+
+    models = wide_zoo[stored]
+    text = _recipe(method, models, stored)
+    recipe = write_recipe(tmp_path / "r.yaml", text)
+    outs = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("MMATH_FUSED", mode)
+        plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
+        chunked = [is_chunked(plan, item) for item in plan.items if not item.copy_only]
+        assert any(chunked) == (mode == "1")
+        execute(plan, tmp_path / mode, progress=False, chunk_elements=5000)
+        outs[mode] = load_dir(tmp_path / mode)
+    assert outs["1"].keys() == outs["0"].keys()
+    sizes = [t.numel() for t in outs["0"].values()]
+    assert max(sizes) > 32768 and min(sizes) <= 5000  # long and short reductions, one range
+    for name, ref in outs["0"].items():
+        got = outs["1"][name]
+        assert got.dtype == ref.dtype
+        assert torch.equal(
+            got.view(torch.int16 if stored == "bfloat16" else torch.int32),
+            ref.view(torch.int16 if stored == "bfloat16" else torch.int32),
+        ), name
