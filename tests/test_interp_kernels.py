@@ -61,8 +61,20 @@ def _states(method: str, variant: str) -> list[torch.Tensor]:
         return [torch.tensor(0.61, dtype=f32), torch.tensor(0.43, dtype=f32)]
     if method == "model_stock":
         return [torch.tensor([0.83], dtype=f32)]
+    if method in ("nearswap", "ram"):
+        return None
+    if method == "ramplus_tl":
+        return [torch.tensor([[1.25], [1.0], [1.5]], dtype=f32)]
     colinear = torch.tensor([variant == "colinear"])
     return [colinear, *(torch.tensor([v], dtype=f32) for v in (0.37, 0.91, 0.99))]
+
+
+_SHARED = {
+    "slerp": {"t": 0.4},
+    "nearswap": {"t": 0.004},
+    "ram": {"epsilon": 0.008},
+    "ramplus_tl": {"epsilon": 0.008, "r": 0.3},
+}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -76,6 +88,10 @@ def _states(method: str, variant: str) -> list[torch.Tensor]:
         ("nuslerp", "colinear", 2, False),
         ("model_stock", "", 2, True),
         ("model_stock", "", 4, True),
+        ("nearswap", "", 1, True),
+        ("ram", "", 2, True),
+        ("ram", "", 3, True),
+        ("ramplus_tl", "", 3, True),
     ],
 )
 def test_chunk_kernels_equal_the_torch_chunk_path(dtype, method, variant, count, base):
@@ -95,13 +111,14 @@ def test_chunk_kernels_equal_the_torch_chunk_path(dtype, method, variant, count,
         if method == "nuslerp"
         else [m.model_params() for _ in range(count)]
     )
-    shared = m.shared_params(**({"t": 0.4} if method == "slerp" else {}))
+    shared = m.shared_params(**_SHARED.get(method, {}))
     states = _states(method, variant)
     wide = [t.float() for t in raw]
+    tensors = wide[1:] if base else wide
+    if m.kind == "delta":
+        tensors = [t - wide[0] for t in tensors]
     ref = m.merge(
-        MergeInputs(
-            wide[0] if base else None, wide[1:] if base else wide, params, shared, None, 0, states
-        )
+        MergeInputs(wide[0] if base else None, tensors, params, shared, None, 0, states)
     ).to(dtype)
     out = torch.empty(ref.numel(), dtype=dtype)
     view = out.view(torch.int16).numpy().view("uint16") if dtype == torch.bfloat16 else out.numpy()
@@ -176,6 +193,10 @@ _RECIPES = {
     "nuslerp-nobase": ("", (1.0, 2.0), 2),
     "model_stock": ("", None, 2),
     "model_stock-3": ("", None, 3),
+    "nearswap": ("parameters: {t: 0.001}", None, 1),
+    "ram": ("parameters: {epsilon: 0.01}", None, 3),
+    "ramplus_tl": ("parameters: {epsilon: 0.015, r: 0.5, alpha: 0.8}", None, 3),
+    "ramplus_tl-2": ("", None, 2),
 }
 
 
@@ -213,7 +234,8 @@ def test_chunked_interpolations_equal_the_whole_tensor_path(
         monkeypatch.setenv("MMATH_FUSED", mode)
         plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
         chunked = [is_chunked(plan, item) for item in plan.items if not item.copy_only]
-        assert any(chunked) == (mode == "1")
+        # (nearswap and ram run on chunks either way: elementwise)
+        assert any(chunked) == (mode == "1" or method in ("nearswap", "ram"))
         execute(plan, tmp_path / mode, progress=False, chunk_elements=5000)
         outs[mode] = load_dir(tmp_path / mode)
     assert outs["1"].keys() == outs["0"].keys()

@@ -145,7 +145,8 @@ def test_method_declarations():
         assert (method.kind, method.base, method.inputs) == ("delta", "required", (1, None))
         assert not method.random and method.ignored == ()
     assert ram.chunking is not None and ram.chunkable(ram.shared_params(), [])
-    assert plus.chunking is None  # ρ counts over the whole tensor
+    # ρ counts over the whole tensor: RAM+ runs on chunks only after a compiled count pass
+    assert plus.chunking is not None and plus.chunking.compiled
 
 
 # ----------------------------------------------------------------------------- through mmath

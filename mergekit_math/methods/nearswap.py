@@ -21,6 +21,7 @@ from pydantic import Field
 from mergekit_math.methods.base import (
     ELEMENTWISE,
     Example,
+    FusedInputs,
     MergeInputs,
     MergeMethod,
     Params,
@@ -65,6 +66,19 @@ def nearswap(inputs: MergeInputs[NearswapShared, NearswapModel]) -> torch.Tensor
     return weight * other + (1 - weight) * base
 
 
+def nearswap_fused(inputs: FusedInputs[NearswapShared, NearswapModel]) -> bool:
+    """:func:`nearswap` as one fused kernel."""
+    import numpy as np
+
+    from mergekit_math.kernels import entrywise
+
+    if inputs.base is None or len(inputs.tensors) != 1:
+        return False
+    floor, t = np.float32(MIN_DISTANCE), np.float32(inputs.shared.t)
+    entrywise.nearswap(inputs.base, inputs.tensors[0], floor, t, inputs.out, inputs.bad)
+    return True
+
+
 register(
     MergeMethod[NearswapShared, NearswapModel](
         name="nearswap",
@@ -78,6 +92,7 @@ register(
         base="required",
         inputs=(1, 1),
         chunking=ELEMENTWISE,
+        fused=nearswap_fused,
         description="Take the other model's entries where they lie within t of the base's.",
         # For t < 1e-6, w·b + (1 − w)·b rounds away from b in some entries.
         keeps_base=False,

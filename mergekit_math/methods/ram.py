@@ -19,16 +19,19 @@ ramplus_tl needs whole-tensor counts.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from mergekit_math.methods.base import (
     ELEMENTWISE,
+    Chunking,
     Example,
+    FusedInputs,
     MergeInputs,
     MergeMethod,
     Params,
+    PrepareInputs,
     register,
 )
 
@@ -102,6 +105,13 @@ def amplification(
     """
     overlapping = (contributes & (count > 1)).sum(dim=1)
     unique = (contributes & (count == 1)).sum(dim=1)
+    return scales_of(overlapping, unique, shared)
+
+
+def scales_of(
+    overlapping: torch.Tensor, unique: torch.Tensor, shared: RamPlusShared
+) -> torch.Tensor:
+    """λ from each model's counts of overlapping and unique entries (int64, shape ``(n,)``)."""
     rho = overlapping / unique.clamp(min=shared.epsilon)
     return (1 + shared.r * rho.clamp(min=0, max=shared.alpha)).unsqueeze(-1)
 
@@ -115,10 +125,57 @@ def ramplus_tl_merge(inputs: MergeInputs[RamPlusShared, RamModel]) -> torch.Tens
     if not inputs.tensors:
         return base
     kept, contributes, count = contributions(inputs.tensors, inputs.shared.epsilon)
-    scale = amplification(contributes, count, inputs.shared)
+    if inputs.states is None:
+        scale = amplification(contributes, count, inputs.shared)
+    else:  # a chunk: ramplus_prepare's λ for the tensor
+        (scale,) = inputs.states
     share = shared_mean(kept, count)
     share = torch.where(count == 1, share * scale, share)
     return base + share.sum(dim=0).reshape(base.shape)
+
+
+def ramplus_prepare(inputs: PrepareInputs[RamPlusShared, RamModel]) -> list[Any]:
+    """The tensor's λ per model, from counts over the inputs the engine holds."""
+    import numpy as np
+    import torch
+
+    from mergekit_math.kernels.entrywise import ram_counts
+
+    assert inputs.held is not None
+    k = len(inputs.params)
+    epsilon = np.float32(inputs.shared.epsilon)
+
+    def counts(held: tuple[Any, list[Any]]) -> tuple[Any, Any]:
+        base, models = held
+        overlapping, unique = np.zeros(k, np.int64), np.zeros(k, np.int64)
+        if k:
+            ram_counts(base, tuple(models), epsilon, overlapping, unique)
+        return overlapping, unique
+
+    parts = list(inputs.map(counts, inputs.held))
+    overlapping = torch.from_numpy(sum((o for o, _ in parts), np.zeros(k, np.int64)))
+    unique = torch.from_numpy(sum((u for _, u in parts), np.zeros(k, np.int64)))
+    return [scales_of(overlapping, unique, inputs.shared)]
+
+
+def ram_fused(inputs: FusedInputs[Any, RamModel]) -> bool:
+    """RAM (no states) or a chunk of RAM+ (its λ) as one fused kernel."""
+    import numpy as np
+
+    from mergekit_math.kernels.entrywise import ram
+
+    if inputs.base is None or not inputs.tensors:
+        return False
+    amplify = isinstance(inputs.shared, RamPlusShared)
+    if amplify and inputs.states is None:
+        return False
+    k = len(inputs.tensors)
+    scales = np.ones(k, np.float32)
+    if amplify:
+        scales = inputs.states[0].reshape(-1).numpy().astype(np.float32)
+    epsilon = np.float32(inputs.shared.epsilon)
+    ram(inputs.base, tuple(inputs.tensors), epsilon, scales, amplify, inputs.out, inputs.bad)
+    return True
 
 
 register(
@@ -137,6 +194,7 @@ register(
         base="required",
         inputs=(1, None),
         chunking=ELEMENTWISE,
+        fused=ram_fused,
         description="Keep deltas changed by one model, average those changed by several.",
     )
 )
@@ -156,6 +214,8 @@ register(
         kind="delta",
         base="required",
         inputs=(1, None),
+        chunking=Chunking(prepare=ramplus_prepare, compiled=True),
+        fused=ram_fused,
         description="RAM with each model's unique deltas amplified by its overlap ratio.",
     )
 )
