@@ -335,29 +335,29 @@ def selection_ns(method: str, paths: dict[str, Path], reps: int = 3) -> tuple[fl
     of ``reps`` after a warm-up, in this process (one thread), with the recipe's parameters;
     and that tensor's element count. TIES and Breadcrumbs: the selection the engine runs
     with the compiled kernels, from the stored pairs in 1M-element ranges (threshold(s)
-    and per-range tie rules; ``methods/selection.py``); DELLA: its whole-tensor drop."""
+    and per-range tie rules; ``methods/selection.py``); DELLA: its keep decisions and L1
+    sums as the engine prepares them (``methods/magprune.py``: compiled row ranks, the mask
+    stream, the sums), from the same ranges."""
     import statistics
 
     import torch
 
     from mergekit_math.io.reader import Checkpoint
     from mergekit_math.merge.fused import _as_numpy
+    from mergekit_math.methods import PrepareInputs
+    from mergekit_math.methods.magprune import della_keep
     from mergekit_math.methods.masks import MaskStream
     from mergekit_math.methods.selection import StoredMagnitude
-    from mergekit_math.methods.sparsify import (
-        MagnitudeTrim,
-        RankWindow,
-        breadcrumbs_window,
-        della_drop,
-    )
+    from mergekit_math.methods.sparsify import MagnitudeTrim, RankWindow, breadcrumbs_window
 
     base, ft = Checkpoint(paths["B"]), Checkpoint(paths["A"])
     name = "model.embed_tokens.weight"
-    stored_base, stored_ft = base.read(name).reshape(-1), ft.read(name).reshape(-1)
+    stored_base, stored_ft = base.read(name), ft.read(name)
+    shape = tuple(stored_base.shape)
+    stored_base, stored_ft = stored_base.reshape(-1), stored_ft.reshape(-1)
     base.close()
     ft.close()
-    delta = stored_ft.float() - stored_base.float()
-    n = delta.numel()
+    n = stored_base.numel()
     ranges = [(s, min(s + (1 << 20), n)) for s in range(0, n, 1 << 20)]
     stored = StoredMagnitude(
         [(_as_numpy(stored_base[a:b]), _as_numpy(stored_ft[a:b])) for a, b in ranges], n
@@ -366,12 +366,19 @@ def selection_ns(method: str, paths: dict[str, Path], reps: int = 3) -> tuple[fl
     def window(density: float, gamma: float) -> RankWindow:
         return RankWindow(stored, *breadcrumbs_window(n, density, gamma), ranges)
 
+    held = [(b, [m]) for b, m in stored.parts]
+
+    def della(density: float, epsilon: float) -> object:
+        inputs = PrepareInputs(None, [], None, n, ranges, None, None, held=held, shape=shape)
+        stream = MaskStream.of(0, 0, name)
+        return della_keep(inputs, 0, density, epsilon, True, stream, shape[-1])
+
     runs = {
         "ties": lambda: MagnitudeTrim(stored, 0.5, ranges),
         "breadcrumbs": lambda: window(0.9, 0.01),
         "breadcrumbs_ties": lambda: window(0.8, 0.02),
-        "della": lambda: della_drop(delta, 0.5, 0.15, None, MaskStream.of(0, 0, name)),
-        "della_linear": lambda: della_drop(delta, 0.6, 0.1, None, MaskStream.of(0, 0, name)),
+        "della": lambda: della(0.5, 0.15),
+        "della_linear": lambda: della(0.6, 0.1),
     }
     seconds = []
     with torch.inference_mode():

@@ -146,19 +146,20 @@ def test_chunk_kernels_equal_the_torch_chunk_path(dtype, method, variant, count,
 
 
 def _wide_model(folder, *, seed: int, base=None, dtype: str = "bfloat16"):
-    """A one-layer Llama whose larger tensors exceed 32768 elements (long reductions) and
-    whose norms are short ones; with ``base``, base + N(0, 0.02)."""
+    """A one-layer Llama whose larger tensors exceed 32768 elements (long reductions; four
+    65536-element mask blocks for DELLA's row-and-block chunks), whose k/v projections hold
+    32768 and norms 256 (short ones); with ``base``, base + N(0, 0.02)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
     if base is None:
         config = LlamaConfig(
-            hidden_size=128,
-            intermediate_size=320,
+            hidden_size=256,
+            intermediate_size=1024,
             num_hidden_layers=1,
             num_attention_heads=4,
             num_key_value_heads=2,
-            vocab_size=300,
+            vocab_size=1024,
             max_position_embeddings=64,
         )
         model = AutoModelForCausalLM.from_config(config)
@@ -197,6 +198,18 @@ _RECIPES = {
     "ram": ("parameters: {epsilon: 0.01}", None, 3),
     "ramplus_tl": ("parameters: {epsilon: 0.015, r: 0.5, alpha: 0.8}", None, 3),
     "ramplus_tl-2": ("", None, 2),
+    "della": ("parameters: {density: 0.5, epsilon: 0.1, weight: 1.0}", None, 2),
+    "della_linear": ("parameters: {density: 0.3, epsilon: 0.2, weight: 0.7}", None, 3),
+    "della_linear-norescale": (
+        "parameters: {density: 0.4, epsilon: 0.1, weight: 0.5, rescale: false}",
+        None,
+        2,
+    ),
+    "della-paper": (
+        "parameters: {density: 0.4, epsilon: 0.1, weight: 1.0, rescale: paper}",
+        None,
+        2,
+    ),
 }
 
 
@@ -223,7 +236,7 @@ def test_chunked_interpolations_equal_the_whole_tensor_path(
     from conftest import load_dir, write_recipe
 
     from mergekit_math.merge import build_plan, execute
-    from mergekit_math.merge.memory import is_chunked
+    from mergekit_math.merge.memory import is_chunked, item_ranges
     from mergekit_math.recipe import load_recipe
 
     models = wide_zoo[stored]
@@ -234,13 +247,20 @@ def test_chunked_interpolations_equal_the_whole_tensor_path(
         monkeypatch.setenv("MMATH_FUSED", mode)
         plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
         chunked = [is_chunked(plan, item) for item in plan.items if not item.copy_only]
-        # (nearswap and ram run on chunks either way: elementwise)
-        assert any(chunked) == (mode == "1" or method in ("nearswap", "ram"))
+        # (nearswap and ram run on chunks either way: elementwise; DELLA's paper rescale
+        # divides by each entry's probability: whole tensors)
+        expected = (mode == "1" and method != "della-paper") or method in ("nearswap", "ram")
+        assert any(chunked) == expected
+        if mode == "1" and method.startswith("della") and method != "della-paper":
+            # whole rows that start on mask blocks: 65536-element chunks, not 5000
+            ranges = [item_ranges(plan, item, "cpu", 5000) for item in plan.items]
+            assert max(len(r) for r in ranges) == 4
+            assert {e - s for r in ranges if len(r) > 1 for s, e in r} == {65536}
         execute(plan, tmp_path / mode, progress=False, chunk_elements=5000)
         outs[mode] = load_dir(tmp_path / mode)
     assert outs["1"].keys() == outs["0"].keys()
     sizes = [t.numel() for t in outs["0"].values()]
-    assert max(sizes) > 32768 and min(sizes) <= 5000  # long and short reductions, one range
+    assert max(sizes) >= 4 * 65536 and min(sizes) <= 5000  # long and short reductions
     for name, ref in outs["0"].items():
         got = outs["1"][name]
         assert got.dtype == ref.dtype

@@ -68,7 +68,9 @@ def kept(ms, j, i, b, thr, hi, sel, scale):  # noqa: ANN001, ANN201
       ``thr[j]`` and ``hi[j]`` or ``sel[j, i]`` marks it, else +0.0 (``sel`` None: nothing
       marked);
     - ``sel`` and ``scale`` arrays: keep mask ``sel[j, i]``, the kept entry divided by
-      ``scale[j]``.
+      ``scale[j]`` (DARE);
+    - ``sel`` an array and ``scale`` a 1-tuple of an array: keep mask ``sel[j, i]``, the
+      kept entry multiplied by ``scale[0][j]`` (DELLA's L1 factor).
     """
     raise NotImplementedError
 
@@ -105,6 +107,14 @@ def _kept(ms, j, i, b, thr, hi, sel, scale):  # noqa: ANN001, ANN202
             return d * (_ONE if (abs(d) > thr[j]) | (sel[j, i] != 0) else _ZERO)
 
         return trim_ties
+
+    if isinstance(scale, types.BaseTuple):
+
+        def mask_times(ms, j, i, b, thr, hi, sel, scale):  # noqa: ANN001, ANN202
+            d = load(ms[j], i) - b
+            return (d * np.float32(sel[j, i])) * scale[0][j]
+
+        return mask_times
 
     def mask(ms, j, i, b, thr, hi, sel, scale):  # noqa: ANN001, ANN202
         d = load(ms[j], i) - b

@@ -126,3 +126,38 @@ def sum_products(x, y, nx, ny):  # noqa: ANN001, ANN201
             i += 1
         total, carry = _add(total, carry, ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)))
     return total + carry
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def sum_abs_kept(src, keep):  # noqa: ANN001, ANN201
+    """(Σ |x|, Σ |x·keep|) in float64 over a source and its keep mask (uint8/bool): the
+    L1 norms before and after a drop (``x·0`` is ±0, NaN for an infinite x, as torch's
+    product with the mask)."""
+    n = source_size(src)
+    before = after = 0.0
+    carry_before = carry_after = 0.0
+    for start in range(0, n, _BLOCK):
+        end = min(start + _BLOCK, n)
+        b0 = b1 = b2 = b3 = 0.0
+        a0 = a1 = a2 = a3 = 0.0
+        i = start
+        while i + 4 <= end:
+            x0, x1 = value_at(src, i), value_at(src, i + 1)
+            x2, x3 = value_at(src, i + 2), value_at(src, i + 3)
+            b0 += np.float64(abs(x0))
+            b1 += np.float64(abs(x1))
+            b2 += np.float64(abs(x2))
+            b3 += np.float64(abs(x3))
+            a0 += np.float64(abs(x0 * np.float32(keep[i])))
+            a1 += np.float64(abs(x1 * np.float32(keep[i + 1])))
+            a2 += np.float64(abs(x2 * np.float32(keep[i + 2])))
+            a3 += np.float64(abs(x3 * np.float32(keep[i + 3])))
+            i += 4
+        while i < end:
+            x0 = value_at(src, i)
+            b0 += np.float64(abs(x0))
+            a0 += np.float64(abs(x0 * np.float32(keep[i])))
+            i += 1
+        before, carry_before = _add(before, carry_before, (b0 + b1) + (b2 + b3))
+        after, carry_after = _add(after, carry_after, (a0 + a1) + (a2 + a3))
+    return before + carry_before, after + carry_after

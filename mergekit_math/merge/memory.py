@@ -38,6 +38,12 @@ def item_ranges(plan: Plan, item: PlanItem, device: str, chunk: int) -> list[tup
     n = item.out.numel
     if n <= chunk or not is_chunked(plan, item, device):
         return [(0, n)]
+    chunking = plan.method.chunking
+    if chunking is not None and chunking.unit is not None:
+        unit = chunking.unit(tuple(item.out.shape))
+        chunk = max(unit, chunk // unit * unit)
+        if chunk >= n:
+            return [(0, n)]
     return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
 
 
@@ -56,9 +62,10 @@ def item_memory(
         return n * per_element
     chunking = plan.method.chunking
     buffers = chunking.buffers(item.shared, item.params) if chunking is not None else 0
-    held = buffers or (chunking is not None and chunking.compiled)
+    if chunking is not None and chunking.compiled:  # the inputs held, and the states
+        return chunk * per_element + n * (raw + buffers * cbytes)
     # whole-tensor buffers, or (compiled kernels) the item's inputs held as read instead
-    return chunk * per_element + n * max(buffers * cbytes, raw if held else 0)
+    return chunk * per_element + n * max(buffers * cbytes, raw if buffers else 0)
 
 
 def _budgets(max_memory: int | None) -> tuple[int, int]:

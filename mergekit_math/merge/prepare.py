@@ -84,6 +84,7 @@ def _prepare_states(
         params=item.params,
         generators=generators,
         numel=item.out.numel,
+        shape=tuple(item.out.shape),
         ranges=ranges,
         delta=full_delta,
         magnitude=magnitude,

@@ -156,6 +156,7 @@ class PrepareInputs(Generic[S, M]):
     # None, [the other inputs]), numpy arrays as stored (bfloat16 bits or float32); given
     # to methods whose chunking is ``compiled`` (None elsewhere)
     held: list[tuple[Any, list[Any]]] | None = None
+    shape: tuple[int, ...] = ()  # the tensor's
 
 
 def _always(shared: Any, params: Any) -> bool:
@@ -175,14 +176,18 @@ class Chunking(Generic[S, M]):
     once per tensor. ``buffers``: how many whole-tensor compute-dtype buffers ``prepare``
     holds at once (for the memory estimate). ``compiled``: the method runs on chunks only
     where its fused kernel runs; its ``prepare`` then gets the inputs as read
-    (:attr:`PrepareInputs.held`, held for the merge: no whole-tensor buffers) and computes
-    its statistics with compiled passes over them.
+    (:attr:`PrepareInputs.held`, held for the merge) and computes its statistics with
+    compiled passes over them; ``buffers`` then counts what its states hold per element
+    besides (in compute-dtype units: DELLA's 1-byte keep masks).
     """
 
     applies: Callable[[S, list[M]], bool] = _always
     prepare: Callable[[PrepareInputs[S, M]], list[Any]] | None = None
     buffers: Callable[[S, list[M]], int] = _no_buffers
     compiled: bool = False
+    # chunks of a tensor of this shape start at multiples of unit(shape) elements (DELLA:
+    # whole rows and whole mask blocks); None: anywhere
+    unit: Callable[[tuple[int, ...]], int] | None = None
 
 
 # Elementwise methods (linear, passthrough): chunks need no preparation.
@@ -265,7 +270,7 @@ def register(method: MergeMethod[S, M]) -> MergeMethod[S, M]:
 
 
 # Shared kernels any method may import (they register nothing).
-KERNEL_MODULES = ("sparsify", "selection", "consensus", "masks", "statistics")
+KERNEL_MODULES = ("sparsify", "selection", "consensus", "masks", "statistics", "magprune")
 # Modules of the package that are not merge methods.
 _NOT_METHODS = frozenset({"base", "listing", *KERNEL_MODULES})
 

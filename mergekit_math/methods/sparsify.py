@@ -31,13 +31,18 @@ if TYPE_CHECKING:
 Rescale = Literal["paper", "l1"]
 
 
+def l1_factor(before: torch.Tensor, after: torch.Tensor, eps: float = 1e-7) -> torch.Tensor | None:
+    """The factor that gives kept entries of L1 norm ``after`` the norm ``before`` (None
+    where either is below ``eps``: the kept entries are left as they are)."""
+    if before < eps or after < eps:
+        return None
+    return before / after
+
+
 def rescale_l1(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Scale ``kept`` so its L1 norm equals that of ``delta`` (mergekit's ``rescale``)."""
-    before = reduce_sum(delta.abs())
-    after = reduce_sum(kept.abs())
-    if before < eps or after < eps:
-        return kept
-    return kept * (before / after)
+    factor = l1_factor(reduce_sum(delta.abs()), reduce_sum(kept.abs()), eps)
+    return kept if factor is None else kept * factor
 
 
 def _double(magnitude: torch.Tensor | StoredMagnitude) -> bool:

@@ -25,6 +25,7 @@ from mergekit_math.methods.base import (
     register,
 )
 from mergekit_math.methods.consensus import agreement_mask, elect_sign, zero_to_one
+from mergekit_math.methods.magprune import DellaKeep, della_keep, della_unit, row_length
 from mergekit_math.methods.sparsify import (
     KeepMask,
     MagnitudeTrim,
@@ -119,7 +120,7 @@ def _sparsify(
     """Input ``i``'s delta after the variant's sparsification (whole tensor or one chunk)."""
     p = inputs.params[i]
     state = inputs.states[i] if inputs.states is not None else None
-    if isinstance(state, (MagnitudeTrim, RankWindow)):
+    if isinstance(state, (MagnitudeTrim, RankWindow, DellaKeep)):
         return state.apply(delta, inputs.offset)
     if isinstance(state, KeepMask):
         start = inputs.offset
@@ -247,12 +248,18 @@ def _kernel_args(
             sel = sel if sel.shape[1] == n else np.ones((k, n), np.uint8)
             sel[i] = inputs.generators[i].keep(inputs.offset, n, p.density).numpy()
             scale[i] = p.density if rescale == "paper" else 1.0
+        elif isinstance(state, DellaKeep):
+            sel = sel if sel.shape[1] == n else np.ones((k, n), np.uint8)
+            sel[i] = state.masks[inputs.offset]
+            scale[i] = 1.0 if state.factor is None else state.factor.item()
         else:
             return None
     if not sel.shape[1]:  # no marks here: trims or windows without ties, or nothing to drop
         return thresholds, highs if window else None, None, None
     if window:
         return thresholds, highs, sel, None
+    if variant.sparsification == "della":  # the kept entries multiplied by the L1 factor
+        return thresholds, None, sel, (scale,)
     return thresholds, None, sel, scale if masked else None
 
 
@@ -269,7 +276,8 @@ def _chunking(variant: Variant) -> Chunking[DeltaShared, DeltaModel]:
             return rescale is None
         if variant.sparsification == "random":
             return rescale != "l1"
-        return False
+        # DELLA: keep decisions and L1 factors by compiled passes (magprune.py)
+        return rescale != "paper"
 
     def prepare(inputs: PrepareInputs[DeltaShared, DeltaModel]) -> list[Any]:
         states: list[Any] = []
@@ -292,15 +300,23 @@ def _chunking(variant: Variant) -> Chunking[DeltaShared, DeltaModel]:
             elif variant.sparsification == "random":
                 assert inputs.generators is not None
                 states.append(KeepMask(inputs.generators[i], p.density))
+            elif variant.sparsification == "della":
+                assert inputs.generators is not None and isinstance(p, DellaModel)
+                l1 = _rescale_mode(variant, inputs.shared.rescale) == "l1"
+                stream, row = inputs.generators[i], row_length(inputs.shape)
+                states.append(della_keep(inputs, i, p.density, p.epsilon, l1, stream, row))
             else:
                 raise ValueError(f"{variant.sparsification} cannot run on chunks")
         return states
 
     def buffers(shared: DeltaShared, params: list[DeltaModel]) -> int:
+        if variant.sparsification == "della":  # a 1-byte keep mask per dropping input
+            return -(-sum(p.density < 1 for p in params) // 4)
         selects = variant.sparsification in ("magnitude", "magnitude_outliers")
         return int(selects and any(p.density < 1 for p in params))
 
-    return Chunking(applies, prepare, buffers)
+    della = variant.sparsification == "della"
+    return Chunking(applies, prepare, buffers, compiled=della, unit=della_unit if della else None)
 
 
 def _examples(variant: Variant) -> tuple[Example, ...]:

@@ -1,0 +1,99 @@
+"""DELLA's MagPrune on chunks: each tensor's keep decisions (and its L1 rescale factor) are
+computed once, from the inputs the engine holds, by compiled passes over ranges of whole
+rows that start on mask blocks; the chunks then apply them.
+
+The decisions are :func:`~mergekit_math.methods.sparsify.della_drop`'s: an entry's keep
+probability comes from its rank in its row (:mod:`mergekit_math.kernels.ranks`), its draw
+from the tensor's mask stream at its flat index (``MaskStream.keep_with`` on a range that
+starts a block gives the whole tensor's decisions there). The L1 norms before and after the
+drop are float64 sums rounded to float32 as ``reduce_sum`` computes them (compiled for
+tensors over 32768 elements, torch's float32 sums below, see
+:mod:`mergekit_math.methods.statistics`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from mergekit_math.methods.base import PrepareInputs, reduce_sum
+from mergekit_math.methods.masks import BLOCK
+from mergekit_math.methods.sparsify import l1_factor
+
+if TYPE_CHECKING:
+    import torch
+
+    from mergekit_math.methods.masks import MaskStream
+
+
+def row_length(shape: tuple[int, ...]) -> int:
+    """The length of the rows DELLA ranks in (the whole tensor for a vector)."""
+    return math.prod(shape[1:]) if len(shape) >= 2 else math.prod(shape)
+
+
+def della_unit(shape: tuple[int, ...]) -> int:
+    """Chunks of whole rows that start on a mask block: multiples of lcm(row, 65536)."""
+    return math.lcm(max(row_length(shape), 1), BLOCK)
+
+
+@dataclass(frozen=True)
+class DellaKeep:
+    """One input's keep decisions over a tensor, one bool array per range (by its start),
+    and the L1 factor applied to the kept entries (None: none)."""
+
+    masks: dict[int, Any]
+    factor: torch.Tensor | None
+
+    def apply(self, delta: torch.Tensor, start: int = 0) -> torch.Tensor:
+        import torch
+
+        mask = torch.from_numpy(self.masks[start]).reshape(delta.shape)
+        kept = delta * mask
+        return kept if self.factor is None else kept * self.factor
+
+
+def della_keep(
+    inputs: PrepareInputs[Any, Any],
+    i: int,
+    density: float,
+    epsilon: float,
+    l1: bool,
+    stream: MaskStream,
+    row: int,
+) -> DellaKeep:
+    """Input ``i``'s decisions (``density`` ± ``epsilon`` by rank in rows of ``row``), from
+    the held ``(base, model)`` ranges."""
+    import numpy as np
+    import torch
+
+    from mergekit_math.kernels.ranks import della_probs
+    from mergekit_math.kernels.stats import sum_abs_kept
+    from mergekit_math.methods import statistics
+
+    if density - epsilon <= 0 or density + epsilon >= 1:
+        raise ValueError(f"della needs density ± epsilon inside (0, 1), got {density} ± {epsilon}")
+    assert inputs.held is not None
+    low, step = np.float32(density - epsilon), np.float32(2 * epsilon)
+    long = statistics.compiled_sums(inputs)
+
+    def one(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> tuple[Any, Any]:
+        (start, end), (base, models) = job
+        source = (base, models[i])
+        probs = np.empty(end - start, np.float32)
+        della_probs(source, row, low, step, probs)
+        mask = stream.keep_with(start, torch.from_numpy(probs)).numpy()
+        return mask, (sum_abs_kept(source, mask.view(np.uint8)) if l1 and long else None)
+
+    done = list(inputs.map(one, zip(inputs.ranges, inputs.held)))
+    masks = {start: mask for (start, _), (mask, _) in zip(inputs.ranges, done)}
+    if not l1:
+        return DellaKeep(masks, None)
+    if long:
+        before = statistics.rounded(math.fsum(s[0] for _, s in done))
+        after = statistics.rounded(math.fsum(s[1] for _, s in done))
+    else:  # short: torch's float32 sums, as the whole path
+        delta = statistics.whole(inputs, i) - statistics.whole(inputs, None)
+        whole_mask = torch.from_numpy(np.concatenate([m for m, _ in done]))
+        before, after = reduce_sum(delta.abs()), reduce_sum((delta * whole_mask).abs())
+    return DellaKeep(masks, l1_factor(before, after))
