@@ -198,6 +198,9 @@ _RECIPES = {
     "ram": ("parameters: {epsilon: 0.01}", None, 3),
     "ramplus_tl": ("parameters: {epsilon: 0.015, r: 0.5, alpha: 0.8}", None, 3),
     "ramplus_tl-2": ("", None, 2),
+    "multislerp": ("", (0.5, 0.3, 0.2), 3),
+    "multislerp-nobase": ("", (1.0, 2.0), 2),
+    "multislerp-raw": ("parameters: {normalize_weights: false, eps: 1.0e-6}", (0.7, 0.6), 2),
     "della": ("parameters: {density: 0.5, epsilon: 0.1, weight: 1.0}", None, 2),
     "della_linear": ("parameters: {density: 0.3, epsilon: 0.2, weight: 0.7}", None, 3),
     "della_linear-norescale": (

@@ -21,15 +21,19 @@ base give the base where mergekit raises (three or more inputs).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from mergekit_math.methods.base import (
+    Chunking,
     Example,
+    FusedInputs,
     MergeInputs,
     MergeMethod,
     Params,
+    PrepareInputs,
     Problem,
     reduce_norm,
     reduce_sum,
@@ -98,33 +102,180 @@ def multislerp(inputs: MergeInputs[MultislerpShared, MultislerpModel]) -> torch.
     if base is not None:
         stacked -= base
     flat = stacked.reshape(len(tensors), -1)
-    weights = torch.tensor([p.weight for p in inputs.params], dtype=flat.dtype)
+    weights = _weights(inputs, flat.dtype)
+    if inputs.states is not None:  # a chunk: multislerp_prepare's terms for the tensor
+        (terms,) = inputs.states
+    else:
+        terms = sphere_terms(flat, weights, eps)
+    if terms is None:
+        return _linear(stacked, weights, base)
+    result = _spherical(flat, weights, eps, terms).view(shape)
+    return result if base is None else result + base
+
+
+def _weights(inputs: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weights (divided by their sum with ``normalize_weights``), in ``dtype``
+    (float32 by default)."""
+    import torch
+
+    weights = torch.tensor([p.weight for p in inputs.params], dtype=dtype or torch.float32)
     if inputs.shared.normalize_weights:
         weights = weights / weights.sum()
-    column = weights.view(-1, 1)
+    return weights
 
+
+@dataclass(frozen=True)
+class Sphere:
+    """A tensor's whole-tensor terms: the inputs' lengths ``(n, 1)``, the weighted mean
+    direction's length, each direction's component along it ``(n, 1)``, and the angle."""
+
+    lengths: torch.Tensor
+    mean_length: torch.Tensor
+    along: torch.Tensor
+    angle: torch.Tensor
+
+
+def sphere_terms(flat: torch.Tensor, weights: torch.Tensor, eps: float) -> Sphere | None:
+    """The terms of the flattened inputs ``(n, numel)``; None where the mean direction
+    vanishes and the inputs are combined linearly (a ValueError where they cancel out)."""
+    column = weights.view(-1, 1)
     lengths = reduce_norm(flat, dim=-1).unsqueeze(-1)
     units = flat / (lengths + eps)
     mean = (units * column).sum(0)  # a sum over the inputs: few terms, no thread split
     mean_length = reduce_norm(mean)
-    if mean_length < eps:
-        if len(tensors) == 2 or not lengths.any():
-            return _linear(stacked, weights, base)
-        raise ValueError(
-            "multislerp: the weighted directions cancel out (antipodal inputs with "
-            "balancing weights, e.g. a and -a equally weighted); change the weights"
-        )
+    if _vanishes(mean_length, lengths, eps):
+        return None
     mean = mean / mean_length
-
     # Log map at the mean (first order): each direction minus its component along the mean.
     along = reduce_sum(units * mean, dim=-1).unsqueeze(-1)
     tangent = ((units - along * mean) * column).sum(0)
-    # Exponential map back onto the sphere, then to the weighted mean length.
-    angle = reduce_norm(tangent) + eps
+    return Sphere(lengths, mean_length, along, reduce_norm(tangent) + eps)
+
+
+def _vanishes(mean_length: torch.Tensor, lengths: torch.Tensor, eps: float) -> bool:
+    if mean_length >= eps:
+        return False
+    if lengths.shape[0] == 2 or not lengths.any():
+        return True
+    raise ValueError(
+        "multislerp: the weighted directions cancel out (antipodal inputs with "
+        "balancing weights, e.g. a and -a equally weighted); change the weights"
+    )
+
+
+def _spherical(
+    flat: torch.Tensor, weights: torch.Tensor, eps: float, terms: Sphere
+) -> torch.Tensor:
+    """The exponential map back onto the sphere at the mean, scaled to the mean length."""
+    import torch
+
+    column = weights.view(-1, 1)
+    units = flat / (terms.lengths + eps)
+    mean = (units * column).sum(0) / terms.mean_length
+    tangent = ((units - terms.along * mean) * column).sum(0)
+    angle = terms.angle
     result = mean * torch.cos(angle) + tangent * (torch.sin(angle) / angle)
-    result = result * (lengths.squeeze(-1) * weights).sum()
-    result = result.view(shape)
-    return result if base is None else result + base
+    return result * (terms.lengths.squeeze(-1) * weights).sum()
+
+
+def multislerp_prepare(inputs: PrepareInputs[MultislerpShared, MultislerpModel]) -> list[Any]:
+    """The tensor's :class:`Sphere` (None: linear), by compiled passes over the held inputs
+    (torch's float32 sums, as the whole path, for tensors of up to 32768 elements)."""
+    import torch
+
+    from mergekit_math.methods import statistics
+
+    k, eps = len(inputs.params), inputs.shared.eps
+    delta = inputs.held is not None and inputs.held[0][0] is not None
+    if k == 1:
+        return [None]
+    weights = _weights(inputs)
+    if not statistics.compiled_sums(inputs):
+        flat = torch.stack([statistics.whole(inputs, j) for j in range(k)])
+        if delta:
+            flat -= statistics.whole(inputs, None)
+        return [sphere_terms(flat, weights, eps)]
+    lengths = torch.stack([statistics.norm(inputs, j, delta) for j in range(k)]).unsqueeze(-1)
+    return [_compiled_terms(inputs, weights, lengths, eps, delta)]
+
+
+def _compiled_terms(
+    inputs: PrepareInputs[MultislerpShared, MultislerpModel],
+    weights: torch.Tensor,
+    lengths: torch.Tensor,
+    eps: float,
+    delta: bool,
+) -> Sphere | None:
+    import math
+
+    import numpy as np
+    import torch
+
+    from mergekit_math.kernels import spherical
+    from mergekit_math.methods import statistics
+
+    assert inputs.held is not None
+    k = len(inputs.params)
+    den, ws = (lengths + eps).reshape(-1).numpy(), weights.numpy()
+
+    def sources(h: tuple[Any, list[Any]]) -> tuple[Any, ...]:
+        base, models = h
+        return tuple((base, m) for m in models) if delta else tuple(models)
+
+    def norm_of(sums: Any) -> torch.Tensor:
+        return torch.tensor(math.sqrt(math.fsum(sums)), dtype=torch.float64).to(torch.float32)
+
+    squares = inputs.map(lambda h: spherical.mean_squares(sources(h), den, ws), inputs.held)
+    mean_length = norm_of(squares)
+    if _vanishes(mean_length, lengths, eps):
+        return None
+    length = np.float32(mean_length.item())
+
+    def along_of(h: tuple[Any, list[Any]]) -> Any:
+        out = np.zeros(k)
+        spherical.alongs(sources(h), den, ws, length, out)
+        return out
+
+    parts = list(inputs.map(along_of, inputs.held))
+    along = torch.stack([statistics.rounded(math.fsum(p[j] for p in parts)) for j in range(k)])
+    along = along.unsqueeze(-1)
+    a = along.reshape(-1).numpy()
+    squares = inputs.map(
+        lambda h: spherical.tangent_squares(sources(h), den, ws, length, a), inputs.held
+    )
+    return Sphere(lengths, mean_length, along, norm_of(squares) + eps)
+
+
+def multislerp_fused(inputs: FusedInputs[MultislerpShared, MultislerpModel]) -> bool:
+    """A chunk with its tensor's terms as one fused kernel."""
+    import numpy as np
+    import torch
+
+    from mergekit_math.kernels import spherical
+    from mergekit_math.kernels.interp import count_bad
+
+    if inputs.states is None or len(inputs.tensors) < 2:
+        return False
+    (terms,) = inputs.states
+    base, models = inputs.base, inputs.tensors
+    xs = tuple(models) if base is None else tuple((base, m) for m in models)
+    for j, array in enumerate(([] if base is None else [base]) + models):
+        count_bad(array, inputs.bad, j)
+    weights = _weights(inputs)
+    ws = weights.numpy()
+    if terms is None:
+        spherical.weighted(xs, ws, inputs.out)
+        return True
+    eps = inputs.shared.eps
+    den = (terms.lengths + eps).reshape(-1).numpy()
+    along = terms.along.reshape(-1).numpy()
+    angle = terms.angle
+    cos = np.float32(torch.cos(angle).item())
+    sinc = np.float32((torch.sin(angle) / angle).item())
+    scale = np.float32((terms.lengths.squeeze(-1) * weights).sum().item())
+    length = np.float32(terms.mean_length.item())
+    spherical.chunk(xs, den, ws, length, along, cos, sinc, scale, inputs.out)
+    return True
 
 
 register(
@@ -147,6 +298,8 @@ register(
         ),
         base="optional",
         inputs=(1, None),
+        chunking=Chunking(prepare=multislerp_prepare, compiled=True),
+        fused=multislerp_fused,
         description=(
             "Weighted spherical average of any number of models; with base_model, of "
             "their task vectors."
