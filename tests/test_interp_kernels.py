@@ -1,6 +1,7 @@
-"""Chunked SLERP, NuSLERP and Model Stock: the preparation's compiled whole-tensor sums
-(mergekit_math/kernels/stats.py) against torch's, and whole merges through the engine in
-chunks with the kernels against the whole-tensor torch path, bit for bit."""
+"""Chunked SLERP, NuSLERP, Model Stock, Multi-SLERP, RAM, DELLA and SCE: the preparation's
+compiled whole-tensor sums (mergekit_math/kernels/stats.py) against torch's, and whole merges
+through the engine in chunks with the kernels against the whole-tensor torch path, bit for
+bit."""
 
 from __future__ import annotations
 
@@ -55,8 +56,16 @@ def _cut(source, lo, hi):
 # ------------------------------------------------------------------- one chunk
 
 
-def _states(method: str, variant: str) -> list[torch.Tensor]:
+def _states(method: str, variant: str, numel: int) -> list[torch.Tensor]:
     f32 = torch.float32
+    if method == "sce":
+        from mergekit_math.methods.sce import SceState
+
+        weights = torch.tensor([0.55, 0.3, 0.15][: 2 + (variant == "three")], dtype=f32)
+        if variant == "all":
+            return [SceState(None, weights)]
+        mask = (np.arange(numel) % 3 != 1).astype(np.uint8)
+        return [SceState({0: mask}, weights)]
     if method == "slerp":
         return [torch.tensor(0.61, dtype=f32), torch.tensor(0.43, dtype=f32)]
     if method == "model_stock":
@@ -92,6 +101,9 @@ _SHARED = {
         ("ram", "", 2, True),
         ("ram", "", 3, True),
         ("ramplus_tl", "", 3, True),
+        ("sce", "", 2, True),
+        ("sce", "three", 3, True),
+        ("sce", "all", 2, True),
     ],
 )
 def test_chunk_kernels_equal_the_torch_chunk_path(dtype, method, variant, count, base):
@@ -112,7 +124,7 @@ def test_chunk_kernels_equal_the_torch_chunk_path(dtype, method, variant, count,
         else [m.model_params() for _ in range(count)]
     )
     shared = m.shared_params(**_SHARED.get(method, {}))
-    states = _states(method, variant)
+    states = _states(method, variant, raw[0].numel())
     wide = [t.float() for t in raw]
     tensors = wide[1:] if base else wide
     if m.kind == "delta":
@@ -201,6 +213,10 @@ _RECIPES = {
     "multislerp": ("", (0.5, 0.3, 0.2), 3),
     "multislerp-nobase": ("", (1.0, 2.0), 2),
     "multislerp-raw": ("parameters: {normalize_weights: false, eps: 1.0e-6}", (0.7, 0.6), 2),
+    "sce": ("parameters: {select_topk: 0.3}", None, 3),
+    "sce-all": ("", None, 2),
+    "sce-half": ("parameters: {select_topk: 0.5}", None, 2),
+    "sce-one": ("parameters: {select_topk: 0.6}", None, 1),
     "della": ("parameters: {density: 0.5, epsilon: 0.1, weight: 1.0}", None, 2),
     "della_linear": ("parameters: {density: 0.3, epsilon: 0.2, weight: 0.7}", None, 3),
     "della_linear-norescale": (

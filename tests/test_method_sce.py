@@ -143,7 +143,10 @@ def test_divisor_floor_shrinks_a_lone_light_model():
 def test_method_declaration():
     method = get_method("sce")
     assert (method.kind, method.base, method.inputs) == ("delta", "required", (1, None))
-    assert method.chunking is None and not method.random
+    assert not method.random
+    # chunks only where the fused kernel runs, after a compiled preparation
+    assert method.chunking is not None and method.chunking.compiled
+    assert method.fused is not None
     assert method.ignored == ("int8_mask",)
 
 

@@ -19,20 +19,25 @@ unspecified order), so the result depends neither on the device nor on the threa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from mergekit_math.methods.base import (
+    Chunking,
     Example,
+    FusedInputs,
     MergeInputs,
     MergeMethod,
     Params,
+    PrepareInputs,
     reduce_sum,
     register,
 )
 from mergekit_math.methods.consensus import agreement_mask, elect_sign
-from mergekit_math.methods.selection import first_ties, kth_select
+from mergekit_math.methods.selection import first_ties, kth_select, tie_rules
 
 if TYPE_CHECKING:
     import torch
@@ -93,12 +98,19 @@ def variance_mask(deltas: torch.Tensor, fraction: float) -> torch.Tensor | None:
 def magnitude_weights(deltas: torch.Tensor) -> torch.Tensor:
     """``mean(δ_i²) / Σ_j mean(δ_j²)`` per model (shape ``(n,)``), uniform ``1/n`` when the
     denominator is below 1e-6 (all deltas about zero)."""
-    import torch
-
     n = deltas.shape[0]
     squares = deltas.square().reshape(n, -1)
     # torch's mean is the sum divided by the count; reduce_sum keeps long rows thread-free
-    means = reduce_sum(squares, dim=1) / squares.shape[1]
+    return _normalised(reduce_sum(squares, dim=1), squares.shape[1])
+
+
+def _normalised(sums: torch.Tensor, count: int) -> torch.Tensor:
+    """The coefficients from each model's float32 sum of kept squares over ``count``
+    positions."""
+    import torch
+
+    n = sums.shape[0]
+    means = sums / count
     total = float(torch.sum(means))
     if abs(total) < _WEIGHT_FLOOR:
         return torch.ones_like(means) / n
@@ -114,16 +126,144 @@ def sce_merge(inputs: MergeInputs[SceShared, SceModel]) -> torch.Tensor:
     if not inputs.tensors:
         return base
     deltas = torch.stack(inputs.tensors)
-    keep = variance_mask(deltas, inputs.shared.select_topk)
+    if inputs.states is not None:  # a chunk: sce_prepare's mask and coefficients
+        (state,) = inputs.states
+        keep = state.keep(inputs.offset, base.shape)
+    else:
+        keep = variance_mask(deltas, inputs.shared.select_topk)
     if keep is not None:
         deltas.mul_(keep)
     # the sign is elected from the raw (selected) deltas, before the coefficients apply
     agree = agreement_mask(deltas, elect_sign(deltas))
-    weights = magnitude_weights(deltas).reshape((-1,) + (1,) * base.dim())
+    coefficients = magnitude_weights(deltas) if inputs.states is None else state.weights
+    weights = coefficients.reshape((-1,) + (1,) * base.dim())
     erased = agree.mul_(weights)
     merged = (deltas * erased).sum(dim=0)
     divisor = erased.sum(dim=0).clamp_(min=_DIVISOR_FLOOR)
     return base + merged / divisor
+
+
+@dataclass(frozen=True)
+class SceState:
+    """A tensor's selection, one uint8 keep mask per range (by its start; None: every
+    position kept), and the models' coefficients (float32, shape ``(n,)``)."""
+
+    masks: dict[int, Any] | None
+    weights: torch.Tensor
+
+    def keep(self, start: int, shape: tuple[int, ...]) -> torch.Tensor | None:
+        import torch
+
+        if self.masks is None:
+            return None
+        return torch.from_numpy(self.masks[start]).reshape(shape).float()
+
+
+def sce_prepare(inputs: PrepareInputs[SceShared, SceModel]) -> list[Any]:
+    """The tensor's :class:`SceState`, by compiled passes over the held inputs: the
+    variances, the exact selection of the ``k`` largest (ties in index order, per range by
+    :func:`~mergekit_math.methods.selection.tie_rules`) and the sums of kept squares (torch
+    on the whole tensor, as the whole path, for tensors of up to 32768 elements or with
+    non-finite variances)."""
+    import numpy as np
+    import torch
+
+    from mergekit_math.kernels import sce as kernels
+    from mergekit_math.methods import statistics
+
+    assert inputs.held is not None
+    if not inputs.params:
+        return [None]
+    if not statistics.compiled_sums(inputs):
+        return [_whole_state(inputs)]
+    masks = None
+    if inputs.shared.select_topk < 1:
+        variance = np.empty(inputs.numel, np.float32)
+
+        def one(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> tuple[int, int]:
+            (start, end), (base, models) = job
+            return kernels.variance_into(base, tuple(models), variance[start:end])
+
+        counts = list(inputs.map(one, zip(inputs.ranges, inputs.held)))
+        if sum(bad for _, bad in counts):
+            return [_whole_state(inputs)]
+        masks = _masks(inputs, variance, sum(nonzero for nonzero, _ in counts))
+        del variance
+
+    def squares(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> Any:
+        (start, _), (base, models) = job
+        out = np.zeros(len(models))
+        keep = None if masks is None else masks[start]
+        kernels.kept_squares(base, tuple(models), keep, out)
+        return out
+
+    parts = list(inputs.map(squares, zip(inputs.ranges, inputs.held)))
+    sums = [statistics.rounded(math.fsum(p[j] for p in parts)) for j in range(len(parts[0]))]
+    return [SceState(masks, _normalised(torch.stack(sums), inputs.numel))]
+
+
+def _masks(
+    inputs: PrepareInputs[SceShared, SceModel], variance: Any, nonzero: int
+) -> dict[int, Any]:
+    """Per range, the keep mask of the ``k`` largest variances (``variance_mask``'s)."""
+    import numpy as np
+    import torch
+
+    from mergekit_math.kernels import sce as kernels
+
+    fraction = inputs.shared.select_topk
+    # as variance_mask: the int64 count times the float, in torch (float32)
+    k = int(torch.tensor(nonzero) * fraction) if fraction > 0 else 0
+    if k == 0:
+        return {start: np.zeros(end - start, np.uint8) for start, end in inputs.ranges}
+    values = torch.from_numpy(variance)
+    selection = kth_select(values, k, inputs.map, compiled=True, ranges=inputs.ranges)
+    rules = tie_rules(inputs.ranges, selection, None, 0, k - selection.above)
+
+    def one(span: tuple[int, int]) -> Any:
+        start, end = span
+        rule, part = rules[start], variance[start:end]
+        mask = np.empty(end - start, np.uint8)
+        kernels.keep_between(part, np.float32(rule.low), np.float32(rule.high), mask)
+        for value, skip, take in rule.runs:  # the chunk keeps some of its ties, not all
+            mask[np.flatnonzero(part == np.float32(value))[skip : skip + take]] = 1
+        return mask
+
+    return dict(zip((s for s, _ in inputs.ranges), inputs.map(one, inputs.ranges)))
+
+
+def _whole_state(inputs: PrepareInputs[SceShared, SceModel]) -> SceState:
+    """The state by the whole-tensor torch path's own steps."""
+    import torch
+
+    from mergekit_math.methods import statistics
+
+    base = statistics.whole(inputs, None)
+    deltas = torch.stack([statistics.whole(inputs, j) - base for j in range(len(inputs.params))])
+    keep = variance_mask(deltas, inputs.shared.select_topk)
+    if keep is None:
+        return SceState(None, magnitude_weights(deltas))
+    deltas.mul_(keep)
+    flat = keep.to(torch.uint8).numpy()
+    return SceState({s: flat[s:e] for s, e in inputs.ranges}, magnitude_weights(deltas))
+
+
+def sce_fused(inputs: FusedInputs[SceShared, SceModel]) -> bool:
+    """A chunk with its tensor's mask and coefficients as one fused kernel."""
+    from mergekit_math.kernels import sce as kernels
+
+    if inputs.base is None or not inputs.tensors or inputs.states is None:
+        return False
+    (state,) = inputs.states
+    keep = None if state.masks is None else state.masks[inputs.offset]
+    weights = state.weights.numpy()
+    kernels.merge(inputs.base, tuple(inputs.tensors), keep, weights, inputs.out, inputs.bad)
+    return True
+
+
+def _buffers(shared: SceShared, params: list[SceModel]) -> int:
+    # the variances (float32) while the masks (a byte each) are made
+    return 2 if shared.select_topk < 1 else 0
 
 
 register(
@@ -142,6 +282,8 @@ register(
         kind="delta",
         base="required",
         inputs=(1, None),
+        chunking=Chunking(prepare=sce_prepare, buffers=_buffers, compiled=True),
+        fused=sce_fused,
         description="Keep high-variance positions, weight by mean squared delta, sign consensus.",
         ignored=("int8_mask",),
     )

@@ -1,0 +1,130 @@
+"""SCE on chunks, compiled: the per-element variance its selection ranks, the sums of the
+kept squares its coefficients come from, and the chunk kernel, in the float32 steps and
+order of ``methods/sce.py``.
+
+Each works on one range of a tensor's inputs as stored (bfloat16 bits or float32), with
+``δ_j = m_j - base`` rounded to float32 and ``keep`` the range's 0/1 mask (uint8; None:
+every position kept, as ``x·1`` is ``x``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, types
+from numba.extending import overload
+
+from mergekit_math.kernels.elementwise import _count_bad
+from mergekit_math.kernels.scalar import load, sign_bit_one, step, store
+from mergekit_math.kernels.stats import _add
+
+_ZERO = np.float32(0.0)
+_ONE = np.float32(1.0)
+_DIVISOR_FLOOR = np.float32(1e-6)  # methods/sce.py's, as torch's clamp rounds it
+_BLOCK = 4096
+
+
+def keep_at(keep, i):  # noqa: ANN001, ANN201
+    """The 0/1 float32 factor of position ``i`` (numba only): 1 where ``keep`` is None."""
+    raise NotImplementedError
+
+
+@overload(keep_at, inline="always")
+def _keep_at(keep, i):  # noqa: ANN001, ANN202
+    if isinstance(keep, types.NoneType):
+        return lambda keep, i: _ONE
+    return lambda keep, i: np.float32(keep[i])
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def variance_into(base, ms, out):  # noqa: ANN001, ANN201
+    """out = Var_j(δ_j) (population) per position, as ``torch.var`` computes it on the CPU:
+    Welford's update in float64 over the models in order, the sum of squared deviations
+    divided by the count, rounded to float32. Returns (nonzero, non-finite) counts."""
+    k = len(ms)
+    nonzero = 0
+    bad = 0
+    for i in range(out.shape[0]):
+        b = load(base, i)
+        mean = 0.0
+        m2 = 0.0
+        for j in range(k):
+            x = np.float64(load(ms[j], i) - b)
+            d = x - mean
+            mean += d / (j + 1)
+            m2 += d * (x - mean)
+        v = np.float32(m2 / k)
+        out[i] = v
+        nonzero += v != 0
+        bad += not np.isfinite(v)
+    return nonzero, bad
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def keep_between(values, low, high, out):  # noqa: ANN001, ANN201
+    """out = 1 where low < value < high, else 0 (a :class:`TieRule`'s bounds, compared in
+    float32; its runs of ties are marked by the caller)."""
+    for i in range(out.shape[0]):
+        out[i] = (values[i] > low) & (values[i] < high)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def kept_squares(base, ms, keep, out):  # noqa: ANN001, ANN201
+    """out[j] = Σ (δ_j·keep)² over the range: each square rounded to float32 (torch's
+    ``square()``), summed in float64 by blocks whose sums are added with compensation (see
+    :mod:`mergekit_math.kernels.stats`)."""
+    n = base.shape[0]
+    k = len(ms)
+    total = np.zeros(k)
+    carry = np.zeros(k)
+    for start in range(0, n, _BLOCK):  # a block of the base and mask stays in cache
+        for j in range(k):
+            a0 = a1 = a2 = a3 = 0.0
+            i = start
+            end = min(start + _BLOCK, n)
+            while i + 4 <= end:
+                d0 = (load(ms[j], i) - load(base, i)) * keep_at(keep, i)
+                d1 = (load(ms[j], i + 1) - load(base, i + 1)) * keep_at(keep, i + 1)
+                d2 = (load(ms[j], i + 2) - load(base, i + 2)) * keep_at(keep, i + 2)
+                d3 = (load(ms[j], i + 3) - load(base, i + 3)) * keep_at(keep, i + 3)
+                a0 += np.float64(d0 * d0)
+                a1 += np.float64(d1 * d1)
+                a2 += np.float64(d2 * d2)
+                a3 += np.float64(d3 * d3)
+                i += 4
+            while i < end:
+                d0 = (load(ms[j], i) - load(base, i)) * keep_at(keep, i)
+                a0 += np.float64(d0 * d0)
+                i += 1
+            total[j], carry[j] = _add(total[j], carry[j], (a0 + a1) + (a2 + a3))
+    for j in range(k):
+        out[j] = total[j] + carry[j]
+
+
+@njit(error_model="numpy")
+def _merge_loop(base, ms, keep, ws, out):  # noqa: ANN001, ANN202
+    for i in range(out.shape[0]):
+        b = load(base, i)
+        f = keep_at(keep, i)
+        total = _ZERO  # torch's sum over the models starts at +0
+        for j in range(len(ms)):
+            total = total + (load(ms[j], i) - b) * f
+        elected = sign_bit_one(total)
+        merged = _ZERO
+        divisor = _ZERO
+        for j in range(len(ms)):
+            d = (load(ms[j], i) - b) * f
+            erased = step(d * elected) * ws[j]
+            merged = merged + d * erased
+            divisor = divisor + erased
+        divisor = _DIVISOR_FLOOR if divisor < _DIVISOR_FLOOR else divisor  # clamp keeps NaN
+        store(out, i, b + merged / divisor)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def merge(base, ms, keep, ws, out, bad):  # noqa: ANN001, ANN201
+    """out = base + Σ_j δ_j·e_j / max(Σ_j e_j, 1e-6), with δ_j kept by ``keep`` and
+    ``e_j = w_j`` where δ_j has the sign elected by Σ_j δ_j, else 0; ``bad``: base first,
+    then the models."""
+    _count_bad((base,), bad[:1])
+    _count_bad(ms, bad[1:])
+    _merge_loop(base, ms, keep, ws, out)
