@@ -1,7 +1,7 @@
-"""Chunked SLERP, NuSLERP, Model Stock, Multi-SLERP, RAM, DELLA and SCE: the preparation's
-compiled whole-tensor sums (mergekit_math/kernels/stats.py) against torch's, and whole merges
-through the engine in chunks with the kernels against the whole-tensor torch path, bit for
-bit."""
+"""Chunked SLERP, NuSLERP, Model Stock, Multi-SLERP, RAM, DELLA, SCE and Arcee Fusion: the
+preparation's compiled whole-tensor sums (mergekit_math/kernels/stats.py) against torch's, and
+whole merges through the engine in chunks with the kernels against the whole-tensor torch
+path, bit for bit."""
 
 from __future__ import annotations
 
@@ -58,6 +58,12 @@ def _cut(source, lo, hi):
 
 def _states(method: str, variant: str, numel: int) -> list[torch.Tensor]:
     f32 = torch.float32
+    if method == "arcee_fusion":  # rows of 100 (or the whole chunk as one row)
+        from mergekit_math.methods.arcee_fusion import FusionState
+
+        rows = 1 if numel % 100 else numel // 100
+        kl = np.linspace(0.0, 3.0, rows, dtype=np.float32)
+        return [FusionState({0: kl}, torch.tensor(0.004, dtype=f32))]
     if method == "sce":
         from mergekit_math.methods.sce import SceState
 
@@ -104,6 +110,7 @@ _SHARED = {
         ("sce", "", 2, True),
         ("sce", "three", 3, True),
         ("sce", "all", 2, True),
+        ("arcee_fusion", "", 1, True),
     ],
 )
 def test_chunk_kernels_equal_the_torch_chunk_path(dtype, method, variant, count, base):
@@ -217,6 +224,7 @@ _RECIPES = {
     "sce-all": ("", None, 2),
     "sce-half": ("parameters: {select_topk: 0.5}", None, 2),
     "sce-one": ("parameters: {select_topk: 0.6}", None, 1),
+    "arcee_fusion": ("", None, 1),
     "della": ("parameters: {density: 0.5, epsilon: 0.1, weight: 1.0}", None, 2),
     "della_linear": ("parameters: {density: 0.3, epsilon: 0.2, weight: 0.7}", None, 3),
     "della_linear-norescale": (

@@ -196,10 +196,12 @@ def test_ties_kernel_keeps_exactly_k_with_ties():
 
 @pytest.mark.parametrize("n,density", [(3_000_000, 0.3), (1_500_001, 0.01), (1_200_000, 1.0)])
 @pytest.mark.parametrize("signed", [False, True])
-def test_compiled_selection_equals_the_torch_selection(monkeypatch, n, density, signed):
+@pytest.mark.parametrize("quarters", [(), (1, 2, 3)])
+def test_compiled_selection_equals_the_torch_selection(monkeypatch, n, density, signed, quarters):
     """Threshold, count above and ties per range: the same from the radix selection as from
     the torch ops, on values with many ties (bfloat16-rounded) and NaN, for two ``k`` at
-    once (a Breadcrumbs window's ends) and ranges that cut the task grid anywhere."""
+    once (a Breadcrumbs window's ends), three and four at once (Arcee Fusion's quartiles: more
+    bins than one low pass counts) and ranges that cut the task grid anywhere."""
     from mergekit_math.methods.selection import kth_selects
 
     g = torch.Generator().manual_seed(n)
@@ -207,7 +209,7 @@ def test_compiled_selection_equals_the_torch_selection(monkeypatch, n, density, 
     values = values if signed else values.abs()
     values[:1000] = 0.0
     values[5000:5003] = float("nan")
-    ks = [max(1, int(density * n)), max(1, n // 7)]
+    ks = [max(1, int(density * n)), max(1, n // 7), *[n - q * (n - 1) // 4 for q in quarters]]
     bounds = [0, 1, 999, 1001, 262_143, 262_145, n // 2, n - 5, n]
     ranges = list(zip(bounds, bounds[1:]))
     monkeypatch.setenv("MMATH_FUSED", "1")  # the kernels at any size (these are < 32M)

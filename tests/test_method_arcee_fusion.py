@@ -145,7 +145,11 @@ def test_declared_contract():
     assert METHOD.base == "required"
     assert METHOD.inputs == (1, 1)
     assert METHOD.kind == "tensors"
-    assert METHOD.chunking is None  # quartiles of the whole tensor, KL of whole rows
+    # quartiles of the whole tensor, KL of whole rows: chunks of whole rows, only where the
+    # fused kernel runs after the preparation over the held inputs
+    assert METHOD.chunking is not None and METHOD.chunking.compiled
+    assert METHOD.chunking.unit is not None and METHOD.chunking.unit((6, 10)) == 10
+    assert METHOD.chunking.unit(()) == 1 and METHOD.fused is not None
     assert not METHOD.random
 
 

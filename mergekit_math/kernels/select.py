@@ -179,7 +179,7 @@ def kth_largest_bits(
     magnitude, how many exceed it and, per range, how many equal it; None if some value
     has its sign bit set. The magnitudes come in ``parts``, ``(range index, source)`` in
     order (a source: see :func:`magnitude_at`), of ``ranges`` ranges. ``map`` runs the
-    passes over the parts: one histogram pass for all ``ks``, one for their bins."""
+    passes over the parts: one histogram pass for all ``ks``, one per two of their bins."""
 
     # per part: < 2^31 elements (the engine's ranges, a tensor's task grid): int32 counts
     # halve what is zeroed and summed
@@ -194,15 +194,20 @@ def kth_largest_bits(
     picks = [_pick(high, k) for k in ks]
     bins = np.array(sorted({b for b, _ in picks}), np.uint32)
 
-    def count_low(src: object) -> np.ndarray:
-        hist = np.zeros((bins.shape[0], LOW), np.int32)
-        if bins.shape[0] == 1:
-            histogram_low(src, bins[0], hist[0])
+    def count_low(src: object, pair: np.ndarray) -> np.ndarray:
+        hist = np.zeros((pair.shape[0], LOW), np.int32)
+        if pair.shape[0] == 1:
+            histogram_low(src, pair[0], hist[0])
         else:
-            histogram_low2(src, bins[0], bins[1], hist)
+            histogram_low2(src, pair[0], pair[1], hist)
         return hist
 
-    lows = list(map(count_low, [src for _, src in parts]))
+    # one pass per two bins (three quartiles may fall in three)
+    lows = [np.zeros((0, LOW), np.int32)] * len(parts)
+    for g in range(0, bins.shape[0], 2):
+        pair = bins[g : g + 2]
+        more = map(lambda src: count_low(src, pair), [src for _, src in parts])  # noqa: B023
+        lows = [np.concatenate([a, b]) for a, b in zip(lows, more)]
     total = np.sum(lows, axis=0, dtype=np.int64)
     found = []
     for k, (bin_, above) in zip(ks, picks):

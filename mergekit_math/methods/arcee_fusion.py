@@ -23,17 +23,21 @@ last bit.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from mergekit_math.methods.base import (
+    Chunking,
     Example,
+    FusedInputs,
     MergeInputs,
     MergeMethod,
     Params,
+    PrepareInputs,
     reduce_sum,
     register,
 )
-from mergekit_math.methods.selection import kth_largest
+from mergekit_math.methods.selection import kth_largest, kth_selects
 
 if TYPE_CHECKING:
     import torch
@@ -83,20 +87,24 @@ def fusion_threshold(importance: torch.Tensor) -> torch.Tensor:
 
     The i-th smallest of n values (0-based) is the (n − i)-th largest, found exactly without
     sorting; the fence is then computed in the tensor's dtype, as mergekit does."""
-    import torch
 
     flat = importance.reshape(-1)
     n = flat.numel()
-    q1, median, q3 = torch.tensor(
-        [kth_largest(flat, n - i) for i in quartile_indices(n)],
-        dtype=importance.dtype,
-        device=importance.device,
-    )
+    quartiles = [kth_largest(flat, n - i) for i in quartile_indices(n)]
+    return _fence(quartiles, importance.dtype, importance.device)
+
+
+def _fence(quartiles: list[float], dtype: torch.dtype, device: Any = None) -> torch.Tensor:
+    import torch
+
+    q1, median, q3 = torch.tensor(quartiles, dtype=dtype, device=device)
     return median + FENCE * (q3 - q1)
 
 
 def arcee_fusion(inputs: MergeInputs[ArceeFusionShared, ArceeFusionModel]) -> torch.Tensor:
     """out = base + (model − base) · [importance ≥ τ] (see the module docstring)."""
+    import torch
+
     assert inputs.base is not None and len(inputs.tensors) == 1
     base, model = inputs.base, inputs.tensors[0]
     if base.numel() == 0:
@@ -104,12 +112,85 @@ def arcee_fusion(inputs: MergeInputs[ArceeFusionShared, ArceeFusionModel]) -> to
     shape = base.shape
     if base.dim() == 0:  # a scalar is a row of one entry
         base, model = base.reshape(1), model.reshape(1)
-    kl = row_kl(model, base)
+    if inputs.states is not None:  # a chunk of whole rows: fusion_prepare's KL and τ
+        (state,) = inputs.states
+        kl = torch.from_numpy(state.kl[inputs.offset]).unsqueeze(-1)
+        base, model = base.reshape(kl.shape[0], -1), model.reshape(kl.shape[0], -1)
+    else:
+        kl = row_kl(model, base)
     delta = model - base
     importance = delta.abs().mul_(kl)
-    keep = importance >= fusion_threshold(importance)
+    threshold = fusion_threshold(importance) if inputs.states is None else state.threshold
+    keep = importance >= threshold
     del importance
     return (base + delta.mul_(keep.to(delta.dtype))).reshape(shape)
+
+
+def row_length(shape: tuple[int, ...]) -> int:
+    """The length of the rows the KL is taken over (a scalar is a row of one entry)."""
+    return shape[-1] if shape else 1
+
+
+@dataclass(frozen=True)
+class FusionState:
+    """A tensor's row KLs (float32, one array per range, by its start) and its threshold τ
+    (a float32 0-d tensor)."""
+
+    kl: dict[int, Any]
+    threshold: torch.Tensor
+
+
+def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -> list[Any]:
+    """The tensor's :class:`FusionState`, from the held inputs: each range of whole rows'
+    KLs and importances by the torch steps of the whole path (on the worker threads, one
+    intra-op thread each: a row's softmax and sums do not depend on the rows around it),
+    then the three quartiles of the importances by one exact selection."""
+    import numpy as np
+    import torch
+
+    from mergekit_math.methods import statistics
+
+    assert inputs.held is not None
+    if inputs.numel == 0:
+        return [None]
+    row = row_length(inputs.shape)
+    importance = np.empty(inputs.numel, np.float32)
+
+    def one(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> tuple[Any, bool]:
+        (start, end), (base, models) = job
+        b = statistics.as_float32(base).reshape(-1, row)
+        m = statistics.as_float32(models[0]).reshape(-1, row)
+        kl = row_kl(m, b)
+        part = torch.from_numpy(importance[start:end]).view(b.shape)
+        torch.mul((m - b).abs_(), kl, out=part)
+        return kl.reshape(-1).numpy(), bool(torch.isfinite(part).all())
+
+    done = list(inputs.map(one, zip(inputs.ranges, inputs.held)))
+    values = torch.from_numpy(importance)
+    if all(finite for _, finite in done):
+        ks = [inputs.numel - i for i in quartile_indices(inputs.numel)]
+        found = kth_selects(values, ks, inputs.map, compiled=True, ranges=inputs.ranges)
+        threshold = _fence([f.threshold for f in found], torch.float32)
+    else:  # NaN or inf: the selection's order of them is torch's
+        threshold = fusion_threshold(values)
+    kl = {start: k for (start, _), (k, _) in zip(inputs.ranges, done)}
+    return [FusionState(kl, threshold)]
+
+
+def fusion_fused(inputs: FusedInputs[ArceeFusionShared, ArceeFusionModel]) -> bool:
+    """A chunk of whole rows with its tensor's KLs and τ as one fused kernel."""
+    import numpy as np
+
+    from mergekit_math.kernels.fusion import fusion
+
+    if inputs.states is None or inputs.states[0] is None or inputs.base is None:
+        return False
+    (state,) = inputs.states
+    kl = state.kl[inputs.offset]
+    row = inputs.out.shape[0] // kl.shape[0]
+    tau = np.float32(state.threshold.item())
+    fusion(inputs.base, inputs.tensors[0], kl, row, tau, inputs.out, inputs.bad)
+    return True
 
 
 register(
@@ -123,6 +204,11 @@ register(
         examples=(Example(({},)),),
         base="required",
         inputs=(1, 1),
+        # chunks of whole rows where the fused kernel runs; the importances held meanwhile
+        chunking=Chunking(
+            prepare=fusion_prepare, buffers=lambda s, p: 1, compiled=True, unit=row_length
+        ),
+        fused=fusion_fused,
         description="Take one model's changes to base_model where their KL-weighted size is "
         "an outlier (above median + 1.5 IQR).",
     )

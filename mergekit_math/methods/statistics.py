@@ -30,18 +30,21 @@ def _held(inputs: PrepareInputs[Any, Any]) -> list[tuple[Any, list[Any]]]:
     return inputs.held
 
 
-def whole(inputs: PrepareInputs[Any, Any], j: int | None) -> torch.Tensor:
-    """Input ``j`` (None: the base) over the whole tensor, flat, as float32."""
+def as_float32(array: Any) -> torch.Tensor:
+    """A held array (bfloat16 bits as uint16, or float32) as a float32 tensor."""
     import numpy as np
     import torch
 
-    parts = []
-    for base, others in _held(inputs):
-        array = base if j is None else others[j]
-        if array.dtype == np.uint16:
-            parts.append(torch.from_numpy(array.view(np.int16)).view(torch.bfloat16).float())
-        else:
-            parts.append(torch.from_numpy(array).float())
+    if array.dtype == np.uint16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(array).float()
+
+
+def whole(inputs: PrepareInputs[Any, Any], j: int | None) -> torch.Tensor:
+    """Input ``j`` (None: the base) over the whole tensor, flat, as float32."""
+    import torch
+
+    parts = [as_float32(base if j is None else others[j]) for base, others in _held(inputs)]
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 

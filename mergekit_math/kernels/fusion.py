@@ -1,0 +1,42 @@
+"""Arcee Fusion's chunk kernel: ``out = base + (m − base)·[|m − base|·KL_row ≥ τ]`` over
+chunks of whole rows, in the float32 steps of ``methods/arcee_fusion.py`` (the row's KL and
+the threshold τ come from the preparation)."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from mergekit_math.kernels.elementwise import _count_bad
+from mergekit_math.kernels.scalar import load, store
+
+_ZERO = np.float32(0.0)
+_ONE = np.float32(1.0)
+
+
+@njit(error_model="numpy")
+def _row(base, m, k, tau, out):  # noqa: ANN001, ANN202
+    for i in range(out.shape[0]):
+        b = load(base, i)
+        d = load(m, i) - b
+        keep = _ONE if abs(d) * k >= tau else _ZERO
+        # a variable, not the expression: numba's IR inlining of ``store`` with a
+        # conditional expression as its argument wrote nothing (numba 0.68)
+        store(out, i, b + d * keep)
+
+
+@njit(error_model="numpy")
+def _loop(base, m, kl, row, tau, out):  # noqa: ANN001, ANN202
+    # slices per row: the loop over a row runs from 0, which LLVM vectorises
+    for r in range(out.shape[0] // row):
+        cut = slice(r * row, (r + 1) * row)
+        _row(base[cut], m[cut], kl[r], tau, out[cut])
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def fusion(base, m, kl, row, tau, out, bad):  # noqa: ANN001, ANN201
+    """The chunk's rows (``kl`` one float32 per row of ``row`` entries); bad[0] counts the
+    base's non-finite elements, bad[1] the model's."""
+    _count_bad((base,), bad[0:1])
+    _count_bad((m,), bad[1:2])
+    _loop(base, m, kl, row, tau, out)
