@@ -58,6 +58,12 @@ def _cut(source, lo, hi):
 
 def _states(method: str, variant: str, numel: int) -> list[torch.Tensor]:
     f32 = torch.float32
+    if method == "karcher":
+        from mergekit_math.methods.karcher import KarcherState
+
+        mean = np.linspace(-1.0, 1.0, numel, dtype=np.float32)
+        mean[:5] = [0.0, -0.0, np.nan, np.inf, 1e-40]
+        return [KarcherState(mean, torch.tensor(0.93, dtype=f32), torch.tensor(41.5, dtype=f32))]
     if method == "arcee_fusion":  # rows of 100 (or the whole chunk as one row)
         from mergekit_math.methods.arcee_fusion import FusionState
 
@@ -111,6 +117,7 @@ _SHARED = {
         ("sce", "three", 3, True),
         ("sce", "all", 2, True),
         ("arcee_fusion", "", 1, True),
+        ("karcher", "", 2, False),
     ],
 )
 def test_chunk_kernels_equal_the_torch_chunk_path(dtype, method, variant, count, base):
@@ -225,6 +232,12 @@ _RECIPES = {
     "sce-half": ("parameters: {select_topk: 0.5}", None, 2),
     "sce-one": ("parameters: {select_topk: 0.6}", None, 1),
     "arcee_fusion": ("", None, 1),
+    "karcher": ("parameters: {max_iter: 10, tol: 1.0e-5}", None, 3),
+    "karcher-nobase": ("parameters: {max_iter: 3}", None, 2),
+    "karcher-loose": ("parameters: {max_iter: 1, tol: 0.5}", None, 2),
+    # the bench-like models converge at the start; a tolerance under float32's noise makes
+    # every step run
+    "karcher-tight": ("parameters: {max_iter: 4, tol: 1.0e-12}", None, 3),
     "della": ("parameters: {density: 0.5, epsilon: 0.1, weight: 1.0}", None, 2),
     "della_linear": ("parameters: {density: 0.3, epsilon: 0.2, weight: 0.7}", None, 3),
     "della_linear-norescale": (

@@ -149,7 +149,9 @@ def test_float64_inputs_compute_in_float64():
 
 
 def test_declaration():
-    assert METHOD.base == "none" and METHOD.kind == "tensors" and METHOD.chunking is None
+    assert METHOD.base == "none" and METHOD.kind == "tensors"
+    # chunks only where the fused kernel runs, after the compiled descent over held inputs
+    assert METHOD.chunking is not None and METHOD.chunking.compiled
     assert METHOD.inputs == (1, None) and not METHOD.random
     shared = METHOD.shared_params()
     assert (shared.max_iter, shared.tol) == (10, 1e-5)

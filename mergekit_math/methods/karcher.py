@@ -24,15 +24,23 @@ elements get mergekit's reductions, and its bits.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from pydantic import Field
 
+from mergekit_math.methods import statistics
 from mergekit_math.methods.base import (
+    Chunking,
     Example,
+    FusedInputs,
     MergeInputs,
     MergeMethod,
     Params,
+    PrepareInputs,
     reduce_norm,
     reduce_sum,
     register,
@@ -163,12 +171,159 @@ def karcher_mean(
 
 def karcher(inputs: MergeInputs[KarcherShared, KarcherModel]) -> torch.Tensor:
     """Equal-weight Karcher mean of every input (α_i = 1/N)."""
+    import torch
+
     tensors = inputs.tensors
     n = len(tensors)
     if n == 1:
         return tensors[0]
+    if inputs.states is not None:  # a chunk of karcher_prepare's result
+        (state,) = inputs.states
+        start, size = inputs.offset, tensors[0].numel()
+        mean = torch.from_numpy(state.mean[start : start + size]).view(tensors[0].shape)
+        return state.scale * (mean / state.div)
     shared = inputs.shared
     return karcher_mean(tensors, [1.0 / n] * n, max_iter=shared.max_iter, tol=shared.tol)
+
+
+@dataclass(frozen=True)
+class KarcherState:
+    """A tensor's result as ``scale · (mean / div)``: ``mean`` flat float32 (numpy), ``div``
+    and ``scale`` float32 0-d tensors (the last step's normalisation and the mean length)."""
+
+    mean: Any
+    div: torch.Tensor
+    scale: torch.Tensor
+
+
+def karcher_prepare(inputs: PrepareInputs[KarcherShared, KarcherModel]) -> list[Any]:
+    """The tensor's :class:`KarcherState`: the gradient descent by compiled passes over the
+    held inputs (:mod:`mergekit_math.kernels.karcher`), deciding each branch on the same
+    scalars as :func:`karcher_mean`; tensors of up to 32768 elements (torch's float32
+    reductions) and inputs too short to use go through :func:`karcher_mean` itself."""
+    import torch
+
+    n = len(inputs.params)
+    if n == 1:
+        return [None]
+    one = torch.tensor(1.0)
+    shared = inputs.shared
+    norms = None
+    if statistics.compiled_sums(inputs):
+        norms = [statistics.norm(inputs, j) for j in range(n)]
+    if norms is None or not any(r.item() > shared.tol for r in norms):
+        tensors = [statistics.whole(inputs, j) for j in range(n)]
+        mean = karcher_mean(tensors, [1.0 / n] * n, shared.max_iter, shared.tol)
+        return [KarcherState(mean.numpy(), one, one)]
+    alphas = [1.0 / n] * n
+    mean, div = _descend(inputs, norms, alphas)
+    scale = sum(alpha * norm for alpha, norm in zip(alphas, norms))
+    return [KarcherState(mean, div, scale)]
+
+
+@dataclass
+class _Descent:
+    """The compiled descent's arrays: the usable inputs per range, their float32 norms and
+    weights, the iterate and the tangent (flat float32)."""
+
+    jobs: list[tuple[tuple[int, int], tuple[Any, ...]]]
+    norms: Any
+    weights: Any
+    mean: Any
+    tangent: Any
+
+    def linear(self, job: Any, divisor: Any, first: bool) -> None:
+        (a, b), xs = job
+        _compiled().linear_into(xs, self.norms, self.weights, divisor, first, self.mean[a:b])
+
+    def dots(self, job: Any, div: Any) -> Any:
+        (a, b), xs = job
+        out = np.zeros(len(xs))
+        _compiled().dots(xs, self.norms, self.mean[a:b], div, out)
+        return out
+
+    def tangents(self, job: Any, cos: Any, f: Any, active: Any) -> float:
+        (a, b), xs = job
+        m, t = self.mean[a:b], self.tangent[a:b]
+        return _compiled().tangent(xs, self.norms, m, cos, f, active, t)
+
+    def step(self, job: Any, c: Any, s: Any, by: Any) -> float:
+        (a, b), _ = job
+        return _compiled().step(self.mean[a:b], self.tangent[a:b], c, s, by)
+
+
+def _compiled() -> Any:
+    """The compiled passes (numba loads only when a merge runs them)."""
+    from mergekit_math.kernels import karcher as compiled
+
+    return compiled
+
+
+def _length(sums: Any) -> torch.Tensor:
+    """A float64 sum of squares' square root, rounded to float32 as ``reduce_norm``'s."""
+    import torch
+
+    return torch.tensor(math.sqrt(math.fsum(sums)), dtype=torch.float64).to(torch.float32)
+
+
+def _descend(
+    inputs: PrepareInputs[KarcherShared, KarcherModel],
+    norms: list[torch.Tensor],
+    alphas: list[float],
+) -> tuple[Any, torch.Tensor]:
+    """:func:`karcher_mean`'s iterate (flat float32, and the division still owed to it)."""
+    import torch
+
+    tol, held, run = inputs.shared.tol, inputs.held, inputs.map
+    assert held is not None
+    usable = [i for i, r in enumerate(norms) if r.item() > tol]
+    total = sum(alphas[i] for i in usable)
+    weights = [alphas[i] / total for i in usable]
+    d = _Descent(
+        jobs=list(zip(inputs.ranges, [tuple(h[1][i] for i in usable) for h in held])),
+        norms=np.array([norms[i].item() for i in usable], np.float32),
+        weights=np.array(weights, np.float32),
+        mean=np.empty(inputs.numel, np.float32),
+        tangent=np.empty(inputs.numel, np.float32),
+    )
+    start = _length(run(lambda job: _compiled().linear_squares(job[1], d.norms, d.weights), d.jobs))
+    first, divisor = bool(start.item() < tol), np.float32(start.item())
+    list(run(partial(d.linear, divisor=divisor, first=first), d.jobs))
+    div = torch.tensor(1.0)
+    for _ in range(inputs.shared.max_iter):
+        parts = list(run(partial(d.dots, div=np.float32(div.item())), d.jobs))
+        div = torch.tensor(1.0)  # applied to the iterate by that pass
+        cos = [statistics.rounded(math.fsum(p[j] for p in parts)) for j in range(len(usable))]
+        cos = [c.clamp(-1.0, 1.0) for c in cos]
+        thetas = [torch.arccos(c) for c in cos]
+        active = np.array([not t.item() < tol for t in thetas], np.uint8)
+        f = np.array([(w * (t / torch.sin(t))).item() for w, t in zip(weights, thetas)])
+        c32 = np.array([c.item() for c in cos], np.float32)
+        tangents = partial(d.tangents, cos=c32, f=f.astype(np.float32), active=active)
+        step = _length(run(tangents, d.jobs))
+        if step.item() < tol:
+            break
+        c, s, by = (np.float32(v.item()) for v in (torch.cos(step), torch.sin(step), step))
+        norm = _length(run(partial(d.step, c=c, s=s, by=by), d.jobs))
+        if norm.item() > tol:
+            div = norm
+    return d.mean, div
+
+
+def karcher_fused(inputs: FusedInputs[KarcherShared, KarcherModel]) -> bool:
+    """A chunk of the prepared result, rounded to the output dtype."""
+    import numpy as np
+
+    from mergekit_math.kernels.karcher import result
+
+    if inputs.states is None or inputs.states[0] is None:
+        return False
+    (state,) = inputs.states
+    size = inputs.out.shape[0]
+    mean = state.mean[inputs.offset : inputs.offset + size]
+    div, scale = np.float32(state.div.item()), np.float32(state.scale.item())
+    result(tuple(inputs.tensors), mean, div, scale, inputs.out, inputs.bad)
+    return True
 
 
 register(
@@ -186,6 +341,9 @@ register(
         kind="tensors",
         base="none",
         inputs=(1, None),
+        # the iterate and the tangent held as float32 while the passes run
+        chunking=Chunking(prepare=karcher_prepare, buffers=lambda s, p: 2, compiled=True),
+        fused=karcher_fused,
         description="Mean direction on the unit sphere (Riemannian), rescaled to the mean norm.",
         # N equal inputs come back within a few ulps, not bit for bit (1/N weights round).
         keeps_base=False,
