@@ -19,6 +19,10 @@ instead of a sort (:func:`~mergekit_math.methods.selection.kth_largest`). Up to 
 entries the output is mergekit's, bit for bit, when rows have at most 32768 entries; longer
 rows are summed in float64 (see :func:`row_kl`), so their KL may differ from mergekit's in the
 last bit.
+
+Where the fused kernels run, a tensor merges in chunks of whole rows: :func:`fusion_prepare`
+computes the row KLs and τ from the inputs the engine holds, with the same torch steps per
+row (bit-identical to the whole path), and :func:`fusion_fused` merges each chunk.
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ the steps are the same ones. Dot products over more than 4096 elements are summe
 ``reduce_sum`` instead of torch.dot (MKL's splits across threads), and norms with
 ``reduce_norm``, so that the result does not depend on the thread count; tensors of up to 4096
 elements get mergekit's reductions, and its bits.
+
+Where the fused kernels run, :func:`karcher_prepare` runs the same descent as compiled passes
+over the inputs the engine holds (bit-identical to :func:`karcher_mean`) and the chunks are
+its result.
 """
 
 from __future__ import annotations

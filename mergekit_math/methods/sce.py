@@ -15,6 +15,10 @@ With task vectors ``δ_i = model_i - base`` (i = 1..n) of one tensor:
 As mergekit 0.1.5 ``sce``, with one deliberate difference: positions whose variance ties with
 the k-th largest are kept in index order (mergekit's ``topk`` picks among ties in an
 unspecified order), so the result depends neither on the device nor on the thread count.
+
+Where the fused kernels run, a tensor merges in chunks: :func:`sce_prepare` computes its mask
+and coefficients from the inputs the engine holds (compiled passes, bit-identical to the
+whole path) and :func:`sce_fused` merges each chunk.
 """
 
 from __future__ import annotations
