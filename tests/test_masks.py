@@ -206,6 +206,25 @@ def test_della_ties_use_the_fraction():
         stream.keep_with(5, probs)
 
 
+@pytest.mark.parametrize("start", [0, 3 * BLOCK])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_keep_with_gives_the_same_decisions(start, dtype):
+    """DELLA's compiled byte comparison (kernels.ranks.keep_bytes) against the reference
+    decisions: probabilities on the byte grid (every entry whose byte equals it is tied),
+    between grid points, at 0, and above 1, over blocks and a partial last block."""
+    g = torch.Generator().manual_seed(start)
+    n = 2 * BLOCK + 777
+    probs = torch.rand(n, generator=g, dtype=torch.float64).to(dtype)
+    probs[:600] = torch.tensor([(k % 257) / 256 for k in range(600)], dtype=dtype)
+    probs[600:700] = 0.0
+    probs[700:800] = 1.5
+    probs[BLOCK : BLOCK + 5000] = 0.5  # one in 256 tied, all in one block: ranks in it
+    stream = MaskStream(key_of(3, 1, "w"))
+    got = stream.keep_with(start, probs, compiled=True)
+    assert torch.equal(got, stream.keep_with(start, probs))
+    assert got.tolist() == keeps(stream.key, start, probs.double().tolist())
+
+
 @pytest.mark.parametrize("density", [0.3, 77.5 / 256])
 def test_keep_rate_and_independence(density):
     """The kept fraction is the density (4 sigma), and one element's decision does not

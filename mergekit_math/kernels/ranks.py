@@ -68,3 +68,27 @@ def della_probs(src, row, low, step, probs):  # noqa: ANN001, ANN201
     counts = np.empty((4, 256), np.int32)
     for start in range(0, n, row):
         _row_probs(src, start, row, keys, spare_keys, order, spare, counts, low, span, step, probs)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def keep_bytes(primary, probs, kept, tied):  # noqa: ANN001, ANN201
+    """The mask stream's byte comparison (``MaskStream.keep_with``) in one pass: per entry,
+    ``below = floor(p·256)`` (exact) and ``kept = byte < below``; the positions where
+    ``byte == below`` (decided by a spare word) are written to ``tied`` while it has room.
+    ``primary`` holds the blocks' bytes as rows of 65536. Returns the number of ties."""
+    n = kept.shape[0]
+    width = primary.shape[1]
+    count = 0
+    for q in range(primary.shape[0]):
+        start = q * width
+        row = primary[q]
+        for c in range(min(width, n - start)):
+            i = start + c
+            below = np.int32(np.floor(probs[i] * 256.0))
+            byte = np.int32(row[c])
+            kept[i] = byte < below
+            if byte == below:  # about one entry in 256: a predictable branch
+                if count < tied.shape[0]:
+                    tied[count] = i
+                count += 1
+    return count

@@ -82,7 +82,7 @@ def della_keep(
         source = (base, models[i])
         probs = np.empty(end - start, np.float32)
         della_probs(source, row, low, step, probs)
-        mask = stream.keep_with(start, torch.from_numpy(probs)).numpy()
+        mask = stream.keep_with(start, torch.from_numpy(probs), compiled=True).numpy()
         return mask, (sum_abs_kept(source, mask.view(np.uint8)) if l1 and long else None)
 
     done = list(inputs.map(one, zip(inputs.ranges, inputs.held)))

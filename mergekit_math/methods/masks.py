@@ -231,10 +231,12 @@ class MaskStream:
             kept[rows, cols] = self._spare_numpy(spare, q0, rows, ranks) < tl
         return kept
 
-    def keep_with(self, start: int, probs: torch.Tensor) -> torch.Tensor:
+    def keep_with(self, start: int, probs: torch.Tensor, compiled: bool = False) -> torch.Tensor:
         """Keep decisions ``u_e < probs[e - start]`` for a flat float tensor of probabilities
         (DELLA), exact (compared in float64). ``start`` must begin a block: which spare word
-        an entry takes depends on the entries before it in its block."""
+        an entry takes depends on the entries before it in its block. ``compiled`` (CPU):
+        the byte comparison as one compiled pass (``kernels.ranks.keep_bytes``), the same
+        decisions."""
         import numpy as np
         import torch
 
@@ -245,6 +247,8 @@ class MaskStream:
             return torch.zeros(0, dtype=torch.bool, device=probs.device)
         q0, q1 = start >> BLOCK_BITS, ((start + n - 1) >> BLOCK_BITS) + 1
         flat = probs.reshape(-1)
+        if compiled and _numpy_backend(probs.device):
+            return self._keep_compiled(q0, q1, flat)
         below = (flat * 256.0).floor_().to(torch.int16)  # exact in any float dtype: 0 .. 256
         if _numpy_backend(probs.device):
             primary, spare = self._numpy_blocks(q0, q1)
@@ -264,6 +268,32 @@ class MaskStream:
         fraction = flat[tied].to(torch.float64) * 256.0 - below[tied]  # exact in float64
         kept[tied] = y.to(torch.float64) * 2.0**-32 < fraction
         return kept
+
+    def _keep_compiled(self, q0: int, q1: int, flat: torch.Tensor) -> torch.Tensor:
+        """:meth:`keep_with`'s decisions with the byte comparison compiled."""
+        import numpy as np
+        import torch
+
+        from mergekit_math.kernels.ranks import keep_bytes
+
+        n = flat.numel()
+        primary, spare = self._numpy_blocks(q0, q1)
+        values = flat.numpy()
+        kept = np.empty(n, np.bool_)
+        tied = np.empty(n // 128 + 1024, np.int64)  # ties are about 1 in 256
+        count = keep_bytes(primary, values, kept, tied)
+        if count > tied.shape[0]:
+            tied = np.empty(count, np.int64)
+            keep_bytes(primary, values, kept, tied)
+        tied = tied[:count]
+        rows = tied >> BLOCK_BITS
+        y = torch.from_numpy(self._spare_numpy(spare, q0, rows, _ranks_numpy(rows, q1 - q0)))
+        at = torch.from_numpy(tied)
+        tied_probs = flat[at].to(torch.float64)
+        fraction = tied_probs * 256.0 - torch.floor(tied_probs * 256.0)  # exact in float64
+        result = torch.from_numpy(kept)
+        result[at] = y.to(torch.float64) * 2.0**-32 < fraction
+        return result
 
 
 def _ranks_numpy(rows: np.ndarray, blocks: int) -> np.ndarray:
