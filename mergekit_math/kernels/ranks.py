@@ -7,6 +7,9 @@ The ranks come from a least-significant-digit radix sort of the magnitudes' bits
 non-negative float's bits order like the float, NaN above inf), four 8-bit digits, each a
 stable counting pass over the row; the four histograms are counted in one pass first, and a
 digit every entry of the row shares (the top byte of most rows, often the lowest) is skipped.
+
+:func:`keep_bytes` is the mask stream's byte comparison with those probabilities in one pass
+(``MaskStream.keep_with(compiled=True)``).
 """
 
 from __future__ import annotations
