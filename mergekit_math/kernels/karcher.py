@@ -4,8 +4,9 @@ as float32 arrays, each element computed in the torch path's float32 steps and o
 
 With ``x_j`` the usable inputs, ``r_j`` their float32 norms, ``u_j = x_j / r_j``:
 
-- :func:`linear_squares` / :func:`linear_into`: the start ``Σ_j w_j·u_j`` (from +0), its
-  Σ² and, divided by its length, ``M``;
+- :func:`linear_into`: the start ``Σ_j u_j·w_j`` (from +0; its Σ² is
+  :func:`mergekit_math.kernels.spherical.mean_squares`, the same sum) divided by its length,
+  ``M``;
 - :func:`dots`: ``M ← M / div`` (the previous step's normalisation; ``div`` 1 leaves it) and
   ``Σ M·u_j`` per input;
 - :func:`tangent`: ``T = 0 + Σ_active f_j·(u_j − c_j·M)`` and ``Σ T²``;
@@ -24,32 +25,11 @@ from numba import njit
 
 from mergekit_math.kernels.elementwise import _count_bad
 from mergekit_math.kernels.scalar import load, store
+from mergekit_math.kernels.spherical import _mean_at
 from mergekit_math.kernels.stats import _add
 
 _ZERO = np.float32(0.0)
 _BLOCK = 4096
-
-
-@njit(inline="always")
-def _linear_at(xs, i, norms, ws):  # noqa: ANN001, ANN202
-    m = _ZERO  # torch.zeros_like, then += w·u per input
-    for j in range(len(xs)):
-        m = m + ws[j] * (load(xs[j], i) / norms[j])
-    return m
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
-def linear_squares(xs, norms, ws):  # noqa: ANN001, ANN201
-    """Σ (Σ_j w_j·u_j)² over a range, in float64."""
-    n = xs[0].shape[0]
-    total = carry = 0.0
-    for start in range(0, n, _BLOCK):
-        acc = 0.0
-        for i in range(start, min(start + _BLOCK, n)):
-            m = np.float64(_linear_at(xs, i, norms, ws))
-            acc += m * m
-        total, carry = _add(total, carry, acc)
-    return total + carry
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -60,7 +40,7 @@ def linear_into(xs, norms, ws, length, first, out):  # noqa: ANN001, ANN201
         if first:
             out[i] = load(xs[0], i) / norms[0]
         else:
-            out[i] = _linear_at(xs, i, norms, ws) / length
+            out[i] = _mean_at(xs, i, norms, ws) / length
 
 
 @njit(nogil=True, cache=True, error_model="numpy")

@@ -17,6 +17,8 @@ often that a fifth of a tensor may sit in the answer's bin, and a branch on it m
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 from numba import njit, types
 from numba.extending import overload
@@ -202,12 +204,11 @@ def kth_largest_bits(
             histogram_low2(src, pair[0], pair[1], hist)
         return hist
 
-    # one pass per two bins (three quartiles may fall in three)
-    lows = [np.zeros((0, LOW), np.int32)] * len(parts)
-    for g in range(0, bins.shape[0], 2):
-        pair = bins[g : g + 2]
-        more = map(lambda src: count_low(src, pair), [src for _, src in parts])  # noqa: B023
-        lows = [np.concatenate([a, b]) for a, b in zip(lows, more)]
+    # one pass per two bins (three quartiles may fall in three); joined only then
+    sources = [src for _, src in parts]
+    pairs = [bins[g : g + 2] for g in range(0, bins.shape[0], 2)]
+    passes = [list(map(partial(count_low, pair=pair), sources)) for pair in pairs]
+    lows = passes[0] if len(passes) == 1 else [np.concatenate(h) for h in zip(*passes)]
     total = np.sum(lows, axis=0, dtype=np.int64)
     found = []
     for k, (bin_, above) in zip(ks, picks):

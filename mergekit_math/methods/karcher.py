@@ -263,13 +263,6 @@ def _compiled() -> Any:
     return compiled
 
 
-def _length(sums: Any) -> torch.Tensor:
-    """A float64 sum of squares' square root, rounded to float32 as ``reduce_norm``'s."""
-    import torch
-
-    return torch.tensor(math.sqrt(math.fsum(sums)), dtype=torch.float64).to(torch.float32)
-
-
 def _descend(
     inputs: PrepareInputs[KarcherShared, KarcherModel],
     norms: list[torch.Tensor],
@@ -290,7 +283,9 @@ def _descend(
         mean=np.empty(inputs.numel, np.float32),
         tangent=np.empty(inputs.numel, np.float32),
     )
-    start = _length(run(lambda job: _compiled().linear_squares(job[1], d.norms, d.weights), d.jobs))
+    from mergekit_math.kernels.spherical import mean_squares  # Σ (Σ_j u_j·w_j)², as here
+
+    start = statistics.root(run(lambda job: mean_squares(job[1], d.norms, d.weights), d.jobs))
     first, divisor = bool(start.item() < tol), np.float32(start.item())
     list(run(partial(d.linear, divisor=divisor, first=first), d.jobs))
     div = torch.tensor(1.0)
@@ -304,11 +299,11 @@ def _descend(
         f = np.array([(w * (t / torch.sin(t))).item() for w, t in zip(weights, thetas)])
         c32 = np.array([c.item() for c in cos], np.float32)
         tangents = partial(d.tangents, cos=c32, f=f.astype(np.float32), active=active)
-        step = _length(run(tangents, d.jobs))
+        step = statistics.root(run(tangents, d.jobs))
         if step.item() < tol:
             break
         c, s, by = (np.float32(v.item()) for v in (torch.cos(step), torch.sin(step), step))
-        norm = _length(run(partial(d.step, c=c, s=s, by=by), d.jobs))
+        norm = statistics.root(run(partial(d.step, c=c, s=s, by=by), d.jobs))
         if norm.item() > tol:
             div = norm
     return d.mean, div

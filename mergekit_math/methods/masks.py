@@ -237,7 +237,6 @@ class MaskStream:
         an entry takes depends on the entries before it in its block. ``compiled`` (CPU):
         the byte comparison as one compiled pass (``kernels.ranks.keep_bytes``), the same
         decisions."""
-        import numpy as np
         import torch
 
         if start % BLOCK:
@@ -247,30 +246,54 @@ class MaskStream:
             return torch.zeros(0, dtype=torch.bool, device=probs.device)
         q0, q1 = start >> BLOCK_BITS, ((start + n - 1) >> BLOCK_BITS) + 1
         flat = probs.reshape(-1)
-        if compiled and _numpy_backend(probs.device):
-            return self._keep_compiled(q0, q1, flat)
-        below = (flat * 256.0).floor_().to(torch.int16)  # exact in any float dtype: 0 .. 256
-        if _numpy_backend(probs.device):
-            primary, spare = self._numpy_blocks(q0, q1)
-            primary = np.ascontiguousarray(primary).reshape(-1)[:n]
-            kept = np.less(primary, below.numpy())
-            tied = torch.from_numpy(np.flatnonzero(primary == below.numpy()))
-            rows = tied >> BLOCK_BITS
-            y = self._spare_numpy(spare, q0, rows.numpy(), _ranks_numpy(rows.numpy(), q1 - q0))
-            kept, y = torch.from_numpy(kept), torch.from_numpy(y)
+        if not _numpy_backend(probs.device):
+            kept, tied, y = self._bytes_torch(q0, q1, flat)
+        elif compiled:
+            kept, tied, y = self._bytes_compiled(q0, q1, flat)
         else:
-            primary, spare = self._torch_blocks(q0, q1, probs.device)
-            primary = primary.reshape(-1)[:n].to(torch.int16)
-            kept = primary < below
-            tied = (primary == below).nonzero()[:, 0]
-            rows = tied >> BLOCK_BITS
-            y = self._spare_torch(spare, q0, rows, _ranks_torch(rows, q1 - q0))
-        fraction = flat[tied].to(torch.float64) * 256.0 - below[tied]  # exact in float64
+            kept, tied, y = self._bytes_numpy(q0, q1, flat)
+        scaled = flat[tied].to(torch.float64) * 256.0
+        fraction = scaled - torch.floor(scaled)  # exact in float64
         kept[tied] = y.to(torch.float64) * 2.0**-32 < fraction
         return kept
 
-    def _keep_compiled(self, q0: int, q1: int, flat: torch.Tensor) -> torch.Tensor:
-        """:meth:`keep_with`'s decisions with the byte comparison compiled."""
+    def _bytes_numpy(
+        self, q0: int, q1: int, flat: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`keep_with`'s byte comparison in numpy: the decisions of the untied
+        entries, the tied positions and their spare words."""
+        import numpy as np
+        import torch
+
+        below = (flat * 256.0).floor_().to(torch.int16).numpy()  # exact in any dtype: 0 .. 256
+        primary, spare = self._numpy_blocks(q0, q1)
+        primary = np.ascontiguousarray(primary).reshape(-1)[: flat.numel()]
+        kept = np.less(primary, below)
+        tied = np.flatnonzero(primary == below)
+        rows = tied >> BLOCK_BITS
+        y = self._spare_numpy(spare, q0, rows, _ranks_numpy(rows, q1 - q0))
+        return torch.from_numpy(kept), torch.from_numpy(tied), torch.from_numpy(y)
+
+    def _bytes_torch(
+        self, q0: int, q1: int, flat: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`keep_with`'s byte comparison in torch (on the probabilities' device)."""
+        import torch
+
+        below = (flat * 256.0).floor_().to(torch.int16)
+        primary, spare = self._torch_blocks(q0, q1, flat.device)
+        primary = primary.reshape(-1)[: flat.numel()].to(torch.int16)
+        kept = primary < below
+        tied = (primary == below).nonzero()[:, 0]
+        rows = tied >> BLOCK_BITS
+        y = self._spare_torch(spare, q0, rows, _ranks_torch(rows, q1 - q0))
+        return kept, tied, y
+
+    def _bytes_compiled(
+        self, q0: int, q1: int, flat: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`keep_with`'s byte comparison as one compiled pass: the decisions of the
+        untied entries, the tied positions and their spare words."""
         import numpy as np
         import torch
 
@@ -287,13 +310,8 @@ class MaskStream:
             keep_bytes(primary, values, kept, tied)
         tied = tied[:count]
         rows = tied >> BLOCK_BITS
-        y = torch.from_numpy(self._spare_numpy(spare, q0, rows, _ranks_numpy(rows, q1 - q0)))
-        at = torch.from_numpy(tied)
-        tied_probs = flat[at].to(torch.float64)
-        fraction = tied_probs * 256.0 - torch.floor(tied_probs * 256.0)  # exact in float64
-        result = torch.from_numpy(kept)
-        result[at] = y.to(torch.float64) * 2.0**-32 < fraction
-        return result
+        y = self._spare_numpy(spare, q0, rows, _ranks_numpy(rows, q1 - q0))
+        return torch.from_numpy(kept), torch.from_numpy(tied), torch.from_numpy(y)
 
 
 def _ranks_numpy(rows: np.ndarray, blocks: int) -> np.ndarray:

@@ -222,11 +222,8 @@ def _compiled_terms(
         base, models = h
         return tuple((base, m) for m in models) if delta else tuple(models)
 
-    def norm_of(sums: Any) -> torch.Tensor:
-        return torch.tensor(math.sqrt(math.fsum(sums)), dtype=torch.float64).to(torch.float32)
-
     squares = inputs.map(lambda h: spherical.mean_squares(sources(h), den, ws), inputs.held)
-    mean_length = norm_of(squares)
+    mean_length = statistics.root(squares)
     if _vanishes(mean_length, lengths, eps):
         return None
     length = np.float32(mean_length.item())
@@ -243,7 +240,7 @@ def _compiled_terms(
     squares = inputs.map(
         lambda h: spherical.tangent_squares(sources(h), den, ws, length, a), inputs.held
     )
-    return Sphere(lengths, mean_length, along, norm_of(squares) + eps)
+    return Sphere(lengths, mean_length, along, statistics.root(squares) + eps)
 
 
 def multislerp_fused(inputs: FusedInputs[MultislerpShared, MultislerpModel]) -> bool:

@@ -62,14 +62,19 @@ def rounded(total: float) -> torch.Tensor:
     return torch.tensor(total, dtype=torch.float64).to(torch.float32)
 
 
-def norm(inputs: PrepareInputs[Any, Any], j: int | None, delta: bool = False) -> torch.Tensor:
-    """``reduce_norm`` of input ``j`` (of ``j - base`` with ``delta``) over the tensor."""
+def root(sums: Any) -> torch.Tensor:
+    """The square root of ranges' float64 sums of squares, rounded to a float32 0-d tensor
+    as ``reduce_norm`` rounds it."""
     import torch
 
+    return torch.tensor(math.sqrt(math.fsum(sums)), dtype=torch.float64).to(torch.float32)
+
+
+def norm(inputs: PrepareInputs[Any, Any], j: int | None, delta: bool = False) -> torch.Tensor:
+    """``reduce_norm`` of input ``j`` (of ``j - base`` with ``delta``) over the tensor."""
     from mergekit_math.kernels.stats import sum_squares
 
-    sums = inputs.map(lambda h: sum_squares(_source(h, j, delta)), _held(inputs))
-    return torch.tensor(math.sqrt(math.fsum(sums)), dtype=torch.float64).to(torch.float32)
+    return root(inputs.map(lambda h: sum_squares(_source(h, j, delta)), _held(inputs)))
 
 
 def dot(
