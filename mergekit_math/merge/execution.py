@@ -279,16 +279,28 @@ def _units(plan: Plan, device: str, chunk: int, pin: bool) -> Iterator[Unit]:
     )
 
 
+def _one_intra_op_thread() -> None:
+    """Make the calling thread's torch ops run on it alone (no OpenMP team): the merge's
+    reader, writer and chunk workers, whose parallelism is their number.
+
+    torch sets a thread's OpenMP thread count at the thread's first parallel op, from the
+    process-wide count of the last ``torch.set_num_threads`` (any thread's): set before that
+    first op, a 1 was overwritten by the main thread's 2. Then the writer's staging copies
+    forked a team whose idle member spun, busy-waiting for the next region, on one of this
+    machine's two cores: a quarter of a TIES merge's CPU time. So the count is read first
+    (which applies it), then set.
+    """
+    import torch
+
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
 def _compute_pool(workers: int) -> ThreadPoolExecutor:
     """The worker threads for chunks, with one intra-op thread each so that ``workers``
     chunks in parallel do not oversubscribe the cores."""
-    import torch
-
     return ThreadPoolExecutor(
-        workers,
-        thread_name_prefix="mmath-compute",
-        initializer=torch.set_num_threads,
-        initargs=(1,),
+        workers, thread_name_prefix="mmath-compute", initializer=_one_intra_op_thread
     )
 
 
@@ -377,9 +389,13 @@ def stream_plan(
         chunk = chunk_elements
     pin = device.startswith("cuda")
     bar = byte_progress(plan.write_bytes, f"merge {plan.method.name}", progress)
-    prefetch = Prefetcher(_units(plan, device, chunk, pin), io_budget)
-    writes = WriterThread(lambda part, name, last: sink.write_part(name, part, last), io_budget)
     workers = threads or torch.get_num_threads()
+    prefetch = Prefetcher(_units(plan, device, chunk, pin), io_budget, _one_intra_op_thread)
+    writes = WriterThread(
+        lambda part, name, last: sink.write_part(name, part, last),
+        io_budget,
+        init=_one_intra_op_thread,
+    )
     pool = _compute_pool(workers)
     run = _Run(prefetch, chunk, pool, workers, strict_finite=strict_finite, warn=warn or _warn)
     try:
