@@ -3,12 +3,12 @@ computed once, from the inputs the engine holds, by compiled passes over ranges 
 rows that start on mask blocks; the chunks then apply them.
 
 The decisions are :func:`~mergekit_math.methods.sparsify.della_drop`'s: an entry's keep
-probability comes from its rank in its row (:mod:`mergekit_math.kernels.ranks`), its draw
-from the tensor's mask stream at its flat index (``MaskStream.keep_with`` on a range that
-starts a block gives the whole tensor's decisions there). The L1 norms before and after the
-drop are float64 sums rounded to float32 as ``reduce_sum`` computes them (compiled for
-tensors over 32768 elements, torch's float32 sums below, see
-:mod:`mergekit_math.methods.statistics`).
+probability comes from its rank in its row, its draw from the tensor's mask stream at its
+flat index (``MaskStream.keep_with`` on a range that starts a block gives the whole
+tensor's decisions there); :func:`~mergekit_math.kernels.ranks.della_decisions` makes them
+and the range's L1 sums in one compiled call. The L1 norms before and after the drop are
+float64 sums rounded to float32 as ``reduce_sum`` computes them (compiled for tensors over
+32768 elements, torch's float32 sums below, see :mod:`mergekit_math.methods.statistics`).
 """
 
 from __future__ import annotations
@@ -53,6 +53,28 @@ class DellaKeep:
         return kept if self.factor is None else kept * self.factor
 
 
+def _decisions(
+    source: Any, start: int, count: int, row: int, low: Any, step: Any, stream: MaskStream
+) -> tuple[Any, tuple[float, float]]:
+    """The keep decisions (bool array) of a range of whole rows starting a mask block, and
+    its (Σ|x|, Σ|x·keep|) in float64."""
+    import numpy as np
+    import torch
+
+    from mergekit_math.kernels.ranks import della_decisions, della_probs
+    from mergekit_math.kernels.stats import sum_abs_kept
+
+    kept, sums = np.empty(count, np.bool_), np.zeros(2)
+    primary, spare = stream.words(start, count)
+    if della_decisions(source, row, low, step, primary, spare, kept, sums):
+        return kept, (float(sums[0]), float(sums[1]))
+    # a block's ties outgrew its spare words (odds below 1e-40): the stream's own overflow
+    probs = np.empty(count, np.float32)
+    della_probs(source, row, low, step, probs)
+    kept = stream.keep_with(start, torch.from_numpy(probs), compiled=True).numpy()
+    return kept, sum_abs_kept(source, kept.view(np.uint8))
+
+
 def della_keep(
     inputs: PrepareInputs[Any, Any],
     i: int,
@@ -67,8 +89,6 @@ def della_keep(
     import numpy as np
     import torch
 
-    from mergekit_math.kernels.ranks import della_probs
-    from mergekit_math.kernels.stats import sum_abs_kept
     from mergekit_math.methods import statistics
 
     if density - epsilon <= 0 or density + epsilon >= 1:
@@ -79,11 +99,8 @@ def della_keep(
 
     def one(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> tuple[Any, Any]:
         (start, end), (base, models) = job
-        source = (base, models[i])
-        probs = np.empty(end - start, np.float32)
-        della_probs(source, row, low, step, probs)
-        mask = stream.keep_with(start, torch.from_numpy(probs), compiled=True).numpy()
-        return mask, (sum_abs_kept(source, mask.view(np.uint8)) if l1 and long else None)
+        mask, sums = _decisions((base, models[i]), start, end - start, row, low, step, stream)
+        return mask, (sums if l1 and long else None)
 
     done = list(inputs.map(one, zip(inputs.ranges, inputs.held)))
     masks = {start: mask for (start, _), (mask, _) in zip(inputs.ranges, done)}

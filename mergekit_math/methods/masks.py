@@ -166,6 +166,14 @@ class MaskStream:
         spare = raw[:, _PRIMARY_WORDS:].view(np.uint32).astype(np.int64)
         return raw[:, :_PRIMARY_WORDS].view(np.uint8), spare
 
+    def words(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The bytes ``(n, 65536)`` (uint8) and spare words ``(n, 512)`` (int64) of the
+        blocks holding elements ``start .. start+count-1`` (``start`` begins a block), from
+        numpy's Philox: what a compiled keep pass reads (``kernels.ranks.della_decisions``)."""
+        if start % BLOCK or count <= 0:
+            raise ValueError(f"start {start} is not a multiple of {BLOCK}, or count {count} < 1")
+        return self._numpy_blocks(start >> BLOCK_BITS, ((start + count - 1) >> BLOCK_BITS) + 1)
+
     def _torch_blocks(self, q0: int, q1: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 

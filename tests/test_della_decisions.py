@@ -1,0 +1,144 @@
+"""DELLA's compiled keep pass (``kernels.ranks.della_decisions``: ranks by bins of the
+magnitudes' top bits or a radix sort, the mask stream's decisions and the L1 sums in one
+call) against a reference written with torch: stable ranks of each row's magnitudes
+(``sparsify.row_ranks``), the probabilities in float32 steps, ``MaskStream.keep_with``'s
+numpy decisions, float64 sums."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from mask_reference import BLOCK, key_of
+
+from mergekit_math.kernels import ranks as kernel
+from mergekit_math.methods import magprune
+from mergekit_math.methods.masks import MaskStream
+from mergekit_math.methods.sparsify import row_ranks
+
+LOW, STEP = np.float32(0.35), np.float32(0.3)
+
+
+def _bf16(x: torch.Tensor) -> np.ndarray:
+    return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def _pair(rows: int, row: int, rel: float, seed: int, same: float = 0.0) -> tuple:
+    """A bfloat16 (base, fine-tune) pair of ``rows × row``: deltas ``rel`` of the weights,
+    a fraction ``same`` of the entries left equal (zero deltas)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows * row, generator=g) * 0.02
+    ft = base + torch.randn(rows * row, generator=g) * 0.02 * rel
+    ft = torch.where(torch.rand(rows * row, generator=g) < same, base, ft)
+    return _bf16(base), _bf16(ft)
+
+
+def _values(src) -> torch.Tensor:
+    if isinstance(src, tuple):
+        b, m = (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).float() for a in src)
+        return m - b
+    return torch.from_numpy(src)
+
+
+def _reference(src, row: int, stream: MaskStream, start: int) -> tuple:
+    x = _values(src)
+    ranks = row_ranks(x.abs().reshape(-1, row)).reshape(-1).to(torch.float32)
+    probs = LOW + (ranks / np.float32(max(row - 1, 1))) * STEP
+    kept = stream.keep_with(start, probs)
+    before = x.abs().double().sum().item()
+    after = (x * kept).abs().double().sum().item()
+    return kept.numpy(), before, after
+
+
+def _run(src, row: int, stream: MaskStream, start: int, spare_words: int | None = None):
+    n = _values(src).numel()
+    primary, spare = stream.words(start, n)
+    if spare_words is not None:
+        spare = spare[:, :spare_words]
+    kept, sums = np.empty(n, np.bool_), np.zeros(2)
+    done = kernel.della_decisions(src, row, LOW, STEP, primary, spare, kept, sums)
+    return done, kept, sums
+
+
+def _check(src, row: int, start: int = 0) -> None:
+    """The ranks (binned or radix-sorted), decisions and sums against the reference."""
+    x = _values(src)
+    ranks = np.empty(x.numel(), np.int32)
+    kernel.della_ranks(src, row, ranks)
+    assert np.array_equal(ranks, row_ranks(x.abs().reshape(-1, row)).reshape(-1).numpy())
+    stream = MaskStream(key_of(5, 1, "t"))
+    done, kept, sums = _run(src, row, stream, start)
+    assert done
+    expect, before, after = _reference(src, row, stream, start)
+    assert np.array_equal(kept, expect)
+    assert sums[0] == pytest.approx(before, rel=1e-12, nan_ok=True)
+    assert sums[1] == pytest.approx(after, rel=1e-12, nan_ok=True)
+    assert np.float32(sums[1]) == np.float32(after) or np.isnan(after)
+
+
+@pytest.mark.parametrize("start", [0, 3 * BLOCK])
+@pytest.mark.parametrize("rows,row,rel,same", [(40, 5632, 0.1, 0.0), (96, 2048, 0.01, 0.3)])
+def test_bfloat16_deltas_across_blocks(start, rows, row, rel, same):
+    """Rows that straddle mask blocks, from a later block too; deltas with and without
+    lower bits and many exact zeros (the binned ranks)."""
+    _check(_pair(rows, row, rel, seed=rows, same=same), row, start)
+
+
+def test_float32_values_take_the_radix_sort():
+    """Stored float32 values: nearly every magnitude has lower bits, so rows fall back to
+    the radix sort (after a few rows, without trying the bins)."""
+    x = torch.randn(30 * 1000, generator=torch.Generator().manual_seed(1)).numpy()
+    _check(x, 1000)
+
+
+def test_rows_the_bins_give_up_on():
+    """A row whose magnitudes span more binary exponents than the bins hold, one with a
+    subnormal (top bits zero), one with inf and NaN, one all zeros, between binned rows."""
+    x = torch.randn(6, 4096, generator=torch.Generator().manual_seed(2)) * 0.01
+    x = x.to(torch.bfloat16).float()
+    x[1, 7] = 1e-30
+    x[2, 9] = 1e-45
+    x[3, 3], x[3, 4], x[3, 5] = float("inf"), float("nan"), -float("inf")
+    x[2, 100:110] = 0.0
+    x[4] = 0.0
+    _check(x.reshape(-1).numpy(), 4096)
+
+
+def test_a_bin_with_many_entries_with_lower_bits():
+    """40 magnitudes sharing their top 16 bits (and some equal) with distinct lower bits, in
+    a row of bfloat16 values: a group long enough for the merge sort after a short one."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(3, 2048, generator=g) * 0.01).to(torch.bfloat16).float()
+    low_bits = torch.randint(1, 1 << 16, (40,), generator=g, dtype=torch.int32)
+    low_bits[5:9] = low_bits[0]
+    x[1, 100:140] = ((torch.tensor(0.5).view(torch.int32) | low_bits).view(torch.float32)) * -1
+    x[1, 20:25] = (torch.tensor(0.25).view(torch.int32) | low_bits[:5]).view(torch.float32)
+    x[2, 10:15] = x[1, 20:25]
+    _check(x.reshape(-1).numpy(), 2048)
+
+
+@pytest.mark.parametrize("row", [1, 777])
+def test_short_and_odd_rows(row):
+    _check(_pair(300, row, 0.1, seed=row), row)
+
+
+def test_ties_beyond_the_spare_words_are_refused():
+    """A block whose ties outgrow the spare words given: False, not a wrong decision."""
+    src = _pair(20, 5632, 0.1, seed=4)
+    stream = MaskStream(key_of(5, 1, "t"))
+    assert not _run(src, 5632, stream, 0, spare_words=3)[0]
+    assert _run(src, 5632, stream, 0)[0]
+
+
+def test_magprune_falls_back_when_ties_overflow(monkeypatch):
+    """``magprune._decisions`` takes the stream's general path (probabilities, then
+    ``keep_with``) when the compiled pass refuses, with the same decisions and sums."""
+    src = _pair(24, 2048, 0.1, seed=5)
+    stream = MaskStream(key_of(2, 0, "w"))
+    n = 24 * 2048
+    kept, sums = magprune._decisions(src, 0, n, 2048, LOW, STEP, stream)
+    monkeypatch.setattr(kernel, "della_decisions", lambda *args: False)
+    again, sums_again = magprune._decisions(src, 0, n, 2048, LOW, STEP, stream)
+    assert np.array_equal(kept, again)
+    assert sums == pytest.approx(sums_again, rel=1e-12)
+    assert np.float32(sums[1]) == np.float32(sums_again[1])
