@@ -5,8 +5,8 @@ probability ``(density - ε) + (rank / span)·2ε`` with torch's float32 steps, 
 stream's decision for it (``MaskStream.keep_with``: ``byte < floor(p·256)``, a spare word
 against the fraction when they are equal).
 
-:func:`della_decisions` does it in three passes over each row (magnitude bits; counts;
-ranks, then decisions and sums on the row while it is in cache). The ranks come from the
+:func:`della_decisions` does it in four passes over each row while it is in cache
+(magnitude bits; counts; ranks; decisions and sums). The ranks come from the
 magnitudes' bits (a non-negative float's bits order like the float, NaN above inf) binned
 by their top 16 bits: the magnitude of a bfloat16 difference nearly always has no lower
 bits set, so a bin holds one value and its entries rank in index order from the bin's
@@ -14,7 +14,7 @@ start; the few entries with lower bits rank after them, sorted within their bins
 whose bins would span too wide a range, or with too many entries with lower bits (float32
 inputs), is ranked by a least-significant-digit radix sort instead (four 8-bit digits, each
 a stable counting pass; a digit every entry shares is skipped). On TinyLlama-shaped
-bfloat16 rows this is 7-9 ns per entry where the radix sort, the probabilities, the byte
+bfloat16 rows this is 7-9.5 ns per entry where the radix sort, the probabilities, the byte
 comparison and the sums as separate passes took 13-15.
 
 :func:`della_probs` gives the probabilities alone and :func:`keep_bytes` the mask stream's
