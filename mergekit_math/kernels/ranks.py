@@ -33,6 +33,12 @@ from mergekit_math.kernels.stats import source_size, value_at
 _MAX_BINS = 4096  # bins of one row's top-16-bit keys (a range of 32 binary exponents)
 
 
+@njit(inline="always")
+def _probability(rank, low, span, step):  # noqa: ANN001, ANN202
+    """``low + (rank / span)·step``, each step rounded to float32 as torch's ops round it."""
+    return low + (np.float32(rank) / span) * step
+
+
 @njit(error_model="numpy")
 def _keys(src, start, length, keys):  # noqa: ANN001, ANN202
     """The row's magnitude bits into ``keys``; (lowest, highest) top 16 bits of a nonzero
@@ -248,7 +254,7 @@ def della_probs(src, row, low, step, probs):  # noqa: ANN001, ANN201
     ranks = np.empty(n, np.int32)
     della_ranks(src, row, ranks)
     for i in range(n):
-        probs[i] = low + (np.float32(ranks[i]) / span) * step
+        probs[i] = _probability(ranks[i], low, span, step)
 
 
 @njit(error_model="numpy")
@@ -271,8 +277,7 @@ def _decide(keys, ranks, row, start, below, at, kept, low, span, step):  # noqa:
             if byte == below[r]:  # about one entry in 256
                 if tied == words:
                     return -1.0, at
-                p = low + (np.float32(r) / span) * step
-                scaled = np.float64(p) * 256.0
+                scaled = np.float64(_probability(r, low, span, step)) * 256.0
                 keep = np.float64(spare[q, tied]) * 2.0**-32 < scaled - np.floor(scaled)
                 tied += 1
             kept[start + j] = keep
@@ -298,7 +303,7 @@ def della_decisions(src, row, low, step, primary, spare, kept, sums):  # noqa: A
     span = np.float32(max(row - 1, 1))
     below = np.empty(row, np.int32)  # floor(p·256) of each rank: exact
     for r in range(row):
-        below[r] = np.int32(np.floor((low + (np.float32(r) / span) * step) * 256.0))
+        below[r] = np.int32(np.floor(_probability(r, low, span, step) * 256.0))
     keys, ranks = np.empty(row, np.uint32), np.empty(row, np.int32)
     work = _workspace(row)
     at = (primary, spare, 0, 0, 0)

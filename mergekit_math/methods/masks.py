@@ -172,7 +172,7 @@ class MaskStream:
         numpy's Philox: what a compiled keep pass reads (``kernels.ranks.della_decisions``)."""
         if start % BLOCK or count <= 0:
             raise ValueError(f"start {start} is not a multiple of {BLOCK}, or count {count} < 1")
-        return self._numpy_blocks(start >> BLOCK_BITS, ((start + count - 1) >> BLOCK_BITS) + 1)
+        return self._numpy_blocks(*_blocks_of(start, count))
 
     def _torch_blocks(self, q0: int, q1: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
@@ -213,7 +213,7 @@ class MaskStream:
         if threshold >= 1 << 40 or threshold == 0 or count == 0:
             return torch.full((count,), threshold >= 1 << 40, dtype=torch.bool, device=device)
         tb, tl = threshold >> 32, threshold & _M32
-        q0, q1 = start >> BLOCK_BITS, ((start + count - 1) >> BLOCK_BITS) + 1
+        q0, q1 = _blocks_of(start, count)
         lo = start - (q0 << BLOCK_BITS)
         if _numpy_backend(device):
             return torch.from_numpy(self._keep_numpy(q0, q1, tb, tl).reshape(-1)[lo : lo + count])
@@ -252,7 +252,7 @@ class MaskStream:
         n = probs.numel()
         if n == 0:
             return torch.zeros(0, dtype=torch.bool, device=probs.device)
-        q0, q1 = start >> BLOCK_BITS, ((start + n - 1) >> BLOCK_BITS) + 1
+        q0, q1 = _blocks_of(start, n)
         flat = probs.reshape(-1)
         if not _numpy_backend(probs.device):
             kept, tied, y = self._bytes_torch(q0, q1, flat)
@@ -320,6 +320,11 @@ class MaskStream:
         rows = tied >> BLOCK_BITS
         y = self._spare_numpy(spare, q0, rows, _ranks_numpy(rows, q1 - q0))
         return torch.from_numpy(kept), torch.from_numpy(tied), torch.from_numpy(y)
+
+
+def _blocks_of(start: int, count: int) -> tuple[int, int]:
+    """The first block holding elements ``start .. start+count-1`` and the one after the last."""
+    return start >> BLOCK_BITS, ((start + count - 1) >> BLOCK_BITS) + 1
 
 
 def _ranks_numpy(rows: np.ndarray, blocks: int) -> np.ndarray:
