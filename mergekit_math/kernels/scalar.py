@@ -61,6 +61,15 @@ def fma(typingctx, a, b, c):  # noqa: ANN001, ANN201
     return sig, codegen
 
 
+@njit(inline="always")
+def _at(i):  # noqa: ANN001, ANN202
+    """An element index as unsigned: numba wraps a signed index that may be negative
+    (``a[-1]``), a select per access that keeps LLVM from vectorising any loop whose index
+    it cannot prove non-negative (one starting at a block's offset): 1.2 against 0.1 ns per
+    bfloat16 load. The kernels' indices are never negative."""
+    return np.uint64(i)
+
+
 def load(a, i):  # noqa: ANN001, ANN201
     """Element ``i`` of a stored array as float32 (numba only)."""
     raise NotImplementedError
@@ -79,18 +88,18 @@ def store(out, i, x):  # noqa: ANN001, ANN201
 @overload(load, inline="always")
 def _load(a, i):  # noqa: ANN001, ANN202
     if a.dtype == types.uint16:
-        return lambda a, i: _bits_to_f32(np.uint32(a[i]) << np.uint32(16))
+        return lambda a, i: _bits_to_f32(np.uint32(a[_at(i)]) << np.uint32(16))
     if a.dtype == types.float32:
-        return lambda a, i: a[i]
+        return lambda a, i: a[_at(i)]
     return None
 
 
 @overload(nonfinite, inline="always")
 def _nonfinite(a, i):  # noqa: ANN001, ANN202
     if a.dtype == types.uint16:
-        return lambda a, i: np.int64((a[i] & _EXP16) == _EXP16)
+        return lambda a, i: np.int64((a[_at(i)] & _EXP16) == _EXP16)
     if a.dtype == types.float32:
-        return lambda a, i: np.int64((_f32_to_bits(a[i]) & _EXP32) == _EXP32)
+        return lambda a, i: np.int64((_f32_to_bits(a[_at(i)]) & _EXP32) == _EXP32)
     return None
 
 
@@ -106,13 +115,13 @@ def _store(out, i, x):  # noqa: ANN001, ANN202
     if out.dtype == types.uint16:
 
         def write_bf16(out, i, x):  # noqa: ANN001, ANN202
-            out[i] = to_bf16(x)
+            out[_at(i)] = to_bf16(x)
 
         return write_bf16
     if out.dtype == types.float32:
 
         def write_f32(out, i, x):  # noqa: ANN001, ANN202
-            out[i] = x
+            out[_at(i)] = x
 
         return write_f32
     return None
