@@ -47,6 +47,35 @@ def test_compiled_sums_equal_torch_float64_sums(dtype, n):
     assert torch.equal(got, reduce_sum((wide_base / na) * (delta / nb)))
 
 
+@pytest.mark.parametrize("size", [1, 7, 8, 9, 4095, 4096])
+def test_block_sums_are_float64_sums_of_the_block(size):
+    """The kernels' block helpers (8 float64 lanes over a float32 buffer) give the exact sum
+    of the block's terms to within a few float64 ulps, and the same bits as summing the
+    lanes in index order."""
+    import math
+
+    from numba import njit
+
+    from mergekit_math.kernels.stats import block_squares, block_sum
+
+    rng = np.random.default_rng(size)
+    block = (rng.standard_normal(size) * 10.0 ** rng.integers(-3, 3, size)).astype(np.float32)
+    wide = block.astype(np.float64)
+    got_sum = njit(lambda b: block_sum(b))(block)
+    got_squares = njit(lambda b: block_squares(b))(block)
+    for got, terms in ((got_sum, wide), (got_squares, wide * wide)):
+        exact = math.fsum(terms)
+        assert abs(got - exact) <= 4 * np.spacing(np.abs(terms).sum())
+        lanes = [0.0] * 8
+        whole = size - size % 8
+        for i in range(whole):
+            lanes[i % 8] += terms[i]
+        for i in range(whole, size):
+            lanes[0] += terms[i]
+        a = lanes
+        assert got == ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+
+
 def _cut(source, lo, hi):
     if isinstance(source, tuple):
         return tuple(a[lo:hi] for a in source)
@@ -308,3 +337,42 @@ def test_chunked_interpolations_equal_the_whole_tensor_path(
             got.view(torch.int16 if stored == "bfloat16" else torch.int32),
             ref.view(torch.int16 if stored == "bfloat16" else torch.int32),
         ), name
+
+
+@pytest.mark.parametrize("max_iter", [0, 3])
+def test_chunked_karcher_of_opposite_inputs_keeps_the_first_direction(
+    tmp_path, monkeypatch, wide_zoo, max_iter
+):
+    """x and -x cancel in the start (its length is below tol): the compiled descent starts
+    from the first direction, as the torch path does, bit for bit (with no steps, x comes
+    back; the steps' long dot products need not give cos = -1 exactly, so x need not)."""
+    import shutil
+
+    from conftest import load_dir, write_recipe
+    from safetensors.torch import load_file, save_file
+
+    from mergekit_math.merge import build_plan, execute
+    from mergekit_math.recipe import load_recipe
+
+    x = wide_zoo["float32"]["base"]
+    negated = tmp_path / "negated"
+    shutil.copytree(x, negated)
+    for shard in negated.glob("*.safetensors"):
+        tensors = load_file(shard)
+        save_file({k: -v for k, v in tensors.items()}, shard, metadata={"format": "pt"})
+    text = (
+        f"merge_method: karcher\ndtype: float32\nparameters: {{max_iter: {max_iter}}}\n"
+        f"models:\n  - model: {x}\n  - model: {negated}\n"
+    )
+    recipe = write_recipe(tmp_path / "r.yaml", text)
+    outs = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("MMATH_FUSED", mode)
+        plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
+        execute(plan, tmp_path / mode, progress=False, chunk_elements=5000)
+        outs[mode] = load_dir(tmp_path / mode)
+    ref = load_dir(x)
+    for name, want in outs["0"].items():
+        assert torch.equal(outs["1"][name].view(torch.int32), want.view(torch.int32)), name
+        if max_iter == 0:
+            torch.testing.assert_close(want, ref[name], rtol=1e-6, atol=1e-7)

@@ -12,8 +12,9 @@ the float32 ``|x_i| + eps``, ``w_i`` the weights (each step rounded to float32):
     t   = 0 + Σ_i (u_i − a_i·m̂)·w_i    the tangent
     out = ((m̂·c + t·s)·L) [+ base]     c = cos θ, s = sin θ / θ, L the mean length
 
-Pass 2 sums m², pass 3 the a_i, pass 4 t²; each in float64 per 4096-element block, the
-blocks' sums added with compensation (see :mod:`mergekit_math.kernels.stats`).
+Pass 2 sums m², pass 3 the a_i, pass 4 t²; each block of 4096 elements computes its float32
+terms into a buffer (a loop that vectorises), sums them in eight float64 lanes, and the
+blocks' sums are added with compensation (see :mod:`mergekit_math.kernels.stats`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from numba import njit
 
 from mergekit_math.kernels.interp import plus_base
 from mergekit_math.kernels.scalar import store
-from mergekit_math.kernels.stats import _add, source_size, value_at
+from mergekit_math.kernels.stats import _add, block_squares, block_sum, source_size, value_at
 
 _ZERO = np.float32(0.0)
 _BLOCK = 4096
@@ -49,13 +50,13 @@ def _tangent_at(xs, i, den, ws, unit, along):  # noqa: ANN001, ANN202
 def mean_squares(xs, den, ws):  # noqa: ANN001, ANN201
     """Σ m² in float64 over a range (pass 2)."""
     n = source_size(xs[0])
+    block = np.empty(_BLOCK, np.float32)
     total = carry = 0.0
     for start in range(0, n, _BLOCK):
-        acc = 0.0
-        for i in range(start, min(start + _BLOCK, n)):
-            m = np.float64(_mean_at(xs, i, den, ws))
-            acc += m * m
-        total, carry = _add(total, carry, acc)
+        size = min(_BLOCK, n - start)
+        for i in range(size):
+            block[i] = _mean_at(xs, start + i, den, ws)
+        total, carry = _add(total, carry, block_squares(block[:size]))
     return total + carry
 
 
@@ -64,17 +65,17 @@ def alongs(xs, den, ws, length, out):  # noqa: ANN001, ANN201
     """Σ u_i·m̂ per input, in float64, into ``out`` (pass 3; ``length`` is |m|)."""
     n = source_size(xs[0])
     k = len(xs)
+    block = np.empty((k, _BLOCK), np.float32)
     total = np.zeros(k)
     carry = np.zeros(k)
-    acc = np.zeros(k)
     for start in range(0, n, _BLOCK):
-        acc[:] = 0.0
-        for i in range(start, min(start + _BLOCK, n)):
-            unit = _mean_at(xs, i, den, ws) / length
+        size = min(_BLOCK, n - start)
+        for i in range(size):
+            unit = _mean_at(xs, start + i, den, ws) / length
             for j in range(k):
-                acc[j] += np.float64((value_at(xs[j], i) / den[j]) * unit)
+                block[j, i] = (value_at(xs[j], start + i) / den[j]) * unit
         for j in range(k):
-            total[j], carry[j] = _add(total[j], carry[j], acc[j])
+            total[j], carry[j] = _add(total[j], carry[j], block_sum(block[j, :size]))
     for j in range(k):
         out[j] = total[j] + carry[j]
 
@@ -83,14 +84,14 @@ def alongs(xs, den, ws, length, out):  # noqa: ANN001, ANN201
 def tangent_squares(xs, den, ws, length, along):  # noqa: ANN001, ANN201
     """Σ t² in float64 over a range (pass 4; ``along`` the float32 a_i)."""
     n = source_size(xs[0])
+    block = np.empty(_BLOCK, np.float32)
     total = carry = 0.0
     for start in range(0, n, _BLOCK):
-        acc = 0.0
-        for i in range(start, min(start + _BLOCK, n)):
-            unit = _mean_at(xs, i, den, ws) / length
-            t = np.float64(_tangent_at(xs, i, den, ws, unit, along))
-            acc += t * t
-        total, carry = _add(total, carry, acc)
+        size = min(_BLOCK, n - start)
+        for i in range(size):
+            unit = _mean_at(xs, start + i, den, ws) / length
+            block[i] = _tangent_at(xs, start + i, den, ws, unit, along)
+        total, carry = _add(total, carry, block_squares(block[:size]))
     return total + carry
 
 

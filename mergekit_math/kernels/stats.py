@@ -59,72 +59,131 @@ def _add(total, carry, x):  # noqa: ANN001, ANN202
     return t, carry
 
 
+@njit(inline="always")
+def block_sum(block):  # noqa: ANN001, ANN201
+    """Σ block[i] in float64 over a float32 block, in eight lanes (the float32 terms a kernel
+    computed into a buffer first: that loop vectorises, where one float64 accumulator's
+    chain of additions would hold a whole pass to one element per add latency)."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+    m = block.shape[0]
+    i = 0
+    while i + 8 <= m:
+        a0 += np.float64(block[i])
+        a1 += np.float64(block[i + 1])
+        a2 += np.float64(block[i + 2])
+        a3 += np.float64(block[i + 3])
+        a4 += np.float64(block[i + 4])
+        a5 += np.float64(block[i + 5])
+        a6 += np.float64(block[i + 6])
+        a7 += np.float64(block[i + 7])
+        i += 8
+    while i < m:
+        a0 += np.float64(block[i])
+        i += 1
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+@njit(inline="always")
+def block_squares(block):  # noqa: ANN001, ANN201
+    """Σ block[i]² in float64 (each square exact) over a float32 block, as :func:`block_sum`."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+    m = block.shape[0]
+    i = 0
+    while i + 8 <= m:
+        v0, v1 = np.float64(block[i]), np.float64(block[i + 1])
+        v2, v3 = np.float64(block[i + 2]), np.float64(block[i + 3])
+        v4, v5 = np.float64(block[i + 4]), np.float64(block[i + 5])
+        v6, v7 = np.float64(block[i + 6]), np.float64(block[i + 7])
+        a0 += v0 * v0
+        a1 += v1 * v1
+        a2 += v2 * v2
+        a3 += v3 * v3
+        a4 += v4 * v4
+        a5 += v5 * v5
+        a6 += v6 * v6
+        a7 += v7 * v7
+        i += 8
+    while i < m:
+        v0 = np.float64(block[i])
+        a0 += v0 * v0
+        i += 1
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+def _squares(src, start, end, block):  # noqa: ANN001, ANN201
+    """Σ x² in float64 over ``[start, end)`` of a source (numba only)."""
+    raise NotImplementedError
+
+
+@overload(_squares, inline="always")
+def _squares_of(src, start, end, block):  # noqa: ANN001, ANN202
+    if isinstance(src, types.Array) and src.dtype == types.float32:
+        return lambda src, start, end, block: _stored(src, start, end)
+
+    # bfloat16 bits or a pair's differences: the float32 values into the block first (that
+    # loop vectorises; squaring them where they are converted does not), then squared and
+    # summed: 0.51 -> 0.35 ns per bfloat16 element, 1.0 -> 0.45 per pair; float32 elements
+    # are squared where they are loaded (0.28 ns, against 0.47 through the block)
+    def staged(src, start, end, block):  # noqa: ANN001, ANN202
+        size = end - start
+        for i in range(size):
+            block[i] = value_at(src, start + i)
+        return block_squares(block[:size])
+
+    return staged
+
+
+@njit(inline="always")
+def _stored(src, start, end):  # noqa: ANN001, ANN202
+    """Σ x² of float32 elements, squared where they are loaded."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+    i = start
+    while i + 8 <= end:
+        v0, v1 = np.float64(load(src, i)), np.float64(load(src, i + 1))
+        v2, v3 = np.float64(load(src, i + 2)), np.float64(load(src, i + 3))
+        v4, v5 = np.float64(load(src, i + 4)), np.float64(load(src, i + 5))
+        v6, v7 = np.float64(load(src, i + 6)), np.float64(load(src, i + 7))
+        a0 += v0 * v0
+        a1 += v1 * v1
+        a2 += v2 * v2
+        a3 += v3 * v3
+        a4 += v4 * v4
+        a5 += v5 * v5
+        a6 += v6 * v6
+        a7 += v7 * v7
+        i += 8
+    while i < end:
+        v0 = np.float64(load(src, i))
+        a0 += v0 * v0
+        i += 1
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def sum_squares(src):  # noqa: ANN001, ANN201
     """Σ x² in float64 over a source."""
     n = source_size(src)
-    total = 0.0
-    carry = 0.0
+    total = carry = 0.0
+    block = np.empty(_BLOCK, np.float32)
     for start in range(0, n, _BLOCK):
         end = min(start + _BLOCK, n)
-        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
-        i = start
-        while i + 8 <= end:
-            v0 = np.float64(value_at(src, i))
-            v1 = np.float64(value_at(src, i + 1))
-            v2 = np.float64(value_at(src, i + 2))
-            v3 = np.float64(value_at(src, i + 3))
-            v4 = np.float64(value_at(src, i + 4))
-            v5 = np.float64(value_at(src, i + 5))
-            v6 = np.float64(value_at(src, i + 6))
-            v7 = np.float64(value_at(src, i + 7))
-            a0 += v0 * v0
-            a1 += v1 * v1
-            a2 += v2 * v2
-            a3 += v3 * v3
-            a4 += v4 * v4
-            a5 += v5 * v5
-            a6 += v6 * v6
-            a7 += v7 * v7
-            i += 8
-        while i < end:
-            v0 = np.float64(value_at(src, i))
-            a0 += v0 * v0
-            i += 1
-        total, carry = _add(total, carry, ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)))
+        total, carry = _add(total, carry, _squares(src, start, end, block))
     return total + carry
-
-
-@njit(inline="always")
-def _term(x, y, i, nx, ny):  # noqa: ANN001, ANN202
-    return np.float64((value_at(x, i) / nx) * (value_at(y, i) / ny))
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def sum_products(x, y, nx, ny):  # noqa: ANN001, ANN201
     """Σ (x/nx)·(y/ny) in float64 over two sources of one size, each quotient and the
-    product rounded to float32 as torch computes ``(a / na) * (b / nb)``."""
+    product rounded to float32 as torch computes ``(a / na) * (b / nb)``. The block's
+    products go to a buffer first, then are summed (1.7 -> 0.5 ns per element)."""
     n = source_size(x)
-    total = 0.0
-    carry = 0.0
+    total = carry = 0.0
+    block = np.empty(_BLOCK, np.float32)
     for start in range(0, n, _BLOCK):
-        end = min(start + _BLOCK, n)
-        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
-        i = start
-        while i + 8 <= end:
-            a0 += _term(x, y, i, nx, ny)
-            a1 += _term(x, y, i + 1, nx, ny)
-            a2 += _term(x, y, i + 2, nx, ny)
-            a3 += _term(x, y, i + 3, nx, ny)
-            a4 += _term(x, y, i + 4, nx, ny)
-            a5 += _term(x, y, i + 5, nx, ny)
-            a6 += _term(x, y, i + 6, nx, ny)
-            a7 += _term(x, y, i + 7, nx, ny)
-            i += 8
-        while i < end:
-            a0 += _term(x, y, i, nx, ny)
-            i += 1
-        total, carry = _add(total, carry, ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)))
+        size = min(_BLOCK, n - start)
+        for i in range(size):
+            block[i] = (value_at(x, start + i) / nx) * (value_at(y, start + i) / ny)
+        total, carry = _add(total, carry, block_sum(block[:size]))
     return total + carry
 
 
