@@ -4,18 +4,18 @@ as float32 arrays, each element computed in the torch path's float32 steps and o
 
 With ``x_j`` the usable inputs, ``r_j`` their float32 norms, ``u_j = x_j / r_j``:
 
-- :func:`linear_into`: the start ``Σ_j u_j·w_j`` (from +0; its Σ² is
-  :func:`mergekit_math.kernels.spherical.mean_squares`, the same sum) divided by its length,
-  ``M``;
-- :func:`dots`: ``M ← M / div`` (the previous step's normalisation; ``div`` 1 leaves it) and
-  ``Σ M·u_j`` per input;
+- :func:`start_into`: the start ``M = Σ_j u_j·w_j`` (from +0) and ``Σ M²`` (or
+  :func:`first_into`: ``M = u_0`` where that length is below tol);
+- :func:`dots`: ``M ← M / div`` (the start's length, or the previous step's normalisation;
+  ``div`` 1 leaves it) and ``Σ M·u_j`` per input;
 - :func:`tangent`: ``T = 0 + Σ_active f_j·(u_j − c_j·M)`` and ``Σ T²``;
 - :func:`step`: ``M ← c·M + s·(T / ‖T‖)`` and ``Σ M²``;
 - :func:`result`: the chunk's ``scale·(M / div)``.
 
-Sums are float64 by blocks of 4096 elements, the blocks added with compensation (as in
-:mod:`mergekit_math.kernels.stats`): ``reduce_sum`` and ``reduce_norm``'s float64 sums of
-the tensors over 32768 elements, to within a few float64 ulps.
+Sums are float64 by blocks of 4096 elements (the block's float32 terms, summed in eight
+lanes), the blocks added with compensation (as in :mod:`mergekit_math.kernels.stats`):
+``reduce_sum`` and ``reduce_norm``'s float64 sums of the tensors over 32768 elements, to
+within a few float64 ulps.
 """
 
 from __future__ import annotations
@@ -26,21 +26,32 @@ from numba import njit
 from mergekit_math.kernels.elementwise import _count_bad
 from mergekit_math.kernels.scalar import load, store
 from mergekit_math.kernels.spherical import _mean_at
-from mergekit_math.kernels.stats import _add
+from mergekit_math.kernels.stats import _add, block_squares, block_sum
 
 _ZERO = np.float32(0.0)
 _BLOCK = 4096
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def linear_into(xs, norms, ws, length, first, out):  # noqa: ANN001, ANN201
-    """out = (Σ_j w_j·u_j) / length, or u_0 where the start's length is below tol
-    (``first``)."""
+def start_into(xs, norms, ws, out):  # noqa: ANN001, ANN201
+    """out = Σ_j w_j·u_j (from +0); returns Σ out² in float64. The division by its length is
+    left to the first :func:`dots` pass."""
+    n = out.shape[0]
+    total = carry = 0.0
+    for start in range(0, n, _BLOCK):
+        size = min(_BLOCK, n - start)
+        here = out[start : start + size]
+        for i in range(size):
+            here[i] = _mean_at(xs, start + i, norms, ws)
+        total, carry = _add(total, carry, block_squares(here))
+    return total + carry
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def first_into(x, norm, out):  # noqa: ANN001, ANN201
+    """out = u_0 (the start when the weighted mean's length is below tol)."""
     for i in range(out.shape[0]):
-        if first:
-            out[i] = load(xs[0], i) / norms[0]
-        else:
-            out[i] = _mean_at(xs, i, norms, ws) / length
+        out[i] = load(x, i) / norm
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -48,18 +59,19 @@ def dots(xs, norms, mean, div, out):  # noqa: ANN001, ANN201
     """mean ← mean / div in place, then out[j] = Σ mean·u_j over the range, in float64."""
     n = mean.shape[0]
     k = len(xs)
+    block = np.empty((k, _BLOCK), np.float32)
     total = np.zeros(k)
     carry = np.zeros(k)
-    acc = np.zeros(k)
     for start in range(0, n, _BLOCK):
-        acc[:] = 0.0
-        for i in range(start, min(start + _BLOCK, n)):
-            m = mean[i] / div
-            mean[i] = m
+        size = min(_BLOCK, n - start)
+        here = mean[start : start + size]
+        for i in range(size):
+            m = here[i] / div
+            here[i] = m
             for j in range(k):
-                acc[j] += np.float64(m * (load(xs[j], i) / norms[j]))
+                block[j, i] = m * (load(xs[j], start + i) / norms[j])
         for j in range(k):
-            total[j], carry[j] = _add(total[j], carry[j], acc[j])
+            total[j], carry[j] = _add(total[j], carry[j], block_sum(block[j, :size]))
     for j in range(k):
         out[j] = total[j] + carry[j]
 
@@ -70,16 +82,16 @@ def tangent(xs, norms, mean, cos, f, active, out):  # noqa: ANN001, ANN201
     n = mean.shape[0]
     total = carry = 0.0
     for start in range(0, n, _BLOCK):
-        acc = 0.0
-        for i in range(start, min(start + _BLOCK, n)):
-            m = mean[i]
+        size = min(_BLOCK, n - start)
+        here, there = mean[start : start + size], out[start : start + size]
+        for i in range(size):
+            m = here[i]
             t = _ZERO
             for j in range(len(xs)):
                 if active[j]:
-                    t = t + f[j] * ((load(xs[j], i) / norms[j]) - cos[j] * m)
-            out[i] = t
-            acc += np.float64(t) * np.float64(t)
-        total, carry = _add(total, carry, acc)
+                    t = t + f[j] * ((load(xs[j], start + i) / norms[j]) - cos[j] * m)
+            there[i] = t
+        total, carry = _add(total, carry, block_squares(there))
     return total + carry
 
 
@@ -89,12 +101,11 @@ def step(mean, tangent, c, s, length):  # noqa: ANN001, ANN201
     n = mean.shape[0]
     total = carry = 0.0
     for start in range(0, n, _BLOCK):
-        acc = 0.0
-        for i in range(start, min(start + _BLOCK, n)):
-            m = c * mean[i] + s * (tangent[i] / length)
-            mean[i] = m
-            acc += np.float64(m) * np.float64(m)
-        total, carry = _add(total, carry, acc)
+        size = min(_BLOCK, n - start)
+        here, along = mean[start : start + size], tangent[start : start + size]
+        for i in range(size):
+            here[i] = c * here[i] + s * (along[i] / length)
+        total, carry = _add(total, carry, block_squares(here))
     return total + carry
 
 

@@ -236,9 +236,13 @@ class _Descent:
     mean: Any
     tangent: Any
 
-    def linear(self, job: Any, divisor: Any, first: bool) -> None:
+    def start(self, job: Any) -> float:
         (a, b), xs = job
-        _compiled().linear_into(xs, self.norms, self.weights, divisor, first, self.mean[a:b])
+        return _compiled().start_into(xs, self.norms, self.weights, self.mean[a:b])
+
+    def first(self, job: Any) -> None:
+        (a, b), xs = job
+        _compiled().first_into(xs[0], self.norms[0], self.mean[a:b])
 
     def dots(self, job: Any, div: Any) -> Any:
         (a, b), xs = job
@@ -283,12 +287,12 @@ def _descend(
         mean=np.empty(inputs.numel, np.float32),
         tangent=np.empty(inputs.numel, np.float32),
     )
-    from mergekit_math.kernels.spherical import mean_squares  # Σ (Σ_j u_j·w_j)², as here
-
-    start = statistics.root(run(lambda job: mean_squares(job[1], d.norms, d.weights), d.jobs))
-    first, divisor = bool(start.item() < tol), np.float32(start.item())
-    list(run(partial(d.linear, divisor=divisor, first=first), d.jobs))
-    div = torch.tensor(1.0)
+    # the unnormalised start and its length in one pass; the first dots pass divides by it
+    # (the same float32 quotient as _linear_start's mean / length)
+    div = statistics.root(run(d.start, d.jobs))
+    if div.item() < tol:
+        list(run(d.first, d.jobs))
+        div = torch.tensor(1.0)
     for _ in range(inputs.shared.max_iter):
         parts = list(run(partial(d.dots, div=np.float32(div.item())), d.jobs))
         div = torch.tensor(1.0)  # applied to the iterate by that pass
