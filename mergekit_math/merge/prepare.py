@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from mergekit_math.merge.fused import FusedRange
 from mergekit_math.merge.ranges import (
+    _buffer,
     _in_worker,
     _RangeInputs,
     _read_range,
@@ -91,6 +92,7 @@ def _prepare_states(
         compiled=kernels.enabled(inputs.device, plan.output_elements),
         map=chunk_map,
         held=fused.arrays(held) if fused is not None and held is not None else None,
+        buffer=lambda key, numel, dtype: _buffer(run, key, numel, dtype),
     )
     if chunking.compiled and prepare_inputs.held is None:
         raise RuntimeError(f"{plan.method.name}: compiled statistics without the held inputs")

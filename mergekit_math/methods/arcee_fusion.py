@@ -158,7 +158,7 @@ def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -
     if inputs.numel == 0:
         return [None]
     row = row_length(inputs.shape)
-    importance = np.empty(inputs.numel, np.float32)
+    importance = inputs.buffer("arcee_fusion.importance", inputs.numel, np.float32)
 
     def one(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> tuple[Any, bool]:
         (start, end), (base, models) = job

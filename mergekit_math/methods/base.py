@@ -132,6 +132,13 @@ class FusedInputs(Generic[S, M]):
 ChunkMap = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]
 
 
+def fresh_buffer(key: str, numel: int, dtype: Any) -> Any:
+    """A new flat numpy array (:attr:`PrepareInputs.buffer` outside the engine)."""
+    import numpy as np
+
+    return np.empty(numel, dtype)
+
+
 @dataclass(frozen=True)
 class PrepareInputs(Generic[S, M]):
     """What :attr:`Chunking.prepare` gets before the chunks of one tensor."""
@@ -157,6 +164,11 @@ class PrepareInputs(Generic[S, M]):
     # to methods whose chunking is ``compiled`` (None elsewhere)
     held: list[tuple[Any, list[Any]]] | None = None
     shape: tuple[int, ...] = ()  # the tensor's
+    # buffer(key, numel, dtype): a flat numpy array (contents undefined) that the engine
+    # reuses under ``key`` from tensor to tensor, for whole-tensor arrays of the preparation
+    # and of its states: valid until the next tensor's preparation (every chunk of this
+    # tensor is merged before it). A fresh array costs a zeroed page per first touch.
+    buffer: Callable[[str, int, Any], Any] = fresh_buffer
 
 
 def _always(shared: Any, params: Any) -> bool:

@@ -284,8 +284,8 @@ def _descend(
         jobs=list(zip(inputs.ranges, [tuple(h[1][i] for i in usable) for h in held])),
         norms=np.array([norms[i].item() for i in usable], np.float32),
         weights=np.array(weights, np.float32),
-        mean=np.empty(inputs.numel, np.float32),
-        tangent=np.empty(inputs.numel, np.float32),
+        mean=inputs.buffer("karcher.mean", inputs.numel, np.float32),
+        tangent=inputs.buffer("karcher.tangent", inputs.numel, np.float32),
     )
     # the unnormalised start and its length in one pass; the first dots pass divides by it
     # (the same float32 quotient as _linear_start's mean / length)

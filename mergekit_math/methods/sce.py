@@ -182,7 +182,7 @@ def sce_prepare(inputs: PrepareInputs[SceShared, SceModel]) -> list[Any]:
         return [_whole_state(inputs)]
     masks = None
     if inputs.shared.select_topk < 1:
-        variance = np.empty(inputs.numel, np.float32)
+        variance = inputs.buffer("sce.variance", inputs.numel, np.float32)
 
         def one(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> tuple[int, int]:
             (start, end), (base, models) = job
