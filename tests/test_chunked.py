@@ -179,3 +179,25 @@ def test_shard_files_are_identical_with_and_without_direct_io(tmp_path, zoo, mon
         header = json.loads(raw[8 : 8 + size])
         end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
         assert len(raw) == 8 + size + end
+
+
+def test_preparation_buffers_are_reused_per_key_and_grow_when_short():
+    """PrepareInputs.buffer inside a merge: one array per key, the same memory for a tensor
+    that fits, a new one for a longer tensor; outside a merge, a fresh array each time."""
+    import numpy as np
+
+    from mergekit_math.merge.ranges import _buffer, _Run
+
+    run = _Run(prefetch=None, chunk=1024)
+    first = _buffer(run, "a", 1000, np.float32)
+    assert first.shape == (1000,) and first.dtype == np.float32
+    shorter = _buffer(run, "a", 600, np.float32)
+    assert np.shares_memory(first, shorter) and shorter.shape == (600,)
+    other = _buffer(run, "b", 600, np.float32)
+    assert not np.shares_memory(first, other)
+    longer = _buffer(run, "a", 2000, np.float32)
+    assert longer.shape == (2000,) and not np.shares_memory(first, longer)
+    assert _buffer(run, "a", 2000, np.uint8).dtype == np.uint8  # another dtype: a new one
+    assert not np.shares_memory(
+        _buffer(None, "a", 10, np.float32), _buffer(None, "a", 10, np.float32)
+    )
