@@ -118,12 +118,12 @@ def _squares(src, start, end, block):  # noqa: ANN001, ANN201
 @overload(_squares, inline="always")
 def _squares_of(src, start, end, block):  # noqa: ANN001, ANN202
     if isinstance(src, types.Array) and src.dtype == types.float32:
-        return lambda src, start, end, block: _stored(src, start, end)
+        return lambda src, start, end, block: block_squares(src[start:end])
 
     # bfloat16 bits or a pair's differences: the float32 values into the block first (that
     # loop vectorises; squaring them where they are converted does not), then squared and
     # summed: 0.51 -> 0.35 ns per bfloat16 element, 1.0 -> 0.45 per pair; float32 elements
-    # are squared where they are loaded (0.28 ns, against 0.47 through the block)
+    # are summed where they lie (the slice is the block: 0.28 ns, against 0.47 copied)
     def staged(src, start, end, block):  # noqa: ANN001, ANN202
         size = end - start
         for i in range(size):
@@ -131,32 +131,6 @@ def _squares_of(src, start, end, block):  # noqa: ANN001, ANN202
         return block_squares(block[:size])
 
     return staged
-
-
-@njit(inline="always")
-def _stored(src, start, end):  # noqa: ANN001, ANN202
-    """Σ x² of float32 elements, squared where they are loaded."""
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
-    i = start
-    while i + 8 <= end:
-        v0, v1 = np.float64(load(src, i)), np.float64(load(src, i + 1))
-        v2, v3 = np.float64(load(src, i + 2)), np.float64(load(src, i + 3))
-        v4, v5 = np.float64(load(src, i + 4)), np.float64(load(src, i + 5))
-        v6, v7 = np.float64(load(src, i + 6)), np.float64(load(src, i + 7))
-        a0 += v0 * v0
-        a1 += v1 * v1
-        a2 += v2 * v2
-        a3 += v3 * v3
-        a4 += v4 * v4
-        a5 += v5 * v5
-        a6 += v6 * v6
-        a7 += v7 * v7
-        i += 8
-    while i < end:
-        v0 = np.float64(load(src, i))
-        a0 += v0 * v0
-        i += 1
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
