@@ -236,3 +236,80 @@ def test_keep_rate_and_independence(density):
         both = (mask[:-lag] & mask[lag:]).double().mean().item()
         p = density**2
         assert abs(both - p) < 4 * math.sqrt(p * (1 - p) / (n - lag))
+
+
+# ------------------------------------------------------------------ compiled (kernels.philox)
+
+
+@pytest.mark.parametrize("counter,key,expect", KAT)
+def test_compiled_philox_gives_the_known_answers(counter, key, expect):
+    from mergekit_math.kernels.philox import philox
+
+    words = philox(*(np.uint64(c) for c in counter), np.uint64(key[0]), np.uint64(key[1]))
+    assert [int(w) for w in words] == expect
+
+
+@pytest.mark.parametrize("first", [0, 1, 2**32 - 3, 2**62 + 5])
+def test_compiled_words_are_numpys(first):
+    from mergekit_math.kernels.philox import raw_into
+
+    key = random.Random(first).getrandbits(128)
+    out = np.empty(4 * 5, np.uint64)
+    raw_into(np.uint64(key & M64), np.uint64(key >> 64), first, out)
+    assert out.tolist() == masks.raw_numpy(key, first, 5).tolist()
+    stream = MaskStream(key)
+    for a, b in zip(stream._numpy_blocks(2, 4, compiled=True), stream._numpy_blocks(2, 4)):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 1 / 3, 77.5 / 256, 0.999, 1 - 2**-40])
+def test_compiled_keep_matches_the_definition_in_any_chunks(density):
+    """keep_into (the fused DARE path) against the definition in Python integers, whole and
+    in chunks that start inside blocks (a tie's spare word counts the ties before it)."""
+    key = key_of(7, 1, "c")
+    n = BLOCK + 3000
+    expect = keeps(key, 0, [density] * n)
+    stream = MaskStream(key)
+    whole = np.empty(n, np.uint8)
+    stream.keep_into(0, density, whole)
+    assert whole.tolist() == [int(k) for k in expect]
+    bounds = [0, 1, 31, 4_097, 65_535, 65_537, 66_000, n]
+    parts = []
+    for a, b in zip(bounds, bounds[1:]):
+        part = np.full(b - a, 7, np.uint8)
+        stream.keep_into(a, density, part)
+        parts.append(part)
+    assert np.concatenate(parts).tolist() == whole.tolist()
+
+
+def test_compiled_keep_at_the_extremes_and_far_away():
+    stream = MaskStream(key_of(4, 1, "far"))
+    out = np.full(1000, 7, np.uint8)
+    stream.keep_into(5, 1.0, out)
+    assert out.tolist() == [1] * 1000
+    stream.keep_into(5, 0.0, out)
+    assert out.tolist() == [0] * 1000
+    start = (2**40 // BLOCK + 3) * BLOCK
+    far = np.empty(5000, np.uint8)
+    stream.keep_into(start, 0.3, far)
+    assert far.tolist() == [int(k) for k in keeps(stream.key, start, [0.3] * 5000)]
+
+
+def test_compiled_overflow_words_follow_the_definition():
+    """Rank r past the block's 512 spare words takes Philox at (q, r, 1, 0)."""
+    from numba import njit
+
+    from mergekit_math.kernels.philox import _spare
+
+    @njit
+    def spare_word(words, q, r, k0, k1):
+        return _spare(words, q, r, k0, k1)
+
+    key = key_of(2, 0, "o")
+    words = np.empty(256, np.uint64)
+    from mergekit_math.kernels.philox import raw_into
+
+    raw_into(np.uint64(key & M64), np.uint64(key >> 64), 5 * masks.PER_BLOCK + 2048, words)
+    halves = (np.uint64(key & M64), np.uint64(key >> 64))
+    got = [int(spare_word(words, 5, r, *halves)) for r in (0, 1, 511, 512, 700)]
+    assert got == [spare(key, 5, r) for r in (0, 1, 511, 512, 700)]

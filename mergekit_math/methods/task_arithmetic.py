@@ -246,7 +246,7 @@ def _kernel_args(
         elif masked:
             assert inputs.generators is not None
             sel = sel if sel.shape[1] == n else np.ones((k, n), np.uint8)
-            sel[i] = inputs.generators[i].keep(inputs.offset, n, p.density).numpy()
+            inputs.generators[i].keep_into(inputs.offset, p.density, sel[i])
             scale[i] = p.density if rescale == "paper" else 1.0
         elif isinstance(state, DellaKeep):
             sel = sel if sel.shape[1] == n else np.ones((k, n), np.uint8)
