@@ -9,8 +9,8 @@ methods that take one model get ft_a) and runs, per method and repetition, three
 alternating order (A B C, C B A, ...):
 
 - the IO floor, with the plainest tools: `cat` of the method's input shards to /dev/null, then
-  `dd if=/dev/zero of=WORK/floor.bin bs=16M count=N conv=fsync` of the output's size, twice:
-  the second is timed (the first pays for page-cache pages the VM's host had taken back);
+  `dd if=/dev/zero of=WORK/floor.bin bs=16M count=N conv=fsync` of the output's size, twice,
+  the faster counted (on a VM either can pay for the host: pages it took back, its flush);
 - `mmath merge` (which fsyncs its output), with MMATH_TIMINGS to see inside its merge loop;
 - `mergekit-yaml` when installed (which does not sync its output).
 
@@ -177,11 +177,11 @@ def run_method(bench: Bench, method: str, rep: int, result: Result) -> None:
             shutil.rmtree(outs[tool], ignore_errors=True)
         drop_cache(files) if args.cold else warm(files)
         if tool == "floor":
-            read, write, first = floor(files, bench.out_bytes, args.work)
+            read, write, slower = floor(files, bench.out_bytes, args.work)
             result.read.append(read)
             result.write.append(write)
             line = f"{read.seconds:7.2f} + {write.seconds:.2f} s (cat + dd)"
-            line += f"  warm-up dd {first.seconds:.2f} s"
+            line += f"  (the other dd {slower.seconds:.2f} s)"
         else:
             run = tool_run(bench, tool, method, recipe, outs[tool])
             getattr(result, tool).append(run)
@@ -293,7 +293,8 @@ def report(bench: Bench, results: dict[str, Result], started: datetime.datetime)
         "IO floor per method: `cat` of its input shards to /dev/null "
         + ("(cold)" if args.cold else "(after a warm-up read)")
         + f" + `dd if=/dev/zero bs=16M conv=fsync` of {human(bench.out_bytes)} (the output), "
-        "the second of two (the first, untimed, pays for pages the VM's host had taken back).",
+        "the faster of two (on this VM either can pay for the host: pages it had taken back, "
+        "or its flush of the other).",
         "",
         *main_table(bench, results),
         "",
