@@ -229,6 +229,30 @@ def test_compiled_selection_equals_the_torch_selection(monkeypatch, n, density, 
         assert [Selection(*f) for f in found] == slow
 
 
+@pytest.mark.parametrize("full_share", [0.02, 0.5, 1.0])
+def test_compiled_selection_counts_values_with_low_bits(monkeypatch, full_share):
+    """Values whose low 15 bits are not all zero (differences of bfloat16 numbers across a
+    power of two, float32 inputs) next to many that are: the second pass counts the first
+    kind by packing them, the second by a count, and both agree with the torch ops, for one
+    bin and for two at once (quartiles)."""
+    from mergekit_math.kernels.select import kth_largest_bits, tensor_parts
+    from mergekit_math.methods.selection import kth_selects
+
+    n = 1_000_003
+    g = torch.Generator().manual_seed(7)
+    full = torch.randn(n, generator=g).abs()
+    values = full.to(torch.bfloat16).float()
+    pick = torch.rand(n, generator=g) < full_share
+    values[pick] = full[pick]
+    assert bool((values.view(torch.int32) & (2**15 - 1) != 0).any())
+    ks = [int(0.3 * n), n // 7, *[n - q * (n - 1) // 4 for q in (1, 2, 3)]]
+    ranges = [(0, 1), (1, 262_145), (262_145, n - 5), (n - 5, n)]
+    monkeypatch.setenv("MMATH_FUSED", "0")
+    slow = kth_selects(values, ks, ranges=ranges)
+    found = kth_largest_bits(tensor_parts(values, ranges), ks, map, len(ranges))
+    assert [Selection(*f) for f in found] == slow
+
+
 # ------------------------------------------------------------------- through the engine
 
 _RECIPES = {

@@ -105,44 +105,87 @@ def histogram(src, hist):  # noqa: ANN001, ANN201
     return True
 
 
+_SUB = 256  # elements per sub-block of the second pass
+_LOW_MASK = np.uint32(LOW - 1)
+
+
+@njit(inline="always")
+def _clean_and_dirty(sub, bin_):  # noqa: ANN001, ANN202
+    """How many values of ``sub`` lie in bin ``bin_`` with their low 15 bits all zero, and
+    how many with some set (a vectorised reduction)."""
+    clean = 0
+    dirty = 0
+    for i in range(sub.shape[0]):
+        v = sub[i]
+        hit = (v >> np.uint32(SHIFT)) == bin_
+        zero = (v & _LOW_MASK) == 0
+        clean += hit & zero
+        dirty += hit & (not zero)
+    return clean, dirty
+
+
+@njit(inline="always")
+def _pack_dirty(sub, bin_, packed):  # noqa: ANN001, ANN202
+    """The low bits of the values of ``sub`` in bin ``bin_`` with some low bit set, packed
+    into ``packed`` (each written at the next free place, which advances only on a match:
+    no branch); their number."""
+    j = 0
+    for i in range(sub.shape[0]):
+        v = sub[i]
+        packed[j] = v & _LOW_MASK
+        j += ((v >> np.uint32(SHIFT)) == bin_) & ((v & _LOW_MASK) != 0)
+    return j
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def histogram_low(src, bin_, hist):  # noqa: ANN001, ANN201
     """Add the low 15 bits of the magnitudes in bin ``bin_`` to ``hist`` (32768 bins).
 
-    Per block, the low bits of the values in the bin are packed (each written at the next
-    free place, which advances only on a match: no branch), then counted: counting every
-    value with a 0 or 1 would chain most of them through one counter, since a bfloat16
-    model's deltas mostly have their low 15 bits all zero."""
+    A bfloat16 model's deltas mostly have their low 15 bits all zero: per sub-block of 256
+    the values in the bin are counted as clean (all zero: one count for ``hist[0]``) or
+    dirty in one vectorised pass, and only a sub-block with dirty ones packs their low bits
+    (a serial loop) and counts them. Counting every value with a 0 or 1 would chain most of
+    them through ``hist[0]``; packing every sub-block cost 0.65 ns per element, this 0.3."""
     bits = np.empty(_BLOCK, np.uint32)
+    packed = np.empty(_SUB, np.uint32)
     n = size(src)
+    zeros = 0
     for start in range(0, n, _BLOCK):
         count = _block_bits(src, start, n, bits)
-        j = 0
-        for i in range(count):
-            value = bits[i]
-            bits[j] = value & np.uint32(LOW - 1)  # j <= i: packs in place
-            j += (value >> np.uint32(SHIFT)) == bin_
-        for t in range(j):
-            hist[bits[t]] += 1
+        for s in range(0, count, _SUB):
+            sub = bits[s : min(s + _SUB, count)]
+            clean, dirty = _clean_and_dirty(sub, bin_)
+            zeros += clean
+            if dirty:
+                for t in range(_pack_dirty(sub, bin_, packed)):
+                    hist[packed[t]] += 1
+    hist[0] += zeros
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def histogram_low2(src, first, second, hist):  # noqa: ANN001, ANN201
     """:func:`histogram_low` of two bins at once, into the rows of ``hist`` (2 x 32768)."""
     bits = np.empty(_BLOCK, np.uint32)
+    packed = np.empty(_SUB, np.uint32)
     n = size(src)
+    zeros_first = 0
+    zeros_second = 0
     for start in range(0, n, _BLOCK):
         count = _block_bits(src, start, n, bits)
-        j = 0
-        for i in range(count):
-            value = bits[i]
-            high = value >> np.uint32(SHIFT)
-            bits[j] = value
-            j += (high == first) | (high == second)
-        for t in range(j):
-            value = bits[t]
-            row = np.int64((value >> np.uint32(SHIFT)) != first)
-            hist[row, value & np.uint32(LOW - 1)] += 1
+        for s in range(0, count, _SUB):
+            sub = bits[s : min(s + _SUB, count)]
+            clean, dirty = _clean_and_dirty(sub, first)
+            zeros_first += clean
+            if dirty:
+                for t in range(_pack_dirty(sub, first, packed)):
+                    hist[0, packed[t]] += 1
+            clean, dirty = _clean_and_dirty(sub, second)
+            zeros_second += clean
+            if dirty:
+                for t in range(_pack_dirty(sub, second, packed)):
+                    hist[1, packed[t]] += 1
+    hist[0, 0] += zeros_first
+    hist[1, 0] += zeros_second
 
 
 def _pick(hist: np.ndarray, k: int) -> tuple[int, int]:
