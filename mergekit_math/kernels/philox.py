@@ -58,9 +58,10 @@ def philox(x0, x1, x2, x3, k0, k1):  # noqa: ANN001, ANN201
 
 
 @njit(inline="always")
-def _fill(words, q, first, last, k0, k1):  # noqa: ANN001, ANN202
-    """words[4c .. 4c+3] = the words of block ``q``'s counter ``c`` for c in [first, last)."""
-    counter = np.uint64(q) * np.uint64(_PER_BLOCK)
+def _fill(words, q, first, last, k0, k1, skip=0):  # noqa: ANN001, ANN202
+    """words[4c .. 4c+3] = the words of block ``q``'s counter ``skip + c`` for c in [first,
+    last) (``skip``: the primary counters, for the spare words)."""
+    counter = np.uint64(q) * np.uint64(_PER_BLOCK) + np.uint64(skip)
     for c in range(first, last):
         w0, w1, w2, w3 = philox(counter + np.uint64(c), _ZERO, _ZERO, _ZERO, k0, k1)
         words[4 * c] = w0
@@ -76,17 +77,6 @@ def _spare(spare, q, r, k0, k1):  # noqa: ANN001, ANN202
         w = spare[r >> 1]
         return (w >> np.uint64(32)) if r & 1 else (w & _LOW32)
     return philox(np.uint64(q), np.uint64(r), np.uint64(1), _ZERO, k0, k1)[0] & _LOW32
-
-
-@njit(inline="always")
-def _spares(spare, q, k0, k1):  # noqa: ANN001, ANN202
-    counter = np.uint64(q) * np.uint64(_PER_BLOCK)
-    for s in range(64):
-        w0, w1, w2, w3 = philox(counter + np.uint64(_PRIMARY + s), _ZERO, _ZERO, _ZERO, k0, k1)
-        spare[4 * s] = w0
-        spare[4 * s + 1] = w1
-        spare[4 * s + 2] = w2
-        spare[4 * s + 3] = w3
 
 
 @njit(inline="always")
@@ -121,7 +111,7 @@ def keep_into(k0, k1, start, tb, tl, out):  # noqa: ANN001, ANN201
         _fill(words, q, first, (lo + m + 31) >> 5, k0, k1)
         _below(data[lo : lo + m], b, out[i : i + m])
         if tl:
-            _spares(spare, q, k0, k1)
+            _fill(spare, q, 0, 64, k0, k1, _PRIMARY)
             rank = 0
             # words holding a byte equal to tb (a zero byte of word ^ pattern), eight at a time
             for w in range(first << 2, (lo + m + 7) >> 3):
