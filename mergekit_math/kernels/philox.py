@@ -58,10 +58,10 @@ def philox(x0, x1, x2, x3, k0, k1):  # noqa: ANN001, ANN201
 
 
 @njit(inline="always")
-def _fill(words, q, first, last, k0, k1, skip=0):  # noqa: ANN001, ANN202
-    """words[4c .. 4c+3] = the words of block ``q``'s counter ``skip + c`` for c in [first,
-    last) (``skip``: the primary counters, for the spare words)."""
-    counter = np.uint64(q) * np.uint64(_PER_BLOCK) + np.uint64(skip)
+def _fill(words, counter, first, last, k0, k1):  # noqa: ANN001, ANN202
+    """words[4c .. 4c+3] = the words of counter ``(counter + c, 0, 0, 0)`` for c in [first,
+    last)."""
+    counter = np.uint64(counter)
     for c in range(first, last):
         w0, w1, w2, w3 = philox(counter + np.uint64(c), _ZERO, _ZERO, _ZERO, k0, k1)
         words[4 * c] = w0
@@ -108,10 +108,11 @@ def keep_into(k0, k1, start, tb, tl, out):  # noqa: ANN001, ANN201
         # a tie's spare word is numbered by the ties before it in its block: from the
         # block's start where there are ties to decide and the range starts inside it
         first = 0 if tl and lo else lo >> 5
-        _fill(words, q, first, (lo + m + 31) >> 5, k0, k1)
+        counter = q * _PER_BLOCK
+        _fill(words, counter, first, (lo + m + 31) >> 5, k0, k1)
         _below(data[lo : lo + m], b, out[i : i + m])
         if tl:
-            _fill(spare, q, 0, 64, k0, k1, _PRIMARY)
+            _fill(spare, counter + _PRIMARY, 0, 64, k0, k1)
             rank = 0
             # words holding a byte equal to tb (a zero byte of word ^ pattern), eight at a time
             for w in range(first << 2, (lo + m + 7) >> 3):
@@ -133,9 +134,4 @@ def raw_into(k0, k1, first, out):  # noqa: ANN001, ANN201
     """out[4c .. 4c+3] = the words of counter ``(first + c, 0, 0, 0)``: what
     :func:`~mergekit_math.methods.masks.raw_numpy` returns (0.3 against 1.1 ns per element
     of a mask block)."""
-    for c in range(out.shape[0] // 4):
-        w0, w1, w2, w3 = philox(np.uint64(first + c), _ZERO, _ZERO, _ZERO, k0, k1)
-        out[4 * c] = w0
-        out[4 * c + 1] = w1
-        out[4 * c + 2] = w2
-        out[4 * c + 3] = w3
+    _fill(out, first, 0, out.shape[0] // 4, k0, k1)

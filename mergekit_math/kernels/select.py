@@ -137,6 +137,17 @@ def _pack_dirty(sub, bin_, packed):  # noqa: ANN001, ANN202
     return j
 
 
+@njit(inline="always")
+def _count_low(sub, bin_, packed, hist):  # noqa: ANN001, ANN202
+    """Add the low bits of the dirty values of ``sub`` in bin ``bin_`` to ``hist``; the number
+    of its clean ones (all for ``hist[0]``, added once by the caller)."""
+    clean, dirty = _clean_and_dirty(sub, bin_)
+    if dirty:
+        for t in range(_pack_dirty(sub, bin_, packed)):
+            hist[packed[t]] += 1
+    return clean
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def histogram_low(src, bin_, hist):  # noqa: ANN001, ANN201
     """Add the low 15 bits of the magnitudes in bin ``bin_`` to ``hist`` (32768 bins).
@@ -153,12 +164,7 @@ def histogram_low(src, bin_, hist):  # noqa: ANN001, ANN201
     for start in range(0, n, _BLOCK):
         count = _block_bits(src, start, n, bits)
         for s in range(0, count, _SUB):
-            sub = bits[s : min(s + _SUB, count)]
-            clean, dirty = _clean_and_dirty(sub, bin_)
-            zeros += clean
-            if dirty:
-                for t in range(_pack_dirty(sub, bin_, packed)):
-                    hist[packed[t]] += 1
+            zeros += _count_low(bits[s : min(s + _SUB, count)], bin_, packed, hist)
     hist[0] += zeros
 
 
@@ -174,16 +180,8 @@ def histogram_low2(src, first, second, hist):  # noqa: ANN001, ANN201
         count = _block_bits(src, start, n, bits)
         for s in range(0, count, _SUB):
             sub = bits[s : min(s + _SUB, count)]
-            clean, dirty = _clean_and_dirty(sub, first)
-            zeros_first += clean
-            if dirty:
-                for t in range(_pack_dirty(sub, first, packed)):
-                    hist[0, packed[t]] += 1
-            clean, dirty = _clean_and_dirty(sub, second)
-            zeros_second += clean
-            if dirty:
-                for t in range(_pack_dirty(sub, second, packed)):
-                    hist[1, packed[t]] += 1
+            zeros_first += _count_low(sub, first, packed, hist[0])
+            zeros_second += _count_low(sub, second, packed, hist[1])
     hist[0, 0] += zeros_first
     hist[1, 0] += zeros_second
 
