@@ -382,13 +382,17 @@ def test_selection_merges_read_each_range_once_with_the_kernels(
     from mergekit_math.recipe import load_recipe
 
     reads: Counter = Counter()
-    read_range = Checkpoint.read_range
 
-    def counted(self, name, start, end, *args, **kwargs):
-        reads[(id(self), name, start, end)] += 1
-        return read_range(self, name, start, end, *args, **kwargs)
+    def counting(read):
+        def counted(self, name, start, end, *args, **kwargs):
+            reads[(id(self), name, start, end)] += 1
+            return read(self, name, start, end, *args, **kwargs)
 
-    monkeypatch.setattr(Checkpoint, "read_range", counted)
+        return counted
+
+    # into tensors, or into numpy arrays where the merge runs without torch
+    monkeypatch.setattr(Checkpoint, "read_range", counting(Checkpoint.read_range))
+    monkeypatch.setattr(Checkpoint, "read_host", counting(Checkpoint.read_host))
     params = _RECIPES[method]
     recipe = write_recipe(
         tmp_path / "r.yaml",

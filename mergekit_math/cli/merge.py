@@ -355,15 +355,14 @@ def merge(
 
 
 def _load_torch(threads: int | None) -> None:
-    """Import torch once planning is done (see :mod:`mergekit_math.cli.startup`)."""
-    from mergekit_math.cli.startup import import_torch, tune_malloc
+    """Ready the process for a merge once planning is done (see
+    :mod:`mergekit_math.cli.startup`): torch is imported by the merge where it needs it
+    (:mod:`mergekit_math.merge.host`), with ``threads`` intra-op threads."""
+    from mergekit_math.cli.startup import tune_malloc
+    from mergekit_math.merge.host import set_threads
 
     tune_malloc()
-    import_torch()
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+    set_threads(threads)
 
 
 def is_multi_document(path: Path) -> bool:

@@ -1,17 +1,14 @@
-"""The garbage collector around torch, for a merge's start-up and exit (measurements in
+"""The process around a merge, for its start-up and exit (measurements in
 docs/benchmarks.md, "Start-up").
 
 Importing torch is most of a small merge's start-up, and it leaves about 160,000 objects that
-the cyclic garbage collector tracks (numpy's included). Two things make it cheaper without
-touching what is computed:
+the cyclic garbage collector tracks (numpy's included). A merge imports it only where it
+needs it, through :func:`mergekit_math.merge.host.import_torch` (collector paused, objects
+frozen: about 0.25 s); a merge whose tensors all go through compiled kernels never does.
 
-- :func:`import_torch`: the cyclic collector would traverse those objects again and again
-  while they are created, and then in every full collection of the merge. They are imported
-  with the collector paused, then frozen (``gc.freeze``: out of the collector's sight, still
-  freed by reference counting). About 0.25 s.
 - :func:`freeze_for_exit`: at exit CPython runs full collections over everything alive, torch's
   objects included, before the process gives its memory back anyway. About 0.5 s. Only after a
-  merge has imported torch through :func:`import_torch`: the output is complete and closed by
+  merge has imported torch through ``import_torch``: the output is complete and closed by
   then (atexit handlers and the flushing of stdout/stderr still run).
 
 - :func:`tune_malloc`: the merge allocates and frees the same few buffer sizes (256K-element
@@ -27,27 +24,6 @@ from __future__ import annotations
 
 import gc
 import sys
-
-_imported = False
-
-
-def import_torch() -> None:
-    """Import torch with the cyclic collector paused, then freeze the objects that exist.
-    Nothing is done where torch is already imported (a long-lived process, the tests): there
-    the heap holds more than start-up objects."""
-    global _imported
-    if "torch" in sys.modules:
-        return
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        import torch  # noqa: F401
-    finally:
-        if enabled:
-            gc.enable()
-    gc.freeze()
-    _imported = True
-
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -79,5 +55,7 @@ def tune_malloc() -> None:
 
 def freeze_for_exit() -> None:
     """Spare the interpreter's final full collections once a merge has imported torch."""
-    if _imported:
+    from mergekit_math.merge.host import imported_here
+
+    if imported_here():
         gc.freeze()

@@ -44,6 +44,13 @@ DTYPES: dict[str, tuple[str, int]] = {
     "F8_E4M3": ("float8_e4m3fn", 1),
     "F8_E5M2": ("float8_e5m2", 1),
 }
+# stored dtype -> the numpy dtype its bytes are viewed as without torch (bits where numpy
+# has no such type)
+NUMPY_VIEWS = {name: name for name, _ in DTYPES.values()} | {
+    "bfloat16": "uint16",
+    "float8_e4m3fn": "uint8",
+    "float8_e5m2": "uint8",
+}
 # The safetensors library's own limit on the header's size.
 MAX_HEADER = 100_000_000
 

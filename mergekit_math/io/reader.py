@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergekit_math.errors import UserError
-from mergekit_math.io.input_file import DTYPES, InputFile, read_safetensors_header
+from mergekit_math.io.input_file import DTYPES, NUMPY_VIEWS, InputFile, read_safetensors_header
 from mergekit_math.io.resolve import inside
 
 if TYPE_CHECKING:
@@ -355,6 +355,24 @@ class Checkpoint:
             )
         handle.read_into(memoryview(out.numpy())[:nbytes], offset)
         return out[:nbytes].view(dtype)
+
+    def read_host(self, name: str, start: int, end: int, out: Any) -> Any:
+        """Elements ``[start, end)`` of the flattened tensor read (``pread``) into the numpy
+        uint8 array ``out`` (at least ``(end - start) * itemsize`` bytes), returned as a flat
+        numpy view in the dtype's ``NUMPY_VIEWS`` type (bfloat16 as uint16 bits). Checks the
+        file as :meth:`read_range` does; not for pickled checkpoints. Thread-safe."""
+        info = self.info_or_error(name)
+        if self._pickled is not None:
+            raise RuntimeError(f"{self.ref}: read_host() on a pickled checkpoint")
+        itemsize = ITEMSIZE[info.dtype]
+        nbytes = (end - start) * itemsize
+        self._inputs[info.file].read_into(memoryview(out)[:nbytes], info.offset + start * itemsize)
+        return out[:nbytes].view(NUMPY_VIEWS[info.dtype])
+
+    @property
+    def pickled(self) -> bool:
+        """Whether the weights come from pickled ``.bin`` files (read whole through torch)."""
+        return self._pickled is not None
 
     def release_range(self, name: str, start: int, end: int) -> None:
         """Drop the mapped pages of elements ``[start, end)`` from the resident set.

@@ -17,11 +17,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from mergekit_math.io.reader import CODE_BY_DTYPE, SINGLE_FILE, WEIGHT_INDEX, TensorInfo
+from mergekit_math.io.reader import CODE_BY_DTYPE, ITEMSIZE, SINGLE_FILE, WEIGHT_INDEX, TensorInfo
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
@@ -51,6 +52,28 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+class HostPart:
+    """Consecutive elements of an output tensor in numpy: ``data`` (flat, contiguous, any
+    view of the bytes) and the safetensors dtype name they are stored as. Answers what the
+    merge loop and the writer ask of a part (``dtype``, ``numel()``, ``element_size()``)."""
+
+    __slots__ = ("data", "dtype")
+
+    def __init__(self, data: Any, dtype: str):
+        self.data = data
+        self.dtype = dtype
+
+    def numel(self) -> int:
+        return self.data.nbytes // self.element_size()
+
+    def element_size(self) -> int:
+        return ITEMSIZE[self.dtype]
+
+    def bytes(self) -> Any:
+        """The part's bytes, as a flat uint8 array (no copy)."""
+        return self.data.reshape(-1).view("uint8")
 
 
 @dataclass
@@ -108,13 +131,13 @@ class _ShardFile:
     STAGE = 8 << 20
 
     def __init__(self, path: Path, direct: bool = True):
-        import torch
+        import numpy as np
 
         self.path = path
         self.size = 0
         self.offset = 0  # bytes already on disk (a multiple of BLOCK in direct mode)
         self.fill = 0
-        self.stage: torch.Tensor | None = None
+        self.stage: np.ndarray | None = None
         self._map: mmap.mmap | None = None
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         self.fd = -1
@@ -122,23 +145,22 @@ class _ShardFile:
             try:
                 self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
                 self._map = mmap.mmap(-1, self.STAGE)  # page-aligned
-                with torch.inference_mode(False):  # a normal tensor: updated in any mode
-                    self.stage = torch.frombuffer(self._map, dtype=torch.uint8)
+                self.stage = np.frombuffer(self._map, dtype=np.uint8)
             except OSError:
                 self.fd = -1
         if self.fd < 0:
             self.fd = os.open(path, flags, 0o644)
 
-    def write(self, data: torch.Tensor) -> None:
-        """Append the bytes of a 1-D uint8 tensor."""
-        self.size += data.numel()
+    def write(self, data: np.ndarray) -> None:
+        """Append the bytes of a 1-D uint8 array."""
+        self.size += data.size
         if self.stage is None:
-            self._write_all(memoryview(data.numpy()))
+            self._write_all(memoryview(data))
             return
-        done, total = 0, data.numel()
+        done, total = 0, data.size
         while done < total:
             n = min(total - done, self.STAGE - self.fill)
-            self.stage[self.fill : self.fill + n].copy_(data[done : done + n])
+            self.stage[self.fill : self.fill + n] = data[done : done + n]
             self.fill += n
             done += n
             if self.fill == self.STAGE:
@@ -177,7 +199,7 @@ class _ShardFile:
         """Write what is staged, cut the file to its size, fsync and close."""
         if self.stage is not None and self.fill:
             padded = -(-self.fill // self.BLOCK) * self.BLOCK
-            self.stage[self.fill : padded].zero_()
+            self.stage[self.fill : padded] = 0
             self._flush(padded)
             os.ftruncate(self.fd, self.size)  # drop the padding
         os.fsync(self.fd)
@@ -191,6 +213,17 @@ class _ShardFile:
         if self._map is not None:
             self._map.close()
             self._map = None
+
+
+def _bytes_of(part: torch.Tensor | HostPart) -> np.ndarray:
+    """A part's bytes as a flat uint8 numpy array (a copy only for a tensor that is not a
+    contiguous CPU one)."""
+    if not hasattr(part, "detach"):  # a HostPart
+        return part.bytes()  # type: ignore[union-attr]
+    import torch
+
+    data = part.detach().to("cpu").contiguous().reshape(-1)  # type: ignore[union-attr]
+    return data.view(torch.uint8).numpy()
 
 
 @contextmanager
@@ -222,7 +255,7 @@ class ShardedWriter:
     def _open(self, shard_index: int) -> _ShardFile:
         if self._file is not None:
             self._finish_file()
-        import torch
+        import numpy as np
 
         shard = self.shards[shard_index]
         path = self.folder / shard.filename
@@ -230,7 +263,7 @@ class ShardedWriter:
             f = _ShardFile(path, self.direct)
             header = bytearray(_header(shard, {"format": "pt"}))
             try:
-                f.write(torch.frombuffer(header, dtype=torch.uint8))
+                f.write(np.frombuffer(header, dtype=np.uint8))
             except BaseException:
                 f.close()
                 raise
@@ -258,8 +291,9 @@ class ShardedWriter:
             )
         self.write_part(name, tensor, last=True)
 
-    def write_part(self, name: str, part: torch.Tensor, last: bool) -> None:
-        """Append the next elements (in row-major order) of the plan's current tensor.
+    def write_part(self, name: str, part: torch.Tensor | HostPart, last: bool) -> None:
+        """Append the next elements (in row-major order) of the plan's current tensor: a
+        tensor, or a :class:`HostPart` (numpy bytes).
 
         ``last`` marks the tensor's final part: by then exactly its planned element count must
         have been written.
@@ -280,12 +314,10 @@ class ShardedWriter:
             )
         f = self._file if shard_index == self._shard_index else self._open(shard_index)
         assert f is not None
-        import torch
-
-        data = part.detach().to("cpu").contiguous().reshape(-1)
-        if data.numel():
+        data = _bytes_of(part)
+        if data.size:
             with _naming(f.path):
-                f.write(data.view(torch.uint8))
+                f.write(data)
         if last:
             self._next += 1
             self._written = 0

@@ -6,6 +6,7 @@ a temporary folder that is renamed into place only when everything is written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -21,8 +22,10 @@ from typing import TYPE_CHECKING, Any
 from mergekit_math.errors import UserError
 from mergekit_math.io.atomic import atomic_output
 from mergekit_math.io.progress import byte_progress
+from mergekit_math.io.writer import HostPart
 from mergekit_math.merge.finite import FiniteCheck
 from mergekit_math.merge.fused import FusedRange
+from mergekit_math.merge.host import default_threads, import_torch, runs_without_torch
 from mergekit_math.merge.inputs import _item_inputs, _range_bytes
 from mergekit_math.merge.memory import CHUNK_ELEMENTS, _budgets, check_memory, item_ranges
 from mergekit_math.merge.prepare import _prepare_states
@@ -101,11 +104,14 @@ def _copy_parts(
 ) -> Iterator[torch.Tensor]:
     """The single input of a copied (non-float) tensor, as stored."""
     _, ckpt, name = _item_inputs(plan, item)[0]
-    shape = ckpt.info(name).shape
+    info = ckpt.info(name)
     whole = len(ranges) == 1
     for start, end in ranges:
         raw, nbytes = _fetch(plan, item, run, start, end)
-        part = raw[0].reshape(shape) if whole else raw[0]
+        if run is not None and run.host:
+            part: Any = HostPart(raw[0], info.dtype)
+        else:
+            part = raw[0].reshape(info.shape) if whole else raw[0]
         _release(run, nbytes)
         yield part
 
@@ -132,14 +138,17 @@ class _RangeMerge:
     generators: list[MaskStream] | None
     states: Any
     shaped: bool  # the item is one range: its inputs keep their shapes
-    out_dtype: torch.dtype
+    out_dtype: str
     fused: FusedRange | None = None
 
-    def __call__(self, raw: list[torch.Tensor], start: int, end: int) -> torch.Tensor:
+    def __call__(self, raw: list[Any], start: int, end: int) -> torch.Tensor | HostPart:
         from mergekit_math.methods import MergeInputs
 
         if self.fused is not None:
             result = self.fused(raw, start, self.states)
+            if isinstance(result, HostPart):  # flat: the writer wants no shape
+                _release_range(self.plan, self.item, start, end)
+                return result
             if result is not None:
                 _release_range(self.plan, self.item, start, end)
                 return result.reshape(self.item.out.shape) if self.shaped else result
@@ -155,7 +164,7 @@ class _RangeMerge:
                 states=self.states,
             )
         )
-        result = result.to(self.out_dtype).cpu()
+        result = result.to(_torch_dtype(self.out_dtype)).cpu()
         _release_range(self.plan, self.item, start, end)
         return result
 
@@ -228,7 +237,7 @@ def compute_item(
         yield from _copy_parts(plan, item, run, ranges)
         return
 
-    out_dtype = _torch_dtype(item.out.dtype)
+    out_dtype = item.out.dtype
     finite = FiniteCheck(plan, item, run.strict_finite, run.warn) if run is not None else None
     inputs = _RangeInputs(plan, item, device, finite)
     generators = _generators(plan, item)
@@ -264,7 +273,7 @@ def compute_item(
         finite.report()
 
 
-def _units(plan: Plan, device: str, chunk: int, pin: bool) -> Iterator[Unit]:
+def _units(plan: Plan, device: str, chunk: int, pin: bool, host: bool) -> Iterator[Unit]:
     """What the read-ahead thread reads: every range of every item, in the order computed."""
     return (
         Unit(
@@ -272,7 +281,7 @@ def _units(plan: Plan, device: str, chunk: int, pin: bool) -> Iterator[Unit]:
             start,
             end,
             _range_bytes(plan, item, start, end),
-            partial(_read_range, plan, item, start, end, pin),
+            partial(_read_range, plan, item, start, end, pin, host=host),
         )
         for item in plan.items
         for start, end in item_ranges(plan, item, device, chunk)
@@ -296,12 +305,18 @@ def _one_intra_op_thread() -> None:
     torch.set_num_threads(1)
 
 
+def _host_thread() -> None:
+    """:func:`_one_intra_op_thread` where torch is imported; nothing in a merge on numpy
+    arrays that has not imported it (a fallback that imports it sets one thread then,
+    :func:`~mergekit_math.merge.host.as_torch`)."""
+    if "torch" in sys.modules:
+        _one_intra_op_thread()
+
+
 def _compute_pool(workers: int) -> ThreadPoolExecutor:
     """The worker threads for chunks, with one intra-op thread each so that ``workers``
     chunks in parallel do not oversubscribe the cores."""
-    return ThreadPoolExecutor(
-        workers, thread_name_prefix="mmath-compute", initializer=_one_intra_op_thread
-    )
+    return ThreadPoolExecutor(workers, thread_name_prefix="mmath-compute", initializer=_host_thread)
 
 
 def _merge_items(
@@ -313,13 +328,12 @@ def _merge_items(
     on_tensor: Callable[[PlanItem], None] | None,
 ) -> None:
     """Compute every item in plan order and hand its parts to the writer thread."""
-    import torch
-
-    with torch.inference_mode():
+    torch = None if run.host else sys.modules["torch"]
+    with torch.inference_mode() if torch is not None else contextlib.nullcontext():
         for item in plan.items:
             # through the module global, so that a wrapper set on the module takes effect
             parts = compute_item(plan, item, device, run=run)
-            if isinstance(parts, torch.Tensor):
+            if torch is not None and isinstance(parts, torch.Tensor):
                 parts = iter([parts])
             name = item.out.name
             # one part behind, so that the last part of a tensor can be marked as last
@@ -374,13 +388,17 @@ def stream_plan(
     threads: int | None = None,
     strict_finite: bool = False,
     warn: Callable[[str], None] | None = None,
+    host: bool = False,
 ) -> None:
     """Compute every output tensor of the plan into ``sink`` (see :func:`execute` for the
     options): the one merge loop, whatever receives its bytes. The sink is closed at the
-    end, or aborted on failure."""
-    import torch
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    end, or aborted on failure. With ``host`` (a plan :func:`~mergekit_math.merge.host.
+    runs_without_torch` accepts, a sink that takes :class:`HostPart`s) the inputs are read
+    into numpy arrays and torch is not imported."""
+    if not host:
+        import_torch()
+    torch = sys.modules.get("torch")
+    if device.startswith("cuda") and not (torch is not None and torch.cuda.is_available()):
         raise UserError("--device cuda: no CUDA device is available here")
     if max_memory is not None:
         check_memory(plan, max_memory, device)
@@ -389,15 +407,14 @@ def stream_plan(
         chunk = chunk_elements
     pin = device.startswith("cuda")
     bar = byte_progress(plan.write_bytes, f"merge {plan.method.name}", progress)
-    workers = threads or torch.get_num_threads()
-    prefetch = Prefetcher(_units(plan, device, chunk, pin), io_budget, _one_intra_op_thread)
+    workers = threads or default_threads()
+    prefetch = Prefetcher(_units(plan, device, chunk, pin, host), io_budget, _host_thread)
     writes = WriterThread(
-        lambda part, name, last: sink.write_part(name, part, last),
-        io_budget,
-        init=_one_intra_op_thread,
+        lambda part, name, last: sink.write_part(name, part, last), io_budget, init=_host_thread
     )
     pool = _compute_pool(workers)
     run = _Run(prefetch, chunk, pool, workers, strict_finite=strict_finite, warn=warn or _warn)
+    run.host = host
     try:
         began = time.perf_counter()
         _merge_items(plan, device, run, writes, bar, on_tensor)
@@ -450,6 +467,7 @@ def execute(
     from mergekit_math.io.writer import ShardedWriter
 
     if device.startswith("cuda"):
+        import_torch()
         import torch
 
         if not torch.cuda.is_available():
@@ -471,6 +489,7 @@ def execute(
             threads=threads,
             strict_finite=strict_finite,
             warn=warn,
+            host=also is None and runs_without_torch(plan, device),
         )
         write_model_files(plan, tmp)
     return out_dir.absolute()

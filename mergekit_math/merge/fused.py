@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from mergekit_math.io.writer import HostPart
 from mergekit_math.merge.finite import FiniteCheck
 from mergekit_math.merge.inputs import _item_inputs
 from mergekit_math.merge.types import Plan, PlanItem
@@ -70,19 +71,27 @@ class FusedRange:
         return cls(plan, item, finite, generators)
 
     def __call__(
-        self, raw: list[torch.Tensor], start: int, states: list[Any] | None
-    ) -> torch.Tensor | None:
+        self, raw: list[Any], start: int, states: list[Any] | None
+    ) -> torch.Tensor | HostPart | None:
         """The output of the range starting at flat ``start`` (flat, in the output dtype),
-        or None where the method's kernel declines."""
+        or None where the method's kernel declines. Inputs read into numpy arrays (a merge
+        without torch) give a :class:`HostPart`, tensors a tensor."""
         import numpy as np
-        import torch
 
         from mergekit_math.methods import FusedInputs
 
         arrays = [_as_numpy(t) for t in raw]
         n = arrays[0].shape[0]
         view, torch_view = _VIEWS[self.out_dtype]
-        out = torch.empty(n, dtype=getattr(torch, self.out_dtype))
+        host = isinstance(raw[0], np.ndarray)
+        if host:
+            out_array = np.empty(n, view)
+            out: Any = HostPart(out_array, self.out_dtype)
+        else:
+            import torch
+
+            out = torch.empty(n, dtype=getattr(torch, self.out_dtype))
+            out_array = out.view(getattr(torch, torch_view)).numpy().view(view)
         bad = np.zeros(len(arrays), np.int64)
         base = arrays[0] if self.has_base else None
         done = self.plan.method.fused(
@@ -94,7 +103,7 @@ class FusedRange:
                 generators=self.generators,
                 offset=start,
                 states=states,
-                out=out.view(getattr(torch, torch_view)).numpy().view(view),
+                out=out_array,
                 bad=bad,
             )
         )
@@ -137,7 +146,11 @@ class FusedRange:
         return StoredMagnitude(parts, self.item.out.numel)
 
 
-def _as_numpy(t: torch.Tensor) -> Any:
+def _as_numpy(t: Any) -> Any:
+    """A range's raw input as a flat numpy array (bfloat16 as uint16 bits): a tensor viewed,
+    an array read into numpy as it is."""
+    if not hasattr(t, "data_ptr"):
+        return t.reshape(-1)
     import torch
 
     flat = t.reshape(-1)

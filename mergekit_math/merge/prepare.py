@@ -4,6 +4,7 @@ the reused scratch buffer, and runs its passes on the engine's worker threads.""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -40,8 +41,6 @@ def _prepare_states(
     is assembled range by range into the reused scratch buffer (on the worker threads).
     With ``held`` (every range's raw inputs, read once for prepare and merge) and a fused
     kernel, magnitudes are not assembled: the compiled selection reads them from ``held``."""
-    import torch
-
     from mergekit_math import kernels
     from mergekit_math.methods import PrepareInputs
 
@@ -50,7 +49,7 @@ def _prepare_states(
 
     def fill(buf: torch.Tensor, i: int, start: int, end: int, absolute: bool) -> None:
         # no finite check: the merge pass reads these ranges again and checks them
-        raw = _read_range(plan, item, start, end, only=i)
+        raw = _read_range(plan, item, start, end, only=i, host=run is not None and run.host)
         if fused is None or not fused.delta(raw, i, buf[start:end], absolute):
             _, deltas = inputs(raw, shaped=False, check=False, only=i)
             buf[start:end] = deltas[i]
@@ -100,7 +99,11 @@ def _prepare_states(
         return chunking.prepare(prepare_inputs)
     # The heavy passes go through chunk_map; what is left here (selections over a few % of
     # the elements) runs on one thread: OpenMP fan-out of it next to the reader, the writer
-    # and other processes costs more than it gains (5-10x on a busy 2-core machine).
+    # and other processes costs more than it gains (5-10x on a busy 2-core machine). A merge
+    # on numpy arrays (``run.host``) may not have imported torch: its passes are compiled.
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return chunking.prepare(prepare_inputs)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

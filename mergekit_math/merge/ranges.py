@@ -4,11 +4,14 @@ ranges (:class:`_Run`, the reused scratch buffer, the worker-thread wrapper)."""
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from mergekit_math.io.input_file import NUMPY_VIEWS
 from mergekit_math.io.reader import ITEMSIZE
 from mergekit_math.merge.finite import FiniteCheck
 from mergekit_math.merge.inputs import _item_inputs
@@ -37,14 +40,22 @@ class _Run:
     buffers: dict[str, Any] = field(default_factory=dict)  # see _buffer
     strict_finite: bool = False  # refuse inputs with NaN/inf instead of warning
     warn: Callable[[str], None] | None = None
+    host: bool = False  # inputs are read into numpy arrays (mergekit_math.merge.host)
 
 
 def _read_range(
-    plan: Plan, item: PlanItem, start: int, end: int, pin: bool = False, only: int | None = None
-) -> list[torch.Tensor]:
+    plan: Plan,
+    item: PlanItem,
+    start: int,
+    end: int,
+    pin: bool = False,
+    only: int | None = None,
+    host: bool = False,
+) -> list[Any]:
     """The raw (stored dtype) inputs of ``item`` for flat elements ``[start, end)``, read
     (``pread``) into buffers of their own, pinned with ``pin``; with ``only``, just the base
-    and that source (with its origin): the others are empty.
+    and that source (with its origin): the others are empty. With ``host`` they are flat
+    numpy arrays (``NUMPY_VIEWS`` types: bfloat16 as uint16 bits), and torch is not used.
 
     Not views of mapped files: a read fault maps a whole fault-around block or large folio
     (up to 2 MiB here) around the page touched, so releasing a chunk's pages after use
@@ -52,6 +63,8 @@ def _read_range(
     over a TinyLlama merge). A copy out of the page cache costs no more than faulting the
     mapping in (0.78 s vs 0.83 s for 2.2 GB, warm).
     """
+    if host:
+        return _read_host(plan, item, start, end, only)
     import torch
 
     out = []
@@ -65,6 +78,23 @@ def _read_range(
         size = (end - start) * ITEMSIZE[info.dtype]
         buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
         out.append(ckpt.read_range(name, start, end, out=buf))
+    return out
+
+
+def _read_host(plan: Plan, item: PlanItem, start: int, end: int, only: int | None) -> list[Any]:
+    """:func:`_read_range` into numpy arrays."""
+    import numpy as np
+
+    out = []
+    source = -1
+    for role, ckpt, name in _item_inputs(plan, item):
+        info = ckpt.info(name)
+        source += role in ("source", "delta")
+        if only is not None and role != "base" and source != only:
+            out.append(np.empty(0, NUMPY_VIEWS[info.dtype]))
+            continue
+        buf = np.empty((end - start) * ITEMSIZE[info.dtype], np.uint8)
+        out.append(ckpt.read_host(name, start, end, buf))
     return out
 
 
@@ -83,11 +113,20 @@ class _RangeInputs:
         inputs = _item_inputs(plan, item)
         self.roles = [r for r, _, _ in inputs]
         self.shapes = [c.info(n).shape for _, c, n in inputs]
+        self.stored = [c.info(n).dtype for _, c, n in inputs]
         self.device = device
-        self.compute = _torch_dtype(recipe.compute_dtype)
-        self.load = _torch_dtype(recipe.dtype) if recipe.dtype else None
+        self.compute_name = recipe.compute_dtype
+        self.load_name = recipe.dtype
         self.delta_kind = plan.method.kind == "delta"
         self.finite = finite
+
+    @functools.cached_property
+    def compute(self) -> torch.dtype:
+        return _torch_dtype(self.compute_name)
+
+    @functools.cached_property
+    def load(self) -> torch.dtype | None:
+        return _torch_dtype(self.load_name) if self.load_name else None
 
     def upcast(self, t: torch.Tensor) -> torch.Tensor:
         y = t.to(self.load) if self.load is not None else t
@@ -99,7 +138,12 @@ class _RangeInputs:
         self, raw: list[torch.Tensor], shaped: bool, check: bool = True, only: int | None = None
     ) -> tuple[Any, list[torch.Tensor]]:
         """(base, per-source tensor or delta) in the compute dtype from one range's raw data;
-        with ``only``, just that source's (the others are empty placeholders, not computed)."""
+        with ``only``, just that source's (the others are empty placeholders, not computed).
+        Ranges read into numpy (``_Run.host``) are turned into tensors first (no copy)."""
+        if raw and not hasattr(raw[0], "data_ptr"):
+            from mergekit_math.merge.host import as_torch
+
+            raw = [as_torch(t, dtype) for t, dtype in zip(raw, self.stored)]
         if shaped:
             raw = [t.reshape(shape) for t, shape in zip(raw, self.shapes)]
         finite = self.finite if check else None
@@ -173,7 +217,10 @@ def _buffer(run: _Run | None, key: str, numel: int, dtype: Any) -> Any:
 
 
 def _in_worker(fn: Callable[..., Any], *args: Any) -> Any:
-    import torch
-
+    """``fn(*args)`` on a worker thread, in torch's inference mode where torch is imported
+    (a merge on numpy arrays may never import it)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return fn(*args)
     with torch.inference_mode():
         return fn(*args)

@@ -190,13 +190,17 @@ class Chunking(Generic[S, M]):
     where its fused kernel runs; its ``prepare`` then gets the inputs as read
     (:attr:`PrepareInputs.held`, held for the merge) and computes its statistics with
     compiled passes over them; ``buffers`` then counts what its states hold per element
-    besides (in compute-dtype units: DELLA's 1-byte keep masks).
+    besides (in compute-dtype units: DELLA's 1-byte keep masks). ``host``: ``prepare``
+    needs no torch where the fused kernel runs (its statistics from the held inputs by
+    compiled passes only), so a merge on numpy arrays (:mod:`mergekit_math.merge.host`)
+    may run it; a method without ``prepare`` needs none.
     """
 
     applies: Callable[[S, list[M]], bool] = _always
     prepare: Callable[[PrepareInputs[S, M]], list[Any]] | None = None
     buffers: Callable[[S, list[M]], int] = _no_buffers
     compiled: bool = False
+    host: bool = False
     # chunks of a tensor of this shape start at multiples of unit(shape) elements (DELLA:
     # whole rows and whole mask blocks); None: anywhere
     unit: Callable[[tuple[int, ...]], int] | None = None

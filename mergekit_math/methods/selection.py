@@ -148,15 +148,15 @@ def kth_selects(
     threaded ops on each, rather than this thread's OpenMP fan-out, which a busy machine
     makes 5-10x slower).
     """
-    import torch
-
-    if isinstance(values, StoredMagnitude):
+    if isinstance(values, StoredMagnitude):  # no torch: a merge on numpy arrays
         from mergekit_math.kernels.select import kth_largest_bits
 
         parts = list(enumerate(values.parts))
         found = kth_largest_bits(parts, ks, map, len(parts))
         assert found is not None  # magnitudes have no sign bit
         return [Selection(*f) for f in found]
+    import torch
+
     n = values.numel()
     ranges = ranges or [(0, n)]
     if compiled is None:  # on its own: the kernels pay for loading them on large tensors

@@ -47,6 +47,8 @@ def rescale_l1(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> to
 
 def _double(magnitude: torch.Tensor | StoredMagnitude) -> bool:
     """Whether the magnitudes compare as float64 (else float32: see :class:`TieRule`)."""
+    if isinstance(magnitude, StoredMagnitude):  # no torch: a merge on numpy arrays
+        return False
     import torch
 
     return isinstance(magnitude, torch.Tensor) and magnitude.dtype == torch.float64

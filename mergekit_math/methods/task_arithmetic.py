@@ -315,8 +315,9 @@ def _chunking(variant: Variant) -> Chunking[DeltaShared, DeltaModel]:
         selects = variant.sparsification in ("magnitude", "magnitude_outliers")
         return int(selects and any(p.density < 1 for p in params))
 
-    della = variant.sparsification == "della"
-    return Chunking(applies, prepare, buffers, compiled=della, unit=della_unit if della else None)
+    della = variant.sparsification == "della"  # DELLA's keep decisions use torch
+    unit = della_unit if della else None
+    return Chunking(applies, prepare, buffers, compiled=della, host=not della, unit=unit)
 
 
 def _examples(variant: Variant) -> tuple[Example, ...]:

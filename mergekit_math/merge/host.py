@@ -1,0 +1,127 @@
+"""Merging without torch: where every output tensor of a plan is a copy or goes through its
+method's fused kernel, the merge reads, computes and writes numpy arrays and never imports
+torch (measurements in docs/benchmarks.md, "Start-up").
+
+Importing torch is about 1.0-1.3 s of a merge's start-up and exit, half of the IO floor of a
+TinyLlama-sized merge on this machine; the fused kernels take numpy arrays anyway. Here:
+
+- :func:`runs_without_torch`: whether a plan qualifies (CPU, numba kernels enabled, plain
+  safetensors inputs, every item a copy or fused). ``MMATH_TORCH=1`` turns it off.
+- :class:`~mergekit_math.io.writer.HostPart`: a part of an output tensor as numpy bytes and
+  its dtype name, what the sharded writer takes besides torch tensors.
+- :func:`as_torch`: an input range read into numpy as the torch tensor of its stored dtype
+  (zero-copy), where a kernel declines after all and the torch path runs.
+- :func:`import_torch`: the merge's one way of importing torch (the collector paused, the
+  objects frozen), with the thread count asked for by :func:`set_threads`.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+from mergekit_math.io.input_file import NUMPY_VIEWS
+from mergekit_math.merge.fused import FusedRange
+from mergekit_math.merge.types import Plan
+
+if TYPE_CHECKING:
+    import torch
+
+
+def as_torch(array: Any, dtype: str) -> torch.Tensor:
+    """A range read into numpy as a tensor of its stored ``dtype`` sharing the memory. The
+    first call of a merge without torch imports it, with one intra-op thread per thread as
+    a merge with torch has (its threads started without torch)."""
+    if "torch" not in sys.modules:
+        import_torch()
+        import torch
+
+        torch.get_num_threads()
+        torch.set_num_threads(1)
+    import torch
+
+    return torch.from_numpy(array.reshape(-1).view("uint8")).view(getattr(torch, dtype))
+
+
+def runs_without_torch(plan: Plan, device: str) -> bool:
+    """Whether the whole plan runs on numpy arrays: on the CPU with the compiled kernels,
+    inputs in safetensors files, and every item a copy of a tensor or fused with its
+    method's kernel on chunks, prepared (if at all) without torch (``Chunking.host``). A
+    kernel that still declines a range imports torch there (:func:`as_torch`)."""
+    from mergekit_math import kernels
+
+    if os.environ.get("MMATH_TORCH") == "1" or device != "cpu":
+        return False
+    if not kernels.enabled(device, plan.output_elements):
+        return False
+    if any(c.pickled for c in plan.checkpoints.values()):
+        return False
+    method = plan.method
+    chunking = method.chunking
+    for item in plan.items:
+        if item.copy_only:
+            if item.out.dtype not in NUMPY_VIEWS:
+                return False
+            continue
+        if FusedRange.of(plan, item, device, None, None) is None:
+            return False
+        if chunking is None or not method.chunkable(item.shared, item.params):
+            return False
+        if chunking.prepare is not None and not chunking.host:
+            return False
+    return True
+
+
+_imported = False
+_threads: int | None = None
+
+
+def set_threads(threads: int | None) -> None:
+    """The process's merge thread count (``mmath merge --threads``): torch's intra-op count,
+    set now where torch is imported, else when :func:`import_torch` imports it, and the
+    number of worker threads of a merge without torch."""
+    global _threads
+    _threads = threads
+    if threads is not None and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def default_threads() -> int:
+    """Worker threads for a merge not told how many: :func:`set_threads`' count, else
+    torch's where it is imported, else the CPUs this process may run on (torch's default)."""
+    if _threads is not None:
+        return _threads
+    if "torch" in sys.modules:
+        return sys.modules["torch"].get_num_threads()
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def imported_here() -> bool:
+    """Whether :func:`import_torch` imported torch in this process."""
+    return _imported
+
+
+def import_torch() -> None:
+    """Import torch with the cyclic collector paused, then freeze the objects that exist:
+    the collector would traverse its ~160,000 objects while they are created and in every
+    full collection after (about 0.25 s). Nothing is done where torch is already imported
+    (a long-lived process, the tests): there the heap holds more than start-up objects."""
+    global _imported
+    if "torch" in sys.modules:
+        return
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        import torch
+    finally:
+        if enabled:
+            gc.enable()
+    gc.freeze()
+    _imported = True
+    if _threads is not None:
+        torch.set_num_threads(_threads)
