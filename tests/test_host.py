@@ -97,7 +97,8 @@ _DRIVER = textwrap.dedent(
         main()
     except SystemExit as exc:
         assert not exc.code, exc.code
-    print(json.dumps({"torch": "torch" in sys.modules}))
+    from mergekit_math.merge.host import imported_here
+    print(json.dumps({"torch": "torch" in sys.modules, "freeze": imported_here()}))
     """
 )
 
@@ -121,7 +122,9 @@ def test_cli_merge_never_imports_torch_and_writes_the_same_bytes(
             timeout=300,
         )
         assert run.returncode == 0, run.stderr
-        assert json.loads(run.stdout.strip().splitlines()[-1]) == {"torch": mode == "1"}
+        # either way the exit skips the final collections (cli.startup.freeze_for_exit)
+        want = {"torch": mode == "1", "freeze": True}
+        assert json.loads(run.stdout.strip().splitlines()[-1]) == want
         got[mode] = _files(out)
     assert got["0"] == got["1"]
     merged = load_dir(tmp_path / "out0")

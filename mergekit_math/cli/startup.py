@@ -7,8 +7,9 @@ needs it, through :func:`mergekit_math.merge.host.import_torch` (collector pause
 frozen: about 0.25 s); a merge whose tensors all go through compiled kernels never does.
 
 - :func:`freeze_for_exit`: at exit CPython runs full collections over everything alive, torch's
-  objects included, before the process gives its memory back anyway. About 0.5 s. Only after a
-  merge has imported torch through ``import_torch``: the output is complete and closed by
+  objects included, before the process gives its memory back anyway. About 0.5 s (0.3 s
+  after a merge without torch: numpy's and numba's objects). Only after a merge has imported
+  torch through ``import_torch`` or has run without it: the output is complete and closed by
   then (atexit handlers and the flushing of stdout/stderr still run).
 
 - :func:`tune_malloc`: the merge allocates and frees the same few buffer sizes (256K-element
@@ -54,7 +55,8 @@ def tune_malloc() -> None:
 
 
 def freeze_for_exit() -> None:
-    """Spare the interpreter's final full collections once a merge has imported torch."""
+    """Spare the interpreter's final full collections once a merge has imported torch, or
+    has run without it."""
     from mergekit_math.merge.host import imported_here
 
     if imported_here():

@@ -25,7 +25,7 @@ from mergekit_math.io.progress import byte_progress
 from mergekit_math.io.writer import HostPart
 from mergekit_math.merge.finite import FiniteCheck
 from mergekit_math.merge.fused import FusedRange
-from mergekit_math.merge.host import default_threads, import_torch, runs_without_torch
+from mergekit_math.merge.host import default_threads, import_torch, merged, runs_without_torch
 from mergekit_math.merge.inputs import _item_inputs, _range_bytes
 from mergekit_math.merge.memory import CHUNK_ELEMENTS, _budgets, check_memory, item_ranges
 from mergekit_math.merge.prepare import _prepare_states
@@ -421,6 +421,8 @@ def stream_plan(
         writes.finish()
         closing = time.perf_counter()
         sink.close()
+        if host:
+            merged()
         if os.environ.get("MMATH_TIMINGS"):  # opt-in, for scripts/bench_merge.py
             ended = time.perf_counter()
             timings = (ended - began, ended - closing, prefetch, writes)

@@ -101,9 +101,22 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+_merged = False
+
+
+def merged(done: bool = True) -> None:
+    """Note that a merge without torch finished in this process (see
+    :func:`imported_here`)."""
+    global _merged
+    _merged = done
+
+
 def imported_here() -> bool:
-    """Whether :func:`import_torch` imported torch in this process."""
-    return _imported
+    """Whether :func:`import_torch` imported torch in this process, or a merge without
+    torch finished in it: either way the heap holds the merge's modules (torch's, or numpy's
+    and numba's), which the interpreter's final collections would walk for nothing
+    (``cli.startup.freeze_for_exit``: about 0.3 s after a merge without torch)."""
+    return _imported or _merged
 
 
 def import_torch() -> None:
