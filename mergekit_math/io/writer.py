@@ -218,11 +218,11 @@ class _ShardFile:
 def _bytes_of(part: torch.Tensor | HostPart) -> np.ndarray:
     """A part's bytes as a flat uint8 numpy array (a copy only for a tensor that is not a
     contiguous CPU one)."""
-    if not hasattr(part, "detach"):  # a HostPart
-        return part.bytes()  # type: ignore[union-attr]
+    if isinstance(part, HostPart):
+        return part.bytes()
     import torch
 
-    data = part.detach().to("cpu").contiguous().reshape(-1)  # type: ignore[union-attr]
+    data = part.detach().to("cpu").contiguous().reshape(-1)
     return data.view(torch.uint8).numpy()
 
 

@@ -25,7 +25,13 @@ from mergekit_math.io.progress import byte_progress
 from mergekit_math.io.writer import HostPart
 from mergekit_math.merge.finite import FiniteCheck
 from mergekit_math.merge.fused import FusedRange
-from mergekit_math.merge.host import default_threads, import_torch, merged, runs_without_torch
+from mergekit_math.merge.host import (
+    default_threads,
+    import_torch,
+    merged,
+    runs_without_torch,
+)
+from mergekit_math.merge.host import one_intra_op_thread as _one_intra_op_thread
 from mergekit_math.merge.inputs import _item_inputs, _range_bytes
 from mergekit_math.merge.memory import CHUNK_ELEMENTS, _budgets, check_memory, item_ranges
 from mergekit_math.merge.prepare import _prepare_states
@@ -146,12 +152,11 @@ class _RangeMerge:
 
         if self.fused is not None:
             result = self.fused(raw, start, self.states)
-            if isinstance(result, HostPart):  # flat: the writer wants no shape
-                _release_range(self.plan, self.item, start, end)
-                return result
             if result is not None:
                 _release_range(self.plan, self.item, start, end)
-                return result.reshape(self.item.out.shape) if self.shaped else result
+                # a HostPart stays flat: only the writer takes it
+                shape = self.shaped and not isinstance(result, HostPart)
+                return result.reshape(self.item.out.shape) if shape else result
         base, tensors = self.inputs(raw, shaped=self.shaped)
         result = self.plan.method.merge(
             MergeInputs(
@@ -288,23 +293,6 @@ def _units(plan: Plan, device: str, chunk: int, pin: bool, host: bool) -> Iterat
     )
 
 
-def _one_intra_op_thread() -> None:
-    """Make the calling thread's torch ops run on it alone (no OpenMP team): the merge's
-    reader, writer and chunk workers, whose parallelism is their number.
-
-    torch sets a thread's OpenMP thread count at the thread's first parallel op, from the
-    process-wide count of the last ``torch.set_num_threads`` (any thread's): set before that
-    first op, a 1 was overwritten by the main thread's 2. Then the writer's staging copies
-    forked a team whose idle member spun, busy-waiting for the next region, on one of this
-    machine's two cores: a quarter of a TIES merge's CPU time. So the count is read first
-    (which applies it), then set.
-    """
-    import torch
-
-    torch.get_num_threads()
-    torch.set_num_threads(1)
-
-
 def _host_thread() -> None:
     """:func:`_one_intra_op_thread` where torch is imported; nothing in a merge on numpy
     arrays that has not imported it (a fallback that imports it sets one thread then,
@@ -413,8 +401,9 @@ def stream_plan(
         lambda part, name, last: sink.write_part(name, part, last), io_budget, init=_host_thread
     )
     pool = _compute_pool(workers)
-    run = _Run(prefetch, chunk, pool, workers, strict_finite=strict_finite, warn=warn or _warn)
-    run.host = host
+    run = _Run(
+        prefetch, chunk, pool, workers, strict_finite=strict_finite, warn=warn or _warn, host=host
+    )
     try:
         began = time.perf_counter()
         _merge_items(plan, device, run, writes, bar, on_tensor)

@@ -30,16 +30,30 @@ if TYPE_CHECKING:
     import torch
 
 
+def one_intra_op_thread() -> None:
+    """Make the calling thread's torch ops run on it alone (no OpenMP team): the merge's
+    reader, writer and chunk workers, whose parallelism is their number.
+
+    torch sets a thread's OpenMP thread count at the thread's first parallel op, from the
+    process-wide count of the last ``torch.set_num_threads`` (any thread's): set before that
+    first op, a 1 was overwritten by the main thread's 2. Then the writer's staging copies
+    forked a team whose idle member spun, busy-waiting for the next region, on one of this
+    machine's two cores: a quarter of a TIES merge's CPU time. So the count is read first
+    (which applies it), then set.
+    """
+    import torch
+
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
 def as_torch(array: Any, dtype: str) -> torch.Tensor:
     """A range read into numpy as a tensor of its stored ``dtype`` sharing the memory. The
     first call of a merge without torch imports it, with one intra-op thread per thread as
     a merge with torch has (its threads started without torch)."""
     if "torch" not in sys.modules:
         import_torch()
-        import torch
-
-        torch.get_num_threads()
-        torch.set_num_threads(1)
+        one_intra_op_thread()
     import torch
 
     return torch.from_numpy(array.reshape(-1).view("uint8")).view(getattr(torch, dtype))
@@ -104,11 +118,11 @@ def default_threads() -> int:
 _merged = False
 
 
-def merged(done: bool = True) -> None:
+def merged() -> None:
     """Note that a merge without torch finished in this process (see
     :func:`imported_here`)."""
     global _merged
-    _merged = done
+    _merged = True
 
 
 def imported_here() -> bool:

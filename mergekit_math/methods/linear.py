@@ -52,12 +52,15 @@ def linear(inputs: MergeInputs[LinearShared, LinearModel]) -> torch.Tensor:
     return result
 
 
+_ZERO_SUM = "linear: the weights sum to zero; set normalize: false"
+
+
 def _total(params: list[LinearModel], dtype: torch.dtype) -> torch.Tensor:
     import torch
 
     total = torch.tensor([p.weight for p in params], dtype=dtype).sum()
     if total.abs() < 1e-8:
-        raise ValueError("linear: the weights sum to zero; set normalize: false")
+        raise ValueError(_ZERO_SUM)
     return total
 
 
@@ -74,7 +77,7 @@ def _total32(params: list[LinearModel]) -> Any:
     for p in params[1:]:
         total = np.float32(total + np.float32(p.weight))
     if abs(total) < np.float32(1e-8):
-        raise ValueError("linear: the weights sum to zero; set normalize: false")
+        raise ValueError(_ZERO_SUM)
     return total
 
 
