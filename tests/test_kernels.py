@@ -253,6 +253,42 @@ def test_compiled_selection_counts_values_with_low_bits(monkeypatch, full_share)
     assert [Selection(*f) for f in found] == slow
 
 
+def test_compiled_selection_answers_from_the_collected_values(monkeypatch):
+    """Where the k-th largest has low bits set (and is repeated across ranges), or is the
+    bin's clean value just below such values, the answer comes from the values the first
+    pass collected, without a second pass, and equals the torch selection's."""
+    from mergekit_math.kernels import select
+    from mergekit_math.methods.selection import kth_selects
+
+    n = 600_001
+    g = torch.Generator().manual_seed(11)
+    full = torch.randn(n, generator=g).abs()
+    values = full.to(torch.bfloat16).float()
+    pick = torch.rand(n, generator=g) < 0.01
+    values[pick] = full[pick]
+    dirty = values.view(torch.int32) & (2**15 - 1) != 0
+    chosen = float(values[dirty][123])
+    values[[5, 300_000, 599_999]] = chosen  # its ties in three ranges
+    order = values.sort(descending=True).values
+    k_dirty = int((order > chosen).sum()) + 2  # the second of its four copies
+    clean = order[~(order.view(torch.int32) & (2**15 - 1) != 0)]
+    k_clean = int((order > clean[len(clean) // 3]).sum()) + 1
+    ks = [k_dirty, k_clean]
+    ranges = [(0, 6), (6, 300_001), (300_001, n)]
+
+    def no_second_pass(*args: object) -> None:
+        raise AssertionError("the second pass ran")
+
+    monkeypatch.setattr(select, "histogram_low2", no_second_pass)
+    monkeypatch.setattr(select, "histogram_low", no_second_pass)
+    found = select.kth_largest_bits(select.tensor_parts(values, ranges), ks, map, len(ranges))
+    monkeypatch.setenv("MMATH_FUSED", "0")
+    slow = kth_selects(values, ks, ranges=ranges)
+    assert [Selection(*f) for f in found] == slow
+    # the original (range 1) and the copies at 5, 300_000 and 599_999
+    assert slow[0].threshold == chosen and slow[0].ties == [1, 2, 1]
+
+
 # ------------------------------------------------------------------- through the engine
 
 _RECIPES = {

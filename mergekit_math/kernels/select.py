@@ -1,13 +1,16 @@
 """The k-th largest of non-negative float32 values (TIES trims, Breadcrumbs windows) by
 radix selection on their bits: a non-negative float's bits order like the float, so one
 histogram pass over the top 16 bits (exponent and 8 mantissa bits) finds the bin holding
-the answer, and a second pass, a histogram of the low 15 bits of that bin's elements per
-range, finds the exact value and how many elements of each range equal it. No sort, no
-copy of the values, no positions: about 1.2 ns per element against 4-5 for the
-sample-bracketed ``torch.kthvalue`` selection, and 4.6 for the three-pass radix selection
-that collected the tied positions (those are found later, in the few ranges that need them,
-see :class:`mergekit_math.methods.selection.TieRule`). The magnitudes are a float32 array,
-or computed as the passes go from the stored (base, model) pairs the engine read for the
+the answer. Within a bin, the values whose low 15 bits are all zero are one value, the
+bin's smallest; the same pass collects the others (a bfloat16 model's deltas: about 3 in
+100), and the answer and how many elements of each range equal it follow from them. Where
+too many have low bits to collect (float32 inputs), a second pass, a histogram of the low
+15 bits of the answer's bin per range, finds them. No sort, no copy of the values, no
+positions: about 1.0 ns per element from stored bfloat16 pairs (1.2-1.7 with the second
+pass always run, 4-5 for the sample-bracketed ``torch.kthvalue`` selection; tied positions
+are found later, in the few ranges that need them, see
+:class:`mergekit_math.methods.selection.TieRule`). The magnitudes are a float32 array, or
+computed as the passes go from the stored (base, model) pairs the engine read for the
 merge (:func:`magnitude_at`), so that they are neither materialised nor read twice.
 
 The second pass does not branch on the bin: a bfloat16 model's deltas repeat a few values so
@@ -69,6 +72,7 @@ def _size(src):  # noqa: ANN001, ANN202
 
 
 _BLOCK = 2048
+_LOW_MASK = np.uint32(LOW - 1)
 
 # Each kernel first writes a block's magnitude bits into a small buffer, in a loop of its own
 # over a slice (vectorised: LLVM did not vectorise loops from a run-time start, nor the same
@@ -88,25 +92,39 @@ def _block_bits(src, start, n, bits):  # noqa: ANN001, ANN202
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def histogram(src, hist):  # noqa: ANN001, ANN201
-    """Add the bins of the magnitudes of ``src`` (see :func:`magnitude_at`) to ``hist``;
-    returns False if a value has its sign bit set (negative, or -0: not a magnitude)."""
+def histogram(src, hist, found):  # noqa: ANN001, ANN201
+    """Add the bins of the magnitudes of ``src`` (see :func:`magnitude_at`) to ``hist`` and
+    write the bits of those with some of their low 15 bits set into ``found``: returns how
+    many (-1: a value has its sign bit set, negative or -0, not a magnitude; -2: ``found``
+    was too small, ``hist`` is whole). A bfloat16 model's deltas have few of them (about 3
+    in 100): collected under a branch in the scatter loop they cost 0.25-0.4 ns per element,
+    the second pass that counted them 0.85."""
     bits = np.empty(_BLOCK, np.uint32)
     n = size(src)
     signs = np.uint32(0)
+    j = 0
+    full = False
     for start in range(0, n, _BLOCK):
         count = _block_bits(src, start, n, bits)
         for i in range(count):  # a loop of its own: in the one above it stopped vectorising
             signs |= bits[i]
         if signs >> np.uint32(31):  # before the scatter: its bin would lie past ``hist``
-            return False
+            return -1
+        full = full or j + count > found.shape[0]
+        if full:  # float32 inputs: most values have low bits, the second pass counts them
+            for i in range(count):
+                hist[bits[i] >> np.uint32(SHIFT)] += 1
+            continue
         for i in range(count):
-            hist[bits[i] >> np.uint32(SHIFT)] += 1
-    return True
+            v = bits[i]
+            hist[v >> np.uint32(SHIFT)] += 1
+            if v & _LOW_MASK:
+                found[j] = v
+                j += 1
+    return -2 if full else j
 
 
 _SUB = 256  # elements per sub-block of the second pass
-_LOW_MASK = np.uint32(LOW - 1)
 
 
 @njit(inline="always")
@@ -212,6 +230,56 @@ def tensor_parts(values, ranges: list[tuple[int, int]]) -> list[tuple[int, objec
     return out
 
 
+def _sum(hists: list[np.ndarray]) -> np.ndarray:
+    """The histograms added up, in int64 (in place: ``np.sum`` of the list stacks a copy)."""
+    total = hists[0].astype(np.int64)
+    for hist in hists[1:]:
+        total += hist
+    return total
+
+
+def _from_found(
+    bin_: int, above: int, k: int, highs: list[np.ndarray], found: list[np.ndarray]
+) -> tuple[int, int, list[int]]:
+    """The answer in bin ``bin_`` from the values collected there (those with low bits; the
+    rest of the bin are one value, its smallest, ``bin_ << SHIFT``): ``(bits, above, ties
+    per part)``."""
+    inside = [f[(f >> np.uint32(SHIFT)) == bin_] for f in found]
+    dirty = np.sort(np.concatenate(inside))[::-1]
+    rank = k - above  # from the top of the bin
+    if rank <= dirty.shape[0]:
+        bits = int(dirty[rank - 1])
+        return (
+            bits,
+            above + int(np.count_nonzero(dirty > bits)),
+            [int(np.count_nonzero(f == bits)) for f in inside],
+        )
+    clean = [int(h[bin_]) - f.shape[0] for h, f in zip(highs, inside)]
+    return bin_ << SHIFT, above + dirty.shape[0], clean
+
+
+def _low_passes(
+    sources: list[object],
+    bins: np.ndarray,
+    map,  # noqa: ANN001
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per source, its histogram of the low 15 bits in each of ``bins`` (one pass per two
+    bins: three quartiles may fall in three), and their sum."""
+
+    def count_low(src: object, pair: np.ndarray) -> np.ndarray:
+        hist = np.zeros((pair.shape[0], LOW), np.int32)
+        if pair.shape[0] == 1:
+            histogram_low(src, pair[0], hist[0])
+        else:
+            histogram_low2(src, pair[0], pair[1], hist)
+        return hist
+
+    pairs = [bins[g : g + 2] for g in range(0, bins.shape[0], 2)]
+    passes = [list(map(partial(count_low, pair=pair), sources)) for pair in pairs]
+    lows = passes[0] if len(passes) == 1 else [np.concatenate(h) for h in zip(*passes)]
+    return lows, _sum(lows)
+
+
 def kth_largest_bits(
     parts: list[tuple[int, object]],
     ks: list[int],
@@ -222,43 +290,49 @@ def kth_largest_bits(
     magnitude, how many exceed it and, per range, how many equal it; None if some value
     has its sign bit set. The magnitudes come in ``parts``, ``(range index, source)`` in
     order (a source: see :func:`magnitude_at`), of ``ranges`` ranges. ``map`` runs the
-    passes over the parts: one histogram pass for all ``ks``, one per two of their bins."""
+    passes over the parts.
+
+    One histogram pass of the top 16 bits finds each answer's bin. Within a bin the values
+    whose low 15 bits are all zero are one value, the bin's smallest; the pass collects the
+    others (:func:`histogram`), from which the answer and its ties follow. Where they were
+    too many to collect (float32 inputs), a second pass counts the low bits in the answers'
+    bins (:func:`histogram_low`)."""
+    sources = [src for _, src in parts]
 
     # per part: < 2^31 elements (the engine's ranges, a tensor's task grid): int32 counts
     # halve what is zeroed and summed
-    def count(src: object) -> np.ndarray | None:
+    def count(src: object) -> tuple[np.ndarray, np.ndarray | None] | None:
         hist = np.zeros(BINS, np.int32)
-        return hist if histogram(src, hist) else None
+        length = src[0].shape[0] if isinstance(src, tuple) else src.shape[0]  # type: ignore[index, attr-defined]
+        found = np.empty((length >> 4) + _BLOCK, np.uint32)  # 1 in 16, and a block
+        got = histogram(src, hist, found)
+        if got == -1:
+            return None
+        return hist, (found[:got] if got >= 0 else None)
 
-    highs = list(map(count, [src for _, src in parts]))
-    if any(h is None for h in highs):
+    counted = list(map(count, sources))
+    if any(c is None for c in counted):
         return None
-    high = np.sum(highs, axis=0, dtype=np.int64)
+    highs = [c[0] for c in counted]  # type: ignore[index]
+    found = [c[1] for c in counted]  # type: ignore[index]
+    high = _sum(highs)
     picks = [_pick(high, k) for k in ks]
-    bins = np.array(sorted({b for b, _ in picks}), np.uint32)
-
-    def count_low(src: object, pair: np.ndarray) -> np.ndarray:
-        hist = np.zeros((pair.shape[0], LOW), np.int32)
-        if pair.shape[0] == 1:
-            histogram_low(src, pair[0], hist[0])
-        else:
-            histogram_low2(src, pair[0], pair[1], hist)
-        return hist
-
-    # one pass per two bins (three quartiles may fall in three); joined only then
-    sources = [src for _, src in parts]
-    pairs = [bins[g : g + 2] for g in range(0, bins.shape[0], 2)]
-    passes = [list(map(partial(count_low, pair=pair), sources)) for pair in pairs]
-    lows = passes[0] if len(passes) == 1 else [np.concatenate(h) for h in zip(*passes)]
-    total = np.sum(lows, axis=0, dtype=np.int64)
-    found = []
-    for k, (bin_, above) in zip(ks, picks):
-        row = int(np.searchsorted(bins, bin_))
-        low, above_low = _pick(total[row], k - above)
+    answers: list[tuple[int, int, list[int]]] = []
+    if all(f is not None for f in found):
+        answers = [_from_found(b, above, k, highs, found) for k, (b, above) in zip(ks, picks)]  # type: ignore[arg-type]
+    else:
+        bins = np.array(sorted({b for b, _ in picks}), np.uint32)
+        lows, total = _low_passes(sources, bins, map)
+        for k, (bin_, above) in zip(ks, picks):
+            row = int(np.searchsorted(bins, bin_))
+            low, above_low = _pick(total[row], k - above)
+            ties = [int(hist[row, low]) for hist in lows]
+            answers.append(((bin_ << SHIFT) | low, above + above_low, ties))
+    out = []
+    for bits, above, part_ties in answers:
         ties = [0] * ranges
-        for (r, _), hist in zip(parts, lows):
-            ties[r] += int(hist[row, low])
-        bits = np.uint32((bin_ << SHIFT) | low)
+        for (r, _), tied in zip(parts, part_ties):
+            ties[r] += tied
         threshold = float(np.array([bits], np.uint32).view(np.float32)[0])
-        found.append((threshold, above + above_low, ties))
-    return found
+        out.append((threshold, above, ties))
+    return out
