@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import load_dir, mmath, write_recipe
 
@@ -385,7 +386,7 @@ def poisoned_copy(src: Path, dst: Path, values=(float("nan"), float("inf"), -flo
 
 def two_models(tmp_path: Path, a: Path, b: Path, method: str = "linear", base: Path | None = None):
     head = f"merge_method: {method}\n" + (f"base_model: {base}\n" if base else "")
-    extra = ", density: 0.5" if method == "ties" else ""
+    extra = {"ties": ", density: 0.5", "breadcrumbs": ", density: 0.5, gamma: 0.1"}.get(method, "")
     return write_recipe(
         tmp_path / "r.yaml",
         head + "models:\n"
@@ -406,14 +407,22 @@ def test_non_finite_input_values_warn_once_per_tensor_and_input(tmp_path, zoo):
     assert out.is_dir()  # a warning, not an error: the output is written
 
 
-@pytest.mark.parametrize("method", ["linear", "ties"])
-def test_non_finite_count_is_exact_on_chunks_and_worker_threads(tmp_path, zoo, method):
-    """Chunked (and, for TIES, read twice: prepare then merge): counted once per value."""
+@pytest.mark.parametrize(
+    ("method", "fused"),
+    [("linear", "0"), ("ties", "0"), ("linear", "1"), ("ties", "1"), ("breadcrumbs", "1")],
+)
+def test_non_finite_count_is_exact_on_chunks_and_worker_threads(
+    tmp_path, zoo, method, fused, monkeypatch
+):
+    """Chunked (and, for TIES, read twice: prepare then merge): counted once per value,
+    by the torch path and by the compiled kernels (whose selections see the non-finite
+    magnitudes and leave the count on)."""
     from mergekit_math.merge import build_plan, execute, item_ranges
     from mergekit_math.recipe import load_recipe
 
+    monkeypatch.setenv("MMATH_FUSED", fused)
     bad = poisoned_copy(zoo["b"], tmp_path / "bad")
-    base = zoo["base"] if method == "ties" else None
+    base = zoo["base"] if method != "linear" else None
     recipe = two_models(tmp_path, zoo["a"], bad, method, base)
     plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
     item = next(i for i in plan.items if i.out.name == POISONED)
@@ -423,15 +432,20 @@ def test_non_finite_count_is_exact_on_chunks_and_worker_threads(tmp_path, zoo, m
     assert got == [f"models[1] ({bad}): tensor {POISONED} has 3 non-finite values (NaN or inf)"]
 
 
-def test_non_finite_base_is_named_as_the_base(tmp_path, zoo):
+@pytest.mark.parametrize(
+    ("method", "fused"), [("task_arithmetic", "0"), ("ties", "1"), ("breadcrumbs", "1")]
+)
+def test_non_finite_base_is_named_as_the_base(tmp_path, zoo, method, fused, monkeypatch):
     from mergekit_math.merge import build_plan, execute
     from mergekit_math.recipe import load_recipe
 
+    monkeypatch.setenv("MMATH_FUSED", fused)
     bad_base = poisoned_copy(zoo["base"], tmp_path / "bad", values=(float("nan"),))
+    extra = {"ties": ", density: 0.5", "breadcrumbs": ", density: 0.5, gamma: 0.1"}
     recipe = write_recipe(
         tmp_path / "r.yaml",
-        f"merge_method: task_arithmetic\nbase_model: {bad_base}\nmodels:\n"
-        f"  - model: {zoo['a']}\n    parameters: {{weight: 1}}\n",
+        f"merge_method: {method}\nbase_model: {bad_base}\nmodels:\n"
+        f"  - model: {zoo['a']}\n    parameters: {{weight: 1{extra.get(method, '')}}}\n",
     )
     plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
     got: list[str] = []
@@ -449,6 +463,42 @@ def test_strict_finite_refuses_and_writes_nothing(tmp_path, zoo):
         res, f"models[1] ({bad}): tensor {POISONED} has non-finite values", "--strict-finite"
     )
     assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_compiled_merge_skips_the_count_only_where_selections_saw_finite_inputs(
+    tmp_path, zoo, method, monkeypatch
+):
+    """The kernels of TIES and Breadcrumbs get no count array where every model's
+    selection histogrammed finite magnitudes (so base and models are finite), and get one
+    for the tensor where a model holds NaN or inf (the count then warns, as above)."""
+    from mergekit_math.kernels import elementwise
+    from mergekit_math.merge import build_plan, execute
+    from mergekit_math.recipe import load_recipe
+
+    monkeypatch.setenv("MMATH_FUSED", "1")
+    kernel = elementwise.delta_ties if method == "ties" else elementwise.delta_sum
+    calls: list[tuple[bool, bool]] = []  # (some input not finite, counted)
+
+    def finite(x: np.ndarray) -> bool:
+        if x.dtype == np.uint16:  # bfloat16 bits
+            return not ((x & 0x7F80) == 0x7F80).any()
+        return bool(np.isfinite(x).all())
+
+    def spy(*args):  # noqa: ANN002, ANN202
+        inputs = [args[0], *args[1]]
+        calls.append((not all(finite(x) for x in inputs), args[-1] is not None))
+        return kernel(*args)
+
+    monkeypatch.setattr(elementwise, kernel.__name__, spy)
+    bad = poisoned_copy(zoo["b"], tmp_path / "bad")
+    recipe = two_models(tmp_path, zoo["a"], bad, method, zoo["base"])
+    plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
+    got: list[str] = []
+    execute(plan, tmp_path / "out", progress=False, warn=got.append)
+    assert got == [f"models[1] ({bad}): tensor {POISONED} has 3 non-finite values (NaN or inf)"]
+    assert (True, True) in calls and (False, False) in calls  # counted there, skipped here
+    assert (True, False) not in calls
 
 
 def test_finite_inputs_give_no_warning(tmp_path, zoo):

@@ -224,16 +224,19 @@ def mark_ties(base, m, value, skip, take, sel):  # noqa: ANN001, ANN201
 @njit(nogil=True, cache=True, error_model="numpy")
 def delta_sum(base, ms, thr, hi, sel, scale, ws, div, lam, out, bad):  # noqa: ANN001, ANN201
     """out = base + ((Σ_j kept_j·w_j) / div)·λ (see :func:`_kept`); ``bad``: base first,
-    then the models."""
-    _count_bad((base,), bad[:1])
-    _count_bad(ms, bad[1:])
+    then the models (None: the inputs are known finite, nothing counted)."""
+    if bad is not None:
+        _count_bad((base,), bad[:1])
+        _count_bad(ms, bad[1:])
     _sum_loop(base, ms, thr, hi, sel, scale, ws, div, lam, out)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def delta_ties(base, ms, thr, hi, sel, scale, ws, normalize, lam, out, bad):  # noqa: ANN001, ANN201
     """TIES: the elected sign of Σ kept_j·w_j, the agreeing entries summed (divided by their
-    weights' sum with ``normalize``), times λ, plus the base."""
-    _count_bad((base,), bad[:1])
-    _count_bad(ms, bad[1:])
+    weights' sum with ``normalize``), times λ, plus the base (``bad``: see
+    :func:`delta_sum`)."""
+    if bad is not None:
+        _count_bad((base,), bad[:1])
+        _count_bad(ms, bad[1:])
     _ties_loop(base, ms, thr, hi, sel, scale, ws, normalize, lam, out)

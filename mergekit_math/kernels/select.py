@@ -73,6 +73,7 @@ def _size(src):  # noqa: ANN001, ANN202
 
 _BLOCK = 2048
 _LOW_MASK = np.uint32(LOW - 1)
+_NONFINITE = 0x7F800000 >> SHIFT  # the first bin of inf and NaN
 
 # Each kernel first writes a block's magnitude bits into a small buffer, in a loop of its own
 # over a slice (vectorised: LLVM did not vectorise loops from a run-time start, nor the same
@@ -285,10 +286,11 @@ def kth_largest_bits(
     ks: list[int],
     map,  # noqa: ANN001
     ranges: int,
-) -> list[tuple[float, int, list[int]]] | None:
-    """For each ``k`` of ``ks``: ``(threshold, above, ties)``, the exact ``k``-th largest
-    magnitude, how many exceed it and, per range, how many equal it; None if some value
-    has its sign bit set. The magnitudes come in ``parts``, ``(range index, source)`` in
+) -> list[tuple[float, int, list[int], bool]] | None:
+    """For each ``k`` of ``ks``: ``(threshold, above, ties, finite)``, the exact ``k``-th
+    largest magnitude, how many exceed it, per range how many equal it, and whether every
+    magnitude is finite (then so is every input they were computed from); None if some
+    value has its sign bit set. The magnitudes come in ``parts``, ``(range index, source)`` in
     order (a source: see :func:`magnitude_at`), of ``ranges`` ranges. ``map`` runs the
     passes over the parts.
 
@@ -328,11 +330,12 @@ def kth_largest_bits(
             low, above_low = _pick(total[row], k - above)
             ties = [int(hist[row, low]) for hist in lows]
             answers.append(((bin_ << SHIFT) | low, above + above_low, ties))
+    finite = not high[_NONFINITE:].any()
     out = []
     for bits, above, part_ties in answers:
         ties = [0] * ranges
         for (r, _), tied in zip(parts, part_ties):
             ties[r] += tied
         threshold = float(np.array([bits], np.uint32).view(np.float32)[0])
-        out.append((threshold, above, ties))
+        out.append((threshold, above, ties, finite))
     return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import builtins
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mergekit_math import kernels
@@ -57,6 +57,10 @@ class Selection:
     threshold: float  # the k-th largest value
     above: int  # how many values are larger
     ties: list[int]  # per range of the selection's ranges: how many values equal it
+    # every value is finite (known where the compiled selection histogrammed them all; an
+    # input a magnitude came from is then finite too): a fact about the values, not part of
+    # the answer
+    finite: bool = field(default=False, compare=False)
 
     @property
     def tied(self) -> int:

@@ -76,6 +76,7 @@ class MagnitudeTrim:
         ranges = ranges or [(0, n)]
         selection = kth_select(magnitude, k, map, compiled, ranges)
         self.threshold = selection.threshold
+        self.finite = selection.finite  # every magnitude finite (see Selection)
         self.rules = tie_rules(ranges, selection, None, 0, k - selection.above, _double(magnitude))
 
     def apply(self, delta: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -113,11 +114,13 @@ class RankWindow:
         ranges = ranges or [(0, n)]
         self.low, self.high = math.inf, -math.inf  # an empty window keeps nothing
         self.rules = {start: TieRule(math.inf, -math.inf) for start, _ in ranges}
+        self.finite = False  # every magnitude finite (see Selection); unknown here
         if count > 0:
             last = first + count - 1  # the r-th smallest is the (n-r)-th largest
             ks = [n - first, n - last]
             low, high = kth_selects(magnitude, ks, map, compiled, ranges)
             self.low, self.high = low.threshold, high.threshold
+            self.finite = low.finite
             below_low = n - low.above - low.tied  # elements smaller than the low end
             below_high = n - high.above - high.tied
             if low.threshold == high.threshold:

@@ -202,15 +202,27 @@ def _fused(variant: Variant):
         lam = np.float32(shared.lambda_)
         normalize = variant.default_normalize if shared.normalize is None else shared.normalize
         args = (inputs.base, tuple(inputs.tensors), *kernel_args)
+        # inputs whose selections saw every magnitude finite need no count (zeros)
+        bad = None if _all_finite(inputs) else inputs.bad
         if variant.consensus:
-            elementwise.delta_ties(*args, weights, normalize, lam, inputs.out, inputs.bad)
+            elementwise.delta_ties(*args, weights, normalize, lam, inputs.out, bad)
         else:
             divisor = float(sum(weights, np.float32(0.0)))
             divisor = divisor if normalize and abs(divisor) >= 1e-8 else 1.0
-            elementwise.delta_sum(*args, weights, np.float32(divisor), lam, inputs.out, inputs.bad)
+            elementwise.delta_sum(*args, weights, np.float32(divisor), lam, inputs.out, bad)
         return True
 
     return fused
+
+
+def _all_finite(inputs: FusedInputs[DeltaShared, DeltaModel]) -> bool:
+    """Whether every input of the tensor is known finite: each model's trim or window
+    histogrammed all its magnitudes |model - base| and found them finite (so the base is
+    finite too); a model kept whole or a DARE mask says nothing."""
+    states = inputs.states
+    if not states or len(states) != len(inputs.tensors):
+        return False
+    return all(isinstance(s, (MagnitudeTrim, RankWindow)) and s.finite for s in states)
 
 
 def _kernel_args(
