@@ -501,6 +501,59 @@ def test_compiled_merge_skips_the_count_only_where_selections_saw_finite_inputs(
     assert (True, False) not in calls
 
 
+_PREPARED = {  # kernel module and name, recipe body: methods whose preparation sees all inputs
+    "sce": ("sce", "merge", "base_model: {base}\nparameters: {{select_topk: 0.5}}\n", 2),
+    "karcher": ("karcher", "result", "", 2),
+    "arcee_fusion": ("fusion", "fusion", "base_model: {base}\n", 1),
+}
+
+
+@pytest.mark.parametrize("method", sorted(_PREPARED))
+@pytest.mark.parametrize("poison", [True, False])
+def test_prepared_kernels_count_non_finite_values_unless_known_finite(
+    tmp_path, zoo, method, poison, monkeypatch
+):
+    """SCE (variances), Karcher (norms) and Arcee Fusion (importances) see every input
+    before the merge: where all were finite the kernel gets no count array, where a model
+    holds NaN or inf it counts them and the merge warns once, with the exact count."""
+    import importlib
+
+    from mergekit_math.merge import build_plan, execute
+    from mergekit_math.methods import statistics
+    from mergekit_math.recipe import load_recipe
+
+    monkeypatch.setenv("MMATH_FUSED", "1")
+    # the compiled statistics (norms, variances) from 1,000 elements: the zoo's are small
+    monkeypatch.setattr(statistics, "SINGLE_THREAD_REDUCTION", 1000)
+    module, name, head, models = _PREPARED[method]
+    kernels = importlib.import_module(f"mergekit_math.kernels.{module}")
+    kernel = getattr(kernels, name)
+    counted: list[bool] = []
+
+    def spy(*args):  # noqa: ANN002, ANN202
+        counted.append(args[-1] is not None)
+        return kernel(*args)
+
+    monkeypatch.setattr(kernels, name, spy)
+    other = poisoned_copy(zoo["b"], tmp_path / "bad") if poison else zoo["b"]
+    sources = [other] if models == 1 else [zoo["a"], other]
+    body = "".join(f"  - model: {m}\n" for m in sources)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"merge_method: {method}\n" + head.format(base=zoo["base"]) + "models:\n" + body,
+    )
+    plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
+    got: list[str] = []
+    execute(plan, tmp_path / "out", progress=False, warn=got.append)
+    if poison:
+        where = f"models[{len(sources) - 1}] ({other})"
+        assert got == [f"{where}: tensor {POISONED} has 3 non-finite values (NaN or inf)"]
+        assert True in counted
+    else:
+        assert got == []
+    assert counted and False in counted  # the finite tensors: no count
+
+
 def test_finite_inputs_give_no_warning(tmp_path, zoo):
     res = mmath("merge", two_models(tmp_path, zoo["a"], zoo["b"]), tmp_path / "out", "-q")
     assert res.exit_code == 0

@@ -36,7 +36,8 @@ def _loop(base, m, kl, row, tau, out):  # noqa: ANN001, ANN202
 @njit(nogil=True, cache=True, error_model="numpy")
 def fusion(base, m, kl, row, tau, out, bad):  # noqa: ANN001, ANN201
     """The chunk's rows (``kl`` one float32 per row of ``row`` entries); bad[0] counts the
-    base's non-finite elements, bad[1] the model's."""
-    _count_bad((base,), bad[0:1])
-    _count_bad((m,), bad[1:2])
+    base's non-finite elements, bad[1] the model's (None: both known finite)."""
+    if bad is not None:
+        _count_bad((base,), bad[0:1])
+        _count_bad((m,), bad[1:2])
     _loop(base, m, kl, row, tau, out)

@@ -116,7 +116,8 @@ def _merge_loop(base, ms, keep, ws, out):  # noqa: ANN001, ANN202
 def merge(base, ms, keep, ws, out, bad):  # noqa: ANN001, ANN201
     """out = base + Σ_j δ_j·e_j / max(Σ_j e_j, 1e-6), with δ_j kept by ``keep`` and
     ``e_j = w_j`` where δ_j has the sign elected by Σ_j δ_j, else 0; ``bad``: base first,
-    then the models."""
-    _count_bad((base,), bad[:1])
-    _count_bad(ms, bad[1:])
+    then the models (None: the inputs are known finite, nothing counted)."""
+    if bad is not None:
+        _count_bad((base,), bad[:1])
+        _count_bad(ms, bad[1:])
     _merge_loop(base, ms, keep, ws, out)

@@ -142,6 +142,8 @@ class FusionState:
 
     kl: dict[int, Any]
     threshold: torch.Tensor
+    # every importance |model - base|·KL finite, so base and model are: nothing to count
+    finite: bool = False
 
 
 def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -> list[Any]:
@@ -178,7 +180,7 @@ def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -
     else:  # NaN or inf: the selection's order of them is torch's
         threshold = fusion_threshold(values)
     kl = {start: k for (start, _), (k, _) in zip(inputs.ranges, done)}
-    return [FusionState(kl, threshold)]
+    return [FusionState(kl, threshold, all(finite for _, finite in done))]
 
 
 def fusion_fused(inputs: FusedInputs[ArceeFusionShared, ArceeFusionModel]) -> bool:
@@ -193,7 +195,8 @@ def fusion_fused(inputs: FusedInputs[ArceeFusionShared, ArceeFusionModel]) -> bo
     kl = state.kl[inputs.offset]
     row = inputs.out.shape[0] // kl.shape[0]
     tau = np.float32(state.threshold.item())
-    fusion(inputs.base, inputs.tensors[0], kl, row, tau, inputs.out, inputs.bad)
+    bad = None if state.finite else inputs.bad
+    fusion(inputs.base, inputs.tensors[0], kl, row, tau, inputs.out, bad)
     return True
 
 

@@ -198,6 +198,7 @@ class KarcherState:
     mean: Any
     div: torch.Tensor
     scale: torch.Tensor
+    finite: bool = False  # every input known finite (their norms were): nothing to count
 
 
 def karcher_prepare(inputs: PrepareInputs[KarcherShared, KarcherModel]) -> list[Any]:
@@ -218,11 +219,17 @@ def karcher_prepare(inputs: PrepareInputs[KarcherShared, KarcherModel]) -> list[
     if norms is None or not any(r.item() > shared.tol for r in norms):
         tensors = [statistics.whole(inputs, j) for j in range(n)]
         mean = karcher_mean(tensors, [1.0 / n] * n, shared.max_iter, shared.tol)
-        return [KarcherState(mean.numpy(), one, one)]
+        return [KarcherState(mean.numpy(), one, one, _finite(norms))]
     alphas = [1.0 / n] * n
     mean, div = _descend(inputs, norms, alphas)
     scale = sum(alpha * norm for alpha, norm in zip(alphas, norms))
-    return [KarcherState(mean, div, scale)]
+    return [KarcherState(mean, div, scale, _finite(norms))]
+
+
+def _finite(norms: list[torch.Tensor] | None) -> bool:
+    """Whether every input is finite, from their norms (an input with NaN or inf has a
+    non-finite norm; so may a finite one too large for float32, then counted anyway)."""
+    return norms is not None and all(math.isfinite(r.item()) for r in norms)
 
 
 @dataclass
@@ -325,7 +332,8 @@ def karcher_fused(inputs: FusedInputs[KarcherShared, KarcherModel]) -> bool:
     size = inputs.out.shape[0]
     mean = state.mean[inputs.offset : inputs.offset + size]
     div, scale = np.float32(state.div.item()), np.float32(state.scale.item())
-    result(tuple(inputs.tensors), mean, div, scale, inputs.out, inputs.bad)
+    bad = None if state.finite else inputs.bad
+    result(tuple(inputs.tensors), mean, div, scale, inputs.out, bad)
     return True
 
 

@@ -154,6 +154,9 @@ class SceState:
 
     masks: dict[int, Any] | None
     weights: torch.Tensor
+    # every input known finite (the compiled variances or sums of squares were): the
+    # merge need not count non-finite values
+    finite: bool = False
 
     def keep(self, start: int, shape: tuple[int, ...]) -> torch.Tensor | None:
         import torch
@@ -203,7 +206,10 @@ def sce_prepare(inputs: PrepareInputs[SceShared, SceModel]) -> list[Any]:
 
     parts = list(inputs.map(squares, zip(inputs.ranges, inputs.held)))
     sums = [statistics.rounded(math.fsum(p[j] for p in parts)) for j in range(len(parts[0]))]
-    return [SceState(masks, _normalised(torch.stack(sums), inputs.numel))]
+    # with masks the variances were all finite (else the whole path ran); without, the
+    # squares summed every entry of every delta
+    finite = masks is not None or all(math.isfinite(s.item()) for s in sums)
+    return [SceState(masks, _normalised(torch.stack(sums), inputs.numel), finite)]
 
 
 def _masks(
@@ -261,7 +267,8 @@ def sce_fused(inputs: FusedInputs[SceShared, SceModel]) -> bool:
     (state,) = inputs.states
     keep = None if state.masks is None else state.masks[inputs.offset]
     weights = state.weights.numpy()
-    kernels.merge(inputs.base, tuple(inputs.tensors), keep, weights, inputs.out, inputs.bad)
+    bad = None if state.finite else inputs.bad
+    kernels.merge(inputs.base, tuple(inputs.tensors), keep, weights, inputs.out, bad)
     return True
 
 
