@@ -554,6 +554,54 @@ def test_prepared_kernels_count_non_finite_values_unless_known_finite(
     assert counted and False in counted  # the finite tensors: no count
 
 
+@pytest.mark.parametrize("method", ["nuslerp", "multislerp"])
+@pytest.mark.parametrize("poison", [True, False])
+def test_spherical_merges_count_non_finite_values_unless_norms_were_finite(
+    tmp_path, zoo, method, poison, monkeypatch
+):
+    """NuSLERP and Multi-SLERP take every input's norm before the merge: a tensor whose
+    norms are finite is not counted again, one with NaN or inf is (one warning, the exact
+    count)."""
+    from mergekit_math.kernels import interp
+    from mergekit_math.merge import build_plan, execute
+    from mergekit_math.methods import statistics
+    from mergekit_math.recipe import load_recipe
+
+    monkeypatch.setenv("MMATH_FUSED", "1")
+    monkeypatch.setattr(statistics, "SINGLE_THREAD_REDUCTION", 1000)  # as above
+    counted: list[int] = []
+    count_bad = interp.count_bad
+
+    def spy(array, bad, j):  # noqa: ANN001, ANN202
+        counted.append(array.shape[0])
+        return count_bad(array, bad, j)
+
+    monkeypatch.setattr(interp, "count_bad", spy)
+    other = poisoned_copy(zoo["b"], tmp_path / "bad") if poison else zoo["b"]
+    weights = "{weight: 0.4}", "{weight: 0.6}"
+    body = "".join(
+        f"  - model: {m}\n    parameters: {w}\n" for m, w in zip([zoo["a"], other], weights)
+    )
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"merge_method: {method}\nbase_model: {zoo['base']}\nmodels:\n" + body,
+    )
+    plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
+    got: list[str] = []
+    execute(plan, tmp_path / "out", progress=False, warn=got.append)
+    long = [i.out.numel for i in plan.items if not i.copy_only and i.out.numel > 1000]
+    poisoned = next(i.out.numel for i in plan.items if i.out.name == POISONED)
+    if poison:
+        assert got == [
+            f"models[1] ({other}): tensor {POISONED} has 3 non-finite values (NaN or inf)"
+        ]
+        assert counted.count(poisoned) >= 3  # base and both models, on that tensor's chunks
+    else:
+        assert got == []
+        assert not set(counted) & set(long)  # every long tensor's norms were finite
+    assert long and all(n <= 1000 for n in counted if n != poisoned)
+
+
 def test_finite_inputs_give_no_warning(tmp_path, zoo):
     res = mmath("merge", two_models(tmp_path, zoo["a"], zoo["b"]), tmp_path / "out", "-q")
     assert res.exit_code == 0

@@ -116,7 +116,8 @@ def _states(method: str, variant: str, numel: int) -> list[torch.Tensor]:
     if method == "ramplus_tl":
         return [torch.tensor([[1.25], [1.0], [1.5]], dtype=f32)]
     colinear = torch.tensor([variant == "colinear"])
-    return [colinear, *(torch.tensor([v], dtype=f32) for v in (0.37, 0.91, 0.99))]
+    # NuSLERP's terms, then whether the inputs are known finite (no: these hold NaN and inf)
+    return [colinear, *(torch.tensor([v], dtype=f32) for v in (0.37, 0.91, 0.99)), False]
 
 
 _SHARED = {

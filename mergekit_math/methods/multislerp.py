@@ -133,6 +133,7 @@ class Sphere:
     mean_length: torch.Tensor
     along: torch.Tensor
     angle: torch.Tensor
+    finite: bool = False  # every input known finite (their lengths were): nothing to count
 
 
 def sphere_terms(flat: torch.Tensor, weights: torch.Tensor, eps: float) -> Sphere | None:
@@ -240,7 +241,8 @@ def _compiled_terms(
     squares = inputs.map(
         lambda h: spherical.tangent_squares(sources(h), den, ws, length, a), inputs.held
     )
-    return Sphere(lengths, mean_length, along, statistics.root(squares) + eps)
+    finite = bool(torch.isfinite(lengths).all())
+    return Sphere(lengths, mean_length, along, statistics.root(squares) + eps, finite)
 
 
 def multislerp_fused(inputs: FusedInputs[MultislerpShared, MultislerpModel]) -> bool:
@@ -256,8 +258,9 @@ def multislerp_fused(inputs: FusedInputs[MultislerpShared, MultislerpModel]) -> 
     (terms,) = inputs.states
     base, models = inputs.base, inputs.tensors
     xs = tuple(models) if base is None else tuple((base, m) for m in models)
-    for j, array in enumerate(([] if base is None else [base]) + models):
-        count_bad(array, inputs.bad, j)
+    if terms is None or not terms.finite:
+        for j, array in enumerate(([] if base is None else [base]) + models):
+            count_bad(array, inputs.bad, j)
     weights = _weights(inputs)
     ws = weights.numpy()
     if terms is None:

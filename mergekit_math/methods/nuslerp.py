@@ -24,6 +24,7 @@ tensor, long rows) accumulate in float64 so the result does not depend on the th
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
@@ -165,7 +166,7 @@ def _chunk(
     second: torch.Tensor,
     base: torch.Tensor | None,
 ) -> torch.Tensor:
-    colinear, sin_first, sin_second, sin_theta = states
+    colinear, sin_first, sin_second, sin_theta = states[:4]
     if base is not None:
         first, second = first - base, second - base
     if colinear.item():
@@ -180,7 +181,8 @@ def _flattened(shared: NuslerpShared, params: list[NuslerpModel]) -> bool:
 
 
 def nuslerp_prepare(inputs: PrepareInputs[NuslerpShared, NuslerpModel]) -> list[Any]:
-    """The flattened tensor's angle terms (:func:`angle_terms`)."""
+    """The flattened tensor's angle terms (:func:`angle_terms`) and whether both inputs
+    are known finite (their norms were: the merge then counts no non-finite values)."""
     from mergekit_math.methods import statistics
 
     t = interpolation_position(inputs.params[0].weight, inputs.params[1].weight)
@@ -190,11 +192,12 @@ def nuslerp_prepare(inputs: PrepareInputs[NuslerpShared, NuslerpModel]) -> list[
         if delta:
             base = statistics.whole(inputs, None)
             first, second = first - base, second - base
-        return list(angle_terms(t, _cosine(first, second)))
-    lengths = [statistics.norm(inputs, j, delta).clamp(min=NORM_FLOOR) for j in (0, 1)]
+        return [*angle_terms(t, _cosine(first, second)), False]
+    norms = [statistics.norm(inputs, j, delta) for j in (0, 1)]
+    lengths = [n.clamp(min=NORM_FLOOR) for n in norms]
     scales = (lengths[0].item(), lengths[1].item())
     cos = statistics.dot(inputs, (0, 1), delta, scales).unsqueeze(-1).clamp(-1, 1)
-    return list(angle_terms(t, cos))
+    return [*angle_terms(t, cos), all(math.isfinite(n.item()) for n in norms)]
 
 
 def nuslerp_fused(inputs: FusedInputs[NuslerpShared, NuslerpModel]) -> bool:
@@ -205,14 +208,15 @@ def nuslerp_fused(inputs: FusedInputs[NuslerpShared, NuslerpModel]) -> bool:
 
     if inputs.states is None:
         return False
-    colinear, sin_first, sin_second, sin_theta = (s.item() for s in inputs.states)
+    colinear, sin_first, sin_second, sin_theta = (s.item() for s in inputs.states[:4])
     t = interpolation_position(inputs.params[0].weight, inputs.params[1].weight)
     first, second = inputs.tensors
     if inputs.base is not None:
         first, second = (inputs.base, first), (inputs.base, second)
-    arrays = ([] if inputs.base is None else [inputs.base]) + inputs.tensors
-    for j, array in enumerate(arrays):
-        count_bad(array, inputs.bad, j)
+    if not inputs.states[4]:  # else the norms said every input is finite
+        arrays = ([] if inputs.base is None else [inputs.base]) + inputs.tensors
+        for j, array in enumerate(arrays):
+            count_bad(array, inputs.bad, j)
     if colinear:  # torch rounds a Python float factor to float32
         c1, c2, div = np.float32(1 - t), np.float32(t), np.float32(1)
     else:
