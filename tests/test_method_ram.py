@@ -333,3 +333,36 @@ def test_recipe_file_in_bfloat16(tmp_path, models, method):
         f"{method} recipe_file (bfloat16): max abs diff vs mergekit = {worst:.3g}, "
         f"{differ}/{total} values differ"
     )
+
+
+@pytest.mark.parametrize("models", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_counts_equal_the_torch_counts(models, dtype):
+    """RAM+'s compiled counts (per model: entries it alone changes by more than ε, entries
+    it changes with others) equal torch's on values at ε exactly, NaN and inf, over a
+    length that is not a multiple of the kernel's block."""
+    import numpy as np
+
+    from mergekit_math.kernels.entrywise import ram_counts
+
+    n, epsilon = 5_003, 0.01
+    g = torch.Generator().manual_seed(models)
+    base = torch.randn(n, generator=g).to(dtype)
+    tensors = [(base.float() + torch.randn(n, generator=g) * 0.02).to(dtype) for _ in range(models)]
+    tensors[0][:3] = base[:3] + epsilon  # at ε (as rounded to the dtype)
+    tensors[-1][10:13] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    base[20] = float("nan")
+    hits = torch.stack([(t.float() - base.float()).abs() > np.float32(epsilon) for t in tensors])
+    count = hits.sum(0)
+    want_unique = (hits & (count == 1)).sum(1).tolist()
+    want_shared = (hits & (count > 1)).sum(1).tolist()
+
+    def stored(t: torch.Tensor) -> np.ndarray:
+        return t.view(torch.int16).numpy().view(np.uint16) if dtype == torch.bfloat16 else t.numpy()
+
+    overlapping, unique = np.zeros(models, np.int64), np.zeros(models, np.int64)
+    ram_counts(
+        stored(base), tuple(stored(t) for t in tensors), np.float32(epsilon), overlapping, unique
+    )
+    assert unique.tolist() == want_unique and overlapping.tolist() == want_shared
+    assert sum(want_unique) > 0 and (models == 1 or sum(want_shared) > 0)
