@@ -29,6 +29,7 @@ _PARAMS = {
     "dare_linear": "parameters: {weight: 0.6, density: 0.3}",
     "della": "parameters: {weight: 1.0, density: 0.5, epsilon: 0.1}",
     "linear": "parameters: {weight: 0.6}",
+    "ramplus_tl": "parameters: {}",
 }
 
 
@@ -75,7 +76,7 @@ def test_which_plans_run_without_torch(tmp_path, monkeypatch, models):
     def plan(method: str, extra: str = ""):
         return build_plan(load_recipe(_recipe(tmp_path, models, method, extra)))
 
-    for method in ("task_arithmetic", "ties", "breadcrumbs", "dare_ties", "linear"):
+    for method in ("task_arithmetic", "ties", "breadcrumbs", "dare_ties", "linear", "ramplus_tl"):
         assert runs_without_torch(plan(method), "cpu"), method
     assert not runs_without_torch(plan("della"), "cpu")
     assert not runs_without_torch(plan("task_arithmetic"), "cuda")
@@ -103,7 +104,7 @@ _DRIVER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "linear"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "linear", "ramplus_tl"])
 def test_cli_merge_never_imports_torch_and_writes_the_same_bytes(
     tmp_path, monkeypatch, models, method
 ):

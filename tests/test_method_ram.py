@@ -366,3 +366,28 @@ def test_compiled_counts_equal_the_torch_counts(models, dtype):
     )
     assert unique.tolist() == want_unique and overlapping.tolist() == want_shared
     assert sum(want_unique) > 0 and (models == 1 or sum(want_shared) > 0)
+
+
+def test_scales_in_numpy_equal_torchs_steps():
+    """RAM+'s λ computed in numpy (so that it merges without torch) has the bits of
+    mergekit's torch steps, ``1 + r · (overlapping / unique.clamp(min=ε)).clamp(0, α)``, on
+    counts up to 2^40 (past float32's exact integers), zeros, and ε, r, α of every size."""
+    import numpy as np
+
+    from mergekit_math.methods.ram import RamPlusShared, scales_of
+
+    g = np.random.default_rng(3)
+    for trial in range(400):
+        n = int(g.integers(1, 60))
+        top = int(g.choice([10, 1000, 2**24 + 7, 2**40]))
+        overlapping = g.integers(0, top, n, dtype=np.int64)
+        unique = g.integers(0, top, n, dtype=np.int64)
+        unique[g.random(n) < 0.2] = 0
+        overlapping[g.random(n) < 0.1] = 0
+        eps, r, alpha = (float(x) for x in 10.0 ** g.uniform(-9, 1, 3))
+        shared = RamPlusShared(epsilon=eps, r=r, alpha=alpha)
+        o, u = torch.from_numpy(overlapping), torch.from_numpy(unique)
+        want = (1 + r * (o / u.clamp(min=eps)).clamp(min=0, max=alpha)).unsqueeze(-1)
+        got = scales_of(overlapping, unique, shared)
+        assert got.dtype == np.float32 and want.dtype == torch.float32
+        assert np.array_equal(got.view(np.int32), want.numpy().view(np.int32)), trial

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from pydantic import Field
 
 from mergekit_math.methods.base import (
@@ -103,17 +104,24 @@ def amplification(
     The counts are integers summed over the whole tensor (exact, thread-independent); the
     ratio is then taken in float32, as in mergekit.
     """
-    overlapping = (contributes & (count > 1)).sum(dim=1)
-    unique = (contributes & (count == 1)).sum(dim=1)
-    return scales_of(overlapping, unique, shared)
+    import torch
+
+    overlapping = (contributes & (count > 1)).sum(dim=1).cpu().numpy()
+    unique = (contributes & (count == 1)).sum(dim=1).cpu().numpy()
+    return torch.from_numpy(scales_of(overlapping, unique, shared)).to(contributes.device)
 
 
-def scales_of(
-    overlapping: torch.Tensor, unique: torch.Tensor, shared: RamPlusShared
-) -> torch.Tensor:
-    """λ from each model's counts of overlapping and unique entries (int64, shape ``(n,)``)."""
-    rho = overlapping / unique.clamp(min=shared.epsilon)
-    return (1 + shared.r * rho.clamp(min=0, max=shared.alpha)).unsqueeze(-1)
+def scales_of(overlapping: np.ndarray, unique: np.ndarray, shared: RamPlusShared) -> np.ndarray:
+    """λ (float32, shape ``(n, 1)``) from each model's counts of overlapping and unique
+    entries (int64, shape ``(n,)``), by mergekit's torch steps, ``overlapping /
+    unique.clamp(min=ε)``, clipped to [0, α], times r, plus 1: each a float32 operation
+    (the counts and the scalars rounded to float32 first, as torch's type promotion does),
+    which numpy rounds as torch does; in numpy so that RAM+ merges without torch
+    (``tests/test_method_ram.py`` compares them with torch's)."""
+    f32 = np.float32
+    rho = overlapping.astype(f32) / np.maximum(unique.astype(f32), f32(shared.epsilon))
+    rho = np.minimum(np.maximum(rho, f32(0.0)), f32(shared.alpha))
+    return (f32(1.0) + f32(shared.r) * rho).reshape(-1, 1)
 
 
 def ramplus_tl_merge(inputs: MergeInputs[RamPlusShared, RamModel]) -> torch.Tensor:
@@ -127,18 +135,15 @@ def ramplus_tl_merge(inputs: MergeInputs[RamPlusShared, RamModel]) -> torch.Tens
     kept, contributes, count = contributions(inputs.tensors, inputs.shared.epsilon)
     if inputs.states is None:
         scale = amplification(contributes, count, inputs.shared)
-    else:  # a chunk: ramplus_prepare's λ for the tensor
-        (scale,) = inputs.states
+    else:  # a chunk: ramplus_prepare's λ for the tensor (numpy)
+        scale = torch.as_tensor(inputs.states[0]).to(kept.device)
     share = shared_mean(kept, count)
     share = torch.where(count == 1, share * scale, share)
     return base + share.sum(dim=0).reshape(base.shape)
 
 
 def ramplus_prepare(inputs: PrepareInputs[RamPlusShared, RamModel]) -> list[Any]:
-    """The tensor's λ per model, from counts over the inputs the engine holds."""
-    import numpy as np
-    import torch
-
+    """The tensor's λ per model (numpy), from counts over the inputs the engine holds."""
     from mergekit_math.kernels.entrywise import ram_counts
 
     assert inputs.held is not None
@@ -153,15 +158,13 @@ def ramplus_prepare(inputs: PrepareInputs[RamPlusShared, RamModel]) -> list[Any]
         return overlapping, unique
 
     parts = list(inputs.map(counts, inputs.held))
-    overlapping = torch.from_numpy(sum((o for o, _ in parts), np.zeros(k, np.int64)))
-    unique = torch.from_numpy(sum((u for _, u in parts), np.zeros(k, np.int64)))
+    overlapping = sum((o for o, _ in parts), np.zeros(k, np.int64))
+    unique = sum((u for _, u in parts), np.zeros(k, np.int64))
     return [scales_of(overlapping, unique, inputs.shared)]
 
 
 def ram_fused(inputs: FusedInputs[Any, RamModel]) -> bool:
     """RAM (no states) or a chunk of RAM+ (its λ) as one fused kernel."""
-    import numpy as np
-
     from mergekit_math.kernels.entrywise import ram
 
     if inputs.base is None or not inputs.tensors:
@@ -172,7 +175,7 @@ def ram_fused(inputs: FusedInputs[Any, RamModel]) -> bool:
     k = len(inputs.tensors)
     scales = np.ones(k, np.float32)
     if amplify:
-        scales = inputs.states[0].reshape(-1).numpy().astype(np.float32)
+        scales = np.asarray(inputs.states[0], np.float32).reshape(-1)
     epsilon = np.float32(inputs.shared.epsilon)
     ram(inputs.base, tuple(inputs.tensors), epsilon, scales, amplify, inputs.out, inputs.bad)
     return True
@@ -214,7 +217,8 @@ register(
         kind="delta",
         base="required",
         inputs=(1, None),
-        chunking=Chunking(prepare=ramplus_prepare, compiled=True),
+        # λ from compiled counts and numpy: a merge without torch (merge.host)
+        chunking=Chunking(prepare=ramplus_prepare, compiled=True, host=True),
         fused=ram_fused,
         description="RAM with each model's unique deltas amplified by its overlap ratio.",
     )
