@@ -142,3 +142,25 @@ def test_magprune_falls_back_when_ties_overflow(monkeypatch):
     assert np.array_equal(kept, again)
     assert sums == pytest.approx(sums_again, rel=1e-12)
     assert np.float32(sums[1]) == np.float32(sums_again[1])
+
+
+def test_l1_sums_are_float64_at_every_length():
+    """DELLA's L1 factor comes from float64 sums rounded once to float32 also on a tensor
+    short enough for ``reduce_sum``'s float32 sum (here it differs: the test can fail); the
+    compiled decisions give the same sums (the chunked merge equals this whole path:
+    test_contract.py)."""
+    from mergekit_math.methods.base import reduce_sum
+    from mergekit_math.methods.sparsify import della_drop
+
+    src = _pair(4, 2048, 0.1, seed=6)
+    x = _values(src).reshape(4, 2048)
+    stream = MaskStream(key_of(5, 1, "t"))
+    kept = della_drop(x, 0.5, 0.15, None, stream)
+    before = np.float32(x.abs().double().sum().item())
+    after = np.float32(kept.abs().double().sum().item())
+    assert reduce_sum(x.abs()).item() != before or reduce_sum(kept.abs()).item() != after
+    assert torch.equal(della_drop(x, 0.5, 0.15, "l1", stream), kept * float(before / after))
+    _, (got_before, got_after) = magprune._decisions(
+        src, 0, x.numel(), 2048, np.float32(0.35), np.float32(0.3), stream
+    )
+    assert (np.float32(got_before), np.float32(got_after)) == (before, after)

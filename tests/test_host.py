@@ -70,15 +70,15 @@ def _files(folder) -> dict[str, bytes]:
 
 def test_which_plans_run_without_torch(tmp_path, monkeypatch, models):
     """Kernels on (here forced: the models are small), CPU, plain files, every tensor fused
-    or copied, preparations without torch; DELLA's keep decisions use torch."""
+    or copied, preparations without torch (DELLA's keep decisions and L1 sums included)."""
     monkeypatch.setenv("MMATH_FUSED", "1")
 
     def plan(method: str, extra: str = ""):
         return build_plan(load_recipe(_recipe(tmp_path, models, method, extra)))
 
-    for method in ("task_arithmetic", "ties", "breadcrumbs", "dare_ties", "linear", "ramplus_tl"):
+    host = ("task_arithmetic", "ties", "breadcrumbs", "dare_ties", "linear", "ramplus_tl", "della")
+    for method in host:
         assert runs_without_torch(plan(method), "cpu"), method
-    assert not runs_without_torch(plan("della"), "cpu")
     assert not runs_without_torch(plan("task_arithmetic"), "cuda")
     # L1 rescaling of DARE drops has no kernel: those tensors need the torch path
     assert not runs_without_torch(plan("dare_ties", "parameters: {rescale: l1}\n"), "cpu")
@@ -104,7 +104,9 @@ _DRIVER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "linear", "ramplus_tl"])
+@pytest.mark.parametrize(
+    "method", ["task_arithmetic", "ties", "dare_ties", "linear", "ramplus_tl", "della"]
+)
 def test_cli_merge_never_imports_torch_and_writes_the_same_bytes(
     tmp_path, monkeypatch, models, method
 ):

@@ -5,17 +5,17 @@ probability ``(density - ε) + (rank / span)·2ε`` with torch's float32 steps, 
 stream's decision for it (``MaskStream.keep_with``: ``byte < floor(p·256)``, a spare word
 against the fraction when they are equal).
 
-:func:`della_decisions` does it in four passes over each row while it is in cache
-(the magnitudes' bits and their range; the counts per bin, which also place each entry in
-its bin; the decisions with both sums; a short one over the entries with lower bits). The ranks come from the magnitudes' bits (a
-non-negative float's bits order like the float, NaN above inf) binned by their top 16
-bits: the magnitude of a bfloat16 difference nearly always has no lower bits set, so a bin
-holds one value and its entries rank in index order from the bin's start (the counting
-pass's increment gives each its place in its bin, so no pass scatters ranks); the few
-entries with lower bits (about one in 20) rank after them, sorted within their bins. A
-row whose bins would span too wide a range, or with too many entries with lower bits
-(float32 inputs), is ranked by a least-significant-digit radix sort instead (four 8-bit
-digits, each a stable counting pass; a digit every entry shares is skipped). On
+:func:`della_decisions` does it in four passes over each row while it is in cache (the
+magnitudes' bits and their range; the counts per bin, which also place each entry in its
+bin; the decisions with both sums; a short one over the entries with lower bits). The ranks
+come from the magnitudes' bits (a non-negative float's bits order like the float, NaN above
+inf) binned by their top 16 bits: the magnitude of a bfloat16 difference nearly always has
+no lower bits set, so a bin holds one value and its entries rank in index order from the
+bin's start (the counting pass's increment gives each its place in its bin, so no pass
+scatters ranks); the few entries with lower bits (about one in 20) rank after them, sorted
+within their bins. A row whose bins would span too wide a range, or with too many entries
+with lower bits (float32 inputs), is ranked by a least-significant-digit radix sort instead
+(four 8-bit digits, each a stable counting pass; a digit every entry shares is skipped). On
 TinyLlama-shaped bfloat16 rows this is 4.8-5.0 ns per entry (9.1-10.2 with a pass that
 scattered the ranks, the sums in the bits' pass and indices numba checked for negative
 values; 13-15 with the radix sort and separate passes).

@@ -7,8 +7,9 @@ probability comes from its rank in its row, its draw from the tensor's mask stre
 flat index (``MaskStream.keep_with`` on a range that starts a block gives the whole
 tensor's decisions there); :func:`~mergekit_math.kernels.ranks.della_decisions` makes them
 and the range's L1 sums in one compiled call. The L1 norms before and after the drop are
-float64 sums rounded to float32 as ``reduce_sum`` computes them (compiled for tensors over
-32768 elements, torch's float32 sums below, see :mod:`mergekit_math.methods.statistics`).
+float64 sums rounded once to float32 at every length, as the whole path's
+(:func:`~mergekit_math.methods.sparsify.della_l1`), so nothing here needs torch: a DELLA
+merge runs on numpy arrays (``Chunking.host``).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from mergekit_math.methods.base import PrepareInputs, reduce_sum
+from mergekit_math.methods.base import PrepareInputs
 from mergekit_math.methods.masks import BLOCK
 from mergekit_math.methods.sparsify import l1_factor
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from mergekit_math.methods.masks import MaskStream
@@ -40,17 +42,17 @@ def della_unit(shape: tuple[int, ...]) -> int:
 @dataclass(frozen=True)
 class DellaKeep:
     """One input's keep decisions over a tensor, one bool array per range (by its start),
-    and the L1 factor applied to the kept entries (None: none)."""
+    and the L1 factor (float32) applied to the kept entries (None: none)."""
 
     masks: dict[int, Any]
-    factor: torch.Tensor | None
+    factor: np.float32 | None
 
     def apply(self, delta: torch.Tensor, start: int = 0) -> torch.Tensor:
         import torch
 
-        mask = torch.from_numpy(self.masks[start]).reshape(delta.shape)
+        mask = torch.from_numpy(self.masks[start]).reshape(delta.shape).to(delta.device)
         kept = delta * mask
-        return kept if self.factor is None else kept * self.factor
+        return kept if self.factor is None else kept * float(self.factor)
 
 
 def _decisions(
@@ -59,7 +61,6 @@ def _decisions(
     """The keep decisions (bool array) of a range of whole rows starting a mask block, and
     its (Σ|x|, Σ|x·keep|) in float64."""
     import numpy as np
-    import torch
 
     from mergekit_math.kernels.ranks import della_decisions, della_probs
     from mergekit_math.kernels.stats import sum_abs_kept
@@ -69,6 +70,8 @@ def _decisions(
     if della_decisions(source, row, low, step, primary, spare, kept, sums):
         return kept, (float(sums[0]), float(sums[1]))
     # a block's ties outgrew its spare words (odds below 1e-40): the stream's own overflow
+    import torch
+
     probs = np.empty(count, np.float32)
     della_probs(source, row, low, step, probs)
     kept = stream.keep_with(start, torch.from_numpy(probs), compiled=True).numpy()
@@ -87,30 +90,21 @@ def della_keep(
     """Input ``i``'s decisions (``density`` ± ``epsilon`` by rank in rows of ``row``), from
     the held ``(base, model)`` ranges."""
     import numpy as np
-    import torch
-
-    from mergekit_math.methods import statistics
 
     if density - epsilon <= 0 or density + epsilon >= 1:
         raise ValueError(f"della needs density ± epsilon inside (0, 1), got {density} ± {epsilon}")
     assert inputs.held is not None
     low, step = np.float32(density - epsilon), np.float32(2 * epsilon)
-    long = statistics.compiled_sums(inputs)
 
     def one(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> tuple[Any, Any]:
         (start, end), (base, models) = job
-        mask, sums = _decisions((base, models[i]), start, end - start, row, low, step, stream)
-        return mask, (sums if l1 and long else None)
+        return _decisions((base, models[i]), start, end - start, row, low, step, stream)
 
     done = list(inputs.map(one, zip(inputs.ranges, inputs.held)))
     masks = {start: mask for (start, _), (mask, _) in zip(inputs.ranges, done)}
     if not l1:
         return DellaKeep(masks, None)
-    if long:
-        before = statistics.rounded(math.fsum(s[0] for _, s in done))
-        after = statistics.rounded(math.fsum(s[1] for _, s in done))
-    else:  # short: torch's float32 sums, as the whole path
-        delta = statistics.whole(inputs, i) - statistics.whole(inputs, None)
-        whole_mask = torch.from_numpy(np.concatenate([m for m, _ in done]))
-        before, after = reduce_sum(delta.abs()), reduce_sum((delta * whole_mask).abs())
+    # float64 sums rounded once to float32 (round to nearest even, as torch's ``.to``)
+    before = np.float32(math.fsum(s[0] for _, s in done))
+    after = np.float32(math.fsum(s[1] for _, s in done))
     return DellaKeep(masks, l1_factor(before, after))

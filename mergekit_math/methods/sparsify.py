@@ -45,6 +45,20 @@ def rescale_l1(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> to
     return kept if factor is None else kept * factor
 
 
+def della_l1(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """DELLA's L1 rescale: :func:`rescale_l1` with both norms summed in float64 and rounded
+    once at every length (``reduce_sum`` sums up to 32768 elements in float32, as mergekit,
+    whose DELLA masks are random anyway): the sums the compiled decisions give
+    (:mod:`mergekit_math.methods.magprune`), so a DELLA merge needs no torch and no
+    float32 summation order (torch's is compiled per CPU capability)."""
+    import torch
+
+    before = delta.abs().sum(dtype=torch.float64).to(delta.dtype)
+    after = kept.abs().sum(dtype=torch.float64).to(kept.dtype)
+    factor = l1_factor(before, after, eps)
+    return kept if factor is None else kept * factor
+
+
 def _double(magnitude: torch.Tensor | StoredMagnitude) -> bool:
     """Whether the magnitudes compare as float64 (else float32: see :class:`TieRule`)."""
     if isinstance(magnitude, StoredMagnitude):  # no torch: a merge on numpy arrays
@@ -251,5 +265,5 @@ def della_drop(
     if rescale == "paper":
         return kept.div_(probs.reshape(delta.shape).to(kept.dtype))
     if rescale == "l1":
-        return rescale_l1(delta, kept)
+        return della_l1(delta, kept)
     return kept

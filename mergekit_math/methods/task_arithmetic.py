@@ -263,7 +263,7 @@ def _kernel_args(
         elif isinstance(state, DellaKeep):
             sel = sel if sel.shape[1] == n else np.ones((k, n), np.uint8)
             sel[i] = state.masks[inputs.offset]
-            scale[i] = 1.0 if state.factor is None else state.factor.item()
+            scale[i] = 1.0 if state.factor is None else state.factor
         else:
             return None
     if not sel.shape[1]:  # no marks here: trims or windows without ties, or nothing to drop
@@ -327,9 +327,9 @@ def _chunking(variant: Variant) -> Chunking[DeltaShared, DeltaModel]:
         selects = variant.sparsification in ("magnitude", "magnitude_outliers")
         return int(selects and any(p.density < 1 for p in params))
 
-    della = variant.sparsification == "della"  # DELLA's keep decisions use torch
+    della = variant.sparsification == "della"
     unit = della_unit if della else None
-    return Chunking(applies, prepare, buffers, compiled=della, host=not della, unit=unit)
+    return Chunking(applies, prepare, buffers, compiled=della, host=True, unit=unit)
 
 
 def _examples(variant: Variant) -> tuple[Example, ...]:
