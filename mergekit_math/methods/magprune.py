@@ -78,33 +78,41 @@ def _decisions(
     return kept, sum_abs_kept(source, kept.view(np.uint8))
 
 
-def della_keep(
+def della_keeps(
     inputs: PrepareInputs[Any, Any],
-    i: int,
-    density: float,
-    epsilon: float,
+    drops: dict[int, tuple[float, float, MaskStream]],
     l1: bool,
-    stream: MaskStream,
     row: int,
-) -> DellaKeep:
-    """Input ``i``'s decisions (``density`` ± ``epsilon`` by rank in rows of ``row``), from
-    the held ``(base, model)`` ranges."""
+) -> dict[int, DellaKeep]:
+    """The decisions of each input ``i`` in ``drops`` (``density`` ± ``epsilon`` by rank in
+    rows of ``row``, its ``stream``), from the held ``(base, model)`` ranges: every input's
+    ranges in one map, so the worker threads wait once per tensor."""
     import numpy as np
 
-    if density - epsilon <= 0 or density + epsilon >= 1:
-        raise ValueError(f"della needs density ± epsilon inside (0, 1), got {density} ± {epsilon}")
+    for density, epsilon, _ in drops.values():
+        if density - epsilon <= 0 or density + epsilon >= 1:
+            raise ValueError(
+                f"della needs density ± epsilon inside (0, 1), got {density} ± {epsilon}"
+            )
     assert inputs.held is not None
-    low, step = np.float32(density - epsilon), np.float32(2 * epsilon)
+    jobs = [(i, r) for i in drops for r in range(len(inputs.ranges))]
 
-    def one(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> tuple[Any, Any]:
-        (start, end), (base, models) = job
+    def one(job: tuple[int, int]) -> tuple[Any, Any]:
+        i, r = job
+        density, epsilon, stream = drops[i]
+        low, step = np.float32(density - epsilon), np.float32(2 * epsilon)
+        (start, end), (base, models) = inputs.ranges[r], inputs.held[r]
         return _decisions((base, models[i]), start, end - start, row, low, step, stream)
 
-    done = list(inputs.map(one, zip(inputs.ranges, inputs.held)))
-    masks = {start: mask for (start, _), (mask, _) in zip(inputs.ranges, done)}
-    if not l1:
-        return DellaKeep(masks, None)
-    # float64 sums rounded once to float32 (round to nearest even, as torch's ``.to``)
-    before = np.float32(math.fsum(s[0] for _, s in done))
-    after = np.float32(math.fsum(s[1] for _, s in done))
-    return DellaKeep(masks, l1_factor(before, after))
+    done = dict(zip(jobs, inputs.map(one, jobs)))
+    keeps = {}
+    for i in drops:
+        parts = [done[i, r] for r in range(len(inputs.ranges))]
+        masks = {start: mask for (start, _), (mask, _) in zip(inputs.ranges, parts)}
+        factor = None
+        if l1:  # float64 sums rounded once to float32 (to nearest even, as torch's ``.to``)
+            before = np.float32(math.fsum(s[0] for _, s in parts))
+            after = np.float32(math.fsum(s[1] for _, s in parts))
+            factor = l1_factor(before, after)
+        keeps[i] = DellaKeep(masks, factor)
+    return keeps

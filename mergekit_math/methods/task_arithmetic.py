@@ -25,7 +25,7 @@ from mergekit_math.methods.base import (
     register,
 )
 from mergekit_math.methods.consensus import agreement_mask, elect_sign, zero_to_one
-from mergekit_math.methods.magprune import DellaKeep, della_keep, della_unit, row_length
+from mergekit_math.methods.magprune import DellaKeep, della_keeps, della_unit, row_length
 from mergekit_math.methods.sparsify import (
     KeepMask,
     MagnitudeTrim,
@@ -275,6 +275,19 @@ def _kernel_args(
     return thresholds, None, sel, scale if masked else None
 
 
+def _della_states(variant: Variant, inputs: PrepareInputs[DeltaShared, DeltaModel]) -> list[Any]:
+    """DELLA's keep decisions (None: an input kept whole), every input's in one map."""
+    assert inputs.generators is not None
+    drops = {}
+    for i, p in enumerate(inputs.params):
+        if p.density < 1:
+            assert isinstance(p, DellaModel)
+            drops[i] = (p.density, p.epsilon, inputs.generators[i])
+    l1 = _rescale_mode(variant, inputs.shared.rescale) == "l1"
+    keeps = della_keeps(inputs, drops, l1, row_length(inputs.shape))
+    return [keeps.get(i) for i in range(len(inputs.params))]
+
+
 def _chunking(variant: Variant) -> Chunking[DeltaShared, DeltaModel]:
     """Chunks for no sparsification, TIES trims and Breadcrumbs windows without L1 rescale
     (whole-tensor thresholds computed once) and DARE drops without L1 rescale (masks computed
@@ -292,6 +305,8 @@ def _chunking(variant: Variant) -> Chunking[DeltaShared, DeltaModel]:
         return rescale != "paper"
 
     def prepare(inputs: PrepareInputs[DeltaShared, DeltaModel]) -> list[Any]:
+        if variant.sparsification == "della":
+            return _della_states(variant, inputs)
         states: list[Any] = []
         for i, p in enumerate(inputs.params):
             if p.density >= 1 or variant.sparsification == "none":
@@ -312,11 +327,6 @@ def _chunking(variant: Variant) -> Chunking[DeltaShared, DeltaModel]:
             elif variant.sparsification == "random":
                 assert inputs.generators is not None
                 states.append(KeepMask(inputs.generators[i], p.density))
-            elif variant.sparsification == "della":
-                assert inputs.generators is not None and isinstance(p, DellaModel)
-                l1 = _rescale_mode(variant, inputs.shared.rescale) == "l1"
-                stream, row = inputs.generators[i], row_length(inputs.shape)
-                states.append(della_keep(inputs, i, p.density, p.epsilon, l1, stream, row))
             else:
                 raise ValueError(f"{variant.sparsification} cannot run on chunks")
         return states
