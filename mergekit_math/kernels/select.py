@@ -281,6 +281,20 @@ def _low_passes(
     return lows, _sum(lows)
 
 
+def _count(src: object) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """One part's histogram pass: its top-16-bit histogram and the values it collected
+    (None: too many to collect), or None if some value has its sign bit set. A part has
+    < 2^31 elements (the engine's ranges, a tensor's task grid): int32 counts halve what is
+    zeroed and summed."""
+    hist = np.zeros(BINS, np.int32)
+    length = src[0].shape[0] if isinstance(src, tuple) else src.shape[0]  # type: ignore[index, attr-defined]
+    found = np.empty((length >> 4) + _BLOCK, np.uint32)  # 1 in 16, and a block
+    got = histogram(src, hist, found)
+    if got == -1:
+        return None
+    return hist, (found[:got] if got >= 0 else None)
+
+
 def kth_largest_bits(
     parts: list[tuple[int, object]],
     ks: list[int],
@@ -299,20 +313,33 @@ def kth_largest_bits(
     others (:func:`histogram`), from which the answer and its ties follow. Where they were
     too many to collect (float32 inputs), a second pass counts the low bits in the answers'
     bins (:func:`histogram_low`)."""
+    return kth_largest_bits_of([(parts, ks, ranges)], map)[0]
+
+
+def kth_largest_bits_of(
+    groups: list[tuple[list[tuple[int, object]], list[int], int]],
+    map,  # noqa: ANN001
+) -> list[list[tuple[float, int, list[int], bool]] | None]:
+    """:func:`kth_largest_bits` of several magnitudes, ``(parts, ks, ranges)`` each (a
+    tensor's inputs), with the histogram passes of all their parts in one ``map``: the
+    worker threads wait once, not once per input."""
+    sources = [src for parts, _, _ in groups for _, src in parts]
+    counted = iter(list(map(_count, sources)))
+    return [
+        _answers(parts, ks, [next(counted) for _ in parts], map, ranges)
+        for parts, ks, ranges in groups
+    ]
+
+
+def _answers(
+    parts: list[tuple[int, object]],
+    ks: list[int],
+    counted: list[tuple[np.ndarray, np.ndarray | None] | None],
+    map,  # noqa: ANN001
+    ranges: int,
+) -> list[tuple[float, int, list[int], bool]] | None:
+    """:func:`kth_largest_bits`' answers from its parts' histogram passes (``counted``)."""
     sources = [src for _, src in parts]
-
-    # per part: < 2^31 elements (the engine's ranges, a tensor's task grid): int32 counts
-    # halve what is zeroed and summed
-    def count(src: object) -> tuple[np.ndarray, np.ndarray | None] | None:
-        hist = np.zeros(BINS, np.int32)
-        length = src[0].shape[0] if isinstance(src, tuple) else src.shape[0]  # type: ignore[index, attr-defined]
-        found = np.empty((length >> 4) + _BLOCK, np.uint32)  # 1 in 16, and a block
-        got = histogram(src, hist, found)
-        if got == -1:
-            return None
-        return hist, (found[:got] if got >= 0 else None)
-
-    counted = list(map(count, sources))
     if any(c is None for c in counted):
         return None
     highs = [c[0] for c in counted]  # type: ignore[index]

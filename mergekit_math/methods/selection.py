@@ -177,6 +177,24 @@ def kth_selects(
     return [_select_bracketed(values, k, map, ranges) for k in ks]
 
 
+def kth_selects_of(
+    items: list[tuple[torch.Tensor | StoredMagnitude, list[int]]],
+    map: ChunkMap = builtins.map,
+    compiled: bool | None = None,
+    ranges: Ranges | None = None,
+) -> list[list[Selection]]:
+    """:func:`kth_selects` of several ``(values, ks)`` (a tensor's inputs): where all are
+    :class:`StoredMagnitude`, the histogram passes of all of them in one ``map``."""
+    if items and all(isinstance(v, StoredMagnitude) for v, _ in items):
+        from mergekit_math.kernels.select import kth_largest_bits_of
+
+        groups = [(list(enumerate(v.parts)), ks, len(v.parts)) for v, ks in items]  # type: ignore[union-attr]
+        found = kth_largest_bits_of(groups, map)
+        assert all(f is not None for f in found)  # magnitudes have no sign bit
+        return [[Selection(*one) for one in f] for f in found]  # type: ignore[union-attr]
+    return [kth_selects(v, ks, map, compiled, ranges) for v, ks in items]
+
+
 def kth_select(
     values: torch.Tensor | StoredMagnitude,
     k: int,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 from mergekit_math.methods.base import reduce_sum
 from mergekit_math.methods.selection import (
+    Selection,
     StoredMagnitude,
     TieRule,
     kth_select,
@@ -84,14 +85,21 @@ class MagnitudeTrim:
         ranges: list[tuple[int, int]] | None = None,
         map: ChunkMap = builtins.map,
         compiled: bool | None = None,
+        selection: Selection | None = None,
     ):
         n = magnitude.numel()
-        k = max(1, int(density * n))
+        (k,) = self.ks(n, density)
         ranges = ranges or [(0, n)]
-        selection = kth_select(magnitude, k, map, compiled, ranges)
+        if selection is None:  # else computed for it (kth_selects_of, with other inputs')
+            selection = kth_select(magnitude, k, map, compiled, ranges)
         self.threshold = selection.threshold
         self.finite = selection.finite  # every magnitude finite (see Selection)
         self.rules = tie_rules(ranges, selection, None, 0, k - selection.above, _double(magnitude))
+
+    @staticmethod
+    def ks(n: int, density: float) -> list[int]:
+        """The rank it selects: the ``max(1, int(density·n))``-th largest."""
+        return [max(1, int(density * n))]
 
     def apply(self, delta: torch.Tensor, start: int = 0) -> torch.Tensor:
         flat = delta.reshape(-1)
@@ -123,6 +131,7 @@ class RankWindow:
         ranges: list[tuple[int, int]] | None = None,
         map: ChunkMap = builtins.map,
         compiled: bool | None = None,
+        selections: list[Selection] | None = None,
     ):
         n = magnitude.numel()
         ranges = ranges or [(0, n)]
@@ -130,9 +139,10 @@ class RankWindow:
         self.rules = {start: TieRule(math.inf, -math.inf) for start, _ in ranges}
         self.finite = False  # every magnitude finite (see Selection); unknown here
         if count > 0:
-            last = first + count - 1  # the r-th smallest is the (n-r)-th largest
-            ks = [n - first, n - last]
-            low, high = kth_selects(magnitude, ks, map, compiled, ranges)
+            last = first + count - 1
+            if selections is None:  # else computed for it (kth_selects_of)
+                selections = kth_selects(magnitude, self.ks(n, first, count), map, compiled, ranges)
+            low, high = selections
             self.low, self.high = low.threshold, high.threshold
             self.finite = low.finite
             below_low = n - low.above - low.tied  # elements smaller than the low end
@@ -142,6 +152,12 @@ class RankWindow:
             else:
                 ties = (first - below_low, last - below_high + 1)
             self.rules = tie_rules(ranges, low, high, *ties, _double(magnitude))
+
+    @staticmethod
+    def ks(n: int, first: int, count: int) -> list[int]:
+        """The ranks its ends select (none for an empty window): the r-th smallest is the
+        (n-r)-th largest."""
+        return [n - first, n - (first + count - 1)] if count > 0 else []
 
     def keep(self, magnitude: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Boolean keep mask of the flat magnitudes of the chunk starting at ``start``."""

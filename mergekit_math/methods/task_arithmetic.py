@@ -26,6 +26,7 @@ from mergekit_math.methods.base import (
 )
 from mergekit_math.methods.consensus import agreement_mask, elect_sign, zero_to_one
 from mergekit_math.methods.magprune import DellaKeep, della_keeps, della_unit, row_length
+from mergekit_math.methods.selection import StoredMagnitude, kth_selects_of
 from mergekit_math.methods.sparsify import (
     KeepMask,
     MagnitudeTrim,
@@ -41,6 +42,8 @@ from mergekit_math.methods.sparsify import (
 
 if TYPE_CHECKING:
     import torch
+
+    from mergekit_math.methods.selection import Selection
 
 Sparsification = Literal["none", "magnitude", "random", "magnitude_outliers", "della"]
 
@@ -275,6 +278,44 @@ def _kernel_args(
     return thresholds, None, sel, scale if masked else None
 
 
+def _selection_states(
+    variant: Variant, inputs: PrepareInputs[DeltaShared, DeltaModel]
+) -> list[Any]:
+    """TIES trims or Breadcrumbs windows (None: an input kept whole). Magnitudes the engine
+    holds as read (``StoredMagnitude``) are selected together, every input's histogram
+    passes in one map; a magnitude in the reused buffer is selected before the next."""
+    window = variant.sparsification == "magnitude_outliers"
+
+    def ks(p: DeltaModel) -> list[int]:
+        if not window:
+            return MagnitudeTrim.ks(inputs.numel, p.density)
+        assert isinstance(p, BreadcrumbsModel)
+        return RankWindow.ks(inputs.numel, *breadcrumbs_window(inputs.numel, p.density, p.gamma))
+
+    def state(p: DeltaModel, magnitude: Any, found: list[Selection] | None) -> Any:
+        args = (inputs.ranges, inputs.map, inputs.compiled)
+        if not window:
+            return MagnitudeTrim(magnitude, p.density, *args, found[0] if found else None)
+        assert isinstance(p, BreadcrumbsModel)
+        first, count = breadcrumbs_window(inputs.numel, p.density, p.gamma)
+        return RankWindow(magnitude, first, count, *args, found or None)
+
+    states: list[Any] = [None] * len(inputs.params)
+    stored = []
+    for i, p in enumerate(inputs.params):
+        if p.density < 1:
+            magnitude = inputs.magnitude(i)
+            if isinstance(magnitude, StoredMagnitude) and ks(p):
+                stored.append((i, p, magnitude))
+            else:
+                states[i] = state(p, magnitude, None)
+    items = [(magnitude, ks(p)) for _, p, magnitude in stored]
+    found = kth_selects_of(items, inputs.map, inputs.compiled, inputs.ranges)
+    for (i, p, magnitude), selections in zip(stored, found):
+        states[i] = state(p, magnitude, selections)
+    return states
+
+
 def _della_states(variant: Variant, inputs: PrepareInputs[DeltaShared, DeltaModel]) -> list[Any]:
     """DELLA's keep decisions (None: an input kept whole), every input's in one map."""
     assert inputs.generators is not None
@@ -307,23 +348,12 @@ def _chunking(variant: Variant) -> Chunking[DeltaShared, DeltaModel]:
     def prepare(inputs: PrepareInputs[DeltaShared, DeltaModel]) -> list[Any]:
         if variant.sparsification == "della":
             return _della_states(variant, inputs)
+        if variant.sparsification in ("magnitude", "magnitude_outliers"):
+            return _selection_states(variant, inputs)
         states: list[Any] = []
         for i, p in enumerate(inputs.params):
             if p.density >= 1 or variant.sparsification == "none":
                 states.append(None)
-            elif variant.sparsification == "magnitude":
-                magnitude = inputs.magnitude(i)
-                states.append(
-                    MagnitudeTrim(magnitude, p.density, inputs.ranges, inputs.map, inputs.compiled)
-                )
-            elif variant.sparsification == "magnitude_outliers":
-                assert isinstance(p, BreadcrumbsModel)
-                magnitude = inputs.magnitude(i)
-                first, count = breadcrumbs_window(inputs.numel, p.density, p.gamma)
-                window = RankWindow(
-                    magnitude, first, count, inputs.ranges, inputs.map, inputs.compiled
-                )
-                states.append(window)
             elif variant.sparsification == "random":
                 assert inputs.generators is not None
                 states.append(KeepMask(inputs.generators[i], p.density))
