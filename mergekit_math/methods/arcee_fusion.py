@@ -154,6 +154,7 @@ def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -
     import numpy as np
     import torch
 
+    from mergekit_math.kernels.fusion import importances
     from mergekit_math.methods import statistics
 
     assert inputs.held is not None
@@ -166,10 +167,10 @@ def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -
         (start, end), (base, models) = job
         b = statistics.as_float32(base).reshape(-1, row)
         m = statistics.as_float32(models[0]).reshape(-1, row)
-        kl = row_kl(m, b)
-        part = torch.from_numpy(importance[start:end]).view(b.shape)
-        torch.mul((m - b).abs_(), kl, out=part)
-        return kl.reshape(-1).numpy(), bool(torch.isfinite(part).all())
+        kl = row_kl(m, b).reshape(-1).numpy()
+        del b, m
+        # |m - b|·KL in torch's float32 steps, and whether all are finite, in one pass
+        return kl, importances(base, models[0], kl, row, importance[start:end])
 
     done = list(inputs.map(one, zip(inputs.ranges, inputs.held)))
     values = torch.from_numpy(importance)
