@@ -289,6 +289,45 @@ def test_compiled_selection_answers_from_the_collected_values(monkeypatch):
     assert slow[0].threshold == chosen and slow[0].ties == [1, 2, 1]
 
 
+@pytest.mark.parametrize("spread", [True, False])
+def test_float32_selection_collects_the_answers_bins(monkeypatch, spread):
+    """float32 values (low bits everywhere): with up to three answers whose bins hold at
+    most an eighth of the values, one more pass collects those bins whole (the low-bits
+    passes do not run); with the values crowded into the answers' bins, the low-bits
+    passes answer. Both equal the torch selection, ties per range included."""
+    from mergekit_math.kernels import select
+    from mergekit_math.methods.selection import kth_selects
+
+    n = 500_003
+    g = torch.Generator().manual_seed(13)
+    values = torch.randn(n, generator=g).abs()
+    if not spread:  # every value in one bin: [1, 1 + 2^-7)
+        values = 1 + torch.rand(n, generator=g) / 256
+    values[[3, 250_000, n - 2]] = float(values[77])  # ties of one value in three ranges
+    ks = [n - q * (n - 1) // 4 for q in (1, 2, 3)]
+    ks[1] = int((values > values[77]).sum()) + 2
+    ranges = [(0, 4), (4, 250_001), (250_001, n)]
+    calls = []
+
+    def spy(name: str) -> object:
+        real = getattr(select, name)
+        monkeypatch.setattr(select, name, lambda *a: calls.append(name) or real(*a))
+
+    for name in ("collect_bins", "histogram_low", "histogram_low2"):
+        spy(name)
+    found = select.kth_largest_bits(select.tensor_parts(values, ranges), ks, map, len(ranges))
+    monkeypatch.setenv("MMATH_FUSED", "0")
+    slow = kth_selects(values, ks, ranges=ranges)
+    assert [Selection(*f) for f in found] == slow
+    assert slow[1].threshold == float(values[77])
+    if spread:  # (crowded, the value has more copies)
+        assert slow[1].ties == [1, 2, 1]
+    if spread:
+        assert set(calls) == {"collect_bins"}
+    else:
+        assert calls and "collect_bins" not in calls
+
+
 # ------------------------------------------------------------------- through the engine
 
 _RECIPES = {

@@ -205,6 +205,24 @@ def histogram_low2(src, first, second, hist):  # noqa: ANN001, ANN201
     hist[1, 0] += zeros_second
 
 
+@njit(nogil=True, cache=True, error_model="numpy")
+def collect_bins(src, first, second, third, out):  # noqa: ANN001, ANN201
+    """Write the bits of the magnitudes in bins ``first``, ``second`` or ``third`` into
+    ``out`` (room for them and one more), in index order; returns how many. Each value is
+    written at the next free place, which advances only on a match: no branch."""
+    bits = np.empty(_BLOCK, np.uint32)
+    n = size(src)
+    j = 0
+    for start in range(0, n, _BLOCK):
+        count = _block_bits(src, start, n, bits)
+        for i in range(count):
+            v = bits[i]
+            top = v >> np.uint32(SHIFT)
+            out[j] = v
+            j += (top == first) | (top == second) | (top == third)
+    return j
+
+
 def _pick(hist: np.ndarray, k: int) -> tuple[int, int]:
     """The bin holding the ``k``-th largest and how many elements lie in higher bins."""
     higher = np.cumsum(hist[::-1])[::-1] - hist
@@ -257,6 +275,35 @@ def _from_found(
         )
     clean = [int(h[bin_]) - f.shape[0] for h, f in zip(highs, inside)]
     return bin_ << SHIFT, above + dirty.shape[0], clean
+
+
+def _collect(
+    sources: list[object],
+    bins: list[int],
+    highs: list[np.ndarray],
+    map,  # noqa: ANN001
+) -> list[np.ndarray]:
+    """Per source, the bits of its values in ``bins`` (at most three), in index order."""
+    first, second, third = (np.uint32(b) for b in (bins * 3)[:3])
+
+    def one(job: tuple[object, np.ndarray]) -> np.ndarray:
+        src, hist = job
+        out = np.empty(int(hist[bins].sum()) + 1, np.uint32)
+        return out[: collect_bins(src, first, second, third, out)]
+
+    return list(map(one, zip(sources, highs)))
+
+
+def _from_bins(
+    bin_: int, above: int, k: int, found: list[np.ndarray]
+) -> tuple[int, int, list[int]]:
+    """The answer in bin ``bin_`` from every value of that bin (``found``, per part):
+    ``(bits, above, ties per part)``."""
+    inside = [f[(f >> np.uint32(SHIFT)) == bin_] for f in found]
+    values = np.sort(np.concatenate(inside))[::-1]
+    bits = int(values[k - above - 1])  # rank from the top of the bin
+    higher = above + int(np.count_nonzero(values > bits))
+    return bits, higher, [int(np.count_nonzero(f == bits)) for f in inside]
 
 
 def _low_passes(
@@ -347,11 +394,15 @@ def _answers(
     high = _sum(highs)
     picks = [_pick(high, k) for k in ks]
     answers: list[tuple[int, int, list[int]]] = []
+    bins = sorted({b for b, _ in picks})
     if all(f is not None for f in found):
         answers = [_from_found(b, above, k, highs, found) for k, (b, above) in zip(ks, picks)]  # type: ignore[arg-type]
+    elif len(bins) <= 3 and int(high[bins].sum()) <= int(high.sum()) // 8:
+        # float32 values: the answers' bins, whole, from one more pass
+        found = _collect(sources, bins, highs, map)
+        answers = [_from_bins(b, above, k, found) for k, (b, above) in zip(ks, picks)]
     else:
-        bins = np.array(sorted({b for b, _ in picks}), np.uint32)
-        lows, total = _low_passes(sources, bins, map)
+        lows, total = _low_passes(sources, np.array(bins, np.uint32), map)
         for k, (bin_, above) in zip(ks, picks):
             row = int(np.searchsorted(bins, bin_))
             low, above_low = _pick(total[row], k - above)
