@@ -159,6 +159,14 @@ def _ties_loop(base, ms, thr, hi, sel, scale, ws, normalize, lam, out):  # noqa:
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
+def widen_into(src, out):  # noqa: ANN001, ANN201
+    """out = a stored array (bfloat16 bits or float32) as float32: exact, vectorised (0.15
+    against torch's 0.54 ns per element for bfloat16 on one thread)."""
+    for i in range(out.shape[0]):
+        out[i] = load(src, i)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
 def delta_into(base, m, out):  # noqa: ANN001, ANN201
     """out = m - base in float32 (a whole delta assembled for a TIES threshold)."""
     for i in range(out.shape[0]):

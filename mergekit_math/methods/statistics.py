@@ -31,13 +31,15 @@ def _held(inputs: PrepareInputs[Any, Any]) -> list[tuple[Any, list[Any]]]:
 
 
 def as_float32(array: Any) -> torch.Tensor:
-    """A held array (bfloat16 bits as uint16, or float32) as a float32 tensor."""
+    """A held array (bfloat16 bits as uint16, or float32) as a float32 tensor (a copy)."""
     import numpy as np
     import torch
 
-    if array.dtype == np.uint16:
-        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16).float()
-    return torch.from_numpy(array).float()
+    from mergekit_math.kernels.elementwise import widen_into
+
+    out = np.empty(array.shape[0], np.float32)
+    widen_into(array, out)
+    return torch.from_numpy(out)
 
 
 def whole(inputs: PrepareInputs[Any, Any], j: int | None) -> torch.Tensor:
