@@ -362,7 +362,7 @@ def selection_ns(method: str, paths: dict[str, Path], reps: int = 3) -> tuple[fl
     from mergekit_math.io.reader import Checkpoint
     from mergekit_math.merge.fused import _as_numpy
     from mergekit_math.methods import PrepareInputs
-    from mergekit_math.methods.magprune import della_keep
+    from mergekit_math.methods.magprune import della_keeps
     from mergekit_math.methods.masks import MaskStream
     from mergekit_math.methods.selection import StoredMagnitude
     from mergekit_math.methods.sparsify import MagnitudeTrim, RankWindow, breadcrumbs_window
@@ -388,7 +388,7 @@ def selection_ns(method: str, paths: dict[str, Path], reps: int = 3) -> tuple[fl
     def della(density: float, epsilon: float) -> object:
         inputs = PrepareInputs(None, [], None, n, ranges, None, None, held=held, shape=shape)
         stream = MaskStream.of(0, 0, name)
-        return della_keep(inputs, 0, density, epsilon, True, stream, shape[-1])
+        return della_keeps(inputs, {0: (density, epsilon, stream)}, True, shape[-1])[0]
 
     runs = {
         "ties": lambda: MagnitudeTrim(stored, 0.5, ranges),
