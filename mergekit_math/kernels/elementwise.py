@@ -29,12 +29,24 @@ _ONE = np.float32(1.0)
 
 @njit(error_model="numpy")
 def _count_bad(xs, bad):  # noqa: ANN001, ANN202
+    """Adds input j's count of NaN and inf to ``bad[j]`` (None: the inputs are known
+    finite, nothing is read; numba prunes the branch)."""
+    if bad is None:
+        return
     for j in range(len(xs)):
         x = xs[j]
         count = 0
         for i in range(x.shape[0]):
             count += nonfinite(x, i)
         bad[j] += count
+
+
+@njit(error_model="numpy")
+def _count_inputs(base, ms, bad):  # noqa: ANN001, ANN202
+    """:func:`_count_bad` of a base (``bad[0]``) and its models (``bad[1:]``)."""
+    if bad is not None:
+        _count_bad((base,), bad[:1])
+        _count_bad(ms, bad[1:])
 
 
 @njit(error_model="numpy")
@@ -233,9 +245,7 @@ def mark_ties(base, m, value, skip, take, sel):  # noqa: ANN001, ANN201
 def delta_sum(base, ms, thr, hi, sel, scale, ws, div, lam, out, bad):  # noqa: ANN001, ANN201
     """out = base + ((Σ_j kept_j·w_j) / div)·λ (see :func:`_kept`); ``bad``: base first,
     then the models (None: the inputs are known finite, nothing counted)."""
-    if bad is not None:
-        _count_bad((base,), bad[:1])
-        _count_bad(ms, bad[1:])
+    _count_inputs(base, ms, bad)
     _sum_loop(base, ms, thr, hi, sel, scale, ws, div, lam, out)
 
 
@@ -244,7 +254,5 @@ def delta_ties(base, ms, thr, hi, sel, scale, ws, normalize, lam, out, bad):  # 
     """TIES: the elected sign of Σ kept_j·w_j, the agreeing entries summed (divided by their
     weights' sum with ``normalize``), times λ, plus the base (``bad``: see
     :func:`delta_sum`)."""
-    if bad is not None:
-        _count_bad((base,), bad[:1])
-        _count_bad(ms, bad[1:])
+    _count_inputs(base, ms, bad)
     _ties_loop(base, ms, thr, hi, sel, scale, ws, normalize, lam, out)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from mergekit_math.kernels.elementwise import _count_bad
+from mergekit_math.kernels.elementwise import _count_inputs
 from mergekit_math.kernels.scalar import load, store
 
 _ZERO = np.float32(0.0)
@@ -33,8 +33,7 @@ def _nearswap_loop(base, other, floor, t, out):  # noqa: ANN001, ANN202
 @njit(nogil=True, cache=True, error_model="numpy")
 def nearswap(base, other, floor, t, out, bad):  # noqa: ANN001, ANN201
     """w = clamp(t / max(|base − other|, floor), 0, 1); out = w·other + (1 − w)·base."""
-    _count_bad((base,), bad[0:1])
-    _count_bad((other,), bad[1:2])
+    _count_inputs(base, (other,), bad)
     _nearswap_loop(base, other, floor, t, out)
 
 
@@ -62,8 +61,7 @@ def _ram_loop(base, ms, epsilon, scales, amplify, out):  # noqa: ANN001, ANN202
 def ram(base, ms, epsilon, scales, amplify, out, bad):  # noqa: ANN001, ANN201
     """base + Σ_j [|δ_j| > ε]·δ_j / max(c, 1), c the contributors at the entry; with
     ``amplify`` (RAM+) an entry with one contributor is multiplied by its model's scale."""
-    _count_bad((base,), bad[0:1])
-    _count_bad(ms, bad[1:])
+    _count_inputs(base, ms, bad)
     _ram_loop(base, ms, epsilon, scales, amplify, out)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from mergekit_math.kernels.elementwise import _count_bad
+from mergekit_math.kernels.elementwise import _count_inputs
 from mergekit_math.kernels.scalar import _f32_to_bits, load, store
 
 _ZERO = np.float32(0.0)
@@ -39,9 +39,7 @@ def _loop(base, m, kl, row, tau, out):  # noqa: ANN001, ANN202
 def fusion(base, m, kl, row, tau, out, bad):  # noqa: ANN001, ANN201
     """The chunk's rows (``kl`` one float32 per row of ``row`` entries); bad[0] counts the
     base's non-finite elements, bad[1] the model's (None: both known finite)."""
-    if bad is not None:
-        _count_bad((base,), bad[0:1])
-        _count_bad((m,), bad[1:2])
+    _count_inputs(base, (m,), bad)
     _loop(base, m, kl, row, tau, out)
 
 

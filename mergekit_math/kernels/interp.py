@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from mergekit_math.kernels.elementwise import _count_bad
+from mergekit_math.kernels.elementwise import _count_bad, _count_inputs
 from mergekit_math.kernels.scalar import load, store
 from mergekit_math.kernels.stats import value_at
 
@@ -43,8 +43,7 @@ def _pair_loop(a, b, ca, cb, out):  # noqa: ANN001, ANN202
 def pair(a, b, ca, cb, out, bad):  # noqa: ANN001, ANN201
     """out = ca·a + cb·b (SLERP's ``coef_a * a + coef_b * b``); bad[0] counts a's
     non-finite elements, bad[1] b's."""
-    _count_bad((a,), bad[0:1])
-    _count_bad((b,), bad[1:2])
+    _count_inputs(a, (b,), bad)
     _pair_loop(a, b, ca, cb, out)
 
 
@@ -83,8 +82,7 @@ def _stock_loop(base, ms, n, ratio, rest, out):  # noqa: ANN001, ANN202
 def stock(base, ms, n, ratio, rest, out, bad):  # noqa: ANN001, ANN201
     """Model Stock: out = ratio·(Σ m_j / n) + rest·base (rest = 1 - ratio); bad[0] counts
     the base's non-finite elements, bad[1:] the models'."""
-    _count_bad((base,), bad[0:1])
-    _count_bad(ms, bad[1:])
+    _count_inputs(base, ms, bad)
     _stock_loop(base, ms, n, ratio, rest, out)
 
 

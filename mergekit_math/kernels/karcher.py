@@ -113,8 +113,7 @@ def step(mean, tangent, c, s, length):  # noqa: ANN001, ANN201
 def result(xs, mean, div, scale, out, bad):  # noqa: ANN001, ANN201
     """out = scale·(mean / div) over a chunk; bad[j] counts input j's non-finite elements
     (None: the inputs are known finite, and not read)."""
-    if bad is not None:
-        _count_bad(xs, bad)
+    _count_bad(xs, bad)
     for i in range(out.shape[0]):
         m = mean[i] / div
         store(out, i, scale * m)

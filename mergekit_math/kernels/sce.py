@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from mergekit_math.kernels.elementwise import _count_bad
+from mergekit_math.kernels.elementwise import _count_inputs
 from mergekit_math.kernels.scalar import _at, load, sign_bit_one, step, store
 from mergekit_math.kernels.stats import _add, block_sum
 
@@ -117,7 +117,5 @@ def merge(base, ms, keep, ws, out, bad):  # noqa: ANN001, ANN201
     """out = base + Σ_j δ_j·e_j / max(Σ_j e_j, 1e-6), with δ_j kept by ``keep`` and
     ``e_j = w_j`` where δ_j has the sign elected by Σ_j δ_j, else 0; ``bad``: base first,
     then the models (None: the inputs are known finite, nothing counted)."""
-    if bad is not None:
-        _count_bad((base,), bad[:1])
-        _count_bad(ms, bad[1:])
+    _count_inputs(base, ms, bad)
     _merge_loop(base, ms, keep, ws, out)

@@ -276,8 +276,8 @@ def _from_found(
     bin_: int, above: int, k: int, highs: list[np.ndarray], found: list[np.ndarray]
 ) -> tuple[int, int, list[int]]:
     """The answer in bin ``bin_`` from the values collected there (those with low bits; the
-    rest of the bin are one value, its smallest, ``bin_ << SHIFT``): ``(bits, above, ties
-    per part)``."""
+    rest of the bin are one value, its smallest, ``bin_ << SHIFT``; or every value of the
+    bin, :func:`collect_bins`): ``(bits, above, ties per part)``."""
     inside = [f[(f >> np.uint32(SHIFT)) == bin_] for f in found]
     dirty = np.sort(np.concatenate(inside))[::-1]
     rank = k - above  # from the top of the bin
@@ -316,18 +316,6 @@ def _collect(
         return out
 
     return list(map(one, zip(sources, highs)))
-
-
-def _from_bins(
-    bin_: int, above: int, k: int, found: list[np.ndarray]
-) -> tuple[int, int, list[int]]:
-    """The answer in bin ``bin_`` from every value of that bin (``found``, per part):
-    ``(bits, above, ties per part)``."""
-    inside = [f[(f >> np.uint32(SHIFT)) == bin_] for f in found]
-    values = np.sort(np.concatenate(inside))[::-1]
-    bits = int(values[k - above - 1])  # rank from the top of the bin
-    higher = above + int(np.count_nonzero(values > bits))
-    return bits, higher, [int(np.count_nonzero(f == bits)) for f in inside]
 
 
 def _low_passes(
@@ -382,8 +370,9 @@ def kth_largest_bits(
     One histogram pass of the top 16 bits finds each answer's bin. Within a bin the values
     whose low 15 bits are all zero are one value, the bin's smallest; the pass collects the
     others (:func:`histogram`), from which the answer and its ties follow. Where they were
-    too many to collect (float32 inputs), a second pass counts the low bits in the answers'
-    bins (:func:`histogram_low`)."""
+    too many to collect (float32 inputs), a second pass collects the answers' bins whole
+    (:func:`collect_bins`) where they hold few values, else counts their low bits
+    (:func:`histogram_low`)."""
     return kth_largest_bits_of([(parts, ks, ranges)], map)[0]
 
 
@@ -424,7 +413,8 @@ def _answers(
     elif len(bins) <= 3 and int(high[bins].sum()) <= int(high.sum()) // _COLLECT[len(bins)]:
         # float32 values: the answers' bins, whole, from one more pass
         found = _collect(sources, bins, highs, map)
-        answers = [_from_bins(b, above, k, found) for k, (b, above) in zip(ks, picks)]
+        # every value of those bins collected: _from_found answers from them alone
+        answers = [_from_found(b, above, k, highs, found) for k, (b, above) in zip(ks, picks)]
     else:
         lows, total = _low_passes(sources, np.array(bins, np.uint32), map)
         for k, (bin_, above) in zip(ks, picks):
