@@ -49,31 +49,31 @@ def test_compiled_sums_equal_torch_float64_sums(dtype, n):
 
 @pytest.mark.parametrize("size", [1, 7, 8, 9, 4095, 4096])
 def test_block_sums_are_float64_sums_of_the_block(size):
-    """The kernels' block helpers (8 float64 lanes over a float32 buffer) give the exact sum
-    of the block's terms to within a few float64 ulps, and the same bits as summing the
-    lanes in index order."""
+    """The kernels' block helpers (float64 sums over float32 buffers, vectorised in the
+    compiler's order) give the exact sum of the block's terms (each square or product exact
+    in float64) to within a few float64 ulps of their magnitudes' sum, the same bits on
+    every call, and from inside another compiled function."""
     import math
 
     from numba import njit
 
-    from mergekit_math.kernels.stats import block_squares, block_sum
+    from mergekit_math.kernels.stats import block_dot, block_squares, block_sum
 
     rng = np.random.default_rng(size)
-    block = (rng.standard_normal(size) * 10.0 ** rng.integers(-3, 3, size)).astype(np.float32)
-    wide = block.astype(np.float64)
-    got_sum = njit(lambda b: block_sum(b))(block)
-    got_squares = njit(lambda b: block_squares(b))(block)
-    for got, terms in ((got_sum, wide), (got_squares, wide * wide)):
-        exact = math.fsum(terms)
-        assert abs(got - exact) <= 4 * np.spacing(np.abs(terms).sum())
-        lanes = [0.0] * 8
-        whole = size - size % 8
-        for i in range(whole):
-            lanes[i % 8] += terms[i]
-        for i in range(whole, size):
-            lanes[0] += terms[i]
-        a = lanes
-        assert got == ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+
+    def block() -> np.ndarray:
+        scale = 10.0 ** rng.integers(-3, 3, size)
+        return (rng.standard_normal(size) * scale).astype(np.float32)
+
+    a, b = block(), block()
+    wa, wb = a.astype(np.float64), b.astype(np.float64)
+    inside = njit(lambda x, y: (block_sum(x), block_squares(x), block_dot(x, y)))
+    got = inside(a, b)
+    assert got == (block_sum(a), block_squares(a), block_dot(a, b))
+    assert got == inside(a.copy(), b.copy())
+    for total, terms in zip(got, (wa, wa * wa, wa * wb)):
+        exact = math.fsum(terms)  # (a float32 sum would miss this bound by ~10^8)
+        assert abs(total - exact) <= 4 * np.spacing(np.abs(terms).sum())
 
 
 def _cut(source, lo, hi):

@@ -115,6 +115,54 @@ def test_directions_that_cancel_out_are_an_error():
         _merge([v, -v, torch.zeros_like(v)], [0.4, 0.4, 0.2])
 
 
+@pytest.mark.parametrize("eps", [1e-8, 1e-3])
+def test_long_tensors_take_their_scalars_from_the_gram_matrix(eps):
+    """Over 32768 elements the lengths, the mean's length, the components along it and the
+    tangent's length are the exact values (float64 from the inputs' Gram matrix), each
+    rounded once to float32: the tangent is what the rounded scalars leave of it (zero in
+    exact arithmetic: 3.8e-8 here), not the length of the elements' float32 terms (5.1e-8)."""
+    import math
+
+    import numpy as np
+
+    from mergekit_math.methods.multislerp import _weights, sphere_terms
+
+    base = _rand(300, 200, seed=0).bfloat16().float()
+    xs = [base + 0.01 * _rand(300, 200, seed=s).bfloat16().float() for s in (1, 2, 3)]
+    flat = torch.stack([(x - base).flatten() for x in xs])
+    weights = torch.tensor([0.5, 0.3, 0.2])
+    inputs = MergeInputs(
+        base=None,
+        tensors=[],
+        params=[
+            get_method("multislerp").model_params.model_validate({"weight": w}) for w in weights
+        ],
+        shared=get_method("multislerp").shared_params.model_validate({}),
+    )
+    w32 = _weights(inputs)
+    terms = sphere_terms(flat, w32, eps)
+
+    def f32(x: float) -> float:
+        return float(np.float32(x))
+
+    v = flat.double().numpy()
+    gram = [[math.fsum(v[j] * v[m]) for m in range(3)] for j in range(3)]
+    lengths = [f32(math.sqrt(gram[j][j])) for j in range(3)]
+    den = [f32(f32(r) + f32(eps)) for r in lengths]
+    w = [float(x) for x in w32]
+    c = [w[j] / den[j] for j in range(3)]
+    squares = math.fsum(c[j] * c[m] * gram[j][m] for j in range(3) for m in range(3))
+    length = f32(math.sqrt(squares))
+    along = [
+        f32(math.fsum(c[m] * gram[j][m] for m in range(3)) / den[j] / length) for j in range(3)
+    ]
+    tangent = math.sqrt(squares) * abs(1 - math.fsum(w[j] * along[j] for j in range(3)) / length)
+    assert terms.lengths.flatten().tolist() == lengths
+    assert terms.mean_length.item() == length
+    assert terms.along.flatten().tolist() == along
+    assert terms.angle.item() == f32(f32(tangent) + f32(eps))
+
+
 def test_large_tensors_do_not_depend_on_thread_count():
     base = _rand(700, 600, seed=0).bfloat16().float()
     others = [base + 0.01 * _rand(700, 600, seed=s).bfloat16().float() for s in (1, 2, 3)]

@@ -14,9 +14,15 @@ model, or ``model - base`` with a ``base_model``) is flattened; with weights ``w
 with ``|τ|`` meaning ``|τ| + eps``; the base is added back to ``out``. One input is returned
 as it is.
 
-As mergekit, bit for bit, except that sums over more than 32768 elements accumulate in
-float64 (the result does not depend on the thread count), and that inputs all equal to the
-base give the base where mergekit raises (three or more inputs).
+As mergekit, bit for bit, on tensors of up to 32768 elements, except that inputs all equal
+to the base give the base where mergekit raises (three or more inputs). On longer tensors the
+whole-tensor scalars (the lengths, the mean's length, each direction's component along the
+mean, the tangent's length) come from the inputs' Gram matrix ``G_jl = Σ v_j·v_l`` (exact
+products summed in float64: one read of the inputs) and are rounded once to float32, where
+mergekit sums float32 elementwise terms in float32 (and the result then depends on torch's
+thread count); each element of the result is then computed in mergekit's float32 steps. In
+exact arithmetic the tangent ``τ`` is zero (``Σ w_i (u_i·m) = |Σ w_i u_i|``): its length here
+is what the rounded scalars leave of it, not the elements' rounding noise mergekit sums.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from mergekit_math.methods.base import (
+    SINGLE_THREAD_REDUCTION,
     Chunking,
     Example,
     FusedInputs,
@@ -138,7 +145,12 @@ class Sphere:
 
 def sphere_terms(flat: torch.Tensor, weights: torch.Tensor, eps: float) -> Sphere | None:
     """The terms of the flattened inputs ``(n, numel)``; None where the mean direction
-    vanishes and the inputs are combined linearly (a ValueError where they cancel out)."""
+    vanishes and the inputs are combined linearly (a ValueError where they cancel out).
+    Long float32 tensors: from their Gram matrix (:func:`gram_terms`)."""
+    import torch
+
+    if flat.shape[-1] > SINGLE_THREAD_REDUCTION and flat.dtype != torch.float64:
+        return gram_terms(_gram(flat), weights, eps)
     column = weights.view(-1, 1)
     lengths = reduce_norm(flat, dim=-1).unsqueeze(-1)
     units = flat / (lengths + eps)
@@ -151,6 +163,52 @@ def sphere_terms(flat: torch.Tensor, weights: torch.Tensor, eps: float) -> Spher
     along = reduce_sum(units * mean, dim=-1).unsqueeze(-1)
     tangent = ((units - along * mean) * column).sum(0)
     return Sphere(lengths, mean_length, along, reduce_norm(tangent) + eps)
+
+
+def _gram(flat: torch.Tensor) -> list[list[float]]:
+    """``Σ v_j·v_l`` of the rows, each product exact in float64 and summed in float64."""
+    k = flat.shape[0]
+    gram = [[0.0] * k for _ in range(k)]
+    for j in range(k):
+        wide = flat[j].double()
+        for m in range(j, k):
+            gram[j][m] = gram[m][j] = float((wide * flat[m].double()).sum().item())
+    return gram
+
+
+def gram_terms(gram: Any, weights: torch.Tensor, eps: float) -> Sphere | None:
+    """A long tensor's terms from its inputs' Gram matrix ``gram[j][l] = Σ v_j·v_l``
+    (float64): with ``c_j = w_j / (|v_j| + eps)``, the mean ``m = Σ c_j v_j`` has
+    ``|m|² = Σ c_j c_l G_jl``, direction ``j`` the component ``a_j = Σ_l c_l G_jl /
+    ((|v_j| + eps)·|m|)`` along it, and the tangent ``Σ w_j (u_j − a_j m̂) = m (1 − Σ w_j a_j
+    / |m|)``; each scalar is rounded to float32 where the whole path rounds its sum, and the
+    next one computed from the rounded values (the float32 |m| and a_j the chunks use)."""
+    import math
+
+    import torch
+
+    from mergekit_math.methods import statistics
+
+    k = len(gram)
+    lengths = torch.stack([statistics.root([gram[j][j]]) for j in range(k)]).unsqueeze(-1)
+    den = [float(d) for d in (lengths + eps).reshape(-1).tolist()]
+    w = [float(x) for x in weights.tolist()]
+    c = [w[j] / den[j] for j in range(k)]
+    squares = math.fsum(c[j] * c[m] * gram[j][m] for j in range(k) for m in range(k))
+    mean_length = statistics.root([0.0 if squares < 0 else squares])  # rounding: not < 0
+    if _vanishes(mean_length, lengths, eps):
+        return None
+    length = float(mean_length.item())
+    along = torch.stack(
+        [
+            statistics.rounded(math.fsum(c[m] * gram[j][m] for m in range(k)) / den[j] / length)
+            for j in range(k)
+        ]
+    ).unsqueeze(-1)
+    left = 1.0 - math.fsum(w[j] * float(along[j].item()) for j in range(k)) / length
+    tangent = statistics.rounded(math.sqrt(squares) * abs(left) if squares > 0 else 0.0)
+    finite = bool(torch.isfinite(lengths).all())
+    return Sphere(lengths, mean_length, along, tangent + eps, finite)
 
 
 def _vanishes(mean_length: torch.Tensor, lengths: torch.Tensor, eps: float) -> bool:
@@ -180,8 +238,9 @@ def _spherical(
 
 
 def multislerp_prepare(inputs: PrepareInputs[MultislerpShared, MultislerpModel]) -> list[Any]:
-    """The tensor's :class:`Sphere` (None: linear), by compiled passes over the held inputs
-    (torch's float32 sums, as the whole path, for tensors of up to 32768 elements)."""
+    """The tensor's :class:`Sphere` (None: linear): from the Gram matrix of the held inputs
+    (one compiled pass, :func:`gram_terms`), or torch's float32 sums as the whole path for
+    tensors of up to 32768 elements."""
     import torch
 
     from mergekit_math.methods import statistics
@@ -196,53 +255,7 @@ def multislerp_prepare(inputs: PrepareInputs[MultislerpShared, MultislerpModel])
         if delta:
             flat -= statistics.whole(inputs, None)
         return [sphere_terms(flat, weights, eps)]
-    lengths = torch.stack([statistics.norm(inputs, j, delta) for j in range(k)]).unsqueeze(-1)
-    return [_compiled_terms(inputs, weights, lengths, eps, delta)]
-
-
-def _compiled_terms(
-    inputs: PrepareInputs[MultislerpShared, MultislerpModel],
-    weights: torch.Tensor,
-    lengths: torch.Tensor,
-    eps: float,
-    delta: bool,
-) -> Sphere | None:
-    import math
-
-    import numpy as np
-    import torch
-
-    from mergekit_math.kernels import spherical
-    from mergekit_math.methods import statistics
-
-    assert inputs.held is not None
-    k = len(inputs.params)
-    den, ws = (lengths + eps).reshape(-1).numpy(), weights.numpy()
-
-    def sources(h: tuple[Any, list[Any]]) -> tuple[Any, ...]:
-        base, models = h
-        return tuple((base, m) for m in models) if delta else tuple(models)
-
-    squares = inputs.map(lambda h: spherical.mean_squares(sources(h), den, ws), inputs.held)
-    mean_length = statistics.root(squares)
-    if _vanishes(mean_length, lengths, eps):
-        return None
-    length = np.float32(mean_length.item())
-
-    def along_of(h: tuple[Any, list[Any]]) -> Any:
-        out = np.zeros(k)
-        spherical.alongs(sources(h), den, ws, length, out)
-        return out
-
-    parts = list(inputs.map(along_of, inputs.held))
-    along = torch.stack([statistics.rounded(math.fsum(p[j] for p in parts)) for j in range(k)])
-    along = along.unsqueeze(-1)
-    a = along.reshape(-1).numpy()
-    squares = inputs.map(
-        lambda h: spherical.tangent_squares(sources(h), den, ws, length, a), inputs.held
-    )
-    finite = bool(torch.isfinite(lengths).all())
-    return Sphere(lengths, mean_length, along, statistics.root(squares) + eps, finite)
+    return [gram_terms(statistics.gram(inputs, delta), weights, eps)]
 
 
 def multislerp_fused(inputs: FusedInputs[MultislerpShared, MultislerpModel]) -> bool:

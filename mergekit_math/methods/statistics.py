@@ -98,3 +98,21 @@ def dot(
         return sum_products(_source(h, j, delta), _source(h, k, delta), sx, sy)
 
     return rounded(math.fsum(inputs.map(one, _held(inputs))))
+
+
+def gram(inputs: PrepareInputs[Any, Any], delta: bool = False) -> list[list[float]]:
+    """``Σ x_j·x_l`` over the tensor for every pair of inputs (with ``delta`` each minus the
+    base), in one compiled read of them: each product exact in float64, summed in float64."""
+    import numpy as np
+
+    from mergekit_math.kernels.stats import gram as kernel
+
+    k = len(inputs.params)
+
+    def one(h: tuple[Any, list[Any]]) -> Any:
+        out = np.zeros((k, k))
+        kernel(tuple(_source(h, j, delta) for j in range(k)), out)
+        return out
+
+    parts = inputs.map(one, _held(inputs))
+    return [[math.fsum(p[j, m] for p in parts) for m in range(k)] for j in range(k)]
