@@ -141,6 +141,57 @@ def test_opposite_inputs_keep_the_first_direction():
     torch.testing.assert_close(got, x, rtol=1e-6, atol=1e-7)
 
 
+def _long_inputs(spread: float) -> list[torch.Tensor]:
+    base = _rand(300, 200, seed=0)
+    return [base + spread * _rand(300, 200, seed=s) for s in (1, 2, 3)]
+
+
+def _first_tangent(tensors: list[torch.Tensor]) -> float:
+    """The first step's tangent length, elementwise in float64 (the math written out)."""
+    xs = [t.double().flatten() for t in tensors]
+    units = [x / x.norm() for x in xs]
+    mean = sum(units) / len(units)
+    mean = mean / mean.norm()
+    tangent = torch.zeros_like(mean)
+    for u in units:
+        cos = torch.clamp(mean @ u, -1, 1)
+        theta = torch.arccos(cos)
+        tangent += (theta / torch.sin(theta)) * (u - cos * mean) / len(units)
+    return float(tangent.norm())
+
+
+@pytest.mark.parametrize("spread", [0.2, 0.5])
+def test_long_tensors_decide_the_first_step_from_the_gram_matrix(spread):
+    """Over 32768 elements the first check of the descent is decided on the exact tangent
+    length (from the inputs' Gram matrix): a tolerance 1% above it stops at the start, whose
+    length is the exact one rounded once; 1% below it, the descent steps."""
+    from mergekit_math.methods import statistics
+    from mergekit_math.methods.karcher import _gram_norms, first_step
+
+    tensors = _long_inputs(spread)
+    gram = statistics.tensor_gram(tensors)
+    norms = _gram_norms(gram)
+    exact = _first_tangent(tensors)
+    weights = [1 / 3] * 3
+    div = first_step(gram, norms, [0, 1, 2], weights, max_iter=10, tol=exact * 1.01)
+    assert first_step(gram, norms, [0, 1, 2], weights, max_iter=10, tol=exact * 0.99) is None
+    units = [t.double().flatten() / float(r) for t, r in zip(tensors, norms)]
+    w32 = float(torch.tensor(1 / 3, dtype=torch.float32))
+    start = sum(w32 * u for u in units)
+    assert div is not None and div.item() == float(torch.tensor(start.norm().item()).float())
+
+    got = merge(tensors, tol=exact * 1.01)
+    mean = torch.zeros_like(tensors[0])
+    for t, r in zip(tensors, norms):
+        mean += (1 / 3) * (t / r)
+    scale = sum((1 / 3) * r for r in norms)
+    assert torch.equal(got, scale * (mean / div))
+    stepped = merge(tensors, tol=exact * 0.99)
+    assert not torch.equal(stepped, got)
+    expect = plain_karcher(tensors, tol=exact * 0.99)
+    torch.testing.assert_close(stepped.double(), expect, rtol=1e-5, atol=1e-6)
+
+
 def test_float64_inputs_compute_in_float64():
     tensors = [_rand(20, seed=s).double() for s in (1, 2)]
     got = merge(tensors)

@@ -10,7 +10,9 @@ With ``x_j`` the usable inputs, ``r_j`` their float32 norms, ``u_j = x_j / r_j``
   ``div`` 1 leaves it) and ``Σ M·u_j`` per input;
 - :func:`tangent`: ``T = 0 + Σ_active f_j·(u_j − c_j·M)`` and ``Σ T²``;
 - :func:`step`: ``M ← c·M + s·(T / ‖T‖)`` and ``Σ M²``;
-- :func:`result`: the chunk's ``scale·(M / div)``.
+- :func:`result`: the chunk's ``scale·(M / div)``; :func:`start`: the same of the start
+  ``M = Σ_j w_j·u_j`` computed from the inputs, where the descent stops there (decided from
+  the inputs' Gram matrix: ``methods/karcher.py``'s ``first_step``).
 
 Sums are float64 by blocks of 4096 elements (the block's float32 terms, summed in eight
 lanes), the blocks added with compensation (as in :mod:`mergekit_math.kernels.stats`):
@@ -116,4 +118,15 @@ def result(xs, mean, div, scale, out, bad):  # noqa: ANN001, ANN201
     _count_bad(xs, bad)
     for i in range(out.shape[0]):
         m = mean[i] / div
+        store(out, i, scale * m)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def start(xs, norms, ws, div, scale, inputs, out, bad):  # noqa: ANN001, ANN201
+    """out = scale·(M / div) over a chunk, ``M = Σ_j w_j·u_j`` (from +0) of the usable
+    inputs ``xs``: the result where the descent stopped at its start. bad[j] counts input
+    j's non-finite elements over all ``inputs`` (None: known finite, not read)."""
+    _count_bad(inputs, bad)
+    for i in range(out.shape[0]):
+        m = _mean_at(xs, i, norms, ws) / div
         store(out, i, scale * m)

@@ -21,6 +21,14 @@ the steps are the same ones. Dot products over more than 4096 elements are summe
 ``reduce_norm``, so that the result does not depend on the thread count; tensors of up to 4096
 elements get mergekit's reductions, and its bits.
 
+On float32 tensors of more than 32768 elements the norms and the first check of the descent
+(the start's length, the cosines, the first tangent's length) come from the inputs' Gram
+matrix (exact products summed in float64: one read of the inputs) by :func:`first_step`, each
+scalar rounded once; where the descent stops there (the inputs close together: the normalised
+linear mean is their Karcher mean to within ``tol``), the result is the start computed per
+element in mergekit's float32 steps, and no iterate is held. Otherwise the descent runs as
+described, on float32 elementwise terms.
+
 Where the fused kernels run, :func:`karcher_prepare` runs the same descent as compiled passes
 over the inputs the engine holds (bit-identical to :func:`karcher_mean`) and the chunks are
 its result.
@@ -38,6 +46,7 @@ from pydantic import Field
 
 from mergekit_math.methods import statistics
 from mergekit_math.methods.base import (
+    SINGLE_THREAD_REDUCTION,
     Chunking,
     Example,
     FusedInputs,
@@ -145,7 +154,12 @@ def karcher_mean(
     if len(tensors) == 1:
         return tensors[0]
     accumulate = _accumulation_dtype(tensors[0])
-    norms = [_norm(t, accumulate) for t in tensors]
+    gram = None
+    if tensors[0].numel() > SINGLE_THREAD_REDUCTION and tensors[0].dtype == torch.float32:
+        gram = statistics.tensor_gram(tensors)
+        norms = _gram_norms(gram)
+    else:
+        norms = [_norm(t, accumulate) for t in tensors]
     usable = [i for i, n in enumerate(norms) if n.item() > tol]
     if not usable:
         # Σ x_i · 0 rather than zeros: NaN inputs stay NaN, as in mergekit.
@@ -156,7 +170,14 @@ def karcher_mean(
     units = [tensors[i] / norms[i] for i in usable]
     total = sum(alphas[i] for i in usable)
     weights = [alphas[i] / total for i in usable]
+    scale = sum(alpha * norm for alpha, norm in zip(alphas, norms))
 
+    div = None if gram is None else first_step(gram, norms, usable, weights, max_iter, tol)
+    if div is not None:  # the descent stops at its first check: the normalised start
+        mean = torch.zeros_like(units[0])
+        for weight, unit in zip(weights, units):
+            mean += weight * unit
+        return scale * (mean / div)
     mean = _linear_start(units, weights, tol, accumulate)
     for _ in range(max_iter):
         tangent = _tangent(mean, units, weights, tol)
@@ -168,9 +189,62 @@ def karcher_mean(
         length = _norm(mean, accumulate)
         if length.item() > tol:
             mean = mean / length
-
-    scale = sum(alpha * norm for alpha, norm in zip(alphas, norms))
     return scale * mean
+
+
+def _gram_norms(gram: list[list[float]]) -> list[torch.Tensor]:
+    """The inputs' float32 norms from their Gram matrix (the float64 sums of squares)."""
+    return [statistics.root([gram[j][j]]) for j in range(len(gram))]
+
+
+def first_step(
+    gram: list[list[float]],
+    norms: list[torch.Tensor],
+    usable: list[int],
+    weights: list[float],
+    max_iter: int,
+    tol: float,
+) -> torch.Tensor | None:
+    """The start's float32 length where the descent of a long tensor stops at its first
+    check (no step, or a first tangent shorter than ``tol``), else None (the descent runs).
+
+    From the inputs' Gram matrix ``G``, with ``r_j`` the float32 norms and ``w_j`` the float32
+    weights: the start ``M = Σ c_j x_j`` (``c_j = w_j / r_j``) has ``|M|² = Σ c_j c_l G_jl``;
+    ``cos_j = Σ_l c_l G_jl / (r_j |M|)`` (float32, clamped), ``θ_j`` and the factors ``f_j =
+    w_j θ_j / sin θ_j`` in torch's float32 steps, as :func:`_tangent`; the tangent ``T =
+    Σ_active f_j (u_j − cos_j M/|M|) = Σ_l d_l x_l`` has ``|T|² = Σ d_j d_l G_jl``. Exact
+    sums, each rounded once, where the elementwise path sums float32 terms."""
+    import torch
+
+    if not usable:
+        return None
+    g = [[gram[a][b] for b in usable] for a in usable]
+    r = [float(norms[a].item()) for a in usable]
+    w = [float(torch.tensor(x, dtype=torch.float32).item()) for x in weights]
+    k = len(usable)
+    c = [w[a] / r[a] for a in range(k)]
+    squares = math.fsum(c[a] * c[b] * g[a][b] for a in range(k) for b in range(k))
+    div = statistics.root([0.0 if squares < 0 else squares])
+    length = float(div.item())
+    if not length >= tol:  # the start is the first direction: the descent decides
+        return None
+    if max_iter == 0:
+        return div
+    cos = [
+        statistics.rounded(math.fsum(c[b] * g[a][b] for b in range(k)) / r[a] / length)
+        for a in range(k)
+    ]
+    cos = [x.clamp(-1.0, 1.0) for x in cos]
+    thetas = [torch.arccos(x) for x in cos]
+    f = [
+        0.0 if t.item() < tol else float((weights[a] * (t / torch.sin(t))).item())
+        for a, t in enumerate(thetas)
+    ]
+    pull = math.fsum(f[a] * float(cos[a].item()) for a in range(k))
+    d = [f[b] / r[b] - pull * c[b] / length for b in range(k)]
+    squares = math.fsum(d[a] * d[b] * g[a][b] for a in range(k) for b in range(k))
+    step = statistics.root([0.0 if squares < 0 else squares])
+    return div if step.item() < tol else None
 
 
 def karcher(inputs: MergeInputs[KarcherShared, KarcherModel]) -> torch.Tensor:
@@ -183,6 +257,11 @@ def karcher(inputs: MergeInputs[KarcherShared, KarcherModel]) -> torch.Tensor:
         return tensors[0]
     if inputs.states is not None:  # a chunk of karcher_prepare's result
         (state,) = inputs.states
+        if state.mean is None:  # the normalised start, from the chunk's inputs
+            mean = torch.zeros_like(tensors[0])
+            for i, norm, weight in zip(state.usable, state.norms, state.weights):
+                mean += float(weight) * (tensors[i] / torch.tensor(norm))
+            return state.scale * (mean / state.div)
         start, size = inputs.offset, tensors[0].numel()
         mean = torch.from_numpy(state.mean[start : start + size]).view(tensors[0].shape)
         return state.scale * (mean / state.div)
@@ -192,13 +271,18 @@ def karcher(inputs: MergeInputs[KarcherShared, KarcherModel]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class KarcherState:
-    """A tensor's result as ``scale · (mean / div)``: ``mean`` flat float32 (numpy), ``div``
-    and ``scale`` float32 0-d tensors (the last step's normalisation and the mean length)."""
+    """A tensor's result as ``scale · (mean / div)``: ``mean`` flat float32 (numpy), or None
+    where the descent stopped at the start (computed per chunk from the inputs); ``div`` and
+    ``scale`` float32 0-d tensors (the last step's normalisation and the mean length)."""
 
     mean: Any
     div: torch.Tensor
     scale: torch.Tensor
     finite: bool = False  # every input known finite (their norms were): nothing to count
+    # mean None: the normalised start Σ weights·(x_i / norms) over the usable inputs i
+    usable: tuple[int, ...] = ()
+    norms: Any = None  # float32 (numpy), one per usable input
+    weights: Any = None  # float32 (numpy)
 
 
 def karcher_prepare(inputs: PrepareInputs[KarcherShared, KarcherModel]) -> list[Any]:
@@ -213,16 +297,25 @@ def karcher_prepare(inputs: PrepareInputs[KarcherShared, KarcherModel]) -> list[
         return [None]
     one = torch.tensor(1.0)
     shared = inputs.shared
-    norms = None
+    norms = gram = None
     if statistics.compiled_sums(inputs):
-        norms = [statistics.norm(inputs, j) for j in range(n)]
-    if norms is None or not any(r.item() > shared.tol for r in norms):
+        gram = statistics.gram(inputs)
+        norms = _gram_norms(gram)
+    if gram is None or norms is None or not any(r.item() > shared.tol for r in norms):
         tensors = [statistics.whole(inputs, j) for j in range(n)]
         mean = karcher_mean(tensors, [1.0 / n] * n, shared.max_iter, shared.tol)
         return [KarcherState(mean.numpy(), one, one, _finite(norms))]
     alphas = [1.0 / n] * n
-    mean, div = _descend(inputs, norms, alphas)
     scale = sum(alpha * norm for alpha, norm in zip(alphas, norms))
+    usable = [i for i, r in enumerate(norms) if r.item() > shared.tol]
+    total = sum(alphas[i] for i in usable)
+    weights = [alphas[i] / total for i in usable]
+    div = first_step(gram, norms, usable, weights, shared.max_iter, shared.tol)
+    if div is not None:
+        r = np.array([norms[i].item() for i in usable], np.float32)
+        w = np.array(weights, np.float32)
+        return [KarcherState(None, div, scale, _finite(norms), tuple(usable), r, w)]
+    mean, div = _descend(inputs, norms, alphas)
     return [KarcherState(mean, div, scale, _finite(norms))]
 
 
@@ -324,15 +417,19 @@ def karcher_fused(inputs: FusedInputs[KarcherShared, KarcherModel]) -> bool:
     """A chunk of the prepared result, rounded to the output dtype."""
     import numpy as np
 
-    from mergekit_math.kernels.karcher import result
+    from mergekit_math.kernels.karcher import result, start
 
     if inputs.states is None or inputs.states[0] is None:
         return False
     (state,) = inputs.states
     size = inputs.out.shape[0]
-    mean = state.mean[inputs.offset : inputs.offset + size]
     div, scale = np.float32(state.div.item()), np.float32(state.scale.item())
     bad = None if state.finite else inputs.bad
+    if state.mean is None:
+        xs = tuple(inputs.tensors[i] for i in state.usable)
+        start(xs, state.norms, state.weights, div, scale, tuple(inputs.tensors), inputs.out, bad)
+        return True
+    mean = state.mean[inputs.offset : inputs.offset + size]
     result(tuple(inputs.tensors), mean, div, scale, inputs.out, bad)
     return True
 

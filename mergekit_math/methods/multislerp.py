@@ -149,8 +149,10 @@ def sphere_terms(flat: torch.Tensor, weights: torch.Tensor, eps: float) -> Spher
     Long float32 tensors: from their Gram matrix (:func:`gram_terms`)."""
     import torch
 
+    from mergekit_math.methods import statistics
+
     if flat.shape[-1] > SINGLE_THREAD_REDUCTION and flat.dtype != torch.float64:
-        return gram_terms(_gram(flat), weights, eps)
+        return gram_terms(statistics.tensor_gram(list(flat)), weights, eps)
     column = weights.view(-1, 1)
     lengths = reduce_norm(flat, dim=-1).unsqueeze(-1)
     units = flat / (lengths + eps)
@@ -163,17 +165,6 @@ def sphere_terms(flat: torch.Tensor, weights: torch.Tensor, eps: float) -> Spher
     along = reduce_sum(units * mean, dim=-1).unsqueeze(-1)
     tangent = ((units - along * mean) * column).sum(0)
     return Sphere(lengths, mean_length, along, reduce_norm(tangent) + eps)
-
-
-def _gram(flat: torch.Tensor) -> list[list[float]]:
-    """``Σ v_j·v_l`` of the rows, each product exact in float64 and summed in float64."""
-    k = flat.shape[0]
-    gram = [[0.0] * k for _ in range(k)]
-    for j in range(k):
-        wide = flat[j].double()
-        for m in range(j, k):
-            gram[j][m] = gram[m][j] = float((wide * flat[m].double()).sum().item())
-    return gram
 
 
 def gram_terms(gram: Any, weights: torch.Tensor, eps: float) -> Sphere | None:

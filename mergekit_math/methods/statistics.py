@@ -116,3 +116,15 @@ def gram(inputs: PrepareInputs[Any, Any], delta: bool = False) -> list[list[floa
 
     parts = inputs.map(one, _held(inputs))
     return [[math.fsum(p[j, m] for p in parts) for m in range(k)] for j in range(k)]
+
+
+def tensor_gram(rows: list[torch.Tensor]) -> list[list[float]]:
+    """``Σ x_j·x_l`` of float32 tensors (each product exact in float64, summed in float64 by
+    torch): :func:`gram`'s matrix on the whole-tensor path."""
+    k = len(rows)
+    out = [[0.0] * k for _ in range(k)]
+    for j in range(k):
+        wide = rows[j].reshape(-1).double()
+        for m in range(j, k):
+            out[j][m] = out[m][j] = float((wide * rows[m].reshape(-1).double()).sum().item())
+    return out
