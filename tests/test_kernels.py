@@ -289,6 +289,52 @@ def test_compiled_selection_answers_from_the_collected_values(monkeypatch):
     assert slow[0].threshold == chosen and slow[0].ties == [1, 2, 1]
 
 
+@pytest.mark.parametrize("stored", ["bfloat16", "float32"])
+def test_models_of_one_base_are_counted_in_one_pass(stored):
+    """Several models' deltas of one base range are histogrammed together (the base read once
+    per block): the same bins and collected values, in order, as one pass per model, and
+    "too many to collect" (float32) per model; kth_largest_bits_of groups them that way
+    (one job per base range) and gives the answers of one model at a time."""
+    import numpy as np
+
+    from mergekit_math.kernels import select
+
+    n = 300_001
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(n, generator=g)
+    models = [base + 0.01 * torch.randn(n, generator=g) for _ in range(3)]
+    if stored == "bfloat16":
+
+        def stored_of(x: torch.Tensor) -> np.ndarray:
+            return x.bfloat16().view(torch.int16).numpy().view(np.uint16)
+    else:
+
+        def stored_of(x: torch.Tensor) -> np.ndarray:
+            return x.numpy()
+
+    b, ms = stored_of(base), [stored_of(m) for m in models]
+    together = select._count_pairs([(b, m) for m in ms])
+    for m, (hist, found) in zip(ms, together):
+        alone = select._count((b, m))
+        assert alone is not None and np.array_equal(hist, alone[0])
+        assert (found is None) == (alone[1] is None) == (stored == "float32")
+        assert found is None or np.array_equal(found, alone[1])
+
+    ranges = [(0, 1000), (1000, 200_000), (200_000, n)]
+    parts = [[(r, (b[s:e], m[s:e])) for r, (s, e) in enumerate(ranges)] for m in ms]
+    jobs = []
+
+    def spy(fn, items):  # noqa: ANN001, ANN202
+        items = list(items)
+        jobs.append(len(items))
+        return [fn(x) for x in items]
+
+    ks = [n // 10, n // 3]
+    grouped = select.kth_largest_bits_of([(p, ks, len(ranges)) for p in parts], spy)
+    assert jobs[0] == len(ranges)  # one histogram job per base range, not per model
+    assert grouped == [select.kth_largest_bits(p, ks, map, len(ranges)) for p in parts]
+
+
 @pytest.mark.parametrize("spread", [True, False])
 def test_float32_selection_collects_the_answers_bins(monkeypatch, spread):
     """float32 values (low bits everywhere): with up to three answers whose bins hold at

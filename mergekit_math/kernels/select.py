@@ -22,6 +22,7 @@ often that a fifth of a tensor may sit in the answer's bin, and a branch on it m
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import numpy as np
 from numba import njit, types
@@ -93,14 +94,32 @@ def _block_bits(src, start, n, bits):  # noqa: ANN001, ANN202
     return count
 
 
+@njit(inline="always")
+def _scatter(bits, count, hist, found, j, full):  # noqa: ANN001, ANN202
+    """Add a block's ``count`` bits to ``hist`` and, unless ``full``, write those with some
+    low bit set into ``found`` from place ``j`` on; the next free place. Each value is written
+    at the next free place, which advances only on a match: no branch (a bfloat16 model's
+    deltas have a few in 100, whose branch mispredicted: 1.14 -> 1.03 ns per element)."""
+    if full:  # float32 inputs: most values have low bits, the second pass counts them
+        for i in range(count):
+            hist[bits[i] >> np.uint32(SHIFT)] += 1
+        return j
+    for i in range(count):
+        v = bits[i]
+        hist[v >> np.uint32(SHIFT)] += 1
+        found[j] = v
+        j += (v & _LOW_MASK) != 0
+    return j
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def histogram(src, hist, found):  # noqa: ANN001, ANN201
     """Add the bins of the magnitudes of ``src`` (see :func:`magnitude_at`) to ``hist`` and
     write the bits of those with some of their low 15 bits set into ``found``: returns how
     many (-1: a value has its sign bit set, negative or -0, not a magnitude; -2: ``found``
     was too small, ``hist`` is whole). A bfloat16 model's deltas have few of them (about 3
-    in 100): collected under a branch in the scatter loop they cost 0.25-0.4 ns per element,
-    the second pass that counted them 0.85."""
+    in 100): collected in the scatter loop they cost 0.25-0.4 ns per element, the second
+    pass that counted them 0.85."""
     bits = np.empty(_BLOCK, np.uint32)
     n = size(src)
     signs = np.uint32(0)
@@ -112,18 +131,37 @@ def histogram(src, hist, found):  # noqa: ANN001, ANN201
             signs |= bits[i]
         if signs >> np.uint32(31):  # before the scatter: its bin would lie past ``hist``
             return -1
+        # a block fits in ``found`` (the scatter writes every value at the next free place)
         full = full or j + count > found.shape[0]
-        if full:  # float32 inputs: most values have low bits, the second pass counts them
-            for i in range(count):
-                hist[bits[i] >> np.uint32(SHIFT)] += 1
-            continue
-        for i in range(count):
-            v = bits[i]
-            hist[v >> np.uint32(SHIFT)] += 1
-            if v & _LOW_MASK:
-                found[j] = v
-                j += 1
+        j = _scatter(bits, count, hist, found, j, full)
     return -2 if full else j
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def histogram_pairs(base, models, hists, founds, got):  # noqa: ANN001, ANN201
+    """:func:`histogram` of the magnitudes ``|model − base|`` of several models of one base
+    in one pass, each block of the base read once for all of them (1.14 -> 0.97 ns per
+    element and model for two): model ``q``'s bins into ``hists[q]``, its values with low
+    bits into ``founds[q]``, how many into ``got[q]`` (-2: too many for ``founds[q]``). A
+    magnitude has no sign bit."""
+    k = len(models)
+    n = base.shape[0]
+    bits = np.empty((k, _BLOCK), np.uint32)
+    full = np.zeros(k, np.bool_)
+    for start in range(0, n, _BLOCK):
+        end = min(n, start + _BLOCK)
+        count = end - start
+        b = base[start:end]
+        for q in range(k):
+            m, row = models[q][start:end], bits[q]
+            for i in range(count):
+                row[i] = _f32_to_bits(abs(load(m, i) - load(b, i)))
+        for q in range(k):
+            full[q] = full[q] or got[q] + count > founds[q].shape[0]
+            got[q] = _scatter(bits[q], count, hists[q], founds[q], got[q], full[q])
+    for q in range(k):
+        if full[q]:
+            got[q] = -2
 
 
 _SUB = 256  # elements per sub-block of the second pass
@@ -340,6 +378,10 @@ def _low_passes(
     return lows, _sum(lows)
 
 
+def _found_buffer(length: int) -> np.ndarray:
+    return np.empty((length >> 4) + _BLOCK, np.uint32)  # 1 in 16, and a block
+
+
 def _count(src: object) -> tuple[np.ndarray, np.ndarray | None] | None:
     """One part's histogram pass: its top-16-bit histogram and the values it collected
     (None: too many to collect), or None if some value has its sign bit set. A part has
@@ -347,11 +389,49 @@ def _count(src: object) -> tuple[np.ndarray, np.ndarray | None] | None:
     zeroed and summed."""
     hist = np.zeros(BINS, np.int32)
     length = src[0].shape[0] if isinstance(src, tuple) else src.shape[0]  # type: ignore[index, attr-defined]
-    found = np.empty((length >> 4) + _BLOCK, np.uint32)  # 1 in 16, and a block
+    found = _found_buffer(length)
     got = histogram(src, hist, found)
     if got == -1:
         return None
     return hist, (found[:got] if got >= 0 else None)
+
+
+def _count_pairs(sources: list[tuple[Any, Any]]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """:func:`_count` of ``(base, model)`` sources of one base array and one model dtype, in
+    one pass (:func:`histogram_pairs`)."""
+    k, length = len(sources), sources[0][0].shape[0]
+    hists = np.zeros((k, BINS), np.int32)
+    founds = np.empty((k, _found_buffer(length).shape[0]), np.uint32)
+    got = np.zeros(k, np.int64)
+    histogram_pairs(sources[0][0], tuple(m for _, m in sources), hists, founds, got)
+    return [(hists[q], founds[q, : got[q]] if got[q] >= 0 else None) for q in range(k)]
+
+
+def _count_all(sources: list[object], map) -> list[Any]:  # noqa: ANN001
+    """:func:`_count` of every source, those that are ``(base, model)`` pairs of one base
+    range (several models' deltas; the base arrays may be distinct views of its memory)
+    counted together by :func:`_count_pairs`."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, src in enumerate(sources):
+        if isinstance(src, tuple):  # one base: its memory (each model's view is its own)
+            base = src[0]
+            key: tuple[Any, ...] = (base.ctypes.data, base.shape[0], base.dtype, src[1].dtype)
+        else:
+            key = (i,)  # an array of magnitudes: a pass of its own
+        groups.setdefault(key, []).append(i)
+
+    def one(members: list[int]) -> list[Any]:
+        first = sources[members[0]]
+        if not isinstance(first, tuple):
+            return [_count(first)]
+        return _count_pairs([sources[i] for i in members])  # type: ignore[misc]
+
+    out: list[Any] = [None] * len(sources)
+    jobs = list(groups.values())
+    for members, counted in zip(jobs, map(one, jobs)):
+        for i, c in zip(members, counted):
+            out[i] = c
+    return out
 
 
 def kth_largest_bits(
@@ -384,7 +464,7 @@ def kth_largest_bits_of(
     tensor's inputs), with the histogram passes of all their parts in one ``map``: the
     worker threads wait once, not once per input."""
     sources = [src for parts, _, _ in groups for _, src in parts]
-    counted = iter(list(map(_count, sources)))
+    counted = iter(_count_all(sources, map))
     return [
         _answers(parts, ks, [next(counted) for _ in parts], map, ranges)
         for parts, ks, ranges in groups
