@@ -501,10 +501,11 @@ def test_compiled_merge_skips_the_count_only_where_selections_saw_finite_inputs(
     assert (True, False) not in calls
 
 
-_PREPARED = {  # kernel module and name, recipe body: methods whose preparation sees all inputs
-    "sce": ("sce", "merge", "base_model: {base}\nparameters: {{select_topk: 0.5}}\n", 2),
-    "karcher": ("karcher", "result", "", 2),
-    "arcee_fusion": ("fusion", "fusion", "base_model: {base}\n", 1),
+_PREPARED = {  # kernel module and names, recipe body: methods whose preparation sees all inputs
+    "sce": ("sce", ("merge",), "base_model: {base}\nparameters: {{select_topk: 0.5}}\n", 2),
+    # the descent's result, or the start where it stopped there (the zoo's inputs: close)
+    "karcher": ("karcher", ("result", "start"), "", 2),
+    "arcee_fusion": ("fusion", ("fusion",), "base_model: {base}\n", 1),
 }
 
 
@@ -525,16 +526,19 @@ def test_prepared_kernels_count_non_finite_values_unless_known_finite(
     monkeypatch.setenv("MMATH_FUSED", "1")
     # the compiled statistics (norms, variances) from 1,000 elements: the zoo's are small
     monkeypatch.setattr(statistics, "SINGLE_THREAD_REDUCTION", 1000)
-    module, name, head, models = _PREPARED[method]
+    module, names, head, models = _PREPARED[method]
     kernels = importlib.import_module(f"mergekit_math.kernels.{module}")
-    kernel = getattr(kernels, name)
     counted: list[bool] = []
 
-    def spy(*args):  # noqa: ANN002, ANN202
-        counted.append(args[-1] is not None)
-        return kernel(*args)
+    def spy_on(kernel):  # noqa: ANN001, ANN202
+        def spy(*args):  # noqa: ANN002, ANN202
+            counted.append(args[-1] is not None)
+            return kernel(*args)
 
-    monkeypatch.setattr(kernels, name, spy)
+        return spy
+
+    for name in names:
+        monkeypatch.setattr(kernels, name, spy_on(getattr(kernels, name)))
     other = poisoned_copy(zoo["b"], tmp_path / "bad") if poison else zoo["b"]
     sources = [other] if models == 1 else [zoo["a"], other]
     body = "".join(f"  - model: {m}\n" for m in sources)
