@@ -192,6 +192,46 @@ def test_long_tensors_decide_the_first_step_from_the_gram_matrix(spread):
     torch.testing.assert_close(stepped.double(), expect, rtol=1e-5, atol=1e-6)
 
 
+def test_chunks_of_a_start_state_are_the_whole_result():
+    """Where the descent stops at the start, the prepared state holds no iterate: a chunk
+    through the torch path computes the start from its inputs, the whole path's bits."""
+    import numpy as np
+
+    from mergekit_math.methods import statistics
+    from mergekit_math.methods.karcher import KarcherState, _gram_norms, first_step
+
+    tensors = _long_inputs(0.5)
+    gram = statistics.tensor_gram(tensors)
+    norms = _gram_norms(gram)
+    weights = [1 / 3] * 3
+    div = first_step(gram, norms, [0, 1, 2], weights, max_iter=10, tol=1e-3)
+    assert div is not None
+    scale = sum((1 / 3) * r for r in norms)
+    state = KarcherState(
+        None,
+        div,
+        scale,
+        True,
+        (0, 1, 2),
+        np.array([r.item() for r in norms], np.float32),
+        np.array(weights, np.float32),
+    )
+    whole = merge(tensors, tol=1e-3).flatten()
+    flat = [t.flatten() for t in tensors]
+    for start, end in ((0, 7), (7, 40_000), (40_000, whole.numel())):
+        chunk = METHOD.merge(
+            MergeInputs(
+                base=None,
+                tensors=[x[start:end].clone() for x in flat],
+                params=[METHOD.model_params() for _ in flat],
+                shared=METHOD.shared_params.model_validate({"tol": 1e-3}),
+                offset=start,
+                states=[state],
+            )
+        )
+        assert torch.equal(chunk, whole[start:end])
+
+
 def test_float64_inputs_compute_in_float64():
     tensors = [_rand(20, seed=s).double() for s in (1, 2)]
     got = merge(tensors)
