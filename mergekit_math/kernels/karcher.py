@@ -14,10 +14,10 @@ With ``x_j`` the usable inputs, ``r_j`` their float32 norms, ``u_j = x_j / r_j``
   ``M = Σ_j w_j·u_j`` computed from the inputs, where the descent stops there (decided from
   the inputs' Gram matrix: ``methods/karcher.py``'s ``first_step``).
 
-Sums are float64 by blocks of 4096 elements (the block's float32 terms, summed in eight
-lanes), the blocks added with compensation (as in :mod:`mergekit_math.kernels.stats`):
-``reduce_sum`` and ``reduce_norm``'s float64 sums of the tensors over 32768 elements, to
-within a few float64 ulps.
+Sums are float64 by blocks of 4096 elements (the block's float32 terms, summed by
+:func:`~mergekit_math.kernels.stats.block_sum`), the blocks added with compensation (as in
+:mod:`mergekit_math.kernels.stats`): ``reduce_sum`` and ``reduce_norm``'s float64 sums of
+the tensors over 32768 elements, to within a few float64 ulps.
 """
 
 from __future__ import annotations

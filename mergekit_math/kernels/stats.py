@@ -4,11 +4,12 @@ the inputs as the engine read them, so that those methods can merge in chunks.
 A source is a stored array (bfloat16 bits or float32) or a ``(base, model)`` pair, whose
 element is ``model - base`` rounded to float32 (:func:`value_at`). Each term (a square, or
 the float32 product of the two scaled values) is exact in float64 and is summed in float64,
-as ``reduce_sum``/``reduce_norm`` sum a long tensor, in blocks of eight lanes whose totals
-are added with a compensated sum: the result is the exact sum to within a few float64 ulps,
-so rounded to float32 it is torch's float64 sum rounded to float32, unless the exact sum
-lies within a few 1e-16 of a float32 rounding boundary (about one statistic in 10^8; the
-summation order of the two is not the same, and neither is specified by torch).
+as ``reduce_sum``/``reduce_norm`` sum a long tensor, by blocks (vectorised sums in the
+compiler's order, :func:`block_sum`) whose totals are added with a compensated sum: the
+result is the exact sum to within a few float64 ulps, so rounded to float32 it is torch's
+float64 sum rounded to float32, unless the exact sum lies within a few 1e-16 of a float32
+rounding boundary (about one statistic in 10^8; the summation order of the two is not the
+same, and neither is specified by torch).
 
 One call sums one range; the caller adds the ranges' sums with ``math.fsum``.
 """
@@ -188,7 +189,7 @@ def sum_abs_kept(src, keep):  # noqa: ANN001, ANN201
 def gram(xs, out):  # noqa: ANN001, ANN201
     """out[j, l] = Σ x_j·x_l in float64 over a range of the sources ``xs`` (one read of
     them for every pair): each block's float32 values into a buffer, then each pair's
-    exact products summed in eight lanes, the blocks added with compensation."""
+    exact products summed (:func:`block_dot`), the blocks added with compensation."""
     n = source_size(xs[0])
     k = len(xs)
     block = np.empty((k, _BLOCK), np.float32)
