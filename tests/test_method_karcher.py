@@ -166,11 +166,11 @@ def test_long_tensors_decide_the_first_step_from_the_gram_matrix(spread):
     length (from the inputs' Gram matrix): a tolerance 1% above it stops at the start, whose
     length is the exact one rounded once; 1% below it, the descent steps."""
     from mergekit_math.methods import statistics
-    from mergekit_math.methods.karcher import _gram_norms, first_step
+    from mergekit_math.methods.karcher import first_step
 
     tensors = _long_inputs(spread)
     gram = statistics.tensor_gram(tensors)
-    norms = _gram_norms(gram)
+    norms = statistics.gram_norms(gram)
     exact = _first_tangent(tensors)
     weights = [1 / 3] * 3
     div = first_step(gram, norms, [0, 1, 2], weights, max_iter=10, tol=exact * 1.01)
@@ -198,11 +198,11 @@ def test_chunks_of_a_start_state_are_the_whole_result():
     import numpy as np
 
     from mergekit_math.methods import statistics
-    from mergekit_math.methods.karcher import KarcherState, _gram_norms, first_step
+    from mergekit_math.methods.karcher import KarcherState, first_step
 
     tensors = _long_inputs(0.5)
     gram = statistics.tensor_gram(tensors)
-    norms = _gram_norms(gram)
+    norms = statistics.gram_norms(gram)
     weights = [1 / 3] * 3
     div = first_step(gram, norms, [0, 1, 2], weights, max_iter=10, tol=1e-3)
     assert div is not None

@@ -157,10 +157,10 @@ def karcher_mean(
     gram = None
     if tensors[0].numel() > SINGLE_THREAD_REDUCTION and tensors[0].dtype == torch.float32:
         gram = statistics.tensor_gram(tensors)
-        norms = _gram_norms(gram)
+        norms = statistics.gram_norms(gram)
     else:
         norms = [_norm(t, accumulate) for t in tensors]
-    usable = [i for i, n in enumerate(norms) if n.item() > tol]
+    usable, weights = _directions(norms, alphas, tol)
     if not usable:
         # Σ x_i · 0 rather than zeros: NaN inputs stay NaN, as in mergekit.
         zeros = torch.zeros_like(tensors[0])
@@ -168,8 +168,6 @@ def karcher_mean(
             zeros += t * 0
         return zeros
     units = [tensors[i] / norms[i] for i in usable]
-    total = sum(alphas[i] for i in usable)
-    weights = [alphas[i] / total for i in usable]
     scale = sum(alpha * norm for alpha, norm in zip(alphas, norms))
 
     div = None if gram is None else first_step(gram, norms, usable, weights, max_iter, tol)
@@ -192,9 +190,14 @@ def karcher_mean(
     return scale * mean
 
 
-def _gram_norms(gram: list[list[float]]) -> list[torch.Tensor]:
-    """The inputs' float32 norms from their Gram matrix (the float64 sums of squares)."""
-    return [statistics.root([gram[j][j]]) for j in range(len(gram))]
+def _directions(
+    norms: list[torch.Tensor], alphas: list[float], tol: float
+) -> tuple[list[int], list[float]]:
+    """The inputs that take part in the direction (norm above ``tol``) and their weights:
+    ``alphas`` renormalised over them."""
+    usable = [i for i, r in enumerate(norms) if r.item() > tol]
+    total = sum(alphas[i] for i in usable)
+    return usable, [alphas[i] / total for i in usable]
 
 
 def first_step(
@@ -220,11 +223,10 @@ def first_step(
         return None
     g = [[gram[a][b] for b in usable] for a in usable]
     r = [float(norms[a].item()) for a in usable]
-    w = [float(torch.tensor(x, dtype=torch.float32).item()) for x in weights]
+    w = [float(np.float32(x)) for x in weights]
     k = len(usable)
     c = [w[a] / r[a] for a in range(k)]
-    squares = math.fsum(c[a] * c[b] * g[a][b] for a in range(k) for b in range(k))
-    div = statistics.root([0.0 if squares < 0 else squares])
+    div = statistics.root([statistics.form(g, c)])
     length = float(div.item())
     if not length >= tol:  # the start is the first direction: the descent decides
         return None
@@ -242,8 +244,7 @@ def first_step(
     ]
     pull = math.fsum(f[a] * float(cos[a].item()) for a in range(k))
     d = [f[b] / r[b] - pull * c[b] / length for b in range(k)]
-    squares = math.fsum(d[a] * d[b] * g[a][b] for a in range(k) for b in range(k))
-    step = statistics.root([0.0 if squares < 0 else squares])
+    step = statistics.root([statistics.form(g, d)])
     return div if step.item() < tol else None
 
 
@@ -300,22 +301,20 @@ def karcher_prepare(inputs: PrepareInputs[KarcherShared, KarcherModel]) -> list[
     norms = gram = None
     if statistics.compiled_sums(inputs):
         gram = statistics.gram(inputs)
-        norms = _gram_norms(gram)
+        norms = statistics.gram_norms(gram)
     if gram is None or norms is None or not any(r.item() > shared.tol for r in norms):
         tensors = [statistics.whole(inputs, j) for j in range(n)]
         mean = karcher_mean(tensors, [1.0 / n] * n, shared.max_iter, shared.tol)
         return [KarcherState(mean.numpy(), one, one, _finite(norms))]
     alphas = [1.0 / n] * n
     scale = sum(alpha * norm for alpha, norm in zip(alphas, norms))
-    usable = [i for i, r in enumerate(norms) if r.item() > shared.tol]
-    total = sum(alphas[i] for i in usable)
-    weights = [alphas[i] / total for i in usable]
+    usable, weights = _directions(norms, alphas, shared.tol)
     div = first_step(gram, norms, usable, weights, shared.max_iter, shared.tol)
+    r = np.array([norms[i].item() for i in usable], np.float32)
     if div is not None:
-        r = np.array([norms[i].item() for i in usable], np.float32)
         w = np.array(weights, np.float32)
         return [KarcherState(None, div, scale, _finite(norms), tuple(usable), r, w)]
-    mean, div = _descend(inputs, norms, alphas)
+    mean, div = _descend(inputs, usable, r, weights)
     return [KarcherState(mean, div, scale, _finite(norms))]
 
 
@@ -369,20 +368,19 @@ def _compiled() -> Any:
 
 def _descend(
     inputs: PrepareInputs[KarcherShared, KarcherModel],
-    norms: list[torch.Tensor],
-    alphas: list[float],
+    usable: list[int],
+    norms: Any,
+    weights: list[float],
 ) -> tuple[Any, torch.Tensor]:
-    """:func:`karcher_mean`'s iterate (flat float32, and the division still owed to it)."""
+    """:func:`karcher_mean`'s iterate (flat float32, and the division still owed to it), from
+    the usable inputs, their float32 norms (numpy) and their weights."""
     import torch
 
     tol, held, run = inputs.shared.tol, inputs.held, inputs.map
     assert held is not None
-    usable = [i for i, r in enumerate(norms) if r.item() > tol]
-    total = sum(alphas[i] for i in usable)
-    weights = [alphas[i] / total for i in usable]
     d = _Descent(
         jobs=list(zip(inputs.ranges, [tuple(h[1][i] for i in usable) for h in held])),
-        norms=np.array([norms[i].item() for i in usable], np.float32),
+        norms=norms,
         weights=np.array(weights, np.float32),
         mean=inputs.buffer("karcher.mean", inputs.numel, np.float32),
         tangent=inputs.buffer("karcher.tangent", inputs.numel, np.float32),

@@ -181,12 +181,12 @@ def gram_terms(gram: Any, weights: torch.Tensor, eps: float) -> Sphere | None:
     from mergekit_math.methods import statistics
 
     k = len(gram)
-    lengths = torch.stack([statistics.root([gram[j][j]]) for j in range(k)]).unsqueeze(-1)
+    lengths = torch.stack(statistics.gram_norms(gram)).unsqueeze(-1)
     den = [float(d) for d in (lengths + eps).reshape(-1).tolist()]
     w = [float(x) for x in weights.tolist()]
     c = [w[j] / den[j] for j in range(k)]
-    squares = math.fsum(c[j] * c[m] * gram[j][m] for j in range(k) for m in range(k))
-    mean_length = statistics.root([0.0 if squares < 0 else squares])  # rounding: not < 0
+    squares = statistics.form(gram, c)
+    mean_length = statistics.root([squares])
     if _vanishes(mean_length, lengths, eps):
         return None
     length = float(mean_length.item())
@@ -197,7 +197,7 @@ def gram_terms(gram: Any, weights: torch.Tensor, eps: float) -> Sphere | None:
         ]
     ).unsqueeze(-1)
     left = 1.0 - math.fsum(w[j] * float(along[j].item()) for j in range(k)) / length
-    tangent = statistics.rounded(math.sqrt(squares) * abs(left) if squares > 0 else 0.0)
+    tangent = statistics.rounded(math.sqrt(squares) * abs(left))
     finite = bool(torch.isfinite(lengths).all())
     return Sphere(lengths, mean_length, along, tangent + eps, finite)
 

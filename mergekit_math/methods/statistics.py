@@ -118,6 +118,22 @@ def gram(inputs: PrepareInputs[Any, Any], delta: bool = False) -> list[list[floa
     return [[math.fsum(p[j, m] for p in parts) for m in range(k)] for j in range(k)]
 
 
+def gram_norms(gram: list[list[float]]) -> list[torch.Tensor]:
+    """The float32 lengths of the vectors whose Gram matrix ``gram`` is (its diagonal holds
+    their float64 sums of squares), rounded as :func:`norm` rounds them."""
+    return [root([gram[j][j]]) for j in range(len(gram))]
+
+
+def form(gram: list[list[float]], x: list[float], y: list[float] | None = None) -> float:
+    """``Σ_jl x_j·y_l·G_jl`` (``y``: ``x``) over a Gram matrix ``G``, an exact sum of the
+    float64 products: ⟨Σ x_j v_j, Σ y_l v_l⟩ of the vectors whose Gram matrix it is. A
+    squared length (``y`` None) that rounding leaves below zero is 0."""
+    k = len(gram)
+    other = x if y is None else y
+    total = math.fsum(x[j] * other[m] * gram[j][m] for j in range(k) for m in range(k))
+    return 0.0 if y is None and total < 0 else total
+
+
 def tensor_gram(rows: list[torch.Tensor]) -> list[list[float]]:
     """``Σ x_j·x_l`` of float32 tensors (each product exact in float64, summed in float64 by
     torch): :func:`gram`'s matrix on the whole-tensor path."""
