@@ -1,6 +1,6 @@
-"""DELLA's compiled keep pass (``kernels.ranks.della_decisions``: ranks by bins of the
-magnitudes' top bits or a radix sort, the mask stream's decisions and the L1 sums in one
-call) against a reference written with torch: stable ranks of each row's magnitudes
+"""DELLA's compiled keep pass (``kernels.ranks.della_decisions``: decisions from bins of
+the magnitudes' top bits, exact ranks for the uncertain entries or a radix sort, the mask
+stream's decisions and the L1 sums in one call) against a reference written with torch: stable ranks of each row's magnitudes
 (``sparsify.row_ranks``), the probabilities in float32 steps, ``MaskStream.keep_with``'s
 numpy decisions, float64 sums."""
 
@@ -84,11 +84,36 @@ def test_bfloat16_deltas_across_blocks(start, rows, row, rel, same):
     _check(_pair(rows, row, rel, seed=rows, same=same), row, start)
 
 
-def test_float32_values_take_the_radix_sort():
-    """Stored float32 values: nearly every magnitude has lower bits, so rows fall back to
-    the radix sort (after a few rows, without trying the bins)."""
+def test_float32_values():
+    """Stored float32 values: nearly every magnitude has lower bits, so the uncertain
+    entries are placed in their bins by counts over the row."""
     x = torch.randn(30 * 1000, generator=torch.Generator().manual_seed(1)).numpy()
     _check(x, 1000)
+
+
+def test_bfloat16_rows_of_few_magnitudes():
+    """Rows whose deltas take a handful of values (bins of hundreds of equal magnitudes,
+    a third of their entries uncertain): each ranks by its count of equal ones before it.
+    One row holds a single magnitude, one a few with lower bits among them."""
+    g = torch.Generator().manual_seed(7)
+    levels = torch.tensor([0.0, 1e-3, 2e-3, 4e-3, 8e-3, 1.5e-2]).to(torch.bfloat16).float()
+    x = levels[torch.randint(0, 6, (8, 2048), generator=g)]
+    x = x * torch.where(torch.rand(8, 2048, generator=g) < 0.5, -1.0, 1.0)
+    x[2] = 3e-3
+    x[5, ::97] = x[5, ::97] + 1e-7  # lower bits set in bins of equal magnitudes
+    _check(x.reshape(-1).numpy(), 2048)
+
+
+def test_float32_magnitudes_alike_take_the_radix_sort():
+    """A float32 row whose magnitudes share their top 16 bits (hundreds of uncertain
+    entries with lower bits) is radix-sorted, between rows that are not; equal values
+    among them rank in index order."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 4096, generator=g)
+    x[1] = 0.5 + torch.rand(4096, generator=g) * 1e-3
+    x[1, 100:200] = x[1, 50]
+    x[3] = -(0.25 + torch.rand(4096, generator=g) * 1e-4)
+    _check(x.reshape(-1).numpy(), 4096)
 
 
 def test_rows_the_bins_give_up_on():

@@ -244,6 +244,7 @@ def _kernel_args(
     highs = np.full(k, np.inf, np.float32)
     # a window keeps what ``sel`` marks besides its range: everything, for an input kept whole
     sel, scale = np.empty((k, 0), np.uint8), np.ones(k, np.float32)
+    drawn: list[int] = []  # inputs whose row of ``sel`` is a mask (set whole, not marked)
     for i, p in enumerate(inputs.params):
         state = inputs.states[i] if inputs.states is not None else None
         if p.density >= 1 or variant.sparsification == "none":
@@ -260,15 +261,20 @@ def _kernel_args(
                 elementwise.mark_ties(inputs.base, tensor, np.float32(value), skip, take, sel[i])
         elif masked:
             assert inputs.generators is not None
-            sel = sel if sel.shape[1] == n else np.ones((k, n), np.uint8)
+            sel = sel if sel.shape[1] == n else np.empty((k, n), np.uint8)
             inputs.generators[i].keep_into(inputs.offset, p.density, sel[i])
             scale[i] = p.density if rescale == "paper" else 1.0
+            drawn.append(i)
         elif isinstance(state, DellaKeep):
-            sel = sel if sel.shape[1] == n else np.ones((k, n), np.uint8)
+            sel = sel if sel.shape[1] == n else np.empty((k, n), np.uint8)
             sel[i] = state.masks[inputs.offset]
             scale[i] = 1.0 if state.factor is None else state.factor
+            drawn.append(i)
         else:
             return None
+    if drawn:  # the rows of inputs kept whole keep everything
+        for i in set(range(k)) - set(drawn):
+            sel[i] = 1
     if not sel.shape[1]:  # no marks here: trims or windows without ties, or nothing to drop
         return thresholds, highs if window else None, None, None
     if window:
