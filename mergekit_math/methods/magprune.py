@@ -46,6 +46,9 @@ class DellaKeep:
 
     masks: dict[int, Any]
     factor: np.float32 | None
+    # per range start, the ``(inputs, count)`` uint8 array whose rows are every input's
+    # decisions (ones for an input kept whole): the fused kernel's ``sel`` as it is
+    rows: dict[int, Any] | None = None
 
     def apply(self, delta: torch.Tensor, start: int = 0) -> torch.Tensor:
         import torch
@@ -56,16 +59,24 @@ class DellaKeep:
 
 
 def _decisions(
-    source: Any, start: int, count: int, row: int, low: Any, step: Any, stream: MaskStream
+    source: Any,
+    start: int,
+    count: int,
+    row: int,
+    low: Any,
+    step: Any,
+    stream: MaskStream,
+    kept: Any = None,
 ) -> tuple[Any, tuple[float, float]]:
-    """The keep decisions (bool array) of a range of whole rows starting a mask block, and
-    its (Σ|x|, Σ|x·keep|) in float64."""
+    """The keep decisions (bool array, into ``kept`` where given) of a range of whole rows
+    starting a mask block, and its (Σ|x|, Σ|x·keep|) in float64."""
     import numpy as np
 
     from mergekit_math.kernels.ranks import della_decisions, della_probs
     from mergekit_math.kernels.stats import sum_abs_kept
 
-    kept, sums = np.empty(count, np.bool_), np.zeros(2)
+    kept = np.empty(count, np.bool_) if kept is None else kept
+    sums = np.zeros(2)
     primary, spare = stream.words(start, count)
     if della_decisions(source, row, low, step, primary, spare, kept, sums):
         return kept, (float(sums[0]), float(sums[1]))
@@ -74,7 +85,7 @@ def _decisions(
 
     probs = np.empty(count, np.float32)
     della_probs(source, row, low, step, probs)
-    kept = stream.keep_with(start, torch.from_numpy(probs), compiled=True).numpy()
+    kept[:] = stream.keep_with(start, torch.from_numpy(probs), compiled=True).numpy()
     return kept, sum_abs_kept(source, kept.view(np.uint8))
 
 
@@ -96,13 +107,19 @@ def della_keeps(
             )
     assert inputs.held is not None
     jobs = [(i, r) for i in drops for r in range(len(inputs.ranges))]
+    rows = {}  # each range's decisions of every input, one array (see DellaKeep.rows)
+    for (start, end), (_, models) in zip(inputs.ranges, inputs.held):
+        rows[start] = np.empty((len(models), end - start), np.uint8)
+        for i in set(range(len(models))) - set(drops):
+            rows[start][i] = 1
 
     def one(job: tuple[int, int]) -> tuple[Any, Any]:
         i, r = job
         density, epsilon, stream = drops[i]
         low, step = np.float32(density - epsilon), np.float32(2 * epsilon)
         (start, end), (base, models) = inputs.ranges[r], inputs.held[r]
-        return _decisions((base, models[i]), start, end - start, row, low, step, stream)
+        kept = rows[start][i].view(np.bool_)
+        return _decisions((base, models[i]), start, end - start, row, low, step, stream, kept)
 
     done = dict(zip(jobs, inputs.map(one, jobs)))
     keeps = {}
@@ -114,5 +131,5 @@ def della_keeps(
             before = np.float32(math.fsum(s[0] for _, s in parts))
             after = np.float32(math.fsum(s[1] for _, s in parts))
             factor = l1_factor(before, after)
-        keeps[i] = DellaKeep(masks, factor)
+        keeps[i] = DellaKeep(masks, factor, rows)
     return keeps

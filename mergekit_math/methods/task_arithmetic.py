@@ -266,10 +266,15 @@ def _kernel_args(
             scale[i] = p.density if rescale == "paper" else 1.0
             drawn.append(i)
         elif isinstance(state, DellaKeep):
-            sel = sel if sel.shape[1] == n else np.empty((k, n), np.uint8)
-            sel[i] = state.masks[inputs.offset]
+            rows = state.rows.get(inputs.offset) if state.rows else None
+            if rows is not None and rows.shape == (k, n) and (not sel.shape[1] or sel is rows):
+                sel = rows  # every input's row as it is (ones for those kept whole)
+                drawn = list(range(k))
+            else:
+                sel = sel if sel.shape[1] == n else np.empty((k, n), np.uint8)
+                sel[i] = state.masks[inputs.offset]
+                drawn.append(i)
             scale[i] = 1.0 if state.factor is None else state.factor
-            drawn.append(i)
         else:
             return None
     if drawn:  # the rows of inputs kept whole keep everything
@@ -393,6 +398,8 @@ def _examples(variant: Variant) -> tuple[Example, ...]:
     ]
     if variant.sparsification != "none":
         examples.append(Example((first, second), {"rescale": "l1"}))
+    if variant.sparsification in ("random", "della"):  # one input kept whole, one dropped
+        examples.append(Example((first, {"weight": 0.5, "density": 1.0})))
     return tuple(examples)
 
 
