@@ -1,8 +1,8 @@
 """DELLA's compiled keep pass (``kernels.ranks.della_decisions``: decisions from bins of
 the magnitudes' top bits, exact ranks for the uncertain entries or a radix sort, the mask
-stream's decisions and the L1 sums in one call) against a reference written with torch: stable ranks of each row's magnitudes
-(``sparsify.row_ranks``), the probabilities in float32 steps, ``MaskStream.keep_with``'s
-numpy decisions, float64 sums."""
+stream's decisions and the L1 sums in one call) against a reference written with torch:
+stable ranks of each row's magnitudes (``sparsify.row_ranks``), the probabilities in
+float32 steps, ``MaskStream.keep_with``'s numpy decisions, float64 sums."""
 
 from __future__ import annotations
 
