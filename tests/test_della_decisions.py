@@ -61,7 +61,7 @@ def _run(src, row: int, stream: MaskStream, start: int, spare_words: int | None 
 
 
 def _check(src, row: int, start: int = 0) -> None:
-    """The ranks (binned or radix-sorted), decisions and sums against the reference."""
+    """The ranks (radix-sorted), decisions and sums against the reference."""
     x = _values(src)
     ranks = np.empty(x.numel(), np.int32)
     kernel.della_ranks(src, row, ranks)
@@ -80,7 +80,7 @@ def _check(src, row: int, start: int = 0) -> None:
 @pytest.mark.parametrize("rows,row,rel,same", [(40, 5632, 0.1, 0.0), (96, 2048, 0.01, 0.3)])
 def test_bfloat16_deltas_across_blocks(start, rows, row, rel, same):
     """Rows that straddle mask blocks, from a later block too; deltas with and without
-    lower bits and many exact zeros (the binned ranks)."""
+    lower bits and many exact zeros (the binned decisions)."""
     _check(_pair(rows, row, rel, seed=rows, same=same), row, start)
 
 
@@ -131,7 +131,8 @@ def test_rows_the_bins_give_up_on():
 
 def test_a_bin_with_many_entries_with_lower_bits():
     """40 magnitudes sharing their top 16 bits (and some equal) with distinct lower bits, in
-    a row of bfloat16 values: a group long enough for the merge sort after a short one."""
+    a row of bfloat16 values: uncertain entries with lower bits placed among many of their
+    bin (``_place``), equal ones among them in index order."""
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(3, 2048, generator=g) * 0.01).to(torch.bfloat16).float()
     low_bits = torch.randint(1, 1 << 16, (40,), generator=g, dtype=torch.int32)

@@ -24,10 +24,10 @@ max(64, row/16) uncertain entries with lower bits (float32 magnitudes alike by t
 hundred), is ranked by a least-significant-digit radix sort instead (four 8-bit digits,
 each a stable counting pass; a digit every entry shares is skipped).
 
-:func:`della_ranks` ranks every entry (bins, the entries with lower bits sorted within
-theirs); :func:`della_probs` gives the probabilities from them and :func:`keep_bytes` the
-mask stream's byte comparison with given probabilities (``MaskStream.keep_with(compiled=True)``):
-the path for a block whose ties outgrow its spare words.
+:func:`della_ranks` ranks every entry (the radix sort of every row); :func:`della_probs`
+gives the probabilities from them and :func:`keep_bytes` the mask stream's byte comparison
+with given probabilities (``MaskStream.keep_with(compiled=True)``): the path for a block
+whose ties outgrow its spare words.
 """
 
 from __future__ import annotations
@@ -107,133 +107,28 @@ def _bin(k, lo):  # noqa: ANN001, ANN202
 
 
 @njit(error_model="numpy")
-def _count_bins(keys, length, lo, nb, clean, dirty, rel, unclean):  # noqa: ANN001, ANN202
-    """Per bin, the entries without lower bits set (``clean``) and with (``dirty``); each
-    clean entry's place among its bin's clean entries in index order into ``rel`` (the
-    count before it: the histogram's own increment); the positions of the entries with
-    lower bits into ``unclean``. Returns their number, -1 when ``unclean`` overflows."""
-    clean[:nb] = 0
-    dirty[:nb] = 0
-    nn = 0
-    for i in range(length):
-        k = keys[i]
-        c = _bin(k, lo)
-        seen = clean[c]
-        rel[i] = seen
-        lower = (k & np.uint32(0xFFFF)) != 0
-        clean[c] = seen + np.int32(not lower)
-        if lower:  # about one entry in 20 for bfloat16 deltas
-            if nn == unclean.shape[0]:
-                return -1
-            unclean[nn] = i
-            dirty[c] += 1
-            nn += 1
-    return nn
-
-
-@njit(error_model="numpy")
-def _unclean_ranks(keys, lo, nn, rel, pos, dirty, fill, unclean, gkeys, gidx):  # noqa: ANN001, ANN202
-    """The ranks past their bin's start (``rel``) of the ``nn`` entries with lower bits
-    (``unclean``): a bin's such entries rank last in it (``pos[c + 1] - dirty[c]`` on),
-    sorted. ``gkeys``/``gidx`` are indexed by rank; ``dirty`` is consumed."""
-    for a in range(nn):
-        fill[np.int64(keys[unclean[a]] >> 16) - lo] = 0
-    for a in range(nn):  # into their bins' rank slots, in index order
-        i = unclean[a]
-        c = np.int64(keys[i] >> 16) - lo
-        at = pos[c + 1] - dirty[c] + fill[c]
-        fill[c] += 1
-        gkeys[at] = keys[i]
-        gidx[at] = i
-    for a in range(nn):
-        c = np.int64(keys[unclean[a]] >> 16) - lo
-        group = dirty[c]
-        if group:  # the bin's first entry with lower bits: sort its group once
-            e = pos[c + 1]
-            if group > 1:
-                _sort_group(gkeys, gidx, e - group, e)
-            for r in range(e - group, e):
-                rel[gidx[r]] = r - pos[c]
-            dirty[c] = 0
-
-
-@njit(error_model="numpy")
-def _sort_group(gkeys, gidx, s, e):  # noqa: ANN001, ANN202
-    """Stable sort of ``gkeys[s:e]`` (with ``gidx``): insertion, or merge for long ones."""
-    if e - s > 32:
-        order = np.argsort(gkeys[s:e], kind="mergesort")
-        gkeys[s:e], gidx[s:e] = gkeys[s:e][order], gidx[s:e][order]
-        return
-    for a in range(s + 1, e):
-        k, ix = gkeys[a], gidx[a]
-        b = a - 1
-        while b >= s and gkeys[b] > k:
-            gkeys[b + 1], gidx[b + 1] = gkeys[b], gidx[b]
-            b -= 1
-        gkeys[b + 1], gidx[b + 1] = k, ix
-
-
-@njit(error_model="numpy")
-def _workspace(row):  # noqa: ANN001, ANN202
-    """The buffers :func:`_row_ranks` works in for rows of ``row`` entries."""
-    bins = min(_MAX_BINS, 2 * row + 256)  # wider ones would cost more than a radix sort
-    limit = max(row // 8, 16)
+def _radix_workspace(row):  # noqa: ANN001, ANN202
+    """The buffers :func:`_radix_ranks` works in for rows of ``row`` entries: a copy of the
+    keys (it consumes them), the spare keys, the order and its spare, the digit counts."""
     return (
         np.empty(row, np.uint32),
         np.empty(row, np.uint32),
         np.empty(row, np.int32),
         np.empty(row, np.int32),
         np.empty((4, 256), np.int32),
-        np.empty(bins + 1, np.int32),
-        np.empty(bins, np.int32),
-        np.empty(bins, np.int32),
-        np.empty(bins, np.int32),
-        np.empty(limit, np.int32),
     )
-
-
-@njit(error_model="numpy")
-def _row_ranks(keys, length, lo, hi, work, ranks, misses):  # noqa: ANN001, ANN202
-    """The row's ranks (``keys`` and ``lo``, ``hi`` from :func:`_keys`) into ``ranks``.
-    Returns ``(binned, lo, misses)``: binned, an entry's rank is ``ranks[i]`` plus its
-    bin's start (``work[5][_bin(keys[i], lo)]``); else ``ranks`` holds the ranks of the
-    radix sort (the bins do not fit, or gave up). ``misses``: rows in a row the bins gave
-    up on (after 4, float32 inputs, the radix sort only)."""
-    copy, spare_keys, order, spare_order, counts, pos, clean, dirty, fill, unclean = work
-    lo = min(lo, hi) - 1
-    nb = hi - lo + 1
-    if misses < 4 and lo >= 0 and nb <= clean.shape[0]:
-        nn = _count_bins(keys, length, lo, nb, clean, dirty, ranks, unclean)
-        if nn >= 0:
-            run = 0
-            for c in range(nb):
-                pos[c] = run
-                run += clean[c] + dirty[c]
-            pos[nb] = run
-            if nn:
-                _unclean_ranks(keys, lo, nn, ranks, pos, dirty, fill, unclean, spare_keys, order)
-            return True, lo, 0
-        misses += 1
-    copy[:length] = keys[:length]
-    _radix_ranks(copy, length, spare_keys, order, spare_order, counts, ranks)
-    return False, lo, misses
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def della_ranks(src, row, ranks):  # noqa: ANN001, ANN201
     """Each entry's rank (int32) in a stable ascending sort of its row's magnitudes, for a
-    source of whole rows of ``row`` entries."""
-    keys = np.empty(row, np.uint32)
-    work = _workspace(row)
-    pos = work[5]
-    misses = 0
+    source of whole rows of ``row`` entries: a radix sort of every row (the reference the
+    tests hold :func:`della_decisions` to, and the path of a block whose ties outgrow its
+    spare words, :func:`della_probs`)."""
+    keys, spare_keys, order, spare_order, counts = _radix_workspace(row)
     for start in range(0, source_size(src), row):
-        lo, hi = _keys(src, start, row, keys)
-        out = ranks[start : start + row]
-        binned, lo, misses = _row_ranks(keys, row, lo, hi, work, out, misses)
-        if binned:
-            for i in range(row):
-                out[i] += pos[_bin(keys[i], lo)]
+        _keys(src, start, row, keys)
+        _radix_ranks(keys, row, spare_keys, order, spare_order, counts, ranks[start : start + row])
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -366,9 +261,13 @@ def della_decisions(src, row, low, step, primary, spare, kept, sums):  # noqa: A
     for r in range(row):
         below[r] = np.int32(np.floor(_probability(r, low, span, step) * 256.0))
     keys, ranks, slow = np.empty(row, np.uint32), np.empty(row, np.int32), np.empty(row, np.int64)
-    copy, spare_keys, order, spare_order, counts, pos, _, _, _, _ = _workspace(row)
-    nbins = pos.shape[0] - 1
-    table, bounds = np.empty(nbins, np.int64), np.empty(nbins, np.int32)
+    copy, spare_keys, order, spare_order, counts = _radix_workspace(row)
+    nbins = min(_MAX_BINS, 2 * row + 256)  # wider ones would cost more than a radix sort
+    table, pos, bounds = (
+        np.empty(nbins, np.int64),
+        np.empty(nbins, np.int32),
+        np.empty(nbins, np.int32),
+    )
     tie = np.array([-1, 0])
     width = primary.shape[1]
     before = after = 0.0
