@@ -102,15 +102,21 @@ def _norm(x: torch.Tensor, accumulate: torch.dtype) -> torch.Tensor:
     return reduce_norm(x.to(accumulate))
 
 
-def _linear_start(
-    units: list[torch.Tensor], weights: list[float], tol: float, accumulate: torch.dtype
-) -> torch.Tensor:
-    """The normalised weighted mean of the directions; the first one if they cancel out."""
+def _weighted_sum(units: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Σ weights_i · units_i in the units' dtype, in order (the start before normalising)."""
     import torch
 
     mean = torch.zeros_like(units[0])  # summed from +0 so that -0 entries come out as +0
     for weight, unit in zip(weights, units):
         mean += weight * unit
+    return mean
+
+
+def _linear_start(
+    units: list[torch.Tensor], weights: list[float], tol: float, accumulate: torch.dtype
+) -> torch.Tensor:
+    """The normalised weighted mean of the directions; the first one if they cancel out."""
+    mean = _weighted_sum(units, weights)
     length = _norm(mean, accumulate)
     if length.item() < tol:
         return units[0].clone()
@@ -172,10 +178,7 @@ def karcher_mean(
 
     div = None if gram is None else first_step(gram, norms, usable, weights, max_iter, tol)
     if div is not None:  # the descent stops at its first check: the normalised start
-        mean = torch.zeros_like(units[0])
-        for weight, unit in zip(weights, units):
-            mean += weight * unit
-        return scale * (mean / div)
+        return scale * (_weighted_sum(units, weights) / div)
     mean = _linear_start(units, weights, tol, accumulate)
     for _ in range(max_iter):
         tangent = _tangent(mean, units, weights, tol)
@@ -259,9 +262,8 @@ def karcher(inputs: MergeInputs[KarcherShared, KarcherModel]) -> torch.Tensor:
     if inputs.states is not None:  # a chunk of karcher_prepare's result
         (state,) = inputs.states
         if state.mean is None:  # the normalised start, from the chunk's inputs
-            mean = torch.zeros_like(tensors[0])
-            for i, norm, weight in zip(state.usable, state.norms, state.weights):
-                mean += float(weight) * (tensors[i] / torch.tensor(norm))
+            units = [tensors[i] / torch.tensor(r) for i, r in zip(state.usable, state.norms)]
+            mean = _weighted_sum(units, [float(w) for w in state.weights])
             return state.scale * (mean / state.div)
         start, size = inputs.offset, tensors[0].numel()
         mean = torch.from_numpy(state.mean[start : start + size]).view(tensors[0].shape)
