@@ -292,8 +292,8 @@ def test_compiled_selection_answers_from_the_collected_values(monkeypatch):
 @pytest.mark.parametrize("stored", ["bfloat16", "float32"])
 def test_models_of_one_base_are_counted_in_one_pass(stored):
     """Several models' deltas of one base range are histogrammed together (the base read once
-    per block): the same bins and collected values, in order, as one pass per model, and
-    "too many to collect" (float32) per model; kth_largest_bits_of groups them that way
+    per block) into split bins, each bin's clean and dirty values counted apart: the same
+    bins as one pass per model; kth_largest_bits_of groups them that way
     (one job per base range) and gives the answers of one model at a time."""
     import numpy as np
 
@@ -314,11 +314,27 @@ def test_models_of_one_base_are_counted_in_one_pass(stored):
 
     b, ms = stored_of(base), [stored_of(m) for m in models]
     together = select._count_pairs([(b, m) for m in ms])
-    for m, (hist, found) in zip(ms, together):
+    for m, model, counted in zip(ms, models, together):
         alone = select._count((b, m))
-        assert alone is not None and np.array_equal(hist, alone[0])
-        assert (found is None) == (alone[1] is None) == (stored == "float32")
-        assert found is None or np.array_equal(found, alone[1])
+        assert alone is not None and np.array_equal(counted.bins(), alone.hist)
+        assert (alone.found is None) == (stored == "float32")
+        # the split bins: clean (low 15 bits all zero) and dirty counts of each bin apart
+        rounded = model.bfloat16().float() if stored == "bfloat16" else model
+        below = base.bfloat16().float() if stored == "bfloat16" else base
+        bits = (rounded - below).abs().numpy().view(np.uint32)
+        top, dirty = bits >> 15, (bits & (2**15 - 1)) != 0
+        assert dirty.any() and (~dirty).any()
+        split = np.zeros(2 * select.BINS, np.int64)
+        counted.add_to(split)
+        assert np.array_equal(split[0::2], np.bincount(top[~dirty], minlength=2**16))
+        assert np.array_equal(split[1::2], np.bincount(top[dirty], minlength=2**16))
+        filled = np.flatnonzero(split[2:]) + 2  # kept: the bins filled, zeros apart
+        assert (counted.low, counted.low + len(counted.filled)) == (filled[0], filled[-1] + 1)
+    # the thread's histograms come back zeroed: a second pass counts the same
+    again = select._count_pairs([(b, m) for m in ms])
+    assert all(np.array_equal(x.bins(), y.bins()) for x, y in zip(together, again))
+    zeros = select._count_pairs([(b, b)])[0]
+    assert zeros.filled.shape == (0,) and zeros.zeros == (n, 0)
 
     ranges = [(0, 1000), (1000, 200_000), (200_000, n)]
     parts = [[(r, (b[s:e], m[s:e])) for r, (s, e) in enumerate(ranges)] for m in ms]
@@ -333,6 +349,50 @@ def test_models_of_one_base_are_counted_in_one_pass(stored):
     grouped = select.kth_largest_bits_of([(p, ks, len(ranges)) for p in parts], spy)
     assert jobs[0] == len(ranges)  # one histogram job per base range, not per model
     assert grouped == [select.kth_largest_bits(p, ks, map, len(ranges)) for p in parts]
+
+
+def test_pairs_answer_from_split_bins_or_collect_the_dirty_answers_bin(monkeypatch):
+    """A bfloat16 model's deltas: where the k-th largest is its bin's clean value (tied in
+    every range) the split histograms answer alone; where it is a value with low bits, one
+    more pass collects the values with low bits of the answers' bins (not the bins whole:
+    the clean answer's holds too many). Both equal the torch selection of the magnitudes,
+    ties per range included."""
+    from mergekit_math.kernels import select
+    from mergekit_math.methods.selection import kth_selects
+
+    n = 400_003
+    g = torch.Generator().manual_seed(17)
+    base = torch.randn(n, generator=g).bfloat16()
+    model = (base.float() + 0.02 * torch.randn(n, generator=g)).bfloat16()
+    values = (model.float() - base.float()).abs()
+    bits = values.view(torch.int32)
+    dirty = bits & (2**15 - 1) != 0
+    assert 0 < int(dirty.sum()) < n // 10
+    top_dirty = float(values[dirty].max())
+    k_dirty = int((values > top_dirty).sum()) + 1
+    k_clean = n // 3
+    assert int(values.sort(descending=True).values[k_clean - 1].view(torch.int32)) % 2**15 == 0
+    ranges = [(0, 7), (7, 200_001), (200_001, n)]
+
+    def stored(x: torch.Tensor) -> np.ndarray:
+        return x.view(torch.int16).numpy().view(np.uint16)
+
+    parts = [(r, (stored(base)[s:e], stored(model)[s:e])) for r, (s, e) in enumerate(ranges)]
+    calls = []
+    for name in ("collect_bins", "histogram_low", "histogram_low2"):
+        real = getattr(select, name)
+        monkeypatch.setattr(select, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
+    clean = select.kth_largest_bits(parts, [k_clean, n // 5], map, len(ranges))
+    assert calls == []
+    both = select.kth_largest_bits(parts, [k_dirty, k_clean], map, len(ranges))
+    assert set(calls) == {"collect_bins"}
+    high = select._total([c for c in select._count_all([p for _, p in parts], map)])
+    assert int(high[select._pick(high, k_clean)[0]]) > n // select._COLLECT[2]
+    monkeypatch.setenv("MMATH_FUSED", "0")
+    assert [Selection(*f) for f in clean] == kth_selects(values, [k_clean, n // 5], ranges=ranges)
+    slow = kth_selects(values, [k_dirty, k_clean], ranges=ranges)
+    assert [Selection(*f) for f in both] == slow
+    assert slow[0].threshold == top_dirty and all(t > 0 for t in slow[1].ties[1:])
 
 
 @pytest.mark.parametrize("spread", [True, False])

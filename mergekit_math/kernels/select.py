@@ -6,13 +6,18 @@ bin's smallest; the same pass collects the others (a bfloat16 model's deltas: ab
 100), and the answer and how many elements of each range equal it follow from them. Where
 too many have low bits to collect (float32 inputs), a second pass collects the answers'
 bins whole, or where those hold more than an eighth of the values, histograms the low 15
-bits of the answer's bin per range. No sort, no copy of most values, no positions: about 1.0
-ns per element from stored bfloat16 pairs (1.2-1.7 with the second pass always run, 4-5 for
-the sample-bracketed ``torch.kthvalue`` selection; tied positions are found later, in the
-few ranges that need them, see :class:`mergekit_math.methods.selection.TieRule`). The
-magnitudes are a float32 array, or computed as the passes go from the stored (base, model)
-pairs the engine read for the merge (:func:`magnitude_at`), so that they are neither
-materialised nor read twice.
+bits of the answer's bin per range. No sort, no copy of most values, no positions (tied
+positions are found later, in the few ranges that need them, see
+:class:`mergekit_math.methods.selection.TieRule`). The magnitudes are a float32 array, or
+computed as the passes go from the stored (base, model) pairs the engine read for the merge
+(:func:`magnitude_at`), so that they are neither materialised nor read twice.
+
+From pairs, the pass collects nothing: it counts each bin's clean values (low bits all zero)
+and the others apart (:func:`histogram_pairs`), which answers wherever the k-th largest is
+its bin's clean value, nearly always for a bfloat16 model's deltas; else a second pass
+collects the answers' bins' values with low bits. 0.6-0.75 ns per element and model, where
+collecting in the pass took 1.0 (1.2-1.7 with the second pass always run, 4-5 for the
+sample-bracketed ``torch.kthvalue`` selection).
 
 The low-bits pass does not branch on the bin: a bfloat16 model's deltas repeat a few values so
 often that a fifth of a tensor may sit in the answer's bin, and a branch on it mispredicted
@@ -21,8 +26,10 @@ often that a fifth of a tensor may sit in the answer's bin, and a branch on it m
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numba import njit, types
@@ -137,17 +144,29 @@ def histogram(src, hist, found):  # noqa: ANN001, ANN201
     return -2 if full else j
 
 
+@njit(inline="always")
+def _split_bin(v):  # noqa: ANN001, ANN202
+    """A magnitude's bin in the split histogram: its top-16-bit bin times two, plus one where
+    some low bit is set (the bin's clean values, all equal to its smallest, counted apart)."""
+    return ((v >> np.uint32(SHIFT - 1)) & np.uint32(0xFFFFFFFE)) | np.uint32((v & _LOW_MASK) != 0)
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
-def histogram_pairs(base, models, hists, founds, got):  # noqa: ANN001, ANN201
-    """:func:`histogram` of the magnitudes ``|model − base|`` of several models of one base
-    in one pass, each block of the base read once for all of them (1.14 -> 0.97 ns per
-    element and model for two): model ``q``'s bins into ``hists[q]``, its values with low
-    bits into ``founds[q]``, how many into ``got[q]`` (-2: too many for ``founds[q]``). A
-    magnitude has no sign bit."""
+def histogram_pairs(base, models, hists, spans):  # noqa: ANN001, ANN201
+    """The split histograms (:func:`_split_bin`, ``2 * BINS`` bins) of the magnitudes
+    ``|model − base|`` of several models of one base in one pass, each block of the base
+    read once for all of them: model ``q``'s into ``hists[q]``, the first and one past the
+    last bin it filled, bins 0 and 1 left out (unchanged entries, zeros, are common), into
+    ``spans[q]`` (zeroed by the caller; the parts' histograms are added over those alone).
+    The clean and dirty counts of each bin stand in for the collected values of
+    :func:`histogram`: where the answer is a bin's clean value (nearly always for a bfloat16
+    model's deltas) they give it and its ties, and no value is written per element (1.0 ->
+    0.6-0.75 ns per element and model for two). A magnitude has no sign bit."""
     k = len(models)
     n = base.shape[0]
     bits = np.empty((k, _BLOCK), np.uint32)
-    full = np.zeros(k, np.bool_)
+    low = np.full(k, np.uint32(2 * BINS), np.uint32)
+    high = np.zeros(k, np.uint32)
     for start in range(0, n, _BLOCK):
         end = min(n, start + _BLOCK)
         count = end - start
@@ -155,13 +174,21 @@ def histogram_pairs(base, models, hists, founds, got):  # noqa: ANN001, ANN201
         for q in range(k):
             m, row = models[q][start:end], bits[q]
             for i in range(count):
-                row[i] = _f32_to_bits(abs(load(m, i) - load(b, i)))
+                row[i] = _split_bin(_f32_to_bits(abs(load(m, i) - load(b, i))))
         for q in range(k):
-            full[q] = full[q] or got[q] + count > founds[q].shape[0]
-            got[q] = _scatter(bits[q], count, hists[q], founds[q], got[q], full[q])
+            hist, row = hists[q], bits[q]
+            lo, hi = low[q], high[q]
+            for i in range(count):  # a loop of its own: in the scatter it would not vectorise
+                v = row[i]
+                lo = min(lo, v if v > 1 else np.uint32(2 * BINS))  # zeros: bins 0, 1
+                hi = max(hi, v)
+            low[q], high[q] = lo, hi
+            for i in range(count):
+                hist[row[i]] += 1
     for q in range(k):
-        if full[q]:
-            got[q] = -2
+        if high[q] > 1:  # else every value lies in bins 0 and 1: (0, 0)
+            spans[q, 0] = low[q]
+            spans[q, 1] = high[q] + 1
 
 
 _SUB = 256  # elements per sub-block of the second pass
@@ -245,18 +272,20 @@ def histogram_low2(src, first, second, hist):  # noqa: ANN001, ANN201
 
 
 @njit(inline="always")
-def _in_bins(v, first, second, third):  # noqa: ANN001, ANN202
+def _in_bins(v, first, second, third, dirty):  # noqa: ANN001, ANN202
     top = v >> np.uint32(SHIFT)
-    return (top == first) | (top == second) | (top == third)
+    hit = (top == first) | (top == second) | (top == third)
+    return hit & ((v & _LOW_MASK) != 0) if dirty else hit
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def collect_bins(src, first, second, third, out):  # noqa: ANN001, ANN201
-    """Write the bits of the magnitudes in bins ``first``, ``second`` or ``third`` into
-    ``out``, in index order; returns how many there are (those past its end not written).
-    Per sub-block of 256, a vectorised count of them, and only where there are some a loop
-    that copies them (about 0.5 ns per element where the bins hold 1 in 1000; writing every
-    value at the next free place, which a match advances, took 2.7)."""
+def collect_bins(src, first, second, third, out, dirty=False):  # noqa: ANN001, ANN201
+    """Write the bits of the magnitudes in bins ``first``, ``second`` or ``third`` (with
+    ``dirty``, only those with some low bit set) into ``out``, in index order; returns how
+    many there are (those past its end not written). Per sub-block of 256, a vectorised
+    count of them, and only where there are some a loop that copies them (about 0.5 ns per
+    element where the bins hold 1 in 1000; writing every value at the next free place, which
+    a match advances, took 2.7)."""
     bits = np.empty(_BLOCK, np.uint32)
     n = size(src)
     j = 0
@@ -266,10 +295,10 @@ def collect_bins(src, first, second, third, out):  # noqa: ANN001, ANN201
             sub = bits[s : min(s + _SUB, count)]
             hits = 0
             for i in range(sub.shape[0]):
-                hits += _in_bins(sub[i], first, second, third)
+                hits += _in_bins(sub[i], first, second, third, dirty)
             if hits:
                 for i in range(sub.shape[0]):
-                    if _in_bins(sub[i], first, second, third):
+                    if _in_bins(sub[i], first, second, third, dirty):
                         if j < out.shape[0]:
                             out[j] = sub[i]
                         j += 1
@@ -310,8 +339,88 @@ def _sum(hists: list[np.ndarray]) -> np.ndarray:
     return total
 
 
+class _Counted(NamedTuple):
+    """One part's first pass (:func:`histogram`): its histogram of top-16-bit bins and the
+    values it collected with low bits set (None: too many to collect)."""
+
+    hist: np.ndarray
+    found: np.ndarray | None
+
+    def count(self, bin_: int) -> int:
+        """The part's values in bin ``bin_``."""
+        return int(self.hist[bin_])
+
+    def bins(self) -> np.ndarray:
+        """The top-16-bit histogram."""
+        return self.hist
+
+
+@dataclass(frozen=True)
+class _Split:
+    """One part's split histogram (:func:`histogram_pairs`: each bin's clean and dirty
+    counts apart), kept as the split bins it filled: ``filled`` from split bin ``low`` on,
+    and split bins 0 and 1 (zeros, which lie far below the rest) in ``zeros``. Nothing is
+    collected."""
+
+    filled: np.ndarray
+    low: int
+    zeros: tuple[int, int]
+    found: None = None
+
+    def at(self, split_bin: int) -> int:
+        if split_bin < 2:
+            return self.zeros[split_bin]
+        i = split_bin - self.low
+        return int(self.filled[i]) if 0 <= i < self.filled.shape[0] else 0
+
+    def clean(self, bin_: int) -> int:
+        """The part's values in bin ``bin_`` with their low 15 bits all zero."""
+        return self.at(2 * bin_)
+
+    def dirty(self, bin_: int) -> int:
+        """The part's values in bin ``bin_`` with some low bit set."""
+        return self.at(2 * bin_ + 1)
+
+    def count(self, bin_: int) -> int:
+        return self.clean(bin_) + self.dirty(bin_)
+
+    def add_to(self, split: np.ndarray) -> None:
+        """Add the part's counts to a whole split histogram."""
+        split[self.low : self.low + self.filled.shape[0]] += self.filled
+        split[:2] += self.zeros
+
+    def bins(self) -> np.ndarray:
+        split = np.zeros(2 * BINS, np.int64)
+        self.add_to(split)
+        return split[0::2] + split[1::2]
+
+
+def _total(counted: list[_Counted | _Split]) -> np.ndarray:
+    """The parts' top-16-bit histograms added up (split ones over the bins they filled,
+    folded once after the sum)."""
+    if all(isinstance(c, _Split) for c in counted):
+        split = np.zeros(2 * BINS, np.int64)
+        for c in counted:
+            c.add_to(split)  # type: ignore[union-attr]
+        return split[0::2] + split[1::2]
+    return _sum([c.bins() for c in counted])
+
+
+def _from_clean(
+    bin_: int, above: int, k: int, counted: list[_Split]
+) -> tuple[int, int, list[int]] | None:
+    """The answer in bin ``bin_`` from split histograms where it is the bin's clean value
+    (its smallest, ``bin_ << SHIFT``, below the bin's dirty values): ``(bits, above, ties
+    per part)``; None where the ``k``-th largest is one of the dirty values."""
+    clean = [c.clean(bin_) for c in counted]
+    dirty = sum(c.dirty(bin_) for c in counted)
+    if k - above <= dirty:
+        return None
+    return bin_ << SHIFT, above + dirty, clean
+
+
 def _from_found(
-    bin_: int, above: int, k: int, highs: list[np.ndarray], found: list[np.ndarray]
+    bin_: int, above: int, k: int, counted: list[_Counted | _Split], found: list[np.ndarray]
 ) -> tuple[int, int, list[int]]:
     """The answer in bin ``bin_`` from the values collected there (those with low bits; the
     rest of the bin are one value, its smallest, ``bin_ << SHIFT``; or every value of the
@@ -326,7 +435,7 @@ def _from_found(
             above + int(np.count_nonzero(dirty > bits)),
             [int(np.count_nonzero(f == bits)) for f in inside],
         )
-    clean = [int(h[bin_]) - f.shape[0] for h, f in zip(highs, inside)]
+    clean = [c.count(bin_) - f.shape[0] for c, f in zip(counted, inside)]
     return bin_ << SHIFT, above + dirty.shape[0], clean
 
 
@@ -340,20 +449,26 @@ _COLLECT = {1: 128, 2: 128, 3: 8}
 def _collect(
     sources: list[object],
     bins: list[int],
-    highs: list[np.ndarray],
+    counted: list[_Counted | _Split],
     map,  # noqa: ANN001
+    dirty: bool = False,
 ) -> list[np.ndarray]:
-    """Per source, the bits of its values in ``bins`` (at most three), in index order."""
+    """Per source, the bits of its values in ``bins`` (at most three; with ``dirty``, only
+    those with some low bit set, counted by split histograms), in index order."""
     first, second, third = (np.uint32(b) for b in (bins * 3)[:3])
 
-    def one(job: tuple[object, np.ndarray]) -> np.ndarray:
-        src, hist = job
-        out = np.empty(int(hist[bins].sum()), np.uint32)
-        if collect_bins(src, first, second, third, out) != out.shape[0]:
+    def one(job: tuple[object, _Counted | _Split]) -> np.ndarray:
+        src, part = job
+        if dirty:
+            length = sum(part.dirty(b) for b in bins)  # type: ignore[union-attr]
+        else:
+            length = sum(part.count(b) for b in bins)
+        out = np.empty(length, np.uint32)
+        if collect_bins(src, first, second, third, out, dirty) != out.shape[0]:
             raise RuntimeError("selection: the values in the bins changed between passes")
         return out
 
-    return list(map(one, zip(sources, highs)))
+    return list(map(one, zip(sources, counted)))
 
 
 def _low_passes(
@@ -382,7 +497,7 @@ def _found_buffer(length: int) -> np.ndarray:
     return np.empty((length >> 4) + _BLOCK, np.uint32)  # 1 in 16, and a block
 
 
-def _count(src: object) -> tuple[np.ndarray, np.ndarray | None] | None:
+def _count(src: object) -> _Counted | None:
     """One part's histogram pass: its top-16-bit histogram and the values it collected
     (None: too many to collect), or None if some value has its sign bit set. A part has
     < 2^31 elements (the engine's ranges, a tensor's task grid): int32 counts halve what is
@@ -393,18 +508,38 @@ def _count(src: object) -> tuple[np.ndarray, np.ndarray | None] | None:
     got = histogram(src, hist, found)
     if got == -1:
         return None
-    return hist, (found[:got] if got >= 0 else None)
+    return _Counted(hist, found[:got] if got >= 0 else None)
 
 
-def _count_pairs(sources: list[tuple[Any, Any]]) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """:func:`_count` of ``(base, model)`` sources of one base array and one model dtype, in
-    one pass (:func:`histogram_pairs`)."""
-    k, length = len(sources), sources[0][0].shape[0]
-    hists = np.zeros((k, BINS), np.int32)
-    founds = np.empty((k, _found_buffer(length).shape[0]), np.uint32)
-    got = np.zeros(k, np.int64)
-    histogram_pairs(sources[0][0], tuple(m for _, m in sources), hists, founds, got)
-    return [(hists[q], founds[q, : got[q]] if got[q] >= 0 else None) for q in range(k)]
+_local = threading.local()
+
+
+def _split_buffer(k: int) -> np.ndarray:
+    """This thread's zeroed split histograms for ``k`` models: reused from part to part,
+    each returned zeroed where it was filled (a fresh megabyte per part, zeroed and freed,
+    cost more than the pass's saving)."""
+    hists = getattr(_local, "split", None)
+    if hists is None or hists.shape[0] < k:
+        _local.split = hists = np.zeros((k, 2 * BINS), np.int32)
+    return hists[:k]
+
+
+def _count_pairs(sources: list[tuple[Any, Any]]) -> list[_Split]:
+    """The split histograms of ``(base, model)`` sources of one base array and one model
+    dtype, in one pass (:func:`histogram_pairs`)."""
+    hists = _split_buffer(len(sources))
+    spans = np.zeros((len(sources), 2), np.int64)
+    try:
+        histogram_pairs(sources[0][0], tuple(m for _, m in sources), hists, spans)
+    except BaseException:
+        _local.split = None  # filled where unknown: not reused
+        raise
+    out = []
+    for hist, (low, high) in zip(hists, spans):
+        out.append(_Split(hist[low:high].copy(), int(low), (int(hist[0]), int(hist[1]))))
+        hist[low:high] = 0
+        hist[:2] = 0
+    return out
 
 
 def _count_all(sources: list[object], map) -> list[Any]:  # noqa: ANN001
@@ -471,37 +606,72 @@ def kth_largest_bits_of(
     ]
 
 
+def _first_pass_answers(
+    ks: list[int], picks: list[tuple[int, int]], counted: list[_Counted | _Split]
+) -> list[tuple[int, int, list[int]]] | None:
+    """The answers from the first pass alone, from the values it collected or from split
+    histograms where every answer is its bin's clean value; None where that is not enough."""
+    found = [c.found for c in counted]
+    if all(f is not None for f in found):
+        return [
+            _from_found(b, above, k, counted, found)  # type: ignore[arg-type]
+            for k, (b, above) in zip(ks, picks)
+        ]
+    if not all(isinstance(c, _Split) for c in counted):
+        return None
+    cleans = [_from_clean(b, above, k, counted) for k, (b, above) in zip(ks, picks)]
+    return None if any(c is None for c in cleans) else cleans  # type: ignore[return-value]
+
+
+def _second_pass_answers(
+    ks: list[int],
+    picks: list[tuple[int, int]],
+    counted: list[_Counted | _Split],
+    high: np.ndarray,
+    sources: list[object],
+    map,  # noqa: ANN001
+) -> list[tuple[int, int, list[int]]]:
+    """The answers where some lies among values with low bits that the first pass did not
+    collect: the values with low bits of the answers' bins where split histograms count
+    few (a bfloat16 model's deltas), else the answers' bins whole where they hold few values,
+    else their low bits counted (float32 inputs)."""
+    bins = sorted({b for b, _ in picks})
+    few = int(high.sum()) // _COLLECT[min(len(bins), 3)]
+    if len(bins) <= 3 and all(isinstance(c, _Split) for c in counted):
+        dirty = sum(c.dirty(b) for c in counted for b in bins)  # type: ignore[union-attr]
+        if dirty <= few:  # a bfloat16 model's deltas: the dirty values of those bins
+            found = _collect(sources, bins, counted, map, dirty=True)
+            return [_from_found(b, above, k, counted, found) for k, (b, above) in zip(ks, picks)]
+    if len(bins) <= 3 and int(high[bins].sum()) <= few:
+        found = _collect(sources, bins, counted, map)
+        # every value of those bins collected: _from_found answers from them alone
+        return [_from_found(b, above, k, counted, found) for k, (b, above) in zip(ks, picks)]
+    answers = []
+    lows, total = _low_passes(sources, np.array(bins, np.uint32), map)
+    for k, (bin_, above) in zip(ks, picks):
+        row = int(np.searchsorted(bins, bin_))
+        low, above_low = _pick(total[row], k - above)
+        ties = [int(hist[row, low]) for hist in lows]
+        answers.append(((bin_ << SHIFT) | low, above + above_low, ties))
+    return answers
+
+
 def _answers(
     parts: list[tuple[int, object]],
     ks: list[int],
-    counted: list[tuple[np.ndarray, np.ndarray | None] | None],
+    counted: list[_Counted | _Split | None],
     map,  # noqa: ANN001
     ranges: int,
 ) -> list[tuple[float, int, list[int], bool]] | None:
     """:func:`kth_largest_bits`' answers from its parts' histogram passes (``counted``)."""
-    sources = [src for _, src in parts]
     if any(c is None for c in counted):
         return None
-    highs = [c[0] for c in counted]  # type: ignore[index]
-    found = [c[1] for c in counted]  # type: ignore[index]
-    high = _sum(highs)
+    done: list[_Counted | _Split] = counted  # type: ignore[assignment]
+    high = _total(done)
     picks = [_pick(high, k) for k in ks]
-    answers: list[tuple[int, int, list[int]]] = []
-    bins = sorted({b for b, _ in picks})
-    if all(f is not None for f in found):
-        answers = [_from_found(b, above, k, highs, found) for k, (b, above) in zip(ks, picks)]  # type: ignore[arg-type]
-    elif len(bins) <= 3 and int(high[bins].sum()) <= int(high.sum()) // _COLLECT[len(bins)]:
-        # float32 values: the answers' bins, whole, from one more pass
-        found = _collect(sources, bins, highs, map)
-        # every value of those bins collected: _from_found answers from them alone
-        answers = [_from_found(b, above, k, highs, found) for k, (b, above) in zip(ks, picks)]
-    else:
-        lows, total = _low_passes(sources, np.array(bins, np.uint32), map)
-        for k, (bin_, above) in zip(ks, picks):
-            row = int(np.searchsorted(bins, bin_))
-            low, above_low = _pick(total[row], k - above)
-            ties = [int(hist[row, low]) for hist in lows]
-            answers.append(((bin_ << SHIFT) | low, above + above_low, ties))
+    answers = _first_pass_answers(ks, picks, done)
+    if answers is None:
+        answers = _second_pass_answers(ks, picks, done, high, [s for _, s in parts], map)
     finite = not high[_NONFINITE:].any()
     out = []
     for bits, above, part_ties in answers:
