@@ -1,6 +1,7 @@
 """Benchmark `mmath merge` against mergekit and the IO floor, side by side in one run.
 
     python scripts/bench_merge.py --shape tinyllama --reps 3 --markdown docs/benchmarks.md
+    python scripts/bench_merge.py --shape tinyllama --reps 3 --mergekit-reps 1
     python scripts/bench_merge.py --shape 7b --cold --methods task_arithmetic --reps 1
 
 Generates a base and two "fine-tunes" (base + small noise) of the chosen shape in bf16, sharded
@@ -101,6 +102,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--cold", action="store_true", help="evict the inputs before every run")
     ap.add_argument("--work", type=Path, default=Path("/tmp/mmath-bench"))
     ap.add_argument("--no-mergekit", action="store_true", help="time mmath and the floor only")
+    ap.add_argument(
+        "--mergekit-reps",
+        type=int,
+        help="run mergekit in the first N repetitions only (default: all of them; it takes "
+        "10-200 s a method where mmath takes 3-9, so one repetition gives its columns)",
+    )
     ap.add_argument("--mmath-args", default="", help="extra arguments for mmath merge")
     ap.add_argument("--markdown", type=Path, help="also write the report to this file")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (mergekit gets --cuda)")
@@ -122,6 +129,10 @@ def parse_args() -> argparse.Namespace:
     for m in args.method_list:
         if m not in RECIPES:
             ap.error(f"unknown method {m!r}; known: {', '.join(registered)}")
+    if args.mergekit_reps is None or args.mergekit_reps > args.reps:
+        args.mergekit_reps = args.reps
+    if args.mergekit_reps < 1:
+        ap.error("--mergekit-reps needs at least 1 (or --no-mergekit)")
     args.shape_name, args.shape_tuple = args.shape, SHAPES[args.shape]
     if args.size:
         args.shape_tuple = tuple(int(x) for x in args.size.split(","))
@@ -168,10 +179,11 @@ def run_method(bench: Bench, method: str, rep: int, result: Result) -> None:
     files = [f for p in method_inputs(method, bench.paths) for f in shards(p)]
     recipe = args.work / f"{method}.yaml"
     recipe.write_text(recipe_text(method, bench.paths))
-    tools = ["floor", "mmath", "mergekit"] if bench.mergekit else ["floor", "mmath"]
+    with_mergekit = bench.mergekit is not None and rep < args.mergekit_reps
+    tools = ["floor", "mmath", "mergekit"] if with_mergekit else ["floor", "mmath"]
     if rep % 2:
         tools.reverse()
-    outs = {t: args.work / f"out-{method}-{t}" for t in ("mmath", "mergekit")}
+    outs = {t: args.work / f"out-{method}-{t}" for t in tools if t != "floor"}
     for tool in tools:
         if tool in outs:
             shutil.rmtree(outs[tool], ignore_errors=True)
@@ -188,9 +200,9 @@ def run_method(bench: Bench, method: str, rep: int, result: Result) -> None:
             line = f"{run.seconds:7.2f} s {human(run.peak):>10}"
         os.sync()  # untimed: the next run does not pay for this one's dirty pages
         bench.say(f"rep {rep + 1} {method:16} {tool:8} {line}")
-        if all(o.exists() for o in outs.values()) or not bench.mergekit:
-            last = rep == args.reps - 1
-            if last and bench.mergekit and method in bench.deterministic:
+        if all(o.exists() for o in outs.values()):
+            last = rep == args.mergekit_reps - 1
+            if last and with_mergekit and method in bench.deterministic:
                 result.diff = compare(outs["mmath"], outs["mergekit"])
             for o in outs.values():
                 shutil.rmtree(o, ignore_errors=True)
@@ -283,7 +295,12 @@ def report(bench: Bench, results: dict[str, Result], started: datetime.datetime)
         f"Shape `{args.shape_name}` (hidden, intermediate, layers, heads, kv heads, vocab = "
         f"{', '.join(map(str, args.shape_tuple))}), bf16, 3 checkpoints of "
         f"{human(bench.out_bytes)} in 5 GB shards ({human(input_bytes)} in all), "
-        f"`dtype: bfloat16`; median of {args.reps} alternating runs, {cache}.",
+        f"`dtype: bfloat16`; median of {args.reps} alternating runs, {cache}"
+        + (
+            f" (mergekit: {args.mergekit_reps} of them)."
+            if bench.mergekit and args.mergekit_reps < args.reps
+            else "."
+        ),
         "",
         f"Machine: {machine()}. Run {started:%Y-%m-%d %H:%M} UTC; {bench.space}"
         + (f"; compute on `{args.device}` (mergekit `--cuda`)" if args.device != "cpu" else "")
