@@ -354,8 +354,8 @@ def test_models_of_one_base_are_counted_in_one_pass(stored):
 def test_pairs_answer_from_split_bins_or_collect_the_dirty_answers_bin(monkeypatch):
     """A bfloat16 model's deltas: where the k-th largest is its bin's clean value (tied in
     every range) the split histograms answer alone; where it is a value with low bits, one
-    more pass collects the values with low bits of the answers' bins (not the bins whole:
-    the clean answer's holds too many). Both equal the torch selection of the magnitudes,
+    more pass collects the values with low bits of the answers' bins (not the bins whole).
+    Both equal the torch selection of the magnitudes,
     ties per range included."""
     from mergekit_math.kernels import select
     from mergekit_math.methods.selection import kth_selects
@@ -378,16 +378,16 @@ def test_pairs_answer_from_split_bins_or_collect_the_dirty_answers_bin(monkeypat
         return x.view(torch.int16).numpy().view(np.uint16)
 
     parts = [(r, (stored(base)[s:e], stored(model)[s:e])) for r, (s, e) in enumerate(ranges)]
-    calls = []
+    calls, dirty_only = [], []
     for name in ("collect_bins", "histogram_low", "histogram_low2"):
         real = getattr(select, name)
         monkeypatch.setattr(select, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
+    collect = select.collect_bins  # the spy: whether only values with low bits are collected
+    monkeypatch.setattr(select, "collect_bins", lambda *a: dirty_only.append(a[5]) or collect(*a))
     clean = select.kth_largest_bits(parts, [k_clean, n // 5], map, len(ranges))
     assert calls == []
     both = select.kth_largest_bits(parts, [k_dirty, k_clean], map, len(ranges))
-    assert set(calls) == {"collect_bins"}
-    high = select._total([c for c in select._count_all([p for _, p in parts], map)])
-    assert int(high[select._pick(high, k_clean)[0]]) > n // select._COLLECT[2]
+    assert set(calls) == {"collect_bins"} and dirty_only == [True] * len(ranges)
     monkeypatch.setenv("MMATH_FUSED", "0")
     assert [Selection(*f) for f in clean] == kth_selects(values, [k_clean, n // 5], ranges=ranges)
     slow = kth_selects(values, [k_dirty, k_clean], ranges=ranges)
