@@ -303,3 +303,44 @@ def test_consensus_kernels_match_mergekit_sum_mask():
     ours = agreement_mask(x, elect_sign(x))
     theirs = get_mask(x, method="sum", mask_dtype=x.dtype).to(x.dtype)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("stored", ["float32", "bfloat16"])
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
+def test_compiled_variance_is_torch_var(stored, count):
+    """The compiled variances are ``torch.var(unbiased=False)`` over the deltas bit for bit,
+    with zeros of both signs, subnormal, huge and non-finite deltas, over a length that ends
+    in a short block; the counts of nonzero and non-finite variances, and the histogram of
+    their top 16 bits made as they are written (the selection's first pass), with them."""
+    import numpy as np
+
+    from mergekit_math.kernels.sce import variance_into
+
+    n = 10_001
+    g = torch.Generator().manual_seed(count)
+    base = torch.randn(n, generator=g)
+    models = [base + torch.randn(n, generator=g) * 10.0 ** -float(j) for j in range(count)]
+    base[:8] = torch.tensor([0.0, -0.0, 1e-40, 3e38, -3e38, 1.0, float("inf"), 2.0])
+    models[0][:8] = torch.tensor([-0.0, 0.0, -1e-40, -3e38, 3e38, float("nan"), 1.0, 2.0])
+    if stored == "bfloat16":
+        base, models = base.bfloat16().float(), [m.bfloat16().float() for m in models]
+
+    def as_stored(x: torch.Tensor) -> np.ndarray:
+        if stored == "float32":
+            return x.numpy()
+        return x.bfloat16().view(torch.int16).numpy().view(np.uint16)
+
+    out = np.empty(n, np.float32)
+    hist = np.zeros(2**16, np.int32)
+    stored_models = tuple(as_stored(m) for m in models)
+    nonzero, bad = variance_into(as_stored(base), stored_models, out, hist)
+    expected = torch.var(torch.stack([m - base for m in models]), dim=0, unbiased=False)
+    finite = expected.isfinite()
+    got = torch.from_numpy(out)
+    assert torch.equal(got.view(torch.int32)[finite], expected.view(torch.int32)[finite])
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert nonzero == int((expected != 0).sum())
+    assert bad == int((~finite).sum()) > 0
+    # the selection's first pass: the variances' top 16 bits (a NaN with its sign bit: last)
+    bins = np.minimum(out.view(np.uint32) >> 15, 2**16 - 1)
+    assert np.array_equal(hist, np.bincount(bins, minlength=2**16))

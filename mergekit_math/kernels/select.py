@@ -660,6 +660,22 @@ def _second_pass_answers(
     return answers
 
 
+def kth_largest_bits_from(
+    parts: list[tuple[int, np.ndarray]],
+    hists: list[np.ndarray],
+    ks: list[int],
+    map,  # noqa: ANN001
+    ranges: int,
+) -> list[tuple[float, int, list[int], bool]]:
+    """:func:`kth_largest_bits` of float32 values whose first pass ran as they were made:
+    ``hists[i]``, part ``i``'s top-16-bit histogram (int32, ``BINS``; its values finite and
+    non-negative, which the caller knows). The second pass runs here."""
+    counted: list[_Counted | _Split | None] = [_Counted(h, None) for h in hists]
+    found = _answers(parts, ks, counted, map, ranges)  # type: ignore[arg-type]
+    assert found is not None
+    return found
+
+
 def _answers(
     parts: list[tuple[int, object]],
     ks: list[int],

@@ -41,7 +41,7 @@ from mergekit_math.methods.base import (
     register,
 )
 from mergekit_math.methods.consensus import agreement_mask, elect_sign
-from mergekit_math.methods.selection import first_ties, kth_select, tie_rules
+from mergekit_math.methods.selection import Selection, first_ties, kth_select, tie_rules
 
 if TYPE_CHECKING:
     import torch
@@ -176,6 +176,7 @@ def sce_prepare(inputs: PrepareInputs[SceShared, SceModel]) -> list[Any]:
     import torch
 
     from mergekit_math.kernels import sce as kernels
+    from mergekit_math.kernels.select import BINS
     from mergekit_math.methods import statistics
 
     assert inputs.held is not None
@@ -187,14 +188,17 @@ def sce_prepare(inputs: PrepareInputs[SceShared, SceModel]) -> list[Any]:
     if inputs.shared.select_topk < 1:
         variance = inputs.buffer("sce.variance", inputs.numel, np.float32)
 
-        def one(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> tuple[int, int]:
+        def one(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> tuple[int, int, Any]:
             (start, end), (base, models) = job
-            return kernels.variance_into(base, tuple(models), variance[start:end])
+            hist = np.zeros(BINS, np.int32)  # the selection's first pass, as they are made
+            nonzero, bad = kernels.variance_into(base, tuple(models), variance[start:end], hist)
+            return nonzero, bad, hist
 
         counts = list(inputs.map(one, zip(inputs.ranges, inputs.held)))
-        if sum(bad for _, bad in counts):
+        if sum(bad for _, bad, _ in counts):
             return [_whole_state(inputs)]
-        masks = _masks(inputs, variance, sum(nonzero for nonzero, _ in counts))
+        nonzero = sum(nonzero for nonzero, _, _ in counts)
+        masks = _masks(inputs, variance, nonzero, [hist for _, _, hist in counts])
         del variance
 
     def squares(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> Any:
@@ -213,21 +217,24 @@ def sce_prepare(inputs: PrepareInputs[SceShared, SceModel]) -> list[Any]:
 
 
 def _masks(
-    inputs: PrepareInputs[SceShared, SceModel], variance: Any, nonzero: int
+    inputs: PrepareInputs[SceShared, SceModel], variance: Any, nonzero: int, hists: list[Any]
 ) -> dict[int, Any]:
-    """Per range, the keep mask of the ``k`` largest variances (``variance_mask``'s)."""
+    """Per range, the keep mask of the ``k`` largest variances (``variance_mask``'s), the
+    selection's first pass done (``hists``, per range: :func:`kernels.sce.variance_into`)."""
     import numpy as np
     import torch
 
     from mergekit_math.kernels import sce as kernels
+    from mergekit_math.kernels.select import kth_largest_bits_from
 
     fraction = inputs.shared.select_topk
     # as variance_mask: the int64 count times the float, in torch (float32)
     k = int(torch.tensor(nonzero) * fraction) if fraction > 0 else 0
     if k == 0:
         return {start: np.zeros(end - start, np.uint8) for start, end in inputs.ranges}
-    values = torch.from_numpy(variance)
-    selection = kth_select(values, k, inputs.map, compiled=True, ranges=inputs.ranges)
+    parts = [(r, variance[start:end]) for r, (start, end) in enumerate(inputs.ranges)]
+    (found,) = kth_largest_bits_from(parts, hists, [k], inputs.map, len(parts))
+    selection = Selection(*found)
     rules = tie_rules(inputs.ranges, selection, None, 0, k - selection.above)
 
     def one(span: tuple[int, int]) -> Any:
