@@ -384,12 +384,14 @@ def test_pairs_answer_from_split_bins_or_collect_the_dirty_answers_bin(monkeypat
         monkeypatch.setattr(select, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
     collect = select.collect_bins  # the spy: whether only values with low bits are collected
     monkeypatch.setattr(select, "collect_bins", lambda *a: dirty_only.append(a[5]) or collect(*a))
-    clean = select.kth_largest_bits(parts, [k_clean, n // 5], map, len(ranges))
+    clean_ks = [k_clean, n // 5, n - 3]  # the last among the zeros (unchanged entries)
+    clean = select.kth_largest_bits(parts, clean_ks, map, len(ranges))
     assert calls == []
     both = select.kth_largest_bits(parts, [k_dirty, k_clean], map, len(ranges))
     assert set(calls) == {"collect_bins"} and dirty_only == [True] * len(ranges)
     monkeypatch.setenv("MMATH_FUSED", "0")
-    assert [Selection(*f) for f in clean] == kth_selects(values, [k_clean, n // 5], ranges=ranges)
+    assert [Selection(*f) for f in clean] == kth_selects(values, clean_ks, ranges=ranges)
+    assert clean[2][0] == 0.0 and all(t > 0 for t in clean[2][2][1:])
     slow = kth_selects(values, [k_dirty, k_clean], ranges=ranges)
     assert [Selection(*f) for f in both] == slow
     assert slow[0].threshold == top_dirty and all(t > 0 for t in slow[1].ties[1:])

@@ -41,7 +41,7 @@ Ranges = list[tuple[int, int]]
 class StoredMagnitude:
     """One input's |model - base| over a tensor, not materialised: per range of the merge
     (in order), the two stored arrays (numpy: bfloat16 bits as uint16, or float32) the
-    compiled selection computes each magnitude from (``kernels.select.magnitude_at``), as
+    compiled selection computes each magnitude from (``kernels.select_passes.magnitude_at``), as
     the fused kernels compute the delta. What the engine hands a TIES or Breadcrumbs
     ``prepare`` when it holds the tensor's inputs as read."""
 
