@@ -15,6 +15,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from mergekit_math.kernels.scalar import _f32_to_bits, load
+from mergekit_math.kernels.stats import source_size
 
 BINS = 1 << 16
 SHIFT = 15  # bits 30..15: exponent and the top 8 mantissa bits (bit 31, the sign, is 0)
@@ -47,18 +48,6 @@ def _part(src, start, end):  # noqa: ANN001, ANN202
     return lambda src, start, end: src[start:end]
 
 
-def size(src):  # noqa: ANN001, ANN201
-    """Elements of an array or of a pair (numba only)."""
-    raise NotImplementedError
-
-
-@overload(size, inline="always")
-def _size(src):  # noqa: ANN001, ANN202
-    if isinstance(src, types.BaseTuple):
-        return lambda src: src[0].shape[0]
-    return lambda src: src.shape[0]
-
-
 _BLOCK = 2048
 _LOW_MASK = np.uint32(LOW - 1)
 _NONFINITE = 0x7F800000 >> SHIFT  # the first bin of inf and NaN
@@ -74,7 +63,7 @@ _NONFINITE = 0x7F800000 >> SHIFT  # the first bin of inf and NaN
 def _block_bits(src, start, n, bits):  # noqa: ANN001, ANN202
     """Write the magnitude bits of block ``start`` of ``src`` into ``bits``; its length."""
     block = part(src, start, min(n, start + _BLOCK))
-    count = size(block)
+    count = source_size(block)
     for i in range(count):
         bits[i] = _f32_to_bits(magnitude_at(block, i))
     return count
@@ -107,7 +96,7 @@ def histogram(src, hist, found):  # noqa: ANN001, ANN201
     in 100): collected in the scatter loop they cost 0.25-0.4 ns per element, the second
     pass that counted them 0.85."""
     bits = np.empty(_BLOCK, np.uint32)
-    n = size(src)
+    n = source_size(src)
     signs = np.uint32(0)
     j = 0
     full = False
@@ -223,7 +212,7 @@ def histogram_low(src, bin_, hist):  # noqa: ANN001, ANN201
     them through ``hist[0]``; packing every sub-block cost 0.65 ns per element, this 0.3."""
     bits = np.empty(_BLOCK, np.uint32)
     packed = np.empty(_SUB, np.uint32)
-    n = size(src)
+    n = source_size(src)
     zeros = 0
     for start in range(0, n, _BLOCK):
         count = _block_bits(src, start, n, bits)
@@ -237,7 +226,7 @@ def histogram_low2(src, first, second, hist):  # noqa: ANN001, ANN201
     """:func:`histogram_low` of two bins at once, into the rows of ``hist`` (2 x 32768)."""
     bits = np.empty(_BLOCK, np.uint32)
     packed = np.empty(_SUB, np.uint32)
-    n = size(src)
+    n = source_size(src)
     zeros_first = 0
     zeros_second = 0
     for start in range(0, n, _BLOCK):
@@ -270,7 +259,7 @@ def collect_bins(src, first, second, third, out, dirty=False):  # noqa: ANN001, 
     bits = np.empty(_BLOCK, np.uint32)
     flags = np.zeros(_BLOCK, np.uint8)
     words = flags.view(np.uint64)
-    n = size(src)
+    n = source_size(src)
     j = 0
     for start in range(0, n, _BLOCK):
         count = _block_bits(src, start, n, bits)
