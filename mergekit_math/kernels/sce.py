@@ -15,6 +15,7 @@ from numba.extending import overload
 
 from mergekit_math.kernels.elementwise import _count_inputs
 from mergekit_math.kernels.scalar import _at, _f32_to_bits, load, sign_bit_one, step, store
+from mergekit_math.kernels.select_passes import BINS, SHIFT
 from mergekit_math.kernels.stats import _add, block_sum
 
 _ZERO = np.float32(0.0)
@@ -68,7 +69,7 @@ def variance_into(base, ms, out, hist):  # noqa: ANN001, ANN201
             nonzero += v != 0
             bad += not np.isfinite(v)
         for i in range(block.shape[0]):
-            hist[min(_f32_to_bits(block[i]) >> np.uint32(15), np.uint32(0xFFFF))] += 1
+            hist[min(_f32_to_bits(block[i]) >> np.uint32(SHIFT), np.uint32(BINS - 1))] += 1
     return nonzero, bad
 
 
