@@ -16,9 +16,9 @@ from conftest import load_dir, make_model, write_recipe
 
 from mergekit_math.io.reader import Checkpoint
 from mergekit_math.io.writer import HostPart
-from mergekit_math.merge import build_plan, execute
+from mergekit_math.merge import build_plan, execute, host
 from mergekit_math.merge.fused import FusedRange
-from mergekit_math.merge.host import runs_without_torch
+from mergekit_math.merge.host import prepares_with_torch, runs_on_numpy, runs_without_torch
 from mergekit_math.recipe import load_recipe
 
 _PARAMS = {
@@ -30,6 +30,8 @@ _PARAMS = {
     "della": "parameters: {weight: 1.0, density: 0.5, epsilon: 0.1}",
     "linear": "parameters: {weight: 0.6}",
     "ramplus_tl": "parameters: {}",
+    "sce": "parameters: {}",
+    "nuslerp": "parameters: {weight: 0.7}",
 }
 
 
@@ -53,14 +55,18 @@ def models(tmp_path_factory):
 
 
 def _recipe(tmp_path, models, method: str, extra: str = "") -> object:
-    params = _PARAMS[method]
+    if method == "arcee_fusion":  # one model besides the base
+        others = f"  - model: {models['a']}\n"
+    else:
+        params = _PARAMS[method]
+        others = f"  - model: {models['a']}\n    {params}\n  - model: {models['b']}\n    {params}\n"
     return write_recipe(
         tmp_path / f"{method}.yaml",
         f"merge_method: {method}\n"
         + ("" if method == "linear" else f"base_model: {models['base']}\n")
         + extra
         + "models:\n"
-        f"  - model: {models['a']}\n    {params}\n  - model: {models['b']}\n    {params}\n",
+        + others,
     )
 
 
@@ -80,6 +86,11 @@ def test_which_plans_run_without_torch(tmp_path, monkeypatch, models):
     for method in host:
         assert runs_without_torch(plan(method), "cpu"), method
     assert not runs_without_torch(plan("task_arithmetic"), "cuda")
+    # fused, but prepared with torch: on numpy arrays, torch imported in the background
+    for method in ("sce", "nuslerp", "arcee_fusion"):
+        assert not runs_without_torch(plan(method), "cpu"), method
+        assert runs_on_numpy(plan(method), "cpu") and prepares_with_torch(plan(method)), method
+    assert not prepares_with_torch(plan("della"))
     # L1 rescaling of DARE drops has no kernel: those tensors need the torch path
     assert not runs_without_torch(plan("dare_ties", "parameters: {rescale: l1}\n"), "cpu")
     monkeypatch.setenv("MMATH_TORCH", "1")
@@ -136,6 +147,92 @@ def test_cli_merge_never_imports_torch_and_writes_the_same_bytes(
     base = load_dir(models["base"])
     name = "model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(merged[name], base[name])
+
+
+_BACKGROUND_DRIVER = textwrap.dedent(
+    """
+    import json, os, sys
+    from mergekit_math.cli import main
+    from mergekit_math.merge import host
+    from mergekit_math.merge.fused import FusedRange
+    call = FusedRange.__call__
+    arrays = []
+    def watch(self, raw, start, states):
+        arrays.append(type(raw[0]).__name__)
+        return call(self, raw, start, states)
+    FusedRange.__call__ = watch
+    sys.argv = ["mmath", "merge", sys.argv[1], sys.argv[2], "--quiet"]
+    try:
+        main()
+    except SystemExit as exc:
+        assert not exc.code, exc.code
+    import torch
+    print(json.dumps({
+        "background": host._background is not None,
+        "alive": host._background is not None and host._background.is_alive(),
+        "arrays": sorted(set(arrays)),
+        "threads": torch.get_num_threads(),
+        "cpus": len(os.sched_getaffinity(0)),
+    }))
+    """
+)
+
+
+@pytest.mark.parametrize("method", ["sce", "nuslerp", "arcee_fusion"])
+def test_merge_prepared_with_torch_reads_numpy_and_imports_torch_meanwhile(
+    tmp_path, models, method
+):
+    """A plan whose tensors are all fused but whose preparation needs torch reads and merges
+    numpy arrays while torch is imported on a thread of its own; the files are the bytes of
+    the merge with torch (MMATH_TORCH=1), and torch's thread count is given back after."""
+    recipe = _recipe(tmp_path, models, method)
+    env = {"MMATH_FUSED": "1", "PYTHONPATH": str(__import__("pathlib").Path.cwd())}
+    got, report = {}, {}
+    for mode in ("0", "1"):
+        out = tmp_path / f"out{mode}"
+        run = subprocess.run(
+            [sys.executable, "-c", _BACKGROUND_DRIVER, str(recipe), str(out)],
+            capture_output=True,
+            text=True,
+            env={**__import__("os").environ, **env, "MMATH_TORCH": mode},
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr
+        report[mode] = json.loads(run.stdout.strip().splitlines()[-1])
+        got[mode] = _files(out)
+    assert got["0"] == got["1"]
+    assert report["0"]["background"] and not report["0"]["alive"]
+    assert report["0"]["arrays"] == ["ndarray"] and report["1"]["arrays"] == ["Tensor"]
+    assert not report["1"]["background"]
+    # the merge's workers ran torch on one thread each; the process has its count back
+    assert report["0"]["threads"] == report["0"]["cpus"]
+    base = load_dir(models["base"])
+    merged = load_dir(tmp_path / "out0")
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(merged[name], base[name])
+
+
+def test_imported_torch_is_none_while_a_background_import_runs(monkeypatch):
+    """While the background import runs, torch's half-made module is not handed out
+    (``imported_torch`` is None) and ``wait_for_torch`` waits for the thread to end."""
+    import threading
+
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait)
+    thread.start()
+    monkeypatch.setattr(host, "_background", thread)
+    try:
+        assert host.imported_torch() is None
+        assert not host.import_torch_in_background()  # one import at a time
+        waited = threading.Thread(target=host.wait_for_torch)
+        waited.start()
+        waited.join(0.2)
+        assert waited.is_alive()  # still waiting for the import thread
+    finally:
+        release.set()
+    waited.join(5)
+    assert not waited.is_alive()
+    assert host.imported_torch() is torch
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_linear"])

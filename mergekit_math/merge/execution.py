@@ -28,8 +28,12 @@ from mergekit_math.merge.fused import FusedRange
 from mergekit_math.merge.host import (
     default_threads,
     import_torch,
+    import_torch_in_background,
+    imported_torch,
     merged,
-    runs_without_torch,
+    prepares_with_torch,
+    restore_threads,
+    runs_on_numpy,
 )
 from mergekit_math.merge.host import one_intra_op_thread as _one_intra_op_thread
 from mergekit_math.merge.inputs import _item_inputs, _range_bytes
@@ -297,7 +301,7 @@ def _host_thread() -> None:
     """:func:`_one_intra_op_thread` where torch is imported; nothing in a merge on numpy
     arrays that has not imported it (a fallback that imports it sets one thread then,
     :func:`~mergekit_math.merge.host.as_torch`)."""
-    if "torch" in sys.modules:
+    if imported_torch() is not None:
         _one_intra_op_thread()
 
 
@@ -396,6 +400,8 @@ def stream_plan(
     pin = device.startswith("cuda")
     bar = byte_progress(plan.write_bytes, f"merge {plan.method.name}", progress)
     workers = threads or default_threads()
+    # a plan on numpy arrays whose preparation needs torch: imported while the merge starts
+    background = host and prepares_with_torch(plan) and import_torch_in_background()
     prefetch = Prefetcher(_units(plan, device, chunk, pin, host), io_budget, _host_thread)
     writes = WriterThread(
         lambda part, name, last: sink.write_part(name, part, last), io_budget, init=_host_thread
@@ -425,6 +431,8 @@ def stream_plan(
         prefetch.close()
         bar.close()
         _close_inputs(plan)
+        if background:
+            restore_threads(workers)
 
 
 def execute(
@@ -480,7 +488,7 @@ def execute(
             threads=threads,
             strict_finite=strict_finite,
             warn=warn,
-            host=also is None and runs_without_torch(plan, device),
+            host=also is None and runs_on_numpy(plan, device),
         )
         write_model_files(plan, tmp)
     return out_dir.absolute()

@@ -13,6 +13,11 @@ TinyLlama-sized merge on this machine; the fused kernels take numpy arrays anywa
   (zero-copy), where a kernel declines after all and the torch path runs.
 - :func:`import_torch`: the merge's one way of importing torch (the collector paused, the
   objects frozen), with the thread count asked for by :func:`set_threads`.
+- :func:`import_torch_in_background`: for a plan whose tensors are all fused but whose
+  preparation needs torch somewhere (``prepares_with_torch``: SCE's and the SLERP family's
+  small tensors, Arcee Fusion's softmaxes), the merge still runs on numpy arrays and torch
+  is imported on a thread of its own while the first tensors are read and merged; code that
+  uses torch meanwhile waits for it at its ``import torch`` (Python's module lock).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 from mergekit_math.io.input_file import NUMPY_VIEWS
@@ -51,6 +57,7 @@ def as_torch(array: Any, dtype: str) -> torch.Tensor:
     """A range read into numpy as a tensor of its stored ``dtype`` sharing the memory. The
     first call of a merge without torch imports it, with one intra-op thread per thread as
     a merge with torch has (its threads started without torch)."""
+    wait_for_torch()
     if "torch" not in sys.modules:
         import_torch()
         one_intra_op_thread()
@@ -60,10 +67,25 @@ def as_torch(array: Any, dtype: str) -> torch.Tensor:
 
 
 def runs_without_torch(plan: Plan, device: str) -> bool:
-    """Whether the whole plan runs on numpy arrays: on the CPU with the compiled kernels,
-    inputs in safetensors files, and every item a copy of a tensor or fused with its
-    method's kernel on chunks, prepared (if at all) without torch (``Chunking.host``). A
-    kernel that still declines a range imports torch there (:func:`as_torch`)."""
+    """Whether the whole plan runs on numpy arrays and never needs torch: it
+    :func:`runs_on_numpy`, and its method prepares its tensors (if at all) without torch
+    (``Chunking.host``). A kernel that still declines a range imports torch there
+    (:func:`as_torch`)."""
+    return runs_on_numpy(plan, device) and not prepares_with_torch(plan)
+
+
+def prepares_with_torch(plan: Plan) -> bool:
+    """Whether the plan's method prepares its tensors with torch (``Chunking.prepare``
+    without ``host``)."""
+    chunking = plan.method.chunking
+    return chunking is not None and chunking.prepare is not None and not chunking.host
+
+
+def runs_on_numpy(plan: Plan, device: str) -> bool:
+    """Whether the plan reads, merges and writes numpy arrays: on the CPU with the compiled
+    kernels, inputs in safetensors files, and every item a copy of a tensor or fused with
+    its method's kernel on chunks. Its preparations may still need torch
+    (:func:`prepares_with_torch`: then imported in the background)."""
     from mergekit_math import kernels
 
     if os.environ.get("MMATH_TORCH") == "1" or device != "cpu":
@@ -83,8 +105,6 @@ def runs_without_torch(plan: Plan, device: str) -> bool:
             return False
         if chunking is None or not method.chunkable(item.shared, item.params):
             return False
-        if chunking.prepare is not None and not chunking.host:
-            return False
     return True
 
 
@@ -98,8 +118,9 @@ def set_threads(threads: int | None) -> None:
     number of worker threads of a merge without torch."""
     global _threads
     _threads = threads
-    if threads is not None and "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(threads)
+    torch = imported_torch()
+    if threads is not None and torch is not None:
+        torch.set_num_threads(threads)
 
 
 def default_threads() -> int:
@@ -107,8 +128,9 @@ def default_threads() -> int:
     torch's where it is imported, else the CPUs this process may run on (torch's default)."""
     if _threads is not None:
         return _threads
-    if "torch" in sys.modules:
-        return sys.modules["torch"].get_num_threads()
+    torch = imported_torch()
+    if torch is not None:
+        return torch.get_num_threads()
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -139,6 +161,7 @@ def import_torch() -> None:
     full collection after (about 0.25 s). Nothing is done where torch is already imported
     (a long-lived process, the tests): there the heap holds more than start-up objects."""
     global _imported
+    wait_for_torch()
     if "torch" in sys.modules:
         return
     enabled = gc.isenabled()
@@ -152,3 +175,57 @@ def import_torch() -> None:
     _imported = True
     if _threads is not None:
         torch.set_num_threads(_threads)
+
+
+_background: threading.Thread | None = None
+
+
+def import_torch_in_background() -> bool:
+    """Start :func:`import_torch` on a thread of its own, then set torch's intra-op thread
+    count to 1 (the merge's worker threads, whose parallelism is their number, take it at
+    their first torch op; :func:`restore_threads` gives it back after the merge). Returns
+    whether an import started (not where torch is imported or being imported).
+
+    The import holds the interpreter lock for most of its ~1 s, but the merge's reader and
+    compiled kernels run without it, so it overlaps the first tensors' reads and passes. A
+    failed import is left to fail again, with its error, where torch is first used."""
+    global _background
+    if "torch" in sys.modules or (_background is not None and _background.is_alive()):
+        return False
+
+    def run() -> None:
+        try:
+            import_torch()
+            sys.modules["torch"].set_num_threads(1)
+        except BaseException:  # noqa: BLE001 (re-raised by the next import, where used)
+            pass
+
+    _background = threading.Thread(target=run, name="mmath-import-torch", daemon=True)
+    _background.start()
+    return True
+
+
+def wait_for_torch() -> None:
+    """Wait for a background import of torch to finish (none: return at once)."""
+    thread = _background
+    if thread is not None and thread is not threading.current_thread():
+        thread.join()
+
+
+def imported_torch() -> Any:
+    """The torch module where it is imported; None where it is not, or while a background
+    import of it is under way (the module is then in ``sys.modules`` half made)."""
+    thread = _background
+    if thread is not None and thread.is_alive():
+        return None
+    return sys.modules.get("torch")
+
+
+def restore_threads(threads: int) -> None:
+    """After a merge that imported torch in the background: the calling thread's (and new
+    threads') intra-op count back to ``threads`` (:func:`import_torch_in_background` set 1
+    for the merge's workers)."""
+    wait_for_torch()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)

@@ -4,11 +4,11 @@ the reused scratch buffer, and runs its passes on the engine's worker threads.""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from mergekit_math.merge.fused import FusedRange
+from mergekit_math.merge.host import imported_torch
 from mergekit_math.merge.ranges import (
     _buffer,
     _in_worker,
@@ -101,8 +101,8 @@ def _prepare_states(
     # the elements) runs on one thread: OpenMP fan-out of it next to the reader, the writer
     # and other processes costs more than it gains (5-10x on a busy 2-core machine). A merge
     # on numpy arrays (``run.host``) may not have imported torch: its passes are compiled.
-    torch = sys.modules.get("torch")
-    if torch is None:
+    torch = imported_torch()
+    if torch is None:  # not imported, or imported in the background (1 thread, see there)
         return chunking.prepare(prepare_inputs)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

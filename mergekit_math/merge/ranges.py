@@ -5,7 +5,6 @@ ranges (:class:`_Run`, the reused scratch buffer, the worker-thread wrapper)."""
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from mergekit_math.io.input_file import NUMPY_VIEWS
 from mergekit_math.io.reader import ITEMSIZE
 from mergekit_math.merge.finite import FiniteCheck
+from mergekit_math.merge.host import imported_torch
 from mergekit_math.merge.inputs import _item_inputs
 from mergekit_math.merge.types import Plan, PlanItem
 from mergekit_math.pipeline import Prefetcher
@@ -214,8 +214,8 @@ def _buffer(run: _Run | None, key: str, numel: int, dtype: Any) -> Any:
 
 def _in_worker(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` on a worker thread, in torch's inference mode where torch is imported
-    (a merge on numpy arrays may never import it)."""
-    torch = sys.modules.get("torch")
+    (a merge on numpy arrays may never import it, or be importing it)."""
+    torch = imported_torch()
     if torch is None:
         return fn(*args)
     with torch.inference_mode():
