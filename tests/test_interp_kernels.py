@@ -377,3 +377,71 @@ def test_chunked_karcher_of_opposite_inputs_keeps_the_first_direction(
         assert torch.equal(outs["1"][name].view(torch.int32), want.view(torch.int32)), name
         if max_iter == 0:
             torch.testing.assert_close(want, ref[name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_importances_histogram_as_made_and_flag_nonfinite_and_negative(dtype):
+    """Arcee Fusion's importances |m - b|·KL_row are torch's float32 steps; their top-16-bit
+    histogram is added as rows are made (the quartile selection's first pass); bit 0 of the
+    result flags a non-finite importance, bit 1 a negative one (a KL rounded below 0)."""
+    from mergekit_math.kernels.fusion import importances
+    from mergekit_math.kernels.select import BINS, SHIFT
+
+    row, rows = 300, 7
+    base, model = _pair(row * rows, dtype, 3)
+    kl = torch.rand(rows) * 1e-3
+    negative = kl.clone().index_fill_(0, torch.tensor([4]), -1e-9)
+    infinite = kl.clone().index_fill_(0, torch.tensor([2]), float("inf"))
+    cases = {0: kl, 2: negative, 1: infinite}
+    for want, k in cases.items():
+        ref = (model.float() - base.float()).abs().reshape(rows, row) * k[:, None]
+        if want == 1:  # inf, and NaN where m == b (0·inf: x86's NaN has its sign bit set)
+            want |= 2 * bool((ref.view(torch.int32) < 0).any())
+        out = np.empty(row * rows, np.float32)
+        hist = np.full(BINS, 3, np.int32)  # added to, not overwritten
+        b, m = _as_numpy(base), _as_numpy(model)
+        got = importances(b, m, k.numpy(), row, out, hist)
+        assert got == want
+        assert torch.equal(
+            torch.from_numpy(out).view(torch.int32), ref.reshape(-1).view(torch.int32)
+        )
+        bins = np.minimum(out.view(np.uint32) >> SHIFT, BINS - 1)
+        assert np.array_equal(hist - 3, np.bincount(bins, minlength=BINS))
+
+
+def test_chunked_arcee_fusion_with_a_kl_below_zero_selects_signed_importances(
+    tmp_path, monkeypatch, wide_zoo
+):
+    """A row whose KL rounds below zero makes its importances negative: the preparation
+    then selects the quartiles among signed values (not from its histogram of bits), and the
+    chunked merge still gives the whole-tensor path's bits."""
+    from conftest import load_dir, write_recipe
+
+    from mergekit_math.merge import build_plan, execute
+    from mergekit_math.methods import arcee_fusion
+    from mergekit_math.recipe import load_recipe
+
+    row_kl = arcee_fusion.row_kl
+
+    def shifted(model, base):  # the KLs with an odd last bit below zero (about half)
+        kl = row_kl(model, base)
+        odd = (kl.view(torch.int32) & 1) == 1
+        kl[odd] = -kl[odd] - 1e-9
+        return kl
+
+    monkeypatch.setattr(arcee_fusion, "row_kl", shifted)
+    models = wide_zoo["bfloat16"]
+    text = _recipe("arcee_fusion", models, "bfloat16")
+    recipe = write_recipe(tmp_path / "r.yaml", text)
+    outs = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("MMATH_FUSED", mode)
+        plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
+        execute(plan, tmp_path / mode, progress=False, chunk_elements=5000)
+        outs[mode] = load_dir(tmp_path / mode)
+    base = load_dir(models["base"])
+    changed = 0
+    for name, ref in outs["0"].items():
+        assert torch.equal(outs["1"][name].view(torch.int16), ref.view(torch.int16)), name
+        changed += int((ref != base[name]).sum())
+    assert changed  # some changes were taken

@@ -1,7 +1,7 @@
 """Arcee Fusion's chunk kernel: ``out = base + (m − base)·[|m − base|·KL_row ≥ τ]`` over
 chunks of whole rows, in the float32 steps of ``methods/arcee_fusion.py`` (the row's KL and
 the threshold τ come from the preparation), and the preparation's importances
-``|m − base|·KL_row`` (:func:`importances`)."""
+``|m − base|·KL_row`` with their histogram (:func:`importances`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from numba import njit
 
 from mergekit_math.kernels.elementwise import _count_inputs
 from mergekit_math.kernels.scalar import _f32_to_bits, load, store
+from mergekit_math.kernels.select_passes import BINS, SHIFT
 
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
@@ -44,24 +45,32 @@ def fusion(base, m, kl, row, tau, out, bad):  # noqa: ANN001, ANN201
 
 
 @njit(error_model="numpy")
-def _importance_row(base, m, k, out):  # noqa: ANN001, ANN202
-    """One row's importances; whether one of them is NaN or inf (exponent bits all set)."""
-    bad = np.uint32(0)
+def _importance_row(base, m, k, out, hist):  # noqa: ANN001, ANN202
+    """One row's importances, then their top-16-bit bins added to ``hist`` while the row is
+    in cache; bit 0 of the result: one of them is NaN or inf (exponent bits all set), bit 1:
+    one has its sign bit set (a KL rounded below zero)."""
+    flags = np.uint32(0)
     for i in range(out.shape[0]):
         x = abs(load(m, i) - load(base, i)) * k
         out[i] = x
-        bad |= np.uint32((_f32_to_bits(x) & _EXP) == _EXP)
-    return bad
+        bits = _f32_to_bits(x)
+        flags |= np.uint32((bits & _EXP) == _EXP) | ((bits >> np.uint32(30)) & np.uint32(2))
+    for i in range(out.shape[0]):
+        hist[min(_f32_to_bits(out[i]) >> np.uint32(SHIFT), np.uint32(BINS - 1))] += 1
+    return flags
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def importances(base, m, kl, row, out):  # noqa: ANN001, ANN201
+def importances(base, m, kl, row, out, hist):  # noqa: ANN001, ANN201
     """``out = |m − base|·KL_row`` (float32, torch's ``(m - b).abs_()`` times the row's KL)
-    for a chunk of whole rows; True when every importance is finite (then so are base and
-    model). One vectorised pass, where torch's subtract, abs, multiply and
-    ``isfinite(...).all()`` took four (that check alone 4.2 ns per entry)."""
-    bad = np.uint32(0)
+    for a chunk of whole rows, their top-16-bit histogram added to ``hist`` (the quartile
+    selection's first pass, :func:`~mergekit_math.kernels.select.kth_largest_bits_from`);
+    returns bit 0 set where some importance is not finite (then base or model is not),
+    bit 1 where some is negative (both: the histogram is not the selection's). One pass
+    per row, where torch's subtract, abs, multiply and ``isfinite(...).all()`` took four
+    (that check alone 4.2 ns per entry) and the histogram read the importances again."""
+    flags = np.uint32(0)
     for r in range(out.shape[0] // row):
         cut = slice(r * row, (r + 1) * row)
-        bad |= _importance_row(base[cut], m[cut], kl[r], out[cut])
-    return bad == 0
+        flags |= _importance_row(base[cut], m[cut], kl[r], out[cut], hist)
+    return flags

@@ -155,6 +155,7 @@ def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -
     import torch
 
     from mergekit_math.kernels.fusion import importances
+    from mergekit_math.kernels.select import BINS, kth_largest_bits_from
     from mergekit_math.methods import statistics
 
     assert inputs.held is not None
@@ -163,25 +164,34 @@ def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -
     row = row_length(inputs.shape)
     importance = inputs.buffer("arcee_fusion.importance", inputs.numel, np.float32)
 
-    def one(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> tuple[Any, bool]:
+    def one(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> tuple[Any, int, Any]:
         (start, end), (base, models) = job
         b = statistics.as_float32(base).reshape(-1, row)
         m = statistics.as_float32(models[0]).reshape(-1, row)
         kl = row_kl(m, b).reshape(-1).numpy()
         del b, m
-        # |m - b|·KL in torch's float32 steps, and whether all are finite, in one pass
-        return kl, importances(base, models[0], kl, row, importance[start:end])
+        # |m - b|·KL in torch's float32 steps, whether all are finite and none negative, and
+        # the selection's first pass, in one pass per row
+        hist = np.zeros(BINS, np.int32)
+        flags = importances(base, models[0], kl, row, importance[start:end], hist)
+        return kl, flags, hist
 
     done = list(inputs.map(one, zip(inputs.ranges, inputs.held)))
     values = torch.from_numpy(importance)
-    if all(finite for _, finite in done):
-        ks = [inputs.numel - i for i in quartile_indices(inputs.numel)]
+    finite = not any(flags & 1 for _, flags, _ in done)
+    ks = [inputs.numel - i for i in quartile_indices(inputs.numel)]
+    if finite and not any(flags & 2 for _, flags, _ in done):
+        parts = [(r, importance[start:end]) for r, (start, end) in enumerate(inputs.ranges)]
+        hists = [hist for _, _, hist in done]
+        found = kth_largest_bits_from(parts, hists, ks, inputs.map, len(parts))
+        threshold = _fence([f[0] for f in found], torch.float32)
+    elif finite:  # a KL rounded below zero: the selection of signed values
         found = kth_selects(values, ks, inputs.map, compiled=True, ranges=inputs.ranges)
         threshold = _fence([f.threshold for f in found], torch.float32)
     else:  # NaN or inf: the selection's order of them is torch's
         threshold = fusion_threshold(values)
-    kl = {start: k for (start, _), (k, _) in zip(inputs.ranges, done)}
-    return [FusionState(kl, threshold, all(finite for _, finite in done))]
+    kl = {start: k for (start, _), (k, _, _) in zip(inputs.ranges, done)}
+    return [FusionState(kl, threshold, finite)]
 
 
 def fusion_fused(inputs: FusedInputs[ArceeFusionShared, ArceeFusionModel]) -> bool:
