@@ -423,8 +423,8 @@ def test_chunked_arcee_fusion_with_a_kl_below_zero_selects_signed_importances(
 
     row_kl = arcee_fusion.row_kl
 
-    def shifted(model, base):  # the KLs with an odd last bit below zero (about half)
-        kl = row_kl(model, base)
+    def shifted(model, base, compiled=False):  # KLs with an odd last bit below zero (half)
+        kl = row_kl(model, base, compiled)
         odd = (kl.view(torch.int32) & 1) == 1
         kl[odd] = -kl[odd] - 1e-9
         return kl
@@ -445,3 +445,20 @@ def test_chunked_arcee_fusion_with_a_kl_below_zero_selects_signed_importances(
         assert torch.equal(outs["1"][name].view(torch.int16), ref.view(torch.int16)), name
         changed += int((ref != base[name]).sum())
     assert changed  # some changes were taken
+
+
+@pytest.mark.parametrize("shape", [(7, 300), (3, 40000), (1, 5)])
+def test_compiled_row_kl_is_the_torch_steps(shape):
+    """``row_kl(..., compiled=True)`` (the ε-smoothing and the division in one compiled pass)
+    gives the KLs of torch's steps bit for bit, rows longer than 32768 included, and with
+    probabilities that underflow (a row with one huge logit)."""
+    from mergekit_math.methods.arcee_fusion import row_kl
+
+    g = torch.Generator().manual_seed(sum(shape))
+    base = torch.randn(shape, generator=g)
+    model = base + 0.05 * torch.randn(shape, generator=g)
+    model[0, 0] = 80.0  # softmax underflows to 0 elsewhere in the row: p + ε, q + ε matter
+    want = row_kl(model, base)
+    got = row_kl(model, base, compiled=True)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert bool((want != 0).all())

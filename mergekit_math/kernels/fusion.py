@@ -74,3 +74,14 @@ def importances(base, m, kl, row, out, hist):  # noqa: ANN001, ANN201
         cut = slice(r * row, (r + 1) * row)
         flags |= _importance_row(base[cut], m[cut], kl[r], out[cut], hist)
     return flags
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def smoothed_ratio(p, q, eps):  # noqa: ANN001, ANN201
+    """``p += ε`` and ``q = p / (q + ε)``, in place (float32 arrays of one length; ``eps``
+    float32): torch's ``add_`` of the Python float (its float32 value, one rounding) and its
+    ``div``, in one vectorised pass instead of three."""
+    for i in range(p.shape[0]):
+        pe = p[i] + eps
+        p[i] = pe
+        q[i] = pe / (q[i] + eps)

@@ -62,17 +62,29 @@ class ArceeFusionModel(Params):
     pass
 
 
-def row_kl(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+def row_kl(model: torch.Tensor, base: torch.Tensor, compiled: bool = False) -> torch.Tensor:
     """KL(softmax(model) ‖ softmax(base)) over the last dimension, ε-smoothed, keeping that
     dimension (size 1) so it broadcasts over the row.
 
     The operations are mergekit's, in its order, so rows match it bit for bit; rows longer
-    than 32768 are summed with :func:`reduce_sum` (thread-count independent)."""
+    than 32768 are summed with :func:`reduce_sum` (thread-count independent). ``compiled``
+    (contiguous CPU float32 inputs): the two ``+ ε`` and the division in one compiled pass
+    (:func:`~mergekit_math.kernels.fusion.smoothed_ratio`, the same float32 steps), where
+    torch took three."""
     import torch
 
-    p = torch.softmax(model, dim=-1).add_(EPS)
-    q = torch.softmax(base, dim=-1).add_(EPS)
-    terms = torch.div(p, q, out=q).log_().mul_(p)  # p · log(p / q), reusing q's storage
+    p = torch.softmax(model, dim=-1)
+    q = torch.softmax(base, dim=-1)
+    if compiled:
+        import numpy as np
+
+        from mergekit_math.kernels.fusion import smoothed_ratio
+
+        smoothed_ratio(p.reshape(-1).numpy(), q.reshape(-1).numpy(), np.float32(EPS))
+    else:
+        p.add_(EPS)
+        torch.div(p, q.add_(EPS), out=q)
+    terms = q.log_().mul_(p)  # p · log(p / q), in q's storage
     del p
     return reduce_sum(terms, dim=-1).unsqueeze(-1)
 
@@ -168,7 +180,7 @@ def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -
         (start, end), (base, models) = job
         b = statistics.as_float32(base).reshape(-1, row)
         m = statistics.as_float32(models[0]).reshape(-1, row)
-        kl = row_kl(m, b).reshape(-1).numpy()
+        kl = row_kl(m, b, compiled=True).reshape(-1).numpy()
         del b, m
         # |m - b|·KL in torch's float32 steps, whether all are finite and none negative, and
         # the selection's first pass, in one pass per row
