@@ -100,6 +100,24 @@ def test_which_plans_run_without_torch(tmp_path, monkeypatch, models):
     assert not runs_without_torch(plan("task_arithmetic"), "cpu")
 
 
+def _run_driver(driver: str, recipe, out, mode: str) -> subprocess.CompletedProcess:
+    """``driver`` (a script merging ``recipe`` into ``out``) in a fresh interpreter, with
+    the kernels on and ``MMATH_TORCH=mode``; it must succeed."""
+    import os
+    from pathlib import Path
+
+    env = {**os.environ, "MMATH_FUSED": "1", "PYTHONPATH": str(Path.cwd()), "MMATH_TORCH": mode}
+    run = subprocess.run(
+        [sys.executable, "-c", driver, str(recipe), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    return run
+
+
 _DRIVER = textwrap.dedent(
     """
     import json, sys
@@ -124,18 +142,10 @@ def test_cli_merge_never_imports_torch_and_writes_the_same_bytes(
     """`mmath merge` of such a plan runs without importing torch, and its files are the
     bytes of the same merge with torch (MMATH_TORCH=1), the copied int64 tensor included."""
     recipe = _recipe(tmp_path, models, method)
-    env = {"MMATH_FUSED": "1", "PYTHONPATH": str(__import__("pathlib").Path.cwd())}
     got = {}
     for mode in ("0", "1"):
         out = tmp_path / f"out{mode}"
-        run = subprocess.run(
-            [sys.executable, "-c", _DRIVER, str(recipe), str(out)],
-            capture_output=True,
-            text=True,
-            env={**__import__("os").environ, **env, "MMATH_TORCH": mode},
-            timeout=300,
-        )
-        assert run.returncode == 0, run.stderr
+        run = _run_driver(_DRIVER, recipe, out, mode)
         # either way the exit skips the final collections (cli.startup.freeze_for_exit)
         want = {"torch": mode == "1", "freeze": True}
         assert json.loads(run.stdout.strip().splitlines()[-1]) == want
@@ -186,18 +196,10 @@ def test_merge_prepared_with_torch_reads_numpy_and_imports_torch_meanwhile(
     numpy arrays while torch is imported on a thread of its own; the files are the bytes of
     the merge with torch (MMATH_TORCH=1), and torch's thread count is given back after."""
     recipe = _recipe(tmp_path, models, method)
-    env = {"MMATH_FUSED": "1", "PYTHONPATH": str(__import__("pathlib").Path.cwd())}
     got, report = {}, {}
     for mode in ("0", "1"):
         out = tmp_path / f"out{mode}"
-        run = subprocess.run(
-            [sys.executable, "-c", _BACKGROUND_DRIVER, str(recipe), str(out)],
-            capture_output=True,
-            text=True,
-            env={**__import__("os").environ, **env, "MMATH_TORCH": mode},
-            timeout=300,
-        )
-        assert run.returncode == 0, run.stderr
+        run = _run_driver(_BACKGROUND_DRIVER, recipe, out, mode)
         report[mode] = json.loads(run.stdout.strip().splitlines()[-1])
         got[mode] = _files(out)
     assert got["0"] == got["1"]

@@ -340,6 +340,23 @@ def test_chunked_interpolations_equal_the_whole_tensor_path(
         ), name
 
 
+def _fused_and_whole(tmp_path, monkeypatch, recipe) -> dict:
+    """The merge of ``recipe`` with the kernels ("1": in chunks of 5000 elements) and without
+    ("0": the whole-tensor torch path), each output's tensors."""
+    from conftest import load_dir
+
+    from mergekit_math.merge import build_plan, execute
+    from mergekit_math.recipe import load_recipe
+
+    outs = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("MMATH_FUSED", mode)
+        plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
+        execute(plan, tmp_path / mode, progress=False, chunk_elements=5000)
+        outs[mode] = load_dir(tmp_path / mode)
+    return outs
+
+
 @pytest.mark.parametrize("max_iter", [0, 3])
 def test_chunked_karcher_of_opposite_inputs_keeps_the_first_direction(
     tmp_path, monkeypatch, wide_zoo, max_iter
@@ -352,9 +369,6 @@ def test_chunked_karcher_of_opposite_inputs_keeps_the_first_direction(
     from conftest import load_dir, write_recipe
     from safetensors.torch import load_file, save_file
 
-    from mergekit_math.merge import build_plan, execute
-    from mergekit_math.recipe import load_recipe
-
     x = wide_zoo["float32"]["base"]
     negated = tmp_path / "negated"
     shutil.copytree(x, negated)
@@ -365,13 +379,7 @@ def test_chunked_karcher_of_opposite_inputs_keeps_the_first_direction(
         f"merge_method: karcher\ndtype: float32\nparameters: {{max_iter: {max_iter}}}\n"
         f"models:\n  - model: {x}\n  - model: {negated}\n"
     )
-    recipe = write_recipe(tmp_path / "r.yaml", text)
-    outs = {}
-    for mode in ("1", "0"):
-        monkeypatch.setenv("MMATH_FUSED", mode)
-        plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
-        execute(plan, tmp_path / mode, progress=False, chunk_elements=5000)
-        outs[mode] = load_dir(tmp_path / mode)
+    outs = _fused_and_whole(tmp_path, monkeypatch, write_recipe(tmp_path / "r.yaml", text))
     ref = load_dir(x)
     for name, want in outs["0"].items():
         assert torch.equal(outs["1"][name].view(torch.int32), want.view(torch.int32)), name
@@ -417,9 +425,7 @@ def test_chunked_arcee_fusion_with_a_kl_below_zero_selects_signed_importances(
     chunked merge still gives the whole-tensor path's bits."""
     from conftest import load_dir, write_recipe
 
-    from mergekit_math.merge import build_plan, execute
     from mergekit_math.methods import arcee_fusion
-    from mergekit_math.recipe import load_recipe
 
     row_kl = arcee_fusion.row_kl
 
@@ -432,13 +438,7 @@ def test_chunked_arcee_fusion_with_a_kl_below_zero_selects_signed_importances(
     monkeypatch.setattr(arcee_fusion, "row_kl", shifted)
     models = wide_zoo["bfloat16"]
     text = _recipe("arcee_fusion", models, "bfloat16")
-    recipe = write_recipe(tmp_path / "r.yaml", text)
-    outs = {}
-    for mode in ("1", "0"):
-        monkeypatch.setenv("MMATH_FUSED", mode)
-        plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
-        execute(plan, tmp_path / mode, progress=False, chunk_elements=5000)
-        outs[mode] = load_dir(tmp_path / mode)
+    outs = _fused_and_whole(tmp_path, monkeypatch, write_recipe(tmp_path / "r.yaml", text))
     base = load_dir(models["base"])
     changed = 0
     for name, ref in outs["0"].items():
