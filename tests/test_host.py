@@ -237,6 +237,33 @@ def test_imported_torch_is_none_while_a_background_import_runs(monkeypatch):
     assert host.imported_torch() is torch
 
 
+_DECLINING_DRIVER = textwrap.dedent(
+    """
+    import json, os, sys
+    from mergekit_math.merge import build_plan, execute
+    from mergekit_math.merge.fused import FusedRange
+    from mergekit_math.recipe import load_recipe
+    call = FusedRange.__call__
+    def sometimes(self, raw, start, states):
+        return None if (start // 1500) % 3 == 1 else call(self, raw, start, states)
+    FusedRange.__call__ = sometimes
+    execute(build_plan(load_recipe(sys.argv[1])), sys.argv[2], progress=False,
+            chunk_elements=1500)
+    import torch
+    print(json.dumps({"threads": torch.get_num_threads(),
+                      "cpus": len(os.sched_getaffinity(0))}))
+    """
+)
+
+
+def test_torch_imported_for_declined_ranges_gives_its_thread_count_back(tmp_path, models):
+    """A merge on numpy arrays whose kernel declines some ranges imports torch there, with
+    one intra-op thread per worker; after the merge the process has its count back."""
+    run = _run_driver(_DECLINING_DRIVER, _recipe(tmp_path, models, "ties"), tmp_path / "o", "0")
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["threads"] == report["cpus"]
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_linear"])
 def test_declined_ranges_fall_back_to_torch(tmp_path, monkeypatch, models, method):
     """A kernel that declines some ranges of a merge on numpy arrays: those ranges go

@@ -385,8 +385,11 @@ def stream_plan(
     """Compute every output tensor of the plan into ``sink`` (see :func:`execute` for the
     options): the one merge loop, whatever receives its bytes. The sink is closed at the
     end, or aborted on failure. With ``host`` (a plan :func:`~mergekit_math.merge.host.
-    runs_without_torch` accepts, a sink that takes :class:`HostPart`s) the inputs are read
-    into numpy arrays and torch is not imported."""
+    runs_on_numpy` accepts, a sink that takes :class:`HostPart`s) the inputs are read into
+    numpy arrays and torch is imported only where needed: on a thread of its own from the
+    start where the method's preparation needs it, else where a kernel declines a range;
+    either way its thread count is given back afterwards."""
+    imported_before = "torch" in sys.modules
     if not host:
         import_torch()
     torch = sys.modules.get("torch")
@@ -401,7 +404,8 @@ def stream_plan(
     bar = byte_progress(plan.write_bytes, f"merge {plan.method.name}", progress)
     workers = threads or default_threads()
     # a plan on numpy arrays whose preparation needs torch: imported while the merge starts
-    background = host and prepares_with_torch(plan) and import_torch_in_background()
+    if host and prepares_with_torch(plan):
+        import_torch_in_background()
     prefetch = Prefetcher(_units(plan, device, chunk, pin, host), io_budget, _host_thread)
     writes = WriterThread(
         lambda part, name, last: sink.write_part(name, part, last), io_budget, init=_host_thread
@@ -431,8 +435,8 @@ def stream_plan(
         prefetch.close()
         bar.close()
         _close_inputs(plan)
-        if background:
-            restore_threads(workers)
+        if host and not imported_before and "torch" in sys.modules:
+            restore_threads(workers)  # its workers ran torch on one thread each
 
 
 def execute(

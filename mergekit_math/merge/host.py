@@ -213,18 +213,25 @@ def wait_for_torch() -> None:
 
 
 def imported_torch() -> Any:
-    """The torch module where it is imported; None where it is not, or while a background
-    import of it is under way (the module is then in ``sys.modules`` half made)."""
+    """The torch module where it is imported; None where it is not, or while an import of
+    it is under way on some thread (the module is then in ``sys.modules`` half made: a
+    background import, or a kernel's fallback importing it on one worker while another
+    looks), or while a background import has not yet set its thread count."""
+    module = sys.modules.get("torch")
+    # importlib's own test for a module being executed (``_find_and_load``)
+    if module is None or getattr(getattr(module, "__spec__", None), "_initializing", False):
+        return None
     thread = _background
     if thread is not None and thread.is_alive():
         return None
-    return sys.modules.get("torch")
+    return module
 
 
 def restore_threads(threads: int) -> None:
-    """After a merge that imported torch in the background: the calling thread's (and new
-    threads') intra-op count back to ``threads`` (:func:`import_torch_in_background` set 1
-    for the merge's workers)."""
+    """After a merge on numpy arrays that imported torch (in the background, or where a
+    kernel declined a range): the calling thread's (and new threads') intra-op count back to
+    ``threads`` (:func:`import_torch_in_background` and :func:`as_torch` set 1 for the
+    merge's workers)."""
     wait_for_torch()
     torch = sys.modules.get("torch")
     if torch is not None:
