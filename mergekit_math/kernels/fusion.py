@@ -10,7 +10,7 @@ from numba import njit
 
 from mergekit_math.kernels.elementwise import _count_inputs
 from mergekit_math.kernels.scalar import _f32_to_bits, load, store
-from mergekit_math.kernels.select_passes import BINS, SHIFT
+from mergekit_math.kernels.select_passes import add_bins
 
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
@@ -55,8 +55,7 @@ def _importance_row(base, m, k, out, hist):  # noqa: ANN001, ANN202
         out[i] = x
         bits = _f32_to_bits(x)
         flags |= np.uint32((bits & _EXP) == _EXP) | ((bits >> np.uint32(30)) & np.uint32(2))
-    for i in range(out.shape[0]):
-        hist[min(_f32_to_bits(out[i]) >> np.uint32(SHIFT), np.uint32(BINS - 1))] += 1
+    add_bins(out, hist)
     return flags
 
 

@@ -14,8 +14,8 @@ from numba import njit, types
 from numba.extending import overload
 
 from mergekit_math.kernels.elementwise import _count_inputs
-from mergekit_math.kernels.scalar import _at, _f32_to_bits, load, sign_bit_one, step, store
-from mergekit_math.kernels.select_passes import BINS, SHIFT
+from mergekit_math.kernels.scalar import _at, load, sign_bit_one, step, store
+from mergekit_math.kernels.select_passes import add_bins
 from mergekit_math.kernels.stats import _add, block_sum
 
 _ZERO = np.float32(0.0)
@@ -68,8 +68,7 @@ def variance_into(base, ms, out, hist):  # noqa: ANN001, ANN201
             block[i] = v
             nonzero += v != 0
             bad += not np.isfinite(v)
-        for i in range(block.shape[0]):
-            hist[min(_f32_to_bits(block[i]) >> np.uint32(SHIFT), np.uint32(BINS - 1))] += 1
+        add_bins(block, hist)
     return nonzero, bad
 
 

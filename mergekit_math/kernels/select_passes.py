@@ -70,6 +70,17 @@ def _block_bits(src, start, n, bits):  # noqa: ANN001, ANN202
 
 
 @njit(inline="always")
+def add_bins(values, hist):  # noqa: ANN001, ANN201
+    """Add the top-16-bit bins of the float32 ``values`` to ``hist``: the selection's first
+    pass made where the values are written, while they are in cache (SCE's variances,
+    Arcee Fusion's importances; :func:`~mergekit_math.kernels.select.kth_largest_bits_from`).
+    A value with its sign bit set counts in the last bin: the callers flag those and do not
+    select from such a histogram."""
+    for i in range(values.shape[0]):
+        hist[min(_f32_to_bits(values[i]) >> np.uint32(SHIFT), np.uint32(BINS - 1))] += 1
+
+
+@njit(inline="always")
 def _scatter(bits, count, hist, found, j, full):  # noqa: ANN001, ANN202
     """Add a block's ``count`` bits to ``hist`` and, unless ``full``, write those with some
     low bit set into ``found`` from place ``j`` on; the next free place. Each value is written

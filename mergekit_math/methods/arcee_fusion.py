@@ -41,7 +41,7 @@ from mergekit_math.methods.base import (
     reduce_sum,
     register,
 )
-from mergekit_math.methods.selection import kth_largest, kth_selects
+from mergekit_math.methods.selection import Selection, kth_largest, kth_selects
 
 if TYPE_CHECKING:
     import torch
@@ -196,7 +196,7 @@ def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -
         parts = [(r, importance[start:end]) for r, (start, end) in enumerate(inputs.ranges)]
         hists = [hist for _, _, hist in done]
         found = kth_largest_bits_from(parts, hists, ks, inputs.map, len(parts))
-        threshold = _fence([f[0] for f in found], torch.float32)
+        threshold = _fence([Selection(*f).threshold for f in found], torch.float32)
     elif finite:  # a KL rounded below zero: the selection of signed values
         found = kth_selects(values, ks, inputs.map, compiled=True, ranges=inputs.ranges)
         threshold = _fence([f.threshold for f in found], torch.float32)
