@@ -99,8 +99,11 @@ class Prefetcher:
     def get(self, key: Any, start: int, end: int) -> tuple[Any, int]:
         """The data of the next unit, which must be (key, start, end), and its byte count."""
         began = time.perf_counter()
-        unit, data, error = self._queue.get()
+        got = self._queue.get()
         self.waited += time.perf_counter() - began
+        unit, data, error = got
+        if isinstance(error, Stopped):
+            self._queue.put(got)  # for any other waiter
         if error is not None:
             raise error
         if unit.key is not key or unit.start != start or unit.end != end:
@@ -113,8 +116,10 @@ class Prefetcher:
         self.budget.release(nbytes)
 
     def close(self) -> None:
+        """Stop the thread; a :meth:`get` waiting now or later raises :class:`Stopped`."""
         self.budget.stop()
         self._thread.join(timeout=60)
+        self._queue.put((None, None, Stopped("the reader was closed")))  # type: ignore[arg-type]
 
 
 class WriterThread:

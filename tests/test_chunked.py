@@ -182,8 +182,8 @@ def test_shard_files_are_identical_with_and_without_direct_io(tmp_path, zoo, mon
 
 
 def test_preparation_buffers_are_reused_per_key_and_grow_when_short():
-    """PrepareInputs.buffer inside a merge: one array per key, the same memory for a tensor
-    that fits, a new one for a longer tensor; outside a merge, a fresh array each time."""
+    """PrepareInputs.buffer inside a merge: one array per key and slot, the same memory for a
+    tensor that fits, a new one for a longer tensor; outside a merge, a fresh array each time."""
     import numpy as np
 
     from mergekit_math.merge.ranges import _buffer, _Run
@@ -198,6 +198,10 @@ def test_preparation_buffers_are_reused_per_key_and_grow_when_short():
     longer = _buffer(run, "a", 2000, np.float32)
     assert longer.shape == (2000,) and not np.shares_memory(first, longer)
     assert _buffer(run, "a", 2000, np.uint8).dtype == np.uint8  # another dtype: a new one
+    # another slot (a tensor prepared beside this one, merge.ahead): its own array
+    in_slot = _buffer(run, "a", 600, np.uint8, slot=1)
+    assert not np.shares_memory(in_slot, _buffer(run, "a", 600, np.uint8))
+    assert np.shares_memory(in_slot, _buffer(run, "a", 600, np.uint8, slot=1))
     assert not np.shares_memory(
         _buffer(None, "a", 10, np.float32), _buffer(None, "a", 10, np.float32)
     )

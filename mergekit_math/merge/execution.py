@@ -23,6 +23,7 @@ from mergekit_math.errors import UserError
 from mergekit_math.io.atomic import atomic_output
 from mergekit_math.io.progress import byte_progress
 from mergekit_math.io.writer import HostPart
+from mergekit_math.merge.ahead import Ahead
 from mergekit_math.merge.finite import FiniteCheck
 from mergekit_math.merge.fused import FusedRange
 from mergekit_math.merge.host import (
@@ -37,7 +38,13 @@ from mergekit_math.merge.host import (
 )
 from mergekit_math.merge.host import one_intra_op_thread as _one_intra_op_thread
 from mergekit_math.merge.inputs import _item_inputs, _range_bytes
-from mergekit_math.merge.memory import CHUNK_ELEMENTS, _budgets, check_memory, item_ranges
+from mergekit_math.merge.memory import (
+    CHUNK_ELEMENTS,
+    _budgets,
+    check_memory,
+    item_memory,
+    item_ranges,
+)
 from mergekit_math.merge.prepare import _prepare_states
 from mergekit_math.merge.ranges import (
     _in_worker,
@@ -230,6 +237,68 @@ def _pooled_parts(
             future.cancel()
 
 
+@dataclass
+class _Ready:
+    """One item set up for its ranges (:func:`_setup`); once read and prepared, also its
+    inputs as read (``held``, for a preparation that needs whole tensors) and its states."""
+
+    ranges: list[tuple[int, int]]
+    finite: FiniteCheck | None
+    inputs: _RangeInputs
+    generators: list[MaskStream] | None
+    fused: FusedRange | None
+    prepares: bool  # the method's preparation runs (a whole tensor: only for its kernel)
+    holds: bool  # every range is read before the preparation (and merge) start
+    slot: int = 0  # its reused buffers' (see _scratch)
+    held: dict[int, list[Any]] | None = None
+    states: Any = None
+
+
+def _setup(plan: Plan, item: PlanItem, device: str, run: _Run | None, slot: int = 0) -> _Ready:
+    chunk = run.chunk if run is not None else CHUNK_ELEMENTS
+    ranges = item_ranges(plan, item, device, chunk)
+    finite = FiniteCheck(plan, item, run.strict_finite, run.warn) if run is not None else None
+    inputs = _RangeInputs(plan, item, device, finite)
+    generators = _generators(plan, item)
+    fused = FusedRange.of(plan, item, device, finite, generators)
+    chunking = plan.method.chunking
+    # a tensor of one range is merged whole, by the fused kernel where there is one (which
+    # needs the states too: TIES thresholds), else by the method's whole-tensor path
+    prepares = chunking is not None and chunking.prepare is not None and not item.copy_only
+    if len(ranges) == 1:
+        prepares = prepares and fused is not None
+        prepares = prepares and plan.method.chunkable(item.shared, item.params)
+    # a compiled selection reads the magnitudes from the inputs as read, as do compiled
+    # statistics: read them once
+    holds = prepares and fused is not None and chunking is not None
+    if holds:
+        assert chunking is not None
+        buffers = run is not None and chunking.buffers(item.shared, item.params) > 0
+        holds = chunking.compiled or buffers
+    return _Ready(ranges, finite, inputs, generators, fused, prepares, holds, slot)
+
+
+def _hold_inputs(plan: Plan, item: PlanItem, run: _Run | None, ready: _Ready) -> None:
+    if ready.holds:
+        ready.held = _hold(plan, item, run, ready.ranges)
+
+
+def _prepare(plan: Plan, item: PlanItem, run: _Run | None, ready: _Ready) -> None:
+    if ready.prepares:
+        held = list(ready.held.values()) if ready.held is not None else None
+        ready.states = _prepare_states(
+            plan,
+            item,
+            run,
+            ready.ranges,
+            ready.inputs,
+            ready.generators,
+            ready.fused,
+            held,
+            ready.slot,
+        )
+
+
 def compute_item(
     plan: Plan, item: PlanItem, device: str = "cpu", run: _Run | None = None
 ) -> Iterator[torch.Tensor]:
@@ -237,49 +306,44 @@ def compute_item(
 
     Yields the tensor whole, or as consecutive flat chunks when the method runs on chunks.
     With ``run`` (inside :func:`execute`) the inputs come from its read-ahead thread and
-    chunks are computed on its worker threads; without, everything runs here.
+    chunks are computed on its worker threads (the items after it may be read and prepared
+    meanwhile: ``run.ahead``); without, everything runs here.
     """
-    chunk = run.chunk if run is not None else CHUNK_ELEMENTS
-    ranges = item_ranges(plan, item, device, chunk)
+    ahead: Ahead | None = run.ahead if run is not None else None
+    ready = ahead.take(item) if ahead is not None else None
+    if ready is None:
+        if item.copy_only:
+            chunk = run.chunk if run is not None else CHUNK_ELEMENTS
+            yield from _copy_parts(plan, item, run, item_ranges(plan, item, device, chunk))
+            return
+        ready = _setup(plan, item, device, run, ahead.slot(item) if ahead is not None else 0)
+        _hold_inputs(plan, item, run, ready)
+        if ahead is not None and ready.holds:
+            ahead.start_after(item)
+        _prepare(plan, item, run, ready)
+    elif ahead is not None:
+        ahead.start_after(item)
+    ranges = ready.ranges
     whole = len(ranges) == 1
-    if item.copy_only:
-        yield from _copy_parts(plan, item, run, ranges)
-        return
-
-    out_dtype = item.out.dtype
-    finite = FiniteCheck(plan, item, run.strict_finite, run.warn) if run is not None else None
-    inputs = _RangeInputs(plan, item, device, finite)
-    generators = _generators(plan, item)
-    fused = FusedRange.of(plan, item, device, finite, generators)
-    states = None
-    chunking = plan.method.chunking
-    # a tensor of one range is merged whole, by the fused kernel where there is one (which
-    # needs the states too: TIES thresholds), else by the method's whole-tensor path
-    prepares = chunking is not None and chunking.prepare is not None
-    if whole:
-        prepares = prepares and fused is not None
-        prepares = prepares and plan.method.chunkable(item.shared, item.params)
-    held = None
-    if prepares:
-        assert chunking is not None
-        # a compiled selection reads the magnitudes from the inputs as read, as do compiled
-        # statistics: read them once
-        if fused is not None and (
-            chunking.compiled or (run is not None and chunking.buffers(item.shared, item.params))
-        ):
-            held = _hold(plan, item, run, ranges)
-        whole_inputs = list(held.values()) if held is not None else None
-        states = _prepare_states(plan, item, run, ranges, inputs, generators, fused, whole_inputs)
-    merge_range = _RangeMerge(plan, item, inputs, generators, states, whole, out_dtype, fused)
-
+    merge_range = _RangeMerge(
+        plan,
+        item,
+        ready.inputs,
+        ready.generators,
+        ready.states,
+        whole,
+        item.out.dtype,
+        ready.fused,
+    )
+    held, ready.held = ready.held, None
     pool = run.pool if run is not None else None
     if whole or pool is None:
         yield from _serial_parts(plan, item, run, ranges, merge_range, held)
     else:
         assert run is not None
         yield from _pooled_parts(plan, item, run, pool, ranges, merge_range, held)
-    if finite is not None:
-        finite.report()
+    if ready.finite is not None:
+        ready.finite.report()
 
 
 def _units(plan: Plan, device: str, chunk: int, pin: bool, host: bool) -> Iterator[Unit]:
@@ -368,6 +432,31 @@ def _write_timings(
     Path(path).write_text(json.dumps({k: round(v, 4) for k, v in numbers.items()}) + "\n")
 
 
+# Items read and prepared ahead of the one merging (merge.ahead); 0 turns it off.
+AHEAD = 2
+
+
+def _ahead(plan: Plan, device: str, run: _Run, max_memory: int | None) -> Ahead | None:
+    """The preparations ahead, on CPU with two workers or more (one worker would only
+    queue them), and not under ``--max-memory`` (the buffers of the tensors prepared side
+    by side stay allocated, up to twice the largest tensor's working set in all)."""
+    if AHEAD <= 0 or run.workers < 2 or device != "cpu" or max_memory is not None:
+        return None
+    if plan.method.chunking is None:
+        return None
+    if plan.method.chunking.prepare is None:
+        return None
+    return Ahead(
+        plan.items,
+        lambda item, slot: _setup(plan, item, device, run, slot),
+        lambda item, ready: _hold_inputs(plan, item, run, ready),
+        lambda item, ready: _prepare(plan, item, run, ready),
+        lambda item: item_memory(plan, item, device, run.chunk),
+        AHEAD,
+        init=_host_thread,
+    )
+
+
 def stream_plan(
     plan: Plan,
     sink: Sink,
@@ -414,6 +503,7 @@ def stream_plan(
     run = _Run(
         prefetch, chunk, pool, workers, strict_finite=strict_finite, warn=warn or _warn, host=host
     )
+    run.ahead = _ahead(plan, device, run, max_memory)
     try:
         began = time.perf_counter()
         _merge_items(plan, device, run, writes, bar, on_tensor)
@@ -433,6 +523,8 @@ def stream_plan(
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         prefetch.close()
+        if run.ahead is not None:
+            run.ahead.close()
         bar.close()
         _close_inputs(plan)
         if host and not imported_before and "torch" in sys.modules:

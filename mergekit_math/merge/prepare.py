@@ -36,11 +36,13 @@ def _prepare_states(
     generators: list[MaskStream] | None,
     fused: FusedRange | None = None,
     held: list[list[torch.Tensor]] | None = None,
+    slot: int = 0,
 ) -> Any:
     """The per-input states of the method's ``prepare``, which may need whole deltas: each
     is assembled range by range into the reused scratch buffer (on the worker threads).
     With ``held`` (every range's raw inputs, read once for prepare and merge) and a fused
-    kernel, magnitudes are not assembled: the compiled selection reads them from ``held``."""
+    kernel, magnitudes are not assembled: the compiled selection reads them from ``held``.
+    The reused buffers are ``slot``'s (see :func:`~mergekit_math.merge.ranges._scratch`)."""
     from mergekit_math import kernels
     from mergekit_math.methods import PrepareInputs
 
@@ -58,7 +60,7 @@ def _prepare_states(
         _release_range(plan, item, start, end)
 
     def full_delta(i: int, absolute: bool = False) -> torch.Tensor:
-        buf = _scratch(run, item.out.numel, inputs.compute, inputs.device)
+        buf = _scratch(run, item.out.numel, inputs.compute, inputs.device, slot)
         pool = run.pool if run is not None else None
         if pool is None:
             for start, end in ranges:
@@ -91,7 +93,7 @@ def _prepare_states(
         compiled=kernels.enabled(inputs.device, plan.output_elements),
         map=chunk_map,
         held=fused.arrays(held) if fused is not None and held is not None else None,
-        buffer=lambda key, numel, dtype: _buffer(run, key, numel, dtype),
+        buffer=lambda key, numel, dtype: _buffer(run, key, numel, dtype, slot),
     )
     if chunking.compiled and prepare_inputs.held is None:
         raise RuntimeError(f"{plan.method.name}: compiled statistics without the held inputs")

@@ -36,11 +36,12 @@ class _Run:
     chunk: int
     pool: ThreadPoolExecutor | None = None
     workers: int = 1
-    scratch: torch.Tensor | None = None  # see _scratch
-    buffers: dict[str, Any] = field(default_factory=dict)  # see _buffer
+    scratch: dict[int, torch.Tensor] = field(default_factory=dict)  # per slot, see _scratch
+    buffers: dict[tuple[int, str], Any] = field(default_factory=dict)  # see _buffer
     strict_finite: bool = False  # refuse inputs with NaN/inf instead of warning
     warn: Callable[[str], None] | None = None
     host: bool = False  # inputs are read into numpy arrays (mergekit_math.merge.host)
+    ahead: Any = None  # the preparations run ahead (mergekit_math.merge.ahead.Ahead)
 
 
 def _read_range(
@@ -178,37 +179,40 @@ class _RangeInputs:
         return base, tensors
 
 
-def _scratch(run: _Run | None, numel: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+def _scratch(
+    run: _Run | None, numel: int, dtype: torch.dtype, device: str, slot: int = 0
+) -> torch.Tensor:
     """A tensor of ``numel`` elements reused across tensors: a fresh allocation of the
-    largest tensor per item costs a page fault per 4 KB every time."""
+    largest tensor per item costs a page fault per 4 KB every time. One per ``slot``: the
+    items prepared at once (:class:`~mergekit_math.merge.ahead.Ahead`) have distinct slots."""
     import torch
 
     if run is None:
         return torch.empty(numel, dtype=dtype, device=device)
-    buf = run.scratch
+    buf = run.scratch.get(slot)
     want = torch.device(device)
     same_device = buf is not None and buf.device.type == want.type
     if same_device and want.index is not None:
         same_device = buf.device.index == want.index  # type: ignore[union-attr]
     if buf is None or buf.numel() < numel or buf.dtype != dtype or not same_device:
-        run.scratch = buf = None  # free the old one first
-        run.scratch = buf = torch.empty(numel, dtype=dtype, device=device)
+        run.scratch.pop(slot, None)  # free the old one first
+        run.scratch[slot] = buf = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
 
-def _buffer(run: _Run | None, key: str, numel: int, dtype: Any) -> Any:
+def _buffer(run: _Run | None, key: str, numel: int, dtype: Any, slot: int = 0) -> Any:
     """A flat numpy array of ``numel`` elements for a preparation (``PrepareInputs.buffer``),
-    reused under ``key`` across the merge's tensors. Fresh whole-tensor arrays fault in
-    zeroed pages on first touch: Karcher's two float32 arrays spent 30% of a TinyLlama
-    merge's CPU time in the kernel's page clearing."""
+    reused under (``slot``, ``key``) across the merge's tensors. Fresh whole-tensor arrays
+    fault in zeroed pages on first touch: Karcher's two float32 arrays spent 30% of a
+    TinyLlama merge's CPU time in the kernel's page clearing."""
     import numpy as np
 
     if run is None:
         return np.empty(numel, dtype)
-    buf = run.buffers.get(key)
+    buf = run.buffers.get((slot, key))
     if buf is None or buf.shape[0] < numel or buf.dtype != np.dtype(dtype):
-        run.buffers.pop(key, None)  # free the old one first
-        run.buffers[key] = buf = np.empty(numel, dtype)
+        run.buffers.pop((slot, key), None)  # free the old one first
+        run.buffers[slot, key] = buf = np.empty(numel, dtype)
     return buf[:numel]
 
 
