@@ -72,7 +72,11 @@ class Prefetcher:
         self.budget = ByteBudget(budget)
         self._init = init
         self.busy = 0.0  # seconds the thread spent in ``unit.read()``
-        self.waited = 0.0  # seconds :meth:`get` waited for a unit
+        # seconds :meth:`get` waited for a unit on the thread that made this (the merge
+        # loop's), and on others (preparations ahead, merge.ahead)
+        self.waited = 0.0
+        self.waited_elsewhere = 0.0
+        self._owner = threading.current_thread()
         self._queue: queue.Queue[tuple[Unit, Any, BaseException | None]] = queue.Queue()
         self._thread = threading.Thread(
             target=self._run, args=(iter(units),), name="mmath-reader", daemon=True
@@ -100,7 +104,10 @@ class Prefetcher:
         """The data of the next unit, which must be (key, start, end), and its byte count."""
         began = time.perf_counter()
         got = self._queue.get()
-        self.waited += time.perf_counter() - began
+        if threading.current_thread() is self._owner:
+            self.waited += time.perf_counter() - began
+        else:
+            self.waited_elsewhere += time.perf_counter() - began
         unit, data, error = got
         if isinstance(error, Stopped):
             self._queue.put(got)  # for any other waiter

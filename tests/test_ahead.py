@@ -203,3 +203,27 @@ def test_a_closed_reader_stops_a_waiting_get_and_every_later_one():
     get()
     assert not waiting.is_alive() and len(errors) == 2
     assert all(isinstance(e, Stopped) for e in errors)
+
+
+def test_reader_waits_of_other_threads_are_counted_apart_from_the_merge_loops():
+    """MMATH_TIMINGS' read_wait is the merge loop's; a preparation ahead waiting for its
+    reads is not the loop waiting (read_wait_ahead)."""
+    import time
+
+    from mergekit_math.pipeline import Unit
+
+    def slow() -> bytes:
+        time.sleep(0.2)
+        return b"x"
+
+    prefetch = Prefetcher([Unit("a", 0, 1, 1, slow), Unit("b", 0, 1, 1, slow)], budget=1)
+    try:
+        elsewhere = threading.Thread(target=prefetch.get, args=("a", 0, 1))
+        elsewhere.start()
+        elsewhere.join(timeout=10)
+        assert prefetch.waited == 0 and prefetch.waited_elsewhere >= 0.1
+        prefetch.done(1)
+        assert prefetch.get("b", 0, 1) == (b"x", 1)
+        assert prefetch.waited >= 0.1
+    finally:
+        prefetch.close()

@@ -45,7 +45,15 @@ def test_execute_writes_timings_when_asked(tmp_path, zoo, monkeypatch):
     plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
     execute(plan, tmp_path / "out", progress=False, chunk_elements=1000)
     got = json.loads((tmp_path / "t.json").read_text())
-    assert set(got) == {"wall", "read_wait", "compute", "write_wait", "read_busy", "write_busy"}
+    assert set(got) == {
+        "wall",
+        "read_wait",
+        "compute",
+        "write_wait",
+        "read_busy",
+        "write_busy",
+        "read_wait_ahead",
+    }
     assert all(v >= 0 for v in got.values()), got
     parts = got["read_wait"] + got["compute"] + got["write_wait"]
     assert abs(parts - got["wall"]) < 1e-3, got

@@ -422,12 +422,15 @@ def _write_timings(
 
     ``read_wait`` and ``write_wait`` are the main thread's waits for the reader and writer
     threads (and for closing the last shard: ``close``), ``compute`` the rest of the loop;
-    ``read_busy``/``write_busy`` are the threads' own time in reads and writes.
+    ``read_busy``/``write_busy`` are the threads' own time in reads and writes;
+    ``read_wait_ahead`` the waits for the reader of the preparations run ahead (their
+    results' waits count as compute: the preparations compute meanwhile).
     """
     write_wait = writes.waited + close
     compute = wall - prefetch.waited - write_wait
     numbers = {"wall": wall, "read_wait": prefetch.waited, "compute": compute}
     numbers |= {"write_wait": write_wait, "read_busy": prefetch.busy}
+    numbers["read_wait_ahead"] = prefetch.waited_elsewhere
     numbers["write_busy"] = writes.busy
     Path(path).write_text(json.dumps({k: round(v, 4) for k, v in numbers.items()}) + "\n")
 
