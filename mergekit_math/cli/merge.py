@@ -193,7 +193,12 @@ def merge(
     ],
     device: Annotated[str, typer.Option(help="Where to compute: cpu or cuda.")] = "cpu",
     threads: Annotated[
-        int | None, typer.Option(help="torch intra-op threads (default: torch's choice).")
+        int | None,
+        typer.Option(
+            help="Compute threads: chunks run on N worker threads (whole-tensor torch steps "
+            "on N intra-op threads); with 2 or more, methods that prepare whole tensors "
+            "prepare the next two while one merges (default: the CPUs available)."
+        ),
     ] = None,
     seed: Annotated[
         int | None, typer.Option(help="Seed for DARE/DELLA; overrides the recipe's seed.")
