@@ -121,6 +121,7 @@ def test_a_failure_ahead_stops_the_merge_with_its_error_and_leaves_nothing(
 class _Ready:
     def __init__(self, holds: bool):
         self.holds = holds
+        self.slot = -1
 
 
 def _ahead(memory: dict[str, int], holds: set[str], depth: int = 2):
@@ -128,12 +129,12 @@ def _ahead(memory: dict[str, int], holds: set[str], depth: int = 2):
     log: list[tuple[str, str, int]] = []
     gate = threading.Event()
 
-    def setup(item, slot):
-        log.append(("setup", item.name, slot))
+    def setup(item):
+        log.append(("setup", item.name, -1))
         return _Ready(item.name in holds)
 
     def hold(item, ready):
-        log.append(("hold", item.name, 0))
+        log.append(("hold", item.name, ready.slot))
 
     def prepare(item, ready):
         gate.wait(10)
@@ -156,7 +157,8 @@ def test_ahead_keeps_to_its_depth_its_memory_and_stops_at_an_item_that_reads_as_
         gate.set()
         assert ahead.take(k).holds
         ahead.start_after(k)  # norm reads its inputs as it merges: nothing past it
-        assert ahead.started == 2 and ("setup", "norm", log[-1][2]) == log[-1]
+        assert ahead.started == 2 and [e[1] for e in log if e[0] == "setup"][-1] == "norm"
+        assert 4 not in ahead._slots  # norm, not started, holds no buffer slot
         assert ahead.take(v).holds and ahead.take(norm) is None
         assert [e[1] for e in log if e[0] == "hold"] == ["k", "v"]  # in plan order
     finally:
@@ -176,9 +178,9 @@ def test_ahead_gives_the_items_in_flight_distinct_slots_and_big_items_the_big_sl
         slots = {ahead.slot(a)}
         ahead.start_after(a)  # b and c ahead
         assert ahead.started == 2
-        slots |= {slot for what, _, slot in log if what == "setup"}
+        ready_b, ready_c = ahead.take(b), ahead.take(c)
+        slots |= {ready_b.slot, ready_c.slot}
         assert len(slots) == 3  # a, b and c at once
-        assert ahead.take(b) is not None and ahead.take(c) is not None
         assert ahead.take(head) is None
         assert ahead.slot(head) == big  # the embeddings' slot: no second large set
         assert sorted(ahead._sizes) == [30, 30, 100]

@@ -31,20 +31,21 @@ class Preparable(Protocol):
     """What :func:`~mergekit_math.merge.execution.compute_item` sets up for an item."""
 
     holds: bool  # its inputs are all read before it merges (so its merge reads nothing)
+    slot: int  # its reused buffers' (given here, before it is read and prepared)
 
 
 class Ahead:
     """Reads and prepares items ahead of the one merging (see the module's docstring).
 
-    ``setup(item, slot)`` makes an item's :class:`Preparable` (cheap, on the main thread);
+    ``setup(item)`` makes an item's :class:`Preparable` (cheap, on the main thread);
     ``hold(item, ready)`` reads its inputs (in plan order), ``prepare(item, ready)`` runs its
-    method's preparation; ``memory(item)`` is its working set in bytes.
+    method's preparation; ``memory(item)`` is its working set in bytes (asked once).
     """
 
     def __init__(
         self,
         items: list[PlanItem],
-        setup: Callable[[PlanItem, int], Preparable],
+        setup: Callable[[PlanItem], Preparable],
         hold: Callable[[PlanItem, Any], None],
         prepare: Callable[[PlanItem, Any], None],
         memory: Callable[[PlanItem], int],
@@ -53,9 +54,10 @@ class Ahead:
     ):
         self._items = items
         self._index = {id(item): i for i, item in enumerate(items)}
-        self._setup, self._hold, self._prepare, self._memory = setup, hold, prepare, memory
+        self._setup, self._hold, self._prepare = setup, hold, prepare
+        self._memory = [memory(item) for item in items]  # per item index
         self.depth = depth
-        self._allowance = max((memory(item) for item in items), default=0)
+        self._allowance = max(self._memory, default=0)
         self._jobs: dict[int, Future[Any]] = {}
         self._slots: dict[int, int] = {}  # item index -> its slot, while in flight
         self._sizes = [0] * (depth + 1)  # per slot, its largest item's working set
@@ -79,7 +81,7 @@ class Ahead:
         self._slots.pop(i, None)
         taken = set(self._slots.values())
         free = [s for s in range(self.depth + 1) if s not in taken]
-        need = self._memory(item)
+        need = self._memory[i]
         fits = [s for s in free if self._sizes[s] >= need]
         size = self._sizes.__getitem__
         slot = min(fits, key=size) if fits else max(free, key=size)
@@ -102,16 +104,17 @@ class Ahead:
         if self._threads is None or self._broken:
             return
         i = self._index[id(item)]
-        used = self._memory(item) + sum(self._memory(self._items[k]) for k in self._jobs)
+        used = self._memory[i] + sum(self._memory[k] for k in self._jobs)
         j = max(self._next, i + 1)
         while j < len(self._items) and j - i <= self.depth:
             after = self._items[j]
-            need = self._memory(after)
+            need = self._memory[j]
             if used + need > self._allowance:
                 break
-            ready = self._setup(after, self.slot(after))
+            ready = self._setup(after)
             if not ready.holds:  # it reads as it merges: nothing is read past it
                 break
+            ready.slot = self.slot(after)
             before, self._read = self._read, threading.Event()
             job = self._threads.submit(_in_worker, self._job, after, ready, before, self._read)
             self._jobs[j] = job

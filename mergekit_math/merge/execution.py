@@ -270,9 +270,9 @@ def _setup(plan: Plan, item: PlanItem, device: str, run: _Run | None, slot: int 
         prepares = prepares and plan.method.chunkable(item.shared, item.params)
     # a compiled selection reads the magnitudes from the inputs as read, as do compiled
     # statistics: read them once
-    holds = prepares and fused is not None and chunking is not None
+    holds = prepares and fused is not None
     if holds:
-        assert chunking is not None
+        assert chunking is not None  # prepares
         buffers = run is not None and chunking.buffers(item.shared, item.params) > 0
         holds = chunking.compiled or buffers
     return _Ready(ranges, finite, inputs, generators, fused, prepares, holds, slot)
@@ -321,7 +321,8 @@ def compute_item(
         if ahead is not None and ready.holds:
             ahead.start_after(item)
         _prepare(plan, item, run, ready)
-    elif ahead is not None:
+    else:  # read and prepared ahead
+        assert ahead is not None
         ahead.start_after(item)
     ranges = ready.ranges
     whole = len(ranges) == 1
@@ -445,13 +446,12 @@ def _ahead(plan: Plan, device: str, run: _Run, max_memory: int | None) -> Ahead 
     by side stay allocated, up to twice the largest tensor's working set in all)."""
     if AHEAD <= 0 or run.workers < 2 or device != "cpu" or max_memory is not None:
         return None
-    if plan.method.chunking is None:
-        return None
-    if plan.method.chunking.prepare is None:
+    chunking = plan.method.chunking
+    if chunking is None or chunking.prepare is None:
         return None
     return Ahead(
         plan.items,
-        lambda item, slot: _setup(plan, item, device, run, slot),
+        lambda item: _setup(plan, item, device, run),
         lambda item, ready: _hold_inputs(plan, item, run, ready),
         lambda item, ready: _prepare(plan, item, run, ready),
         lambda item: item_memory(plan, item, device, run.chunk),
