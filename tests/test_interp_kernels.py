@@ -429,8 +429,8 @@ def test_chunked_arcee_fusion_with_a_kl_below_zero_selects_signed_importances(
 
     row_kl = arcee_fusion.row_kl
 
-    def shifted(model, base, compiled=False):  # KLs with an odd last bit below zero (half)
-        kl = row_kl(model, base, compiled)
+    def shifted(model, base, compiled=False, work=None):  # KLs with an odd last bit < 0 (half)
+        kl = row_kl(model, base, compiled, work)
         odd = (kl.view(torch.int32) & 1) == 1
         kl[odd] = -kl[odd] - 1e-9
         return kl
@@ -462,3 +462,32 @@ def test_compiled_row_kl_is_the_torch_steps(shape):
     got = row_kl(model, base, compiled=True)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
     assert bool((want != 0).all())
+    # the softmaxes written into given arrays (the preparation's reused ones): the same bits
+    work = (torch.full(shape, float("nan")), torch.full(shape, float("nan")))
+    into = row_kl(model, base, compiled=True, work=work)
+    assert torch.equal(into.view(torch.int32), want.view(torch.int32))
+    assert torch.equal(work[0], torch.softmax(model, -1) + 1e-8)  # p + ε, in place
+
+
+def test_thread_float32_arrays_are_reused_per_thread_and_grow():
+    """The preparation's per-range temporaries: the same memory on the next call of the
+    thread (no fresh pages per range), grown when a range is longer, distinct arrays that do
+    not overlap, and another thread's arrays of its own."""
+    import threading
+
+    from mergekit_math.methods.statistics import thread_float32
+
+    a = thread_float32(4, 1000)
+    assert [x.shape for x in a] == [(1000,)] * 4
+    ends = sorted((x.ctypes.data, x.ctypes.data + x.nbytes) for x in a)
+    assert all(e <= s for (_, e), (s, _) in zip(ends, ends[1:]))  # no overlap
+    b = thread_float32(2, 500)
+    assert [x.ctypes.data for x in b] == [x.ctypes.data for x in a[:2]]
+    c = thread_float32(4, 5000)
+    assert [x.shape for x in c] == [(5000,)] * 4
+    assert thread_float32(4, 3000)[3].ctypes.data == c[3].ctypes.data
+    other = []
+    t = threading.Thread(target=lambda: other.append(thread_float32(1, 10)[0].ctypes.data))
+    t.start()
+    t.join()
+    assert other[0] not in {x.ctypes.data for x in c}

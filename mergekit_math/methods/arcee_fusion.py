@@ -62,7 +62,12 @@ class ArceeFusionModel(Params):
     pass
 
 
-def row_kl(model: torch.Tensor, base: torch.Tensor, compiled: bool = False) -> torch.Tensor:
+def row_kl(
+    model: torch.Tensor,
+    base: torch.Tensor,
+    compiled: bool = False,
+    work: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """KL(softmax(model) ‖ softmax(base)) over the last dimension, ε-smoothed, keeping that
     dimension (size 1) so it broadcasts over the row.
 
@@ -70,11 +75,16 @@ def row_kl(model: torch.Tensor, base: torch.Tensor, compiled: bool = False) -> t
     than 32768 are summed with :func:`reduce_sum` (thread-count independent). ``compiled``
     (contiguous CPU float32 inputs): the two ``+ ε`` and the division in one compiled pass
     (:func:`~mergekit_math.kernels.fusion.smoothed_ratio`, the same float32 steps), where
-    torch took three."""
+    torch took three. ``work``: two float32 tensors of the inputs' shape the softmaxes are
+    written into (reused memory: fresh arrays fault in zeroed pages)."""
     import torch
 
-    p = torch.softmax(model, dim=-1)
-    q = torch.softmax(base, dim=-1)
+    if work is None:
+        p = torch.softmax(model, dim=-1)
+        q = torch.softmax(base, dim=-1)
+    else:
+        p = torch.softmax(model, dim=-1, out=work[0])
+        q = torch.softmax(base, dim=-1, out=work[1])
     if compiled:
         import numpy as np
 
@@ -169,6 +179,7 @@ def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -
     from mergekit_math.kernels.fusion import importances
     from mergekit_math.kernels.select import BINS, kth_largest_bits_from
     from mergekit_math.methods import statistics
+    from mergekit_math.methods.statistics import thread_float32
 
     assert inputs.held is not None
     if inputs.numel == 0:
@@ -178,10 +189,12 @@ def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -
 
     def one(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> tuple[Any, int, Any]:
         (start, end), (base, models) = job
-        b = statistics.as_float32(base).reshape(-1, row)
-        m = statistics.as_float32(models[0]).reshape(-1, row)
-        kl = row_kl(m, b, compiled=True).reshape(-1).numpy()
-        del b, m
+        # the inputs widened and their softmaxes in this thread's reused arrays
+        b, m, p, q = (torch.from_numpy(a).view(-1, row) for a in thread_float32(4, end - start))
+        statistics.as_float32(base, out=b.view(-1))
+        statistics.as_float32(models[0], out=m.view(-1))
+        kl = row_kl(m, b, compiled=True, work=(p, q)).reshape(-1).numpy()
+        del b, m, p, q
         # |m - b|·KL in torch's float32 steps, whether all are finite and none negative, and
         # the selection's first pass, in one pass per row
         hist = np.zeros(BINS, np.int32)
