@@ -15,7 +15,15 @@ frozen: about 0.25 s); a merge whose tensors all go through compiled kernels nev
 - :func:`tune_malloc`: the merge allocates and frees the same few buffer sizes (256K-element
   chunks, a few MB) on several threads. glibc serves such blocks with fresh ``mmap``s that the
   kernel zeroes page by page and unmaps on free, and trims freed heap; raising both thresholds
-  keeps them for reuse. About 10% of a TinyLlama-sized task_arithmetic merge.
+  keeps them for reuse. About 10% of a TinyLlama-sized task_arithmetic merge. And one arena:
+  by default each thread that allocates gets its own (up to 8 per core), each grows its heap
+  to its own thread's peak and their free space is not shared, so the process touches more
+  fresh memory in all. Fresh heap is what costs here: each new page faults in zeroed, and on a VM
+  that returns freed memory to its host (free page reporting, as the development machine)
+  the host supplies it again, ~2 ms per MB. One arena: 10-26% fewer page faults, peak RSS
+  3-7% lower, SCE 6.81 -> 6.38 s, TIES 4.41 -> 4.33, Arcee Fusion 6.65 -> 6.45 (medians of
+  3; task arithmetic and DARE within noise). The blocks are few and large, so the threads
+  do not wait on the arena's lock measurably.
 
 Importing torch in a background thread while the recipe is planned was measured too and saved
 nothing (both are held by the GIL on this 2-core machine), so the import stays in line.
@@ -29,19 +37,19 @@ import sys
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 
 def tune_malloc() -> None:
-    """Keep freed blocks up to 8 MB (and up to 64 MB of free heap) for reuse (glibc only;
-    elsewhere nothing changes). The environment's MALLOC_MMAP_THRESHOLD_ /
-    MALLOC_TRIM_THRESHOLD_, when set, win. Measured: the 64/512 MB of a first try kept more
-    heap out of core (7B: peak RSS 2.6 GB against 2.1 GB) for no measurable speed."""
+    """Keep freed blocks up to 8 MB (and up to 64 MB of free heap) for reuse, in one malloc
+    arena for all threads (glibc only; elsewhere nothing changes). The environment's
+    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ / MALLOC_ARENA_MAX, when set, win.
+    Measured: the 64/512 MB of a first try kept more heap out of core (7B: peak RSS 2.6 GB
+    against 2.1 GB) for no measurable speed."""
     import ctypes
     import ctypes.util
     import os
 
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
-        return
     name = ctypes.util.find_library("c")
     if not name or not sys.platform.startswith("linux"):
         return
@@ -50,8 +58,11 @@ def tune_malloc() -> None:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return  # not glibc
-    mallopt(_M_MMAP_THRESHOLD, 8 << 20)
-    mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ and "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        mallopt(_M_MMAP_THRESHOLD, 8 << 20)
+        mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        mallopt(_M_ARENA_MAX, 1)
 
 
 def freeze_for_exit() -> None:

@@ -1,0 +1,75 @@
+"""The merge process's allocator tuning (mergekit_math.cli.startup.tune_malloc), checked in
+fresh interpreters by glibc's own account of its arenas (``malloc_info``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="glibc's mallopt and malloc_info"
+)
+
+# Four threads each hold a 1 MB block (under the 8 MB mmap threshold: from an arena), then
+# malloc_info's XML is read back and its heaps counted, one per arena.
+_ARENAS = textwrap.dedent(
+    """
+    import ctypes, ctypes.util, os, sys, tempfile, threading
+    from mergekit_math.cli.startup import tune_malloc
+    if sys.argv[1] == "tuned":
+        tune_malloc()
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype = ctypes.c_void_p
+    libc.fopen.restype = ctypes.c_void_p
+    libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    held, ready, done = [], threading.Barrier(5), threading.Event()
+    def hold():
+        held.append(libc.malloc(1 << 20))
+        ready.wait()
+        done.wait()
+    threads = [threading.Thread(target=hold) for _ in range(4)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    path = os.path.join(tempfile.mkdtemp(), "info.xml")
+    f = libc.fopen(path.encode(), b"w")
+    libc.malloc_info(0, f)
+    libc.fclose(f)
+    done.set()
+    for t in threads:
+        t.join()
+    print(open(path).read().count("<heap nr="))
+    """
+)
+
+
+def _arenas(mode: str, env: dict[str, str] | None = None) -> int:
+    import os
+
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    run_env.update(env or {})
+    out = subprocess.run(
+        [sys.executable, "-c", _ARENAS, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=run_env,
+    )
+    return int(out.stdout.strip())
+
+
+def test_tune_malloc_gives_the_merge_threads_one_arena():
+    """Untuned, threads that allocate get arenas of their own (each heap grows to its own
+    thread's peak: more fresh memory); tuned, they share the main one."""
+    assert _arenas("plain") > 1
+    assert _arenas("tuned") == 1
+
+
+def test_tune_malloc_leaves_a_users_arena_setting():
+    """MALLOC_ARENA_MAX in the environment wins over the tuning."""
+    assert _arenas("tuned", {"MALLOC_ARENA_MAX": "3"}) > 1
