@@ -287,8 +287,8 @@ def test_search_refuses_bad_options(models, tmp_path):  # noqa: F811
 
 
 def test_interrupted_search_resumes(models, tmp_path):  # noqa: F811
-    """SIGINT while the second trial runs: the first stays complete, the second is marked
-    failed and its value runs again on the rerun, which then stops at --trials."""
+    """SIGINT while a trial after the first runs: those done stay complete, the running one
+    is marked failed and its value runs again on the rerun, which then stops at --trials."""
     out = tmp_path / "study"
     args = search_args(models, out, 3)
     env = {**os.environ, "MMATH_CACHE_DIR": str(tmp_path / "cache")}
@@ -316,19 +316,22 @@ def test_interrupted_search_resumes(models, tmp_path):  # noqa: F811
     trials = study_trials(out)
     (failed,) = [t for t in trials if t.state.name == "FAIL"]
     assert failed.user_attrs["error"] == "interrupted"
-    assert len(complete(trials)) == len(before) == 1
+    # the trial seen running may finish before the signal lands (a loaded machine): the
+    # interrupted one is then the third, and one or two stand complete
+    n = len(before)
+    assert len(complete(trials)) == n and n in (1, 2)
     assert not list((out / "points").glob("*/model"))
 
     res = mmath(*args)
     assert res.exit_code == 0, res.output
-    assert "1 trials complete, 2 to run" in res.output
+    assert f"{n} trials complete, {3 - n} to run" in res.output
     trials = study_trials(out)
     done = complete(trials)
     assert len(done) == 3
     retry = [t for t in done if t.user_attrs.get("retry_of") == failed.number]
     assert len(retry) == 1 and retry[0].params == failed.params
     after = rows_of(out)
-    assert after[:1] == before and len({r["id"] for r in after}) == len(after) == 3
+    assert after[:n] == before and len({r["id"] for r in after}) == len(after) == 3
 
 
 def test_two_workers_share_one_study(models, tmp_path):  # noqa: F811
