@@ -417,6 +417,61 @@ def test_importances_histogram_as_made_and_flag_nonfinite_and_negative(dtype):
         assert np.array_equal(hist - 3, np.bincount(bins, minlength=BINS))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_importances_recomputed_by_the_selection_passes_are_the_stored_ones(dtype):
+    """``importance_bins`` gives ``importances``' histogram and flags without keeping them,
+    and the selection's second passes over a ``(base, model, kl, row)`` source (the
+    importances computed again, row by row, across blocks that start inside rows) see the
+    stored importances' values: the same bins collected, the same low-bit histograms, the
+    same quartiles."""
+    from mergekit_math.kernels.fusion import importance_bins, importances
+    from mergekit_math.kernels.select import BINS, SHIFT, kth_largest_bits_from
+    from mergekit_math.kernels.select_passes import collect_bins, histogram_low2
+
+    row, rows = 3000, 5  # rows longer than a block (2048) and not a multiple of it
+    base, model = _pair(row * rows, dtype, 11)
+    kl = torch.rand(rows) * 1e-3
+    b, m, k = _as_numpy(base), _as_numpy(model), kl.numpy()
+    stored = np.empty(row * rows, np.float32)
+    want_hist = np.zeros(BINS, np.int32)
+    want_flags = importances(b, m, k, row, stored, want_hist)
+    hist = np.zeros(BINS, np.int32)
+    assert importance_bins(b, m, k, row, hist) == want_flags == 0
+    assert np.array_equal(hist, want_hist)
+    source = (b, m, k, np.int64(row))
+    bits = stored.view(np.uint32) >> SHIFT
+    top = np.unique(bits, return_counts=True)
+    first, second, third = (np.uint32(v) for v in top[0][np.argsort(-top[1])[:3]])
+    for dirty in (False, True):
+        want = np.empty(row * rows, np.uint32)
+        got = np.empty(row * rows, np.uint32)
+        n = collect_bins(stored, first, second, third, want, dirty)
+        assert collect_bins(source, first, second, third, got, dirty) == n > 0
+        assert np.array_equal(got[:n], want[:n])
+    want_low = np.zeros((2, 1 << SHIFT), np.int32)
+    got_low = np.zeros((2, 1 << SHIFT), np.int32)
+    histogram_low2(stored, first, second, want_low)
+    histogram_low2(source, first, second, got_low)
+    assert np.array_equal(got_low, want_low) and want_low.sum() > 0
+    ks = [row * rows // 4, row * rows // 2, 3 * row * rows // 4]
+
+    def run(jobs, items):
+        return [jobs(x) for x in items]
+
+    halves = [(0, stored[: 2 * row]), (1, stored[2 * row :])]
+    recomputed = [
+        (0, (b[: 2 * row], m[: 2 * row], k[:2], np.int64(row))),
+        (1, (b[2 * row :], m[2 * row :], k[2:], np.int64(row))),
+    ]
+    hists = [np.bincount(stored[: 2 * row].view(np.uint32) >> SHIFT, minlength=BINS)]
+    hists.append(np.bincount(stored[2 * row :].view(np.uint32) >> SHIFT, minlength=BINS))
+    hists = [h.astype(np.int32) for h in hists]
+    want_q = kth_largest_bits_from(halves, hists, ks, run, 2)
+    assert kth_largest_bits_from(recomputed, hists, ks, run, 2) == want_q
+    ordered = np.sort(stored)[::-1]
+    assert [q[0] for q in want_q] == [float(ordered[k - 1]) for k in ks]
+
+
 def test_chunked_arcee_fusion_with_a_kl_below_zero_selects_signed_importances(
     tmp_path, monkeypatch, wide_zoo
 ):

@@ -59,14 +59,42 @@ _NONFINITE = 0x7F800000 >> SHIFT  # the first bin of inf and NaN
 # took 0.9.
 
 
-@njit(inline="always")
 def _block_bits(src, start, n, bits):  # noqa: ANN001, ANN202
-    """Write the magnitude bits of block ``start`` of ``src`` into ``bits``; its length."""
-    block = part(src, start, min(n, start + _BLOCK))
-    count = source_size(block)
-    for i in range(count):
-        bits[i] = _f32_to_bits(magnitude_at(block, i))
-    return count
+    """Write the magnitude bits of block ``start`` of ``src`` into ``bits``; its length
+    (numba only). ``src`` is a source of :func:`magnitude_at`, or a ``(base, model, scale,
+    row)`` 4-tuple: the values ``|model − base|·scale[r]`` of rows of ``row`` entries
+    (float32 steps; Arcee Fusion's importances, recomputed where they were not stored)."""
+    raise NotImplementedError
+
+
+@overload(_block_bits, inline="always")
+def _block_bits_of(src, start, n, bits):  # noqa: ANN001, ANN202
+    if isinstance(src, types.BaseTuple) and len(src) == 4:
+
+        def scaled(src, start, n, bits):  # noqa: ANN001, ANN202
+            base, model, scale, row = src
+            end = min(n, start + _BLOCK)
+            i = start
+            while i < end:  # per row the block holds: a loop from 0 over slices vectorises
+                r = i // row
+                stop = min(end, (r + 1) * row)
+                k = scale[r]
+                b, m, out = base[i:stop], model[i:stop], bits[i - start : stop - start]
+                for j in range(stop - i):
+                    out[j] = _f32_to_bits(abs(load(m, j) - load(b, j)) * k)
+                i = stop
+            return end - start
+
+        return scaled
+
+    def stored(src, start, n, bits):  # noqa: ANN001, ANN202
+        block = part(src, start, min(n, start + _BLOCK))
+        count = source_size(block)
+        for i in range(count):
+            bits[i] = _f32_to_bits(magnitude_at(block, i))
+        return count
+
+    return stored
 
 
 @njit(inline="always")

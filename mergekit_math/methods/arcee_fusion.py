@@ -176,7 +176,7 @@ def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -
     import numpy as np
     import torch
 
-    from mergekit_math.kernels.fusion import importances
+    from mergekit_math.kernels.fusion import importance_bins, importances
     from mergekit_math.kernels.select import BINS, kth_largest_bits_from
     from mergekit_math.methods import statistics
     from mergekit_math.methods.statistics import thread_float32
@@ -185,7 +185,6 @@ def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -
     if inputs.numel == 0:
         return [None]
     row = row_length(inputs.shape)
-    importance = inputs.buffer("arcee_fusion.importance", inputs.numel, np.float32)
 
     def one(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> tuple[Any, int, Any]:
         (start, end), (base, models) = job
@@ -195,26 +194,34 @@ def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -
         statistics.as_float32(models[0], out=m.view(-1))
         kl = row_kl(m, b, compiled=True, work=(p, q)).reshape(-1).numpy()
         del b, m, p, q
-        # |m - b|·KL in torch's float32 steps, whether all are finite and none negative, and
-        # the selection's first pass, in one pass per row
+        # |m - b|·KL in torch's float32 steps (not kept), whether all are finite and none
+        # negative, and the selection's first pass, in one pass per row
         hist = np.zeros(BINS, np.int32)
-        flags = importances(base, models[0], kl, row, importance[start:end], hist)
+        flags = importance_bins(base, models[0], kl, row, hist)
         return kl, flags, hist
 
     done = list(inputs.map(one, zip(inputs.ranges, inputs.held)))
-    values = torch.from_numpy(importance)
     finite = not any(flags & 1 for _, flags, _ in done)
     ks = [inputs.numel - i for i in quartile_indices(inputs.numel)]
     if finite and not any(flags & 2 for _, flags, _ in done):
-        parts = [(r, importance[start:end]) for r, (start, end) in enumerate(inputs.ranges)]
+        # the second pass computes the importances again from the held inputs
+        parts = [
+            (r, (base, models[0], kl, np.int64(row)))
+            for r, ((base, models), (kl, _, _)) in enumerate(zip(inputs.held, done))
+        ]
         hists = [hist for _, _, hist in done]
-        found = kth_largest_bits_from(parts, hists, ks, inputs.map, len(parts))
+        found = kth_largest_bits_from(parts, hists, ks, inputs.map, len(parts))  # type: ignore[arg-type]
         threshold = _fence([Selection(*f).threshold for f in found], torch.float32)
-    elif finite:  # a KL rounded below zero: the selection of signed values
-        found = kth_selects(values, ks, inputs.map, compiled=True, ranges=inputs.ranges)
-        threshold = _fence([f.threshold for f in found], torch.float32)
-    else:  # NaN or inf: the selection's order of them is torch's
-        threshold = fusion_threshold(values)
+    else:  # a KL rounded below zero, or NaN or inf: the importances in one array
+        importance = np.empty(inputs.numel, np.float32)
+        for (start, end), (base, models), (kl, _, _) in zip(inputs.ranges, inputs.held, done):
+            importances(base, models[0], kl, row, importance[start:end], np.zeros(BINS, np.int32))
+        values = torch.from_numpy(importance)
+        if finite:  # the selection of signed values
+            found = kth_selects(values, ks, inputs.map, compiled=True, ranges=inputs.ranges)
+            threshold = _fence([f.threshold for f in found], torch.float32)
+        else:  # the selection's order of NaN and inf is torch's
+            threshold = fusion_threshold(values)
     kl = {start: k for (start, _), (k, _, _) in zip(inputs.ranges, done)}
     return [FusionState(kl, threshold, finite)]
 
@@ -247,10 +254,9 @@ register(
         examples=(Example(({},)),),
         base="required",
         inputs=(1, 1),
-        # chunks of whole rows where the fused kernel runs; the importances held meanwhile
-        chunking=Chunking(
-            prepare=fusion_prepare, buffers=lambda s, p: 1, compiled=True, unit=row_length
-        ),
+        # chunks of whole rows where the fused kernel runs; the importances are not kept (the
+        # selection computes them again), so no whole-tensor buffer
+        chunking=Chunking(prepare=fusion_prepare, compiled=True, unit=row_length),
         fused=fusion_fused,
         description="Take one model's changes to base_model where their KL-weighted size is "
         "an outlier (above median + 1.5 IQR).",
