@@ -3,6 +3,7 @@ fresh interpreters by glibc's own account of its arenas (``malloc_info``)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -73,3 +74,53 @@ def test_tune_malloc_gives_the_merge_threads_one_arena():
 def test_tune_malloc_leaves_a_users_arena_setting():
     """MALLOC_ARENA_MAX in the environment wins over the tuning."""
     assert _arenas("tuned", {"MALLOC_ARENA_MAX": "3"}) > 1
+
+
+_THREADS = textwrap.dedent(
+    """
+    import os, sys
+    if sys.argv[1] == "cli":
+        from mergekit_math.cli.startup import one_blas_thread
+        one_blas_thread()
+    before = len(os.listdir("/proc/self/task"))
+    import numpy  # noqa: F401
+    print(len(os.listdir("/proc/self/task")) - before, os.environ.get("OPENBLAS_NUM_THREADS"))
+    """
+)
+
+
+def _blas_threads(mode: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    import os
+
+    run_env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    run_env.update(env or {})
+    out = subprocess.run(
+        [sys.executable, "-c", _THREADS, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=run_env,
+    )
+    started, setting = out.stdout.split()
+    return int(started), setting
+
+
+def test_the_cli_loads_numpy_without_openblas_server_threads():
+    """Loading numpy starts an OpenBLAS thread per extra core, none after the CLI's setting;
+    a user's OPENBLAS_NUM_THREADS stays as given."""
+    if (os.cpu_count() or 1) > 1:
+        assert _blas_threads("plain")[0] > 0
+    assert _blas_threads("cli") == (0, "1")
+    assert _blas_threads("cli", {"OPENBLAS_NUM_THREADS": "2"})[1] == "2"
+
+
+def test_main_asks_for_one_blas_thread_before_running_a_command(monkeypatch):
+    from mergekit_math import cli
+
+    seen = []
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "unset at the end")  # undone after the test
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+    monkeypatch.setattr("mergekit_math.cli.startup.freeze_for_exit", lambda: None)
+    monkeypatch.setattr(cli, "app", lambda: seen.append(os.environ.get("OPENBLAS_NUM_THREADS")))
+    cli.main()
+    assert seen == ["1"]

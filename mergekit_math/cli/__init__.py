@@ -65,10 +65,12 @@ def _root(
 
 def main() -> None:
     """The console script: ``app`` runs every command under the one error handler
-    (:class:`~mergekit_math.cli.handler.HandledGroup`); after a merge, the exit skips the
+    (:class:`~mergekit_math.cli.handler.HandledGroup`), with one OpenBLAS thread
+    (:func:`~mergekit_math.cli.startup.one_blas_thread`); after a merge, the exit skips the
     interpreter's final collections (:func:`~mergekit_math.cli.startup.freeze_for_exit`)."""
-    from mergekit_math.cli.startup import freeze_for_exit
+    from mergekit_math.cli.startup import freeze_for_exit, one_blas_thread
 
+    one_blas_thread()  # before numpy loads
     try:
         app()
     finally:

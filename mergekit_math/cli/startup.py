@@ -25,6 +25,11 @@ frozen: about 0.25 s); a merge whose tensors all go through compiled kernels nev
   3; task arithmetic and DARE within noise). The blocks are few and large, so the threads
   do not wait on the arena's lock measurably.
 
+- :func:`one_blas_thread`: numpy and scipy (which numba imports) each load an OpenBLAS that
+  starts a thread per extra core; nothing here calls BLAS, but those threads spun for 2.7% of
+  a TIES merge's CPU samples. One thread: TIES 7.16 -> 6.88 CPU-s, 4.35 -> 4.29 s (medians of
+  4).
+
 Importing torch in a background thread while the recipe is planned was measured too and saved
 nothing (both are held by the GIL on this 2-core machine), so the import stays in line.
 """
@@ -38,6 +43,15 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
+
+
+def one_blas_thread() -> None:
+    """numpy's and scipy's OpenBLAS on one thread (unless OPENBLAS_NUM_THREADS is set), asked
+    before either loads: neither does linear algebra here, yet each starts a server thread
+    per extra core when it loads (numba imports scipy), and those spin while the merge runs."""
+    import os
+
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def tune_malloc() -> None:
