@@ -49,19 +49,17 @@ _ARENAS = textwrap.dedent(
 )
 
 
-def _arenas(mode: str, env: dict[str, str] | None = None) -> int:
-    import os
+def _script(script: str, mode: str, env: dict[str, str], prefix: str) -> str:
+    """``script``'s output in a fresh interpreter, with the environment's variables that
+    start with ``prefix`` replaced by ``env``."""
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith(prefix)}
+    run_env.update(env)
+    cmd = [sys.executable, "-c", script, mode]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, env=run_env).stdout
 
-    run_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    run_env.update(env or {})
-    out = subprocess.run(
-        [sys.executable, "-c", _ARENAS, mode],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=run_env,
-    )
-    return int(out.stdout.strip())
+
+def _arenas(mode: str, env: dict[str, str] | None = None) -> int:
+    return int(_script(_ARENAS, mode, env or {}, "MALLOC_").strip())
 
 
 def test_tune_malloc_gives_the_merge_threads_one_arena():
@@ -90,18 +88,7 @@ _THREADS = textwrap.dedent(
 
 
 def _blas_threads(mode: str, env: dict[str, str] | None = None) -> tuple[int, str]:
-    import os
-
-    run_env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
-    run_env.update(env or {})
-    out = subprocess.run(
-        [sys.executable, "-c", _THREADS, mode],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=run_env,
-    )
-    started, setting = out.stdout.split()
+    started, setting = _script(_THREADS, mode, env or {}, "OPENBLAS_NUM_THREADS").split()
     return int(started), setting
 
 
