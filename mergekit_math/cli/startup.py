@@ -27,7 +27,7 @@ frozen: about 0.25 s); a merge whose tensors all go through compiled kernels nev
 
 - :func:`one_blas_thread`: numpy and scipy (which numba imports) each load an OpenBLAS that
   starts a thread per extra core; nothing here calls BLAS, but those threads spun for 2.7% of
-  a TIES merge's CPU samples. One thread: TIES 7.16 -> 6.88 CPU-s, 4.35 -> 4.29 s (medians of
+  a TIES merge's CPU samples. One thread: TIES 7.17 -> 6.88 CPU-s, 4.35 -> 4.29 s (medians of
   4).
 
 Importing torch in a background thread while the recipe is planned was measured too and saved
