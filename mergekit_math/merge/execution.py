@@ -218,7 +218,9 @@ def compute_item(
             chunk = run.chunk if run is not None else CHUNK_ELEMENTS
             yield from _copy_parts(plan, item, run, item_ranges(plan, item, device, chunk))
             return
-        ready = _setup(plan, item, device, run, ahead.slot(item) if ahead is not None else 0)
+        ready = _setup(plan, item, device, run)
+        if ahead is not None:
+            ready.slot = ahead.slot(item)
         _hold_inputs(plan, item, run, ready)
         if ahead is not None and ready.holds:
             ahead.start_after(item)

@@ -81,7 +81,9 @@ class _Ready:
     states: Any = None
 
 
-def _setup(plan: Plan, item: PlanItem, device: str, run: _Run | None, slot: int = 0) -> _Ready:
+def _setup(plan: Plan, item: PlanItem, device: str, run: _Run | None) -> _Ready:
+    """The item's ranges, checks, inputs and kernel, and whether it prepares and holds its
+    inputs; its buffer slot is 0 until the caller gives it one (``Ahead.slot``)."""
     chunk = run.chunk if run is not None else CHUNK_ELEMENTS
     ranges = item_ranges(plan, item, device, chunk)
     finite = FiniteCheck(plan, item, run.strict_finite, run.warn) if run is not None else None
@@ -102,7 +104,7 @@ def _setup(plan: Plan, item: PlanItem, device: str, run: _Run | None, slot: int 
         assert chunking is not None  # prepares
         buffers = run is not None and chunking.buffers(item.shared, item.params) > 0
         holds = chunking.compiled or buffers
-    return _Ready(ranges, finite, inputs, generators, fused, prepares, holds, slot)
+    return _Ready(ranges, finite, inputs, generators, fused, prepares, holds)
 
 
 def _hold_inputs(plan: Plan, item: PlanItem, run: _Run | None, ready: _Ready) -> None:

@@ -176,9 +176,9 @@ def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -
     import numpy as np
     import torch
 
+    from mergekit_math.kernels.elementwise import widen_into
     from mergekit_math.kernels.fusion import importance_bins, importances
     from mergekit_math.kernels.select import BINS, kth_largest_bits_from
-    from mergekit_math.methods import statistics
     from mergekit_math.methods.statistics import thread_float32
 
     assert inputs.held is not None
@@ -189,11 +189,12 @@ def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -
     def one(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> tuple[Any, int, Any]:
         (start, end), (base, models) = job
         # the inputs widened and their softmaxes in this thread's reused arrays
-        b, m, p, q = (torch.from_numpy(a).view(-1, row) for a in thread_float32(4, end - start))
-        statistics.as_float32(base, out=b.view(-1))
-        statistics.as_float32(models[0], out=m.view(-1))
+        work = thread_float32(4, end - start)
+        widen_into(base, work[0])
+        widen_into(models[0], work[1])
+        b, m, p, q = (torch.from_numpy(a).view(-1, row) for a in work)
         kl = row_kl(m, b, compiled=True, work=(p, q)).reshape(-1).numpy()
-        del b, m, p, q
+        del b, m, p, q, work
         # |m - b|·KL in torch's float32 steps (not kept), whether all are finite and none
         # negative, and the selection's first pass, in one pass per row
         hist = np.zeros(BINS, np.int32)

@@ -31,18 +31,16 @@ def _held(inputs: PrepareInputs[Any, Any]) -> list[tuple[Any, list[Any]]]:
     return inputs.held
 
 
-def as_float32(array: Any, out: torch.Tensor | None = None) -> torch.Tensor:
-    """A held array (bfloat16 bits as uint16, or float32) as a float32 tensor (a copy; into
-    ``out``, a flat contiguous float32 CPU tensor of its length, where given)."""
+def as_float32(array: Any) -> torch.Tensor:
+    """A held array (bfloat16 bits as uint16, or float32) as a float32 tensor (a copy)."""
     import numpy as np
     import torch
 
     from mergekit_math.kernels.elementwise import widen_into
 
-    if out is None:
-        out = torch.from_numpy(np.empty(array.shape[0], np.float32))
-    widen_into(array, out.numpy())
-    return out
+    out = np.empty(array.shape[0], np.float32)
+    widen_into(array, out)
+    return torch.from_numpy(out)
 
 
 _local = threading.local()
