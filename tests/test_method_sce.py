@@ -344,3 +344,98 @@ def test_compiled_variance_is_torch_var(stored, count):
     # the selection's first pass: the variances' top 16 bits (a NaN with its sign bit: last)
     bins = np.minimum(out.view(np.uint32) >> 15, 2**16 - 1)
     assert np.array_equal(hist, np.bincount(bins, minlength=2**16))
+
+
+def _patterned(root: Path, ties: tuple[int, ...], big: range, dtype: str) -> dict[str, Path]:
+    """A zero base and two models (a one-layer Llama whose larger tensors exceed 32768
+    elements) with deltas chosen per flat position ``i`` by ``i % 50``: c and -c (tied
+    variances c²) where it is in ``ties``, else c·u and c·u/4 (variance (3cu/8)²) with u in
+    [3, 5) where in ``big``, else in [0.01, 0.9). The tied positions weigh more in the second
+    model's sum of squares than the others; every value is exact in bfloat16."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        max_position_embeddings=64,
+    )
+    shapes = {
+        "model.embed_tokens.weight": (1024, 256),
+        "lm_head.weight": (1024, 256),
+        "model.norm.weight": (256,),
+        "model.layers.0.input_layernorm.weight": (256,),
+        "model.layers.0.post_attention_layernorm.weight": (256,),
+        "model.layers.0.mlp.gate_proj.weight": (1024, 256),
+        "model.layers.0.mlp.up_proj.weight": (1024, 256),
+        "model.layers.0.mlp.down_proj.weight": (256, 1024),
+        "model.layers.0.self_attn.q_proj.weight": (256, 256),
+        "model.layers.0.self_attn.k_proj.weight": (128, 256),
+        "model.layers.0.self_attn.v_proj.weight": (128, 256),
+        "model.layers.0.self_attn.o_proj.weight": (256, 256),
+    }
+    g = torch.Generator().manual_seed(0)
+    weights: dict[str, dict[str, torch.Tensor]] = {"base": {}, "a": {}, "b": {}}
+    for name, shape in shapes.items():
+        n = torch.Size(shape).numel()
+        slot = torch.arange(n) % 50
+        tied = torch.isin(slot, torch.tensor(ties))
+        u = torch.rand(n, generator=g) * 0.89 + 0.01
+        u = torch.where(torch.isin(slot, torch.tensor(big)), 3 + 2 * torch.rand(n, generator=g), u)
+        a = torch.where(tied, torch.ones(n), u).mul(0.0625).to(getattr(torch, dtype))
+        weights["base"][name] = torch.zeros_like(a).reshape(shape)
+        weights["a"][name] = a.reshape(shape)
+        weights["b"][name] = torch.where(tied, -a, a * 0.25).reshape(shape)
+    out = {}
+    for label, tensors in weights.items():
+        folder = root / label
+        folder.mkdir()
+        config.save_pretrained(folder)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        out[label] = folder
+    return out
+
+
+@pytest.mark.parametrize("stored", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    ("ties", "big", "path"),
+    [
+        # the k-th largest variance's bin holds 4 in 100: selection, masks and squares in
+        # one pass; half its ties kept, in index order across the 5000-element chunks
+        ((7, 33), range(10, 24), "_masks_and_squares"),
+        # it holds 60 in 100: the selection's own second pass and tie rules
+        (tuple(range(10, 40)), range(0, 10), "_masks_by_rules"),
+    ],
+)
+def test_chunked_selection_with_tied_variances_is_the_whole_path(
+    tmp_path, monkeypatch, stored, ties, big, path
+):
+    """SCE in chunks with the kernels gives the whole-tensor torch path's bits where the
+    threshold is a variance many positions share, by whichever way its bin decides."""
+    from mergekit_math.merge import build_plan, execute
+    from mergekit_math.methods import sce
+    from mergekit_math.recipe import load_recipe
+
+    models = _patterned(tmp_path, ties, big, stored)
+    text = recipe_text(models, "{select_topk: 0.3}", dtype=stored)
+    recipe = write_recipe(tmp_path / "r.yaml", text)
+    calls = []
+    real = getattr(sce, path)
+    monkeypatch.setattr(sce, path, lambda *a, **k: calls.append(1) or real(*a, **k))
+    outs = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("MMATH_FUSED", mode)
+        plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
+        execute(plan, tmp_path / mode, progress=False, chunk_elements=5000)
+        outs[mode] = load_dir(tmp_path / mode)
+    assert len(calls) == 7  # the tensors over 32768 elements (k, v: 32768)
+    bits = torch.int16 if stored == "bfloat16" else torch.int32
+    for name, ref in outs["0"].items():
+        assert torch.equal(outs["1"][name].view(bits), ref.view(bits)), name
+    # half the tied positions of the fused case, a sixth of the other's, moved from the base
+    moved = (outs["0"]["model.layers.0.mlp.up_proj.weight"] != 0).float().mean().item()
+    assert moved == pytest.approx(0.3, abs=0.001)

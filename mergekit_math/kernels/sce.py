@@ -105,6 +105,67 @@ def kept_squares(base, ms, keep, out):  # noqa: ANN001, ANN201
         out[j] = total[j] + carry[j]
 
 
+@njit(nogil=True, cache=True, error_model="numpy")
+def squares_above_bin(base, ms, variance, bin_, keep, out, where):  # noqa: ANN001, ANN201
+    """The selection's second pass, the keep mask and :func:`kept_squares` in one pass, for
+    a range whose k-th largest variance lies in bin ``bin_`` (``bits >> 15``, as
+    :func:`variance_into` bins them): keep = 1 where the variance's bin is above it, else
+    0; out[j] = Σ (δ_j·keep)² as :func:`kept_squares`; the positions of the variances in
+    the bin into ``where``, in index order (the caller decides those and adds their squares
+    with :func:`add_squares_at`). Returns how many there are (those past the end of
+    ``where`` not written).
+
+    Per block: the mask and a flag per position (a loop that vectorises), the flags eight
+    at a time (one uint64) where the bin holds few values, then each model's squares."""
+    n = base.shape[0]
+    k = len(ms)
+    bits = variance.view(np.uint32)
+    block = np.empty(_BLOCK, np.float32)
+    flags = np.zeros(_BLOCK, np.uint8)
+    words = flags.view(np.uint64)
+    total = np.zeros(k)
+    carry = np.zeros(k)
+    found = 0
+    for start in range(0, n, _BLOCK):
+        size = min(_BLOCK, n - start)
+        for i in range(size):
+            b = bits[_at(start + i)] >> np.uint32(15)
+            keep[_at(start + i)] = b > bin_
+            flags[i] = b == bin_
+        for i in range(size, min(_BLOCK, size + 8)):  # a last, short block's last word
+            flags[i] = 0
+        for w in range((size + 7) // 8):
+            if words[w]:
+                for i in range(8 * w, 8 * w + 8):
+                    if flags[i]:
+                        if found < where.shape[0]:
+                            where[found] = start + i
+                        found += 1
+        for j in range(k):
+            m = ms[j]
+            for i in range(size):
+                d = (load(m, start + i) - load(base, start + i)) * keep_at(keep, start + i)
+                block[i] = d * d
+            total[j], carry[j] = _add(total[j], carry[j], block_sum(block[:size]))
+    for j in range(k):
+        out[j] = total[j] + carry[j]
+    return found
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def add_squares_at(base, ms, positions, out):  # noqa: ANN001, ANN201
+    """out[j] += Σ δ_j² over ``positions`` (each square rounded to float32, summed in
+    float64 with compensation): the kept positions :func:`squares_above_bin` left out."""
+    for j in range(len(ms)):
+        m = ms[j]
+        total = 0.0
+        carry = 0.0
+        for i in positions:
+            d = load(m, i) - load(base, i)
+            total, carry = _add(total, carry, np.float64(d * d))
+        out[j] += total + carry
+
+
 @njit(error_model="numpy")
 def _merge_loop(base, ms, keep, ws, out):  # noqa: ANN001, ANN202
     for i in range(out.shape[0]):

@@ -46,7 +46,7 @@ from mergekit_math.kernels.select_passes import (
 )
 
 
-def _pick(hist: np.ndarray, k: int) -> tuple[int, int]:
+def pick(hist: np.ndarray, k: int) -> tuple[int, int]:
     """The bin holding the ``k``-th largest and how many elements lie in higher bins."""
     higher = np.cumsum(hist[::-1])[::-1] - hist
     bin_ = int(np.flatnonzero((higher < k) & (higher + hist >= k))[-1])
@@ -167,17 +167,19 @@ def _from_found(
     rest of the bin are one value, its smallest, ``bin_ << SHIFT``; or every value of the
     bin, :func:`collect_bins`): ``(bits, above, ties per part)``."""
     inside = [f[(f >> np.uint32(SHIFT)) == bin_] for f in found]
-    dirty = np.sort(np.concatenate(inside))[::-1]
-    rank = k - above  # from the top of the bin
-    if rank <= dirty.shape[0]:
-        bits = int(dirty[rank - 1])
-        return (
-            bits,
-            above + int(np.count_nonzero(dirty > bits)),
-            [int(np.count_nonzero(f == bits)) for f in inside],
-        )
+    if k - above <= sum(f.shape[0] for f in inside):
+        bits, above = kth_in_bin(inside, k, above)
+        return bits, above, [int(np.count_nonzero(f == bits)) for f in inside]
     clean = [c.count(bin_) - f.shape[0] for c, f in zip(counted, inside)]
-    return bin_ << SHIFT, above + dirty.shape[0], clean
+    return bin_ << SHIFT, above + sum(f.shape[0] for f in inside), clean
+
+
+def kth_in_bin(inside: list[np.ndarray], k: int, above: int) -> tuple[int, int]:
+    """The bits of the ``k``-th largest value, ``above`` values lying above the values of
+    ``inside`` (its parts' bits, uint32) and it among them, and how many exceed it."""
+    values = np.sort(np.concatenate(inside))[::-1]
+    bits = int(values[k - above - 1])  # the rank from the top of these values
+    return bits, above + int(np.count_nonzero(values > bits))
 
 
 # Collect the answers' bins whole where they hold at most 1/_COLLECT[bins] of the values,
@@ -391,7 +393,7 @@ def _second_pass_answers(
     lows, total = _low_passes(sources, np.array(bins, np.uint32), map)
     for k, (bin_, above) in zip(ks, picks):
         row = int(np.searchsorted(bins, bin_))
-        low, above_low = _pick(total[row], k - above)
+        low, above_low = pick(total[row], k - above)
         ties = [int(hist[row, low]) for hist in lows]
         answers.append(((bin_ << SHIFT) | low, above + above_low, ties))
     return answers
@@ -425,7 +427,7 @@ def _answers(
         return None
     done: list[_Counted | _Split] = counted  # type: ignore[assignment]
     high = _total(done)
-    picks = [_pick(high, k) for k in ks]
+    picks = [pick(high, k) for k in ks]
     answers = _first_pass_answers(ks, picks, done)
     if answers is None:
         answers = _second_pass_answers(ks, picks, done, high, [s for _, s in parts], map)

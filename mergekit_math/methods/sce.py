@@ -184,7 +184,7 @@ def sce_prepare(inputs: PrepareInputs[SceShared, SceModel]) -> list[Any]:
         return [None]
     if not statistics.compiled_sums(inputs):
         return [_whole_state(inputs)]
-    masks = None
+    masks, parts = None, None
     if inputs.shared.select_topk < 1:
         variance = inputs.buffer("sce.variance", inputs.numel, np.float32)
 
@@ -198,7 +198,7 @@ def sce_prepare(inputs: PrepareInputs[SceShared, SceModel]) -> list[Any]:
         if sum(bad for _, bad, _ in counts):
             return [_whole_state(inputs)]
         nonzero = sum(nonzero for nonzero, _, _ in counts)
-        masks = _masks(inputs, variance, nonzero, [hist for _, _, hist in counts])
+        masks, parts = _masks(inputs, variance, nonzero, [hist for _, _, hist in counts])
         del variance
 
     def squares(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> Any:
@@ -208,7 +208,8 @@ def sce_prepare(inputs: PrepareInputs[SceShared, SceModel]) -> list[Any]:
         kernels.kept_squares(base, tuple(models), keep, out)
         return out
 
-    parts = list(inputs.map(squares, zip(inputs.ranges, inputs.held)))
+    if parts is None:
+        parts = list(inputs.map(squares, zip(inputs.ranges, inputs.held)))
     sums = [statistics.rounded(math.fsum(p[j] for p in parts)) for j in range(len(parts[0]))]
     # with masks the variances were all finite (else the whole path ran); without, the
     # squares summed every entry of every delta
@@ -216,22 +217,88 @@ def sce_prepare(inputs: PrepareInputs[SceShared, SceModel]) -> list[Any]:
     return [SceState(masks, _normalised(torch.stack(sums), inputs.numel), finite)]
 
 
+# The k-th largest variance's bin holding at most 1 in _FEW of the values, the selection's
+# second pass, the masks and the sums of kept squares run as one pass (squares_above_bin)
+_FEW = 20
+
+
 def _masks(
     inputs: PrepareInputs[SceShared, SceModel], variance: Any, nonzero: int, hists: list[Any]
-) -> dict[int, Any]:
+) -> tuple[dict[int, Any], list[Any] | None]:
     """Per range, the keep mask of the ``k`` largest variances (``variance_mask``'s), the
-    selection's first pass done (``hists``, per range: :func:`kernels.sce.variance_into`)."""
+    selection's first pass done (``hists``, per range: :func:`kernels.sce.variance_into`);
+    and per range the sums of the kept squares where they were made on the way (else None)."""
     import numpy as np
     import torch
 
-    from mergekit_math.kernels import sce as kernels
-    from mergekit_math.kernels.select import kth_largest_bits_from
+    from mergekit_math.kernels.select import pick
 
     fraction = inputs.shared.select_topk
     # as variance_mask: the int64 count times the float, in torch (float32)
     k = int(torch.tensor(nonzero) * fraction) if fraction > 0 else 0
     if k == 0:
-        return {start: np.zeros(end - start, np.uint8) for start, end in inputs.ranges}
+        return {start: np.zeros(end - start, np.uint8) for start, end in inputs.ranges}, None
+    high = np.sum(hists, axis=0, dtype=np.int64)
+    bin_, above = pick(high, k)
+    if high[bin_] * _FEW <= high.sum():
+        return _masks_and_squares(inputs, variance, hists, k, bin_, above)
+    return _masks_by_rules(inputs, variance, hists, k), None
+
+
+def _masks_and_squares(
+    inputs: PrepareInputs[SceShared, SceModel],
+    variance: Any,
+    hists: list[Any],
+    k: int,
+    bin_: int,
+    above: int,
+) -> tuple[dict[int, Any], list[Any]]:
+    """:func:`_masks` where the ``k``-th largest variance lies in bin ``bin_`` (``above``
+    variances in higher bins), which holds few: per range one pass makes the mask of the
+    higher bins, the sums of their squares and the positions in the bin; the bin's values
+    then give the threshold, and the positions it keeps (ties in index order) are marked
+    and their squares added."""
+    import numpy as np
+
+    from mergekit_math.kernels import sce as kernels
+    from mergekit_math.kernels.select import kth_in_bin
+
+    def one(job: tuple[int, tuple[tuple[int, int], tuple[Any, list[Any]]]]) -> Any:
+        r, ((start, end), (base, models)) = job
+        keep = np.empty(end - start, np.uint8)
+        where = np.empty(int(hists[r][bin_]), np.int64)
+        out = np.zeros(len(models))
+        part = variance[start:end]
+        got = kernels.squares_above_bin(
+            base, tuple(models), part, np.uint32(bin_), keep, out, where
+        )
+        if got != where.shape[0]:
+            raise RuntimeError("SCE: the variances changed between passes")
+        return keep, out, where, part.view(np.uint32)[where]
+
+    done = list(inputs.map(one, enumerate(zip(inputs.ranges, inputs.held))))
+    bits, above = kth_in_bin([found for *_, found in done], k, above)
+    ties = k - above  # the variances equal to the threshold kept, in index order
+    parts = []
+    for (keep, out, where, found), (base, models) in zip(done, inputs.held):
+        tied = where[found == bits][:ties]
+        ties -= tied.shape[0]
+        kept = np.concatenate((where[found > bits], tied))
+        keep[kept] = 1
+        kernels.add_squares_at(base, tuple(models), kept, out)
+        parts.append(out)
+    return {start: keep for (start, _), (keep, *_) in zip(inputs.ranges, done)}, parts
+
+
+def _masks_by_rules(
+    inputs: PrepareInputs[SceShared, SceModel], variance: Any, hists: list[Any], k: int
+) -> dict[int, Any]:
+    """:func:`_masks` by the selection's own second pass and tie rules."""
+    import numpy as np
+
+    from mergekit_math.kernels import sce as kernels
+    from mergekit_math.kernels.select import kth_largest_bits_from
+
     parts = [(r, variance[start:end]) for r, (start, end) in enumerate(inputs.ranges)]
     (found,) = kth_largest_bits_from(parts, hists, [k], inputs.map, len(parts))
     selection = Selection(*found)
