@@ -311,10 +311,11 @@ def test_compiled_variance_is_torch_var(stored, count):
     """The compiled variances are ``torch.var(unbiased=False)`` over the deltas bit for bit,
     with zeros of both signs, subnormal, huge and non-finite deltas, over a length that ends
     in a short block; the counts of nonzero and non-finite variances, and the histogram of
-    their top 16 bits made as they are written (the selection's first pass), with them."""
+    their top 16 bits made as they are written (the selection's first pass), with them; or
+    stored as those bins; and made again at chosen positions."""
     import numpy as np
 
-    from mergekit_math.kernels.sce import variance_into
+    from mergekit_math.kernels.sce import variance_bits_at, variance_into
 
     n = 10_001
     g = torch.Generator().manual_seed(count)
@@ -344,6 +345,16 @@ def test_compiled_variance_is_torch_var(stored, count):
     # the selection's first pass: the variances' top 16 bits (a NaN with its sign bit: last)
     bins = np.minimum(out.view(np.uint32) >> 15, 2**16 - 1)
     assert np.array_equal(hist, np.bincount(bins, minlength=2**16))
+    # stored as their bins instead (half the bytes), with the same counts and histogram;
+    # the exact values again where asked
+    keys = np.empty(n, np.uint16)
+    key_hist = np.zeros(2**16, np.int32)
+    assert variance_into(as_stored(base), stored_models, keys, key_hist) == (nonzero, bad)
+    assert np.array_equal(keys, bins) and np.array_equal(key_hist, hist)
+    where = np.array([0, 1, 2, 3, 4, 5, 6, 7, 4095, 4096, n - 1], np.int64)
+    again = np.empty(where.shape[0], np.uint32)
+    variance_bits_at(as_stored(base), stored_models, where, again)
+    assert np.array_equal(again, out.view(np.uint32)[where])
 
 
 def _patterned(root: Path, ties: tuple[int, ...], big: range, dtype: str) -> dict[str, Path]:

@@ -14,8 +14,8 @@ from numba import njit, types
 from numba.extending import overload
 
 from mergekit_math.kernels.elementwise import _count_inputs
-from mergekit_math.kernels.scalar import _at, load, sign_bit_one, step, store
-from mergekit_math.kernels.select_passes import add_bins
+from mergekit_math.kernels.scalar import _at, _f32_to_bits, load, sign_bit_one, step, store
+from mergekit_math.kernels.select_passes import BINS, SHIFT, add_bins
 from mergekit_math.kernels.stats import _add, block_sum
 
 _ZERO = np.float32(0.0)
@@ -36,40 +36,88 @@ def _keep_at(keep, i):  # noqa: ANN001, ANN202
     return lambda keep, i: np.float32(keep[_at(i)])
 
 
+@njit(inline="always")
+def _variance(base, ms, i):  # noqa: ANN001, ANN202
+    """Var_j(δ_j) at position ``i`` as ``torch.var`` computes it on the CPU: Welford's
+    update in float64 over the models in order, the sum of squared deviations divided by
+    the count, rounded to float32."""
+    k = len(ms)
+    b = load(base, i)
+    mean = 0.0
+    m2 = 0.0
+    for j in range(k):
+        x = np.float64(load(ms[j], i) - b)
+        d = x - mean
+        mean += d / (j + 1)
+        m2 += d * (x - mean)
+    return np.float32(m2 / k)
+
+
+def _as_stored(block, v):  # noqa: ANN001, ANN201
+    """Variance ``v`` as ``block`` stores it (numba only): the value in a float32 block,
+    its top-16-bit bin (``bits >> 15``, the last bin for a sign bit) in a uint16 one."""
+    raise NotImplementedError
+
+
+@overload(_as_stored, inline="always")
+def _as_stored_impl(block, v):  # noqa: ANN001, ANN202
+    if block.dtype == types.uint16:
+        return lambda block, v: np.uint16(
+            min(_f32_to_bits(v) >> np.uint32(SHIFT), np.uint32(BINS - 1))
+        )
+    return lambda block, v: v
+
+
+def _bins(block, hist):  # noqa: ANN001, ANN201
+    """Add a block's bins (numba only): of its float32 values, or its uint16 bins."""
+    raise NotImplementedError
+
+
+@overload(_bins, inline="always")
+def _bins_impl(block, hist):  # noqa: ANN001, ANN202
+    if block.dtype == types.uint16:
+
+        def keys(block, hist):  # noqa: ANN001, ANN202
+            for i in range(block.shape[0]):
+                hist[block[i]] += 1
+
+        return keys
+    return lambda block, hist: add_bins(block, hist)
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def variance_into(base, ms, out, hist):  # noqa: ANN001, ANN201
-    """out = Var_j(δ_j) (population) per position, as ``torch.var`` computes it on the CPU:
-    Welford's update in float64 over the models in order, the sum of squared deviations
-    divided by the count, rounded to float32; the variances' top-16-bit bins added to
-    ``hist`` as they are written (the selection's first pass,
-    :func:`~mergekit_math.kernels.select.kth_largest_bits_from`; a NaN with its sign bit
-    set counts in the last bin: the caller does not select where some variance is not
+    """out = Var_j(δ_j) (population) per position, as ``torch.var`` computes it on the CPU
+    (:func:`_variance`); or, where ``out`` is uint16, each variance's top-16-bit bin
+    (``bits >> 15``: how :func:`squares_above_bin` compares them, half the bytes of the
+    values). The bins are added to ``hist`` as they are written (the selection's first
+    pass, :func:`~mergekit_math.kernels.select.kth_largest_bits_from`; a NaN with its sign
+    bit set counts in the last bin: the caller does not select where some variance is not
     finite). Returns (nonzero, non-finite) counts.
 
     By blocks, each histogrammed while it is in cache (the pass is bound by memory: 1.9 ->
     1.5 ns per element for two bfloat16 models, against a histogram pass of its own over
     the variances; Welford's steps block by block in float64 buffers were slower, 1.6-1.9)."""
-    k = len(ms)
     n = out.shape[0]
     nonzero = 0
     bad = 0
     for start in range(0, n, _BLOCK):
         block = out[start : min(n, start + _BLOCK)]
         for i in range(block.shape[0]):
-            b = load(base, start + i)
-            mean = 0.0
-            m2 = 0.0
-            for j in range(k):
-                x = np.float64(load(ms[j], start + i) - b)
-                d = x - mean
-                mean += d / (j + 1)
-                m2 += d * (x - mean)
-            v = np.float32(m2 / k)
-            block[i] = v
+            v = _variance(base, ms, start + i)
+            block[i] = _as_stored(block, v)
             nonzero += v != 0
             bad += not np.isfinite(v)
-        add_bins(block, hist)
+        _bins(block, hist)
     return nonzero, bad
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def variance_bits_at(base, ms, positions, out):  # noqa: ANN001, ANN201
+    """out[p] = the float32 bits of :func:`_variance` at ``positions[p]``: the exact values
+    of the few variances whose bins were stored."""
+    for p in range(positions.shape[0]):
+        out[p] = _f32_to_bits(_variance(base, ms, positions[p]))
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -106,10 +154,10 @@ def kept_squares(base, ms, keep, out):  # noqa: ANN001, ANN201
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def squares_above_bin(base, ms, variance, bin_, keep, out, where):  # noqa: ANN001, ANN201
+def squares_above_bin(base, ms, keys, bin_, keep, out, where):  # noqa: ANN001, ANN201
     """The selection's second pass, the keep mask and :func:`kept_squares` in one pass, for
-    a range whose k-th largest variance lies in bin ``bin_`` (``bits >> 15``, as
-    :func:`variance_into` bins them): keep = 1 where the variance's bin is above it, else
+    a range of variances stored as their bins (``keys``, uint16: :func:`variance_into`)
+    where the k-th largest lies in bin ``bin_``: keep = 1 where the bin is above it, else
     0; out[j] = Σ (δ_j·keep)² as :func:`kept_squares`; the positions of the variances in
     the bin into ``where``, in index order (the caller decides those and adds their squares
     with :func:`add_squares_at`). Returns how many there are (those past the end of
@@ -119,7 +167,6 @@ def squares_above_bin(base, ms, variance, bin_, keep, out, where):  # noqa: ANN0
     at a time (one uint64) where the bin holds few values, then each model's squares."""
     n = base.shape[0]
     k = len(ms)
-    bits = variance.view(np.uint32)
     block = np.empty(_BLOCK, np.float32)
     flags = np.zeros(_BLOCK, np.uint8)
     words = flags.view(np.uint64)
@@ -129,7 +176,7 @@ def squares_above_bin(base, ms, variance, bin_, keep, out, where):  # noqa: ANN0
     for start in range(0, n, _BLOCK):
         size = min(_BLOCK, n - start)
         for i in range(size):
-            b = bits[_at(start + i)] >> np.uint32(15)
+            b = keys[_at(start + i)]
             keep[_at(start + i)] = b > bin_
             flags[i] = b == bin_
         for i in range(size, min(_BLOCK, size + 8)):  # a last, short block's last word

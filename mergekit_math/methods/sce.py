@@ -186,20 +186,21 @@ def sce_prepare(inputs: PrepareInputs[SceShared, SceModel]) -> list[Any]:
         return [_whole_state(inputs)]
     masks, parts = None, None
     if inputs.shared.select_topk < 1:
-        variance = inputs.buffer("sce.variance", inputs.numel, np.float32)
+        # each variance's top-16-bit bin: what the selection and the masks compare
+        keys = inputs.buffer("sce.variance", inputs.numel, np.uint16)
 
         def one(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> tuple[int, int, Any]:
             (start, end), (base, models) = job
             hist = np.zeros(BINS, np.int32)  # the selection's first pass, as they are made
-            nonzero, bad = kernels.variance_into(base, tuple(models), variance[start:end], hist)
+            nonzero, bad = kernels.variance_into(base, tuple(models), keys[start:end], hist)
             return nonzero, bad, hist
 
         counts = list(inputs.map(one, zip(inputs.ranges, inputs.held)))
         if sum(bad for _, bad, _ in counts):
             return [_whole_state(inputs)]
         nonzero = sum(nonzero for nonzero, _, _ in counts)
-        masks, parts = _masks(inputs, variance, nonzero, [hist for _, _, hist in counts])
-        del variance
+        masks, parts = _masks(inputs, keys, nonzero, [hist for _, _, hist in counts])
+        del keys
 
     def squares(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> Any:
         (start, _), (base, models) = job
@@ -223,11 +224,12 @@ _FEW = 20
 
 
 def _masks(
-    inputs: PrepareInputs[SceShared, SceModel], variance: Any, nonzero: int, hists: list[Any]
+    inputs: PrepareInputs[SceShared, SceModel], keys: Any, nonzero: int, hists: list[Any]
 ) -> tuple[dict[int, Any], list[Any] | None]:
     """Per range, the keep mask of the ``k`` largest variances (``variance_mask``'s), the
-    selection's first pass done (``hists``, per range: :func:`kernels.sce.variance_into`);
-    and per range the sums of the kept squares where they were made on the way (else None)."""
+    selection's first pass done (``keys``, the variances' bins, and ``hists``, per range:
+    :func:`kernels.sce.variance_into`); and per range the sums of the kept squares where
+    they were made on the way (else None)."""
     import numpy as np
     import torch
 
@@ -241,13 +243,13 @@ def _masks(
     high = np.sum(hists, axis=0, dtype=np.int64)
     bin_, above = pick(high, k)
     if high[bin_] * _FEW <= high.sum():
-        return _masks_and_squares(inputs, variance, hists, k, bin_, above)
-    return _masks_by_rules(inputs, variance, hists, k), None
+        return _masks_and_squares(inputs, keys, hists, k, bin_, above)
+    return _masks_by_rules(inputs, hists, k), None
 
 
 def _masks_and_squares(
     inputs: PrepareInputs[SceShared, SceModel],
-    variance: Any,
+    keys: Any,
     hists: list[Any],
     k: int,
     bin_: int,
@@ -256,8 +258,8 @@ def _masks_and_squares(
     """:func:`_masks` where the ``k``-th largest variance lies in bin ``bin_`` (``above``
     variances in higher bins), which holds few: per range one pass makes the mask of the
     higher bins, the sums of their squares and the positions in the bin; the bin's values
-    then give the threshold, and the positions it keeps (ties in index order) are marked
-    and their squares added."""
+    then give the threshold (their exact variances computed again), and the positions it
+    keeps (ties in index order) are marked and their squares added."""
     import numpy as np
 
     from mergekit_math.kernels import sce as kernels
@@ -268,13 +270,14 @@ def _masks_and_squares(
         keep = np.empty(end - start, np.uint8)
         where = np.empty(int(hists[r][bin_]), np.int64)
         out = np.zeros(len(models))
-        part = variance[start:end]
         got = kernels.squares_above_bin(
-            base, tuple(models), part, np.uint32(bin_), keep, out, where
+            base, tuple(models), keys[start:end], np.uint16(bin_), keep, out, where
         )
         if got != where.shape[0]:
             raise RuntimeError("SCE: the variances changed between passes")
-        return keep, out, where, part.view(np.uint32)[where]
+        found = np.empty(where.shape[0], np.uint32)
+        kernels.variance_bits_at(base, tuple(models), where, found)
+        return keep, out, where, found
 
     done = list(inputs.map(one, enumerate(zip(inputs.ranges, inputs.held))))
     bits, above = kth_in_bin([found for *_, found in done], k, above)
@@ -291,13 +294,23 @@ def _masks_and_squares(
 
 
 def _masks_by_rules(
-    inputs: PrepareInputs[SceShared, SceModel], variance: Any, hists: list[Any], k: int
+    inputs: PrepareInputs[SceShared, SceModel], hists: list[Any], k: int
 ) -> dict[int, Any]:
-    """:func:`_masks` by the selection's own second pass and tie rules."""
+    """:func:`_masks` by the selection's own second pass and tie rules, over the variances
+    made again as float32 values."""
     import numpy as np
 
     from mergekit_math.kernels import sce as kernels
-    from mergekit_math.kernels.select import kth_largest_bits_from
+    from mergekit_math.kernels.select import BINS, kth_largest_bits_from
+
+    variance = np.empty(inputs.numel, np.float32)
+
+    def again(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> None:
+        (start, end), (base, models) = job
+        scratch = np.zeros(BINS, np.int32)  # the bins are known
+        kernels.variance_into(base, tuple(models), variance[start:end], scratch)
+
+    list(inputs.map(again, zip(inputs.ranges, inputs.held)))
 
     parts = [(r, variance[start:end]) for r, (start, end) in enumerate(inputs.ranges)]
     (found,) = kth_largest_bits_from(parts, hists, [k], inputs.map, len(parts))
@@ -347,7 +360,8 @@ def sce_fused(inputs: FusedInputs[SceShared, SceModel]) -> bool:
 
 
 def _buffers(shared: SceShared, params: list[SceModel]) -> int:
-    # the variances (float32) while the masks (a byte each) are made
+    # the variances' bins (2 bytes each) and the masks (a byte each); a tensor whose k-th
+    # largest variance's bin holds many (_masks_by_rules) makes float32 values besides
     return 2 if shared.select_topk < 1 else 0
 
 
