@@ -137,20 +137,23 @@ def kept_squares(base, ms, keep, out):  # noqa: ANN001, ANN201
     3.0 -> 1.0 ns per element for two bfloat16 models, against one float64 accumulator
     chain per lane where they were converted."""
     n = base.shape[0]
-    k = len(ms)
     block = np.empty(_BLOCK, np.float32)
-    total = np.zeros(k)
-    carry = np.zeros(k)
+    sums = np.zeros((2, len(ms)))  # the totals and their compensations
     for start in range(0, n, _BLOCK):  # a block of the base and mask stays in cache
-        size = min(_BLOCK, n - start)
-        for j in range(k):
-            m = ms[j]
-            for i in range(size):
-                d = (load(m, start + i) - load(base, start + i)) * keep_at(keep, start + i)
-                block[i] = d * d
-            total[j], carry[j] = _add(total[j], carry[j], block_sum(block[:size]))
-    for j in range(k):
-        out[j] = total[j] + carry[j]
+        _add_block_squares(base, ms, keep, start, min(_BLOCK, n - start), block, sums)
+    out[:] = sums[0] + sums[1]
+
+
+@njit(inline="always")
+def _add_block_squares(base, ms, keep, start, size, block, sums):  # noqa: ANN001, ANN202
+    """Each model's Σ (δ_j·keep)² over a block, its float32 squares in ``block`` first,
+    added to ``sums`` (row 0 the totals, row 1 their compensations)."""
+    for j in range(len(ms)):
+        m = ms[j]
+        for i in range(size):
+            d = (load(m, start + i) - load(base, start + i)) * keep_at(keep, start + i)
+            block[i] = d * d
+        sums[0, j], sums[1, j] = _add(sums[0, j], sums[1, j], block_sum(block[:size]))
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -166,12 +169,10 @@ def squares_above_bin(base, ms, keys, bin_, keep, out, where):  # noqa: ANN001, 
     Per block: the mask and a flag per position (a loop that vectorises), the flags eight
     at a time (one uint64) where the bin holds few values, then each model's squares."""
     n = base.shape[0]
-    k = len(ms)
     block = np.empty(_BLOCK, np.float32)
     flags = np.zeros(_BLOCK, np.uint8)
     words = flags.view(np.uint64)
-    total = np.zeros(k)
-    carry = np.zeros(k)
+    sums = np.zeros((2, len(ms)))
     found = 0
     for start in range(0, n, _BLOCK):
         size = min(_BLOCK, n - start)
@@ -188,14 +189,8 @@ def squares_above_bin(base, ms, keys, bin_, keep, out, where):  # noqa: ANN001, 
                         if found < where.shape[0]:
                             where[found] = start + i
                         found += 1
-        for j in range(k):
-            m = ms[j]
-            for i in range(size):
-                d = (load(m, start + i) - load(base, start + i)) * keep_at(keep, start + i)
-                block[i] = d * d
-            total[j], carry[j] = _add(total[j], carry[j], block_sum(block[:size]))
-    for j in range(k):
-        out[j] = total[j] + carry[j]
+        _add_block_squares(base, ms, keep, start, size, block, sums)
+    out[:] = sums[0] + sums[1]
     return found
 
 
