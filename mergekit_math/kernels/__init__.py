@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 
 
 @functools.cache
@@ -55,3 +56,25 @@ def enabled(device: str, elements: int | None = None) -> bool:
     if mode != "1" and elements is not None and elements < MIN_ELEMENTS:
         return False
     return _numba_ok()
+
+
+# torch versions whose CPU float32 sum kernels.torch_order.row_sum was checked against
+# (tests/test_torch_order.py)
+_TORCH_SUMS_CHECKED = ("2.13.0",)
+
+
+@functools.cache
+def torch_sums_known() -> bool:
+    """Whether :func:`mergekit_math.kernels.torch_order.row_sum` gives torch's float32 sums
+    here: numba installed, an x86-64 machine (aarch64's vectors have other widths) and an
+    installed torch version it was checked against (read from torch's metadata, without
+    importing it)."""
+    from importlib import metadata
+
+    if not _numba_ok() or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return False
+    return version.split("+")[0] in _TORCH_SUMS_CHECKED

@@ -78,7 +78,7 @@ def prepares_with_torch(plan: Plan) -> bool:
     """Whether the plan's method prepares its tensors with torch (``Chunking.prepare``
     without ``host``)."""
     chunking = plan.method.chunking
-    return chunking is not None and chunking.prepare is not None and not chunking.host
+    return chunking is not None and chunking.prepare is not None and not chunking.on_host()
 
 
 def runs_on_numpy(plan: Plan, device: str) -> bool:

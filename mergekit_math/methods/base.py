@@ -200,10 +200,15 @@ class Chunking(Generic[S, M]):
     prepare: Callable[[PrepareInputs[S, M]], list[Any]] | None = None
     buffers: Callable[[S, list[M]], int] = _no_buffers
     compiled: bool = False
-    host: bool = False
+    # or a function saying it (asked when a plan is made, not at import)
+    host: bool | Callable[[], bool] = False
     # chunks of a tensor of this shape start at multiples of unit(shape) elements (DELLA:
     # whole rows and whole mask blocks); None: anywhere
     unit: Callable[[tuple[int, ...]], int] | None = None
+
+    def on_host(self) -> bool:
+        """Whether ``prepare`` needs no torch (``host``) on this machine."""
+        return self.host() if callable(self.host) else self.host
 
 
 # Elementwise methods (linear, passthrough): chunks need no preparation.

@@ -121,6 +121,34 @@ def _normalised(sums: torch.Tensor, count: int) -> torch.Tensor:
     return means / total
 
 
+def _coefficients(sums: Any, count: int) -> Any:
+    """:func:`_normalised` of numpy float32 sums, in its float32 steps (the means' sum in
+    torch's order, :func:`_torch_sum`)."""
+    import numpy as np
+
+    n = sums.shape[0]
+    means = sums / np.float32(count)
+    total = float(_torch_sum(means))
+    if abs(total) < _WEIGHT_FLOOR:
+        return np.ones(n, np.float32) / np.float32(n)
+    return means / np.float32(total)
+
+
+def _torch_sum(row: Any) -> Any:
+    """torch's float32 sum of a contiguous float32 row of up to 32768 elements: in torch's
+    order by :func:`~mergekit_math.kernels.torch_order.row_sum` where that is known to be
+    torch's here, else by torch."""
+    from mergekit_math import kernels
+
+    if kernels.torch_sums_known():
+        from mergekit_math.kernels.torch_order import row_sum
+
+        return row_sum(row)
+    import torch
+
+    return torch.from_numpy(row).sum().numpy()
+
+
 def sce_merge(inputs: MergeInputs[SceShared, SceModel]) -> torch.Tensor:
     """``base + Σ_i w_i·m_i·δ_i / max(Σ_i w_i·m_i, 1e-6)`` over the selected positions."""
     import torch
@@ -139,7 +167,10 @@ def sce_merge(inputs: MergeInputs[SceShared, SceModel]) -> torch.Tensor:
         deltas.mul_(keep)
     # the sign is elected from the raw (selected) deltas, before the coefficients apply
     agree = agreement_mask(deltas, elect_sign(deltas))
-    coefficients = magnitude_weights(deltas) if inputs.states is None else state.weights
+    if inputs.states is None:
+        coefficients = magnitude_weights(deltas)
+    else:
+        coefficients = torch.as_tensor(state.weights)
     weights = coefficients.reshape((-1,) + (1,) * base.dim())
     erased = agree.mul_(weights)
     merged = (deltas * erased).sum(dim=0)
@@ -150,10 +181,11 @@ def sce_merge(inputs: MergeInputs[SceShared, SceModel]) -> torch.Tensor:
 @dataclass(frozen=True)
 class SceState:
     """A tensor's selection, one uint8 keep mask per range (by its start; None: every
-    position kept), and the models' coefficients (float32, shape ``(n,)``)."""
+    position kept), and the models' coefficients (float32, shape ``(n,)``: a numpy array,
+    or a tensor where torch's steps made them)."""
 
     masks: dict[int, Any] | None
-    weights: torch.Tensor
+    weights: Any
     # every input known finite (the compiled variances or sums of squares were): the
     # merge need not count non-finite values
     finite: bool = False
@@ -170,10 +202,9 @@ def sce_prepare(inputs: PrepareInputs[SceShared, SceModel]) -> list[Any]:
     """The tensor's :class:`SceState`, by compiled passes over the held inputs: the
     variances, the exact selection of the ``k`` largest (ties in index order, per range by
     :func:`~mergekit_math.methods.selection.tie_rules`) and the sums of kept squares (torch
-    on the whole tensor, as the whole path, for tensors of up to 32768 elements or with
-    non-finite variances)."""
+    on the whole tensor, as the whole path, for tensors with non-finite variances; tensors
+    of up to 32768 elements by :func:`_short_state`). No torch unless a whole path runs."""
     import numpy as np
-    import torch
 
     from mergekit_math.kernels import sce as kernels
     from mergekit_math.kernels.select import BINS
@@ -183,7 +214,7 @@ def sce_prepare(inputs: PrepareInputs[SceShared, SceModel]) -> list[Any]:
     if not inputs.params:
         return [None]
     if not statistics.compiled_sums(inputs):
-        return [_whole_state(inputs)]
+        return [_short_state(inputs)]
     masks, parts = None, None
     if inputs.shared.select_topk < 1:
         # each variance's top-16-bit bin: what the selection and the masks compare
@@ -211,11 +242,12 @@ def sce_prepare(inputs: PrepareInputs[SceShared, SceModel]) -> list[Any]:
 
     if parts is None:
         parts = list(inputs.map(squares, zip(inputs.ranges, inputs.held)))
-    sums = [statistics.rounded(math.fsum(p[j] for p in parts)) for j in range(len(parts[0]))]
+    # each float64 sum rounded once to float32, as reduce_sum rounds it
+    sums = np.array([math.fsum(p[j] for p in parts) for j in range(len(parts[0]))], np.float32)
     # with masks the variances were all finite (else the whole path ran); without, the
     # squares summed every entry of every delta
-    finite = masks is not None or all(math.isfinite(s.item()) for s in sums)
-    return [SceState(masks, _normalised(torch.stack(sums), inputs.numel), finite)]
+    finite = masks is not None or bool(np.isfinite(sums).all())
+    return [SceState(masks, _coefficients(sums, inputs.numel), finite)]
 
 
 # The k-th largest variance's bin holding at most 1 in _FEW of the values, the selection's
@@ -231,13 +263,10 @@ def _masks(
     :func:`kernels.sce.variance_into`); and per range the sums of the kept squares where
     they were made on the way (else None)."""
     import numpy as np
-    import torch
 
     from mergekit_math.kernels.select import pick
 
-    fraction = inputs.shared.select_topk
-    # as variance_mask: the int64 count times the float, in torch (float32)
-    k = int(torch.tensor(nonzero) * fraction) if fraction > 0 else 0
+    k = _top_count(nonzero, inputs.shared.select_topk)
     if k == 0:
         return {start: np.zeros(end - start, np.uint8) for start, end in inputs.ranges}, None
     high = np.sum(hists, axis=0, dtype=np.int64)
@@ -329,6 +358,68 @@ def _masks_by_rules(
     return dict(zip((s for s, _ in inputs.ranges), inputs.map(one, inputs.ranges)))
 
 
+def _top_count(nonzero: int, fraction: float) -> int:
+    """``k``, as variance_mask forms it: the int64 count times the float in torch, i.e. in
+    float32 (0 where the fraction is)."""
+    import numpy as np
+
+    return int(np.float32(nonzero) * np.float32(fraction)) if fraction > 0 else 0
+
+
+def _short_state(inputs: PrepareInputs[SceShared, SceModel]) -> SceState:
+    """The state of a tensor of up to 32768 elements (whose sums torch makes on one thread)
+    by :func:`_whole_state`'s steps on numpy arrays: the compiled variances, the ``k``
+    largest (ties in index order), the kept squares summed in torch's order. By torch's own
+    steps where that order is not known here or some delta is not finite."""
+    import numpy as np
+
+    from mergekit_math import kernels
+    from mergekit_math.kernels import sce as sce_kernels
+    from mergekit_math.kernels.elementwise import delta_into
+    from mergekit_math.kernels.select import BINS
+
+    assert inputs.held is not None
+    if not kernels.torch_sums_known():
+        return _whole_state(inputs)
+    deltas = np.empty((len(inputs.params), inputs.numel), np.float32)
+    for (start, end), (base, models) in zip(inputs.ranges, inputs.held):
+        for j, model in enumerate(models):
+            delta_into(base, model, deltas[j, start:end])
+    if not np.isfinite(deltas).all():
+        return _whole_state(inputs)
+    keep = None
+    if inputs.shared.select_topk < 1:
+        variance = np.empty(inputs.numel, np.float32)
+        hist = np.zeros(BINS, np.int32)  # not used: the selection below is numpy's
+        nonzero = 0
+        for (start, end), (base, models) in zip(inputs.ranges, inputs.held):
+            nonzero += sce_kernels.variance_into(base, tuple(models), variance[start:end], hist)[0]
+        keep = _top_variances(variance, _top_count(nonzero, inputs.shared.select_topk))
+        deltas *= keep
+    squares = deltas * deltas
+    sums = np.array([_torch_sum(row) for row in squares], np.float32)
+    if keep is None:
+        return SceState(None, _coefficients(sums, inputs.numel))
+    flat = keep.astype(np.uint8)
+    return SceState({s: flat[s:e] for s, e in inputs.ranges}, _coefficients(sums, inputs.numel))
+
+
+def _top_variances(variance: Any, k: int) -> Any:
+    """variance_mask's float32 0/1 mask of the ``k`` largest of finite variances, those
+    equal to the ``k``-th largest kept in index order."""
+    import numpy as np
+
+    mask = np.zeros_like(variance)
+    if k == 0:
+        return mask
+    n = variance.shape[0]
+    threshold = np.partition(variance, n - k)[n - k]
+    above = variance > threshold
+    mask[above] = 1
+    mask[np.flatnonzero(variance == threshold)[: k - int(above.sum())]] = 1
+    return mask
+
+
 def _whole_state(inputs: PrepareInputs[SceShared, SceModel]) -> SceState:
     """The state by the whole-tensor torch path's own steps."""
     import torch
@@ -347,16 +438,25 @@ def _whole_state(inputs: PrepareInputs[SceShared, SceModel]) -> SceState:
 
 def sce_fused(inputs: FusedInputs[SceShared, SceModel]) -> bool:
     """A chunk with its tensor's mask and coefficients as one fused kernel."""
+    import numpy as np
+
     from mergekit_math.kernels import sce as kernels
 
     if inputs.base is None or not inputs.tensors or inputs.states is None:
         return False
     (state,) = inputs.states
     keep = None if state.masks is None else state.masks[inputs.offset]
-    weights = state.weights.numpy()
+    weights = np.asarray(state.weights, np.float32)
     bad = None if state.finite else inputs.bad
     kernels.merge(inputs.base, tuple(inputs.tensors), keep, weights, inputs.out, bad)
     return True
+
+
+def _prepares_without_torch() -> bool:
+    # the short tensors' sums in torch's order where that is known here (_short_state)
+    from mergekit_math import kernels
+
+    return kernels.torch_sums_known()
 
 
 def _buffers(shared: SceShared, params: list[SceModel]) -> int:
@@ -381,7 +481,9 @@ register(
         kind="delta",
         base="required",
         inputs=(1, None),
-        chunking=Chunking(prepare=sce_prepare, buffers=_buffers, compiled=True),
+        chunking=Chunking(
+            prepare=sce_prepare, buffers=_buffers, compiled=True, host=_prepares_without_torch
+        ),
         fused=sce_fused,
         description="Keep high-variance positions, weight by mean squared delta, sign consensus.",
         ignored=("int8_mask",),
