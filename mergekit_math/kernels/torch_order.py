@@ -38,6 +38,15 @@ def _level_power(groups):  # noqa: ANN001, ANN202
     return max(4, ceil_log2 // _LEVELS)
 
 
+@njit(inline="always")
+def _add_group(acc, x, i, width):  # noqa: ANN001, ANN202
+    """Group ``i``'s four columns (items ``4i .. 4i+3``) added into the first level."""
+    for k in range(_ILP):
+        at = (i * _ILP + k) * width
+        for lane in range(width):
+            acc[0, k, lane] += x[at + lane]
+
+
 @njit(error_model="numpy")
 def _columns(x, groups, width):  # noqa: ANN001, ANN202
     """``multi_row_sum`` over ``groups`` groups of four columns, each ``width`` floats (a
@@ -49,10 +58,7 @@ def _columns(x, groups, width):  # noqa: ANN001, ANN202
     i = 0
     while i + step <= groups:
         for _ in range(step):
-            for k in range(_ILP):
-                at = (i * _ILP + k) * width
-                for lane in range(width):
-                    acc[0, k, lane] += x[at + lane]
+            _add_group(acc, x, i, width)
             i += 1
         for j in range(1, _LEVELS):
             for k in range(_ILP):
@@ -62,10 +68,7 @@ def _columns(x, groups, width):  # noqa: ANN001, ANN202
             if i & (mask << (j * power)):
                 break
     while i < groups:
-        for k in range(_ILP):
-            at = (i * _ILP + k) * width
-            for lane in range(width):
-                acc[0, k, lane] += x[at + lane]
+        _add_group(acc, x, i, width)
         i += 1
     for j in range(1, _LEVELS):
         for k in range(_ILP):
