@@ -167,11 +167,12 @@ def _from_found(
     rest of the bin are one value, its smallest, ``bin_ << SHIFT``; or every value of the
     bin, :func:`collect_bins`): ``(bits, above, ties per part)``."""
     inside = [f[(f >> np.uint32(SHIFT)) == bin_] for f in found]
-    if k - above <= sum(f.shape[0] for f in inside):
+    dirty = sum(f.shape[0] for f in inside)
+    if k - above <= dirty:
         bits, above = kth_in_bin(inside, k, above)
         return bits, above, [int(np.count_nonzero(f == bits)) for f in inside]
     clean = [c.count(bin_) - f.shape[0] for c, f in zip(counted, inside)]
-    return bin_ << SHIFT, above + sum(f.shape[0] for f in inside), clean
+    return bin_ << SHIFT, above + dirty, clean
 
 
 def kth_in_bin(inside: list[np.ndarray], k: int, above: int) -> tuple[int, int]:

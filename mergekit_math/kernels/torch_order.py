@@ -10,7 +10,8 @@ interleaved columns of vectors through ``multi_row_sum``'s four levels (each lev
 partial added into the next every ``2^level_power`` steps), the columns then added in
 order; the elements past the last whole vector into a 0-started float, then the 8 lanes in
 order; a shorter row by the same ``row_sum`` over four interleaved scalars. torch splits
-rows over 32768 elements between threads, so only rows up to that length are summed here.
+rows over 32768 elements between threads (``methods.base.SINGLE_THREAD_REDUCTION``), so only
+rows up to that length are summed here.
 
 :func:`mergekit_math.kernels.torch_sums_known` says where this is torch's order: x86-64
 (aarch64's vectors have other widths) with a torch version it was checked against
@@ -23,7 +24,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-LONGEST = 32768  # torch sums longer rows on several threads, in another order
 _LANES = 8
 _ILP = 4
 _LEVELS = 4
@@ -95,8 +95,8 @@ def _row(x, count, width):  # noqa: ANN001, ANN202
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def row_sum(x):  # noqa: ANN001, ANN201
-    """torch's float32 ``x.sum()`` of a contiguous float32 row of at most
-    :data:`LONGEST` elements (module docstring), as a float32."""
+    """torch's float32 ``x.sum()`` of a contiguous float32 row of at most 32768 elements
+    (module docstring), as a float32."""
     n = x.shape[0]
     zero = np.float32(0.0)
     if n < _LANES:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
+from mergekit_math.kernels import torch_sums_known
 from mergekit_math.methods.base import (
     Chunking,
     Example,
@@ -138,9 +139,7 @@ def _torch_sum(row: Any) -> Any:
     """torch's float32 sum of a contiguous float32 row of up to 32768 elements: in torch's
     order by :func:`~mergekit_math.kernels.torch_order.row_sum` where that is known to be
     torch's here, else by torch."""
-    from mergekit_math import kernels
-
-    if kernels.torch_sums_known():
+    if torch_sums_known():
         from mergekit_math.kernels.torch_order import row_sum
 
         return row_sum(row)
@@ -373,13 +372,12 @@ def _short_state(inputs: PrepareInputs[SceShared, SceModel]) -> SceState:
     steps where that order is not known here or some delta is not finite."""
     import numpy as np
 
-    from mergekit_math import kernels
-    from mergekit_math.kernels import sce as sce_kernels
+    from mergekit_math.kernels import sce as kernels
     from mergekit_math.kernels.elementwise import delta_into
     from mergekit_math.kernels.select import BINS
 
     assert inputs.held is not None
-    if not kernels.torch_sums_known():
+    if not torch_sums_known():
         return _whole_state(inputs)
     deltas = np.empty((len(inputs.params), inputs.numel), np.float32)
     for (start, end), (base, models) in zip(inputs.ranges, inputs.held):
@@ -393,7 +391,7 @@ def _short_state(inputs: PrepareInputs[SceShared, SceModel]) -> SceState:
         hist = np.zeros(BINS, np.int32)  # not used: the selection below is numpy's
         nonzero = 0
         for (start, end), (base, models) in zip(inputs.ranges, inputs.held):
-            nonzero += sce_kernels.variance_into(base, tuple(models), variance[start:end], hist)[0]
+            nonzero += kernels.variance_into(base, tuple(models), variance[start:end], hist)[0]
         keep = _top_variances(variance, _top_count(nonzero, inputs.shared.select_topk))
         deltas *= keep
     squares = deltas * deltas
@@ -452,13 +450,6 @@ def sce_fused(inputs: FusedInputs[SceShared, SceModel]) -> bool:
     return True
 
 
-def _prepares_without_torch() -> bool:
-    # the short tensors' sums in torch's order where that is known here (_short_state)
-    from mergekit_math import kernels
-
-    return kernels.torch_sums_known()
-
-
 def _buffers(shared: SceShared, params: list[SceModel]) -> int:
     # the variances' bins (2 bytes each) and the masks (a byte each); a tensor whose k-th
     # largest variance's bin holds many (_masks_by_rules) makes float32 values besides
@@ -481,8 +472,9 @@ register(
         kind="delta",
         base="required",
         inputs=(1, None),
+        # no torch where the short tensors' sums in torch's order are known (_short_state)
         chunking=Chunking(
-            prepare=sce_prepare, buffers=_buffers, compiled=True, host=_prepares_without_torch
+            prepare=sce_prepare, buffers=_buffers, compiled=True, host=torch_sums_known
         ),
         fused=sce_fused,
         description="Keep high-variance positions, weight by mean squared delta, sign consensus.",
