@@ -363,3 +363,37 @@ def test_linear_weight_sum_without_torch_is_torchs():
             differ += total != np.float32(want)
             assert _total32(params) == np.float32(want)  # through torch
     assert differ  # in-order addition is not torch's sum from five values on
+
+
+def test_merge_on_numpy_warms_the_kernels_on_a_thread_and_joins_it(tmp_path, monkeypatch, models):
+    """A merge on numpy arrays sets numba's dispatch up on a thread of its own from its
+    start (host.warm_kernels_in_background) and has joined it when it returns; a merge with
+    torch starts none."""
+    from mergekit_math.merge import execution
+
+    monkeypatch.setenv("MMATH_FUSED", "1")
+    started = []
+
+    def spy():
+        thread = host.warm_kernels_in_background()
+        started.append(thread)
+        return thread
+
+    monkeypatch.setattr(execution, "warm_kernels_in_background", spy)
+    recipe = _recipe(tmp_path, models, "ties")
+    for mode in ("0", "1"):
+        monkeypatch.setenv("MMATH_TORCH", mode)
+        execute(build_plan(load_recipe(recipe)), tmp_path / mode, progress=False)
+        assert len(started) == 1 and not started[0].is_alive()
+
+
+def test_warming_loads_a_kernel_in_a_fresh_process():
+    """The warm-up really compiles or loads a kernel (its failure would be silent)."""
+    code = (
+        "from mergekit_math.merge.host import warm_kernels_in_background\n"
+        "warm_kernels_in_background().join()\n"
+        "from mergekit_math.kernels.elementwise import widen_into\n"
+        "print(len(widen_into.overloads))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["1"]

@@ -34,6 +34,7 @@ from mergekit_math.merge.host import (
     prepares_with_torch,
     restore_threads,
     runs_on_numpy,
+    warm_kernels_in_background,
 )
 from mergekit_math.merge.host import one_intra_op_thread as _one_intra_op_thread
 from mergekit_math.merge.inputs import _item_inputs, _range_bytes
@@ -402,6 +403,7 @@ def stream_plan(
     # a plan on numpy arrays whose preparation needs torch: imported while the merge starts
     if host and prepares_with_torch(plan):
         import_torch_in_background()
+    warming = warm_kernels_in_background() if host else None
     prefetch = Prefetcher(_units(plan, device, chunk, pin, host), io_budget, _host_thread)
     writes = WriterThread(
         lambda part, name, last: sink.write_part(name, part, last), io_budget, init=_host_thread
@@ -436,6 +438,8 @@ def stream_plan(
         _close_inputs(plan)
         if host and not imported_before and "torch" in sys.modules:
             restore_threads(workers)  # its workers ran torch on one thread each
+        if warming is not None:
+            warming.join()
 
 
 def execute(

@@ -18,6 +18,8 @@ TinyLlama-sized merge on this machine; the fused kernels take numpy arrays anywa
   small tensors, Arcee Fusion's softmaxes), the merge still runs on numpy arrays and torch
   is imported on a thread of its own while the first tensors are read and merged; code that
   uses torch meanwhile waits for it at its ``import torch`` (Python's module lock).
+- :func:`warm_kernels_in_background`: numba's set-up for its first kernel call, on a thread
+  of its own while the first tensors are read.
 """
 
 from __future__ import annotations
@@ -203,6 +205,29 @@ def import_torch_in_background() -> bool:
     _background = threading.Thread(target=run, name="mmath-import-torch", daemon=True)
     _background.start()
     return True
+
+
+def warm_kernels_in_background() -> threading.Thread:
+    """Set up numba's dispatch on a thread of its own while the first tensors are read, and
+    return the thread (the merge joins it before it ends). The first call of any compiled
+    kernel in a process builds numba's typing and target contexts (about 0.25 s here,
+    scipy's import among it) before it loads the kernel from the cache; the merge's worker
+    threads waited for that after the first tensor's read, the reads' buffers full. One
+    tiny call of a cached kernel does it."""
+
+    def run() -> None:
+        try:
+            import numpy as np
+
+            from mergekit_math.kernels.elementwise import widen_into
+
+            widen_into(np.zeros(1, np.uint16), np.zeros(1, np.float32))
+        except BaseException:  # noqa: BLE001 (a kernel that fails fails again where used)
+            pass
+
+    thread = threading.Thread(target=run, name="mmath-warm-kernels", daemon=True)
+    thread.start()
+    return thread
 
 
 def wait_for_torch() -> None:
