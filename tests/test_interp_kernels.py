@@ -482,15 +482,15 @@ def test_chunked_arcee_fusion_with_a_kl_below_zero_selects_signed_importances(
 
     from mergekit_math.methods import arcee_fusion
 
-    row_kl = arcee_fusion.row_kl
+    kl_of_ratio = arcee_fusion._kl_of_ratio  # the last step of every path's KLs
 
-    def shifted(model, base, compiled=False, work=None):  # KLs with an odd last bit < 0 (half)
-        kl = row_kl(model, base, compiled, work)
+    def shifted(p, q):  # KLs with an odd last bit < 0 (half)
+        kl = kl_of_ratio(p, q)
         odd = (kl.view(torch.int32) & 1) == 1
         kl[odd] = -kl[odd] - 1e-9
         return kl
 
-    monkeypatch.setattr(arcee_fusion, "row_kl", shifted)
+    monkeypatch.setattr(arcee_fusion, "_kl_of_ratio", shifted)
     models = wide_zoo["bfloat16"]
     text = _recipe("arcee_fusion", models, "bfloat16")
     outs = _fused_and_whole(tmp_path, monkeypatch, write_recipe(tmp_path / "r.yaml", text))
@@ -500,6 +500,52 @@ def test_chunked_arcee_fusion_with_a_kl_below_zero_selects_signed_importances(
         assert torch.equal(outs["1"][name].view(torch.int16), ref.view(torch.int16)), name
         changed += int((ref != base[name]).sum())
     assert changed  # some changes were taken
+
+
+def test_chunked_arcee_fusion_of_a_model_with_nan_and_inf_is_the_whole_path(
+    tmp_path, monkeypatch, wide_zoo
+):
+    """Ranges whose inputs hold NaN or inf leave the compiled softmaxes (which report them)
+    for torch's steps: the chunked merge still gives the whole path's bits."""
+    import shutil
+
+    from conftest import load_dir, write_recipe
+    from safetensors.torch import load_file, save_file
+
+    from mergekit_math.kernels import torch_softmax
+
+    models = dict(wide_zoo["bfloat16"])
+    bad = shutil.copytree(models["a"], tmp_path / "bad")
+    tensors = load_file(bad / "model.safetensors")
+    name = max(tensors, key=lambda k: tensors[k].numel())
+    flat = tensors[name].view(-1)
+    flat[11], flat[70000], flat[-3] = float("nan"), float("inf"), -float("inf")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    models["a"] = bad
+    declined = []
+    ratio = torch_softmax.smoothed_softmax_ratio
+
+    def spy(*args):  # noqa: ANN002, ANN202
+        declined.append(not ratio(*args))
+        return not declined[-1]
+
+    monkeypatch.setattr(torch_softmax, "smoothed_softmax_ratio", spy)
+    text = _recipe("arcee_fusion", models, "bfloat16")
+    outs = _fused_and_whole(tmp_path, monkeypatch, write_recipe(tmp_path / "r.yaml", text))
+    for key, ref in outs["0"].items():  # NaN where the whole path has NaN (its bits may
+        got = outs["1"][key]  # differ: torch's and the kernel's NaN), the same bits elsewhere
+        nan = ref.isnan()
+        assert torch.equal(got.isnan(), nan), key
+        assert torch.equal(got[~nan].view(torch.int16), ref[~nan].view(torch.int16)), key
+    assert load_dir(bad)[name].isnan().sum() == 1
+    if torch_softmax_known():
+        assert True in declined and False in declined
+
+
+def torch_softmax_known() -> bool:
+    from mergekit_math import kernels
+
+    return bool(kernels.softmax_lanes())
 
 
 @pytest.mark.parametrize("shape", [(7, 300), (3, 40000), (1, 5)])

@@ -78,3 +78,48 @@ def torch_sums_known() -> bool:
     except metadata.PackageNotFoundError:
         return False
     return version.split("+")[0] in _TORCH_SUMS_CHECKED
+
+
+# torch versions whose CPU float32 softmax kernels.torch_softmax was checked against
+# (tests/test_torch_softmax.py)
+_TORCH_SOFTMAX_CHECKED = ("2.13.0",)
+# torch's own CPU dispatch (aten/src/ATen/native/DispatchStub.cpp): AVX-512 kernels where
+# the CPU has these, AVX2 ones where it has avx2 and fma
+_AVX512 = ("avx512vl", "avx512bw", "avx512dq", "fma")
+_AVX2 = ("avx2", "fma")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.cache
+def softmax_lanes() -> int:
+    """The vector width (16 or 8 floats) of torch's CPU softmax here, where
+    :mod:`mergekit_math.kernels.torch_softmax` gives its bits; 0 where the callers must use
+    torch: numba missing, not Linux on x86-64, a torch version it was not checked against,
+    or a CPU (or ``ATEN_CPU_CAPABILITY``) for which torch runs neither its AVX-512 nor its
+    AVX2 kernels. Read without importing torch."""
+    from importlib import metadata
+
+    if not _numba_ok() or platform.machine().lower() not in ("x86_64", "amd64"):
+        return 0
+    try:
+        version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return 0
+    if version.split("+")[0] not in _TORCH_SOFTMAX_CHECKED:
+        return 0
+    flags = _cpu_flags()
+    widths = {"avx512": 16 if set(_AVX512) <= flags else 0, "avx2": 8 if set(_AVX2) <= flags else 0}
+    forced = os.environ.get("ATEN_CPU_CAPABILITY")
+    if forced is not None:
+        return widths.get(forced, 0)
+    return widths["avx512"] or widths["avx2"]

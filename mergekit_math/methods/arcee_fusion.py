@@ -21,8 +21,9 @@ rows are summed in float64 (see :func:`row_kl`), so their KL may differ from mer
 last bit.
 
 Where the fused kernels run, a tensor merges in chunks of whole rows: :func:`fusion_prepare`
-computes the row KLs and τ from the inputs the engine holds, with the same torch steps per
-row (bit-identical to the whole path), and :func:`fusion_fused` merges each chunk.
+computes the row KLs and τ from the inputs the engine holds, with the same float32 steps per
+row (bit-identical to the whole path; the softmaxes compiled where torch's are known here,
+:mod:`~mergekit_math.kernels.torch_softmax`), and :func:`fusion_fused` merges each chunk.
 """
 
 from __future__ import annotations
@@ -94,9 +95,44 @@ def row_kl(
     else:
         p.add_(EPS)
         torch.div(p, q.add_(EPS), out=q)
-    terms = q.log_().mul_(p)  # p · log(p / q), in q's storage
-    del p
+    return _kl_of_ratio(p, q)
+
+
+def _kl_of_ratio(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Σ_last p · log(q) for the smoothed ``p`` and the ratio ``q`` = p / (softmax(base) +
+    ε), in q's storage, keeping the last dimension (size 1)."""
+    terms = q.log_().mul_(p)
     return reduce_sum(terms, dim=-1).unsqueeze(-1)
+
+
+def _range_kl(base: Any, model: Any, row: int) -> Any:
+    """The row KLs (float32 numpy) of a range of whole rows of stored arrays, by the whole
+    path's steps, bit for bit: where torch's softmax is known here
+    (:func:`~mergekit_math.kernels.softmax_lanes`), the softmaxes, ``+ ε`` and the ratio in
+    one compiled pass per row while it is in cache
+    (:func:`~mergekit_math.kernels.torch_softmax.smoothed_softmax_ratio`), then torch's log,
+    product and sums; otherwise the inputs widened and torch's softmaxes (a range with a
+    non-finite input takes that path too)."""
+    import numpy as np
+    import torch
+
+    from mergekit_math.kernels import softmax_lanes
+    from mergekit_math.kernels.elementwise import widen_into
+    from mergekit_math.kernels.torch_softmax import smoothed_softmax_ratio
+    from mergekit_math.methods.statistics import thread_float32
+
+    n = base.shape[0]
+    lanes = softmax_lanes()
+    if lanes:
+        p, q = thread_float32(2, n)  # this thread's reused arrays
+        if smoothed_softmax_ratio(base, model, row, lanes, np.float32(EPS), p, q):
+            ratio = (torch.from_numpy(a).view(-1, row) for a in (p, q))
+            return _kl_of_ratio(*ratio).reshape(-1).numpy()
+    work = thread_float32(4, n)
+    widen_into(base, work[0])
+    widen_into(model, work[1])
+    b, m, p, q = (torch.from_numpy(a).view(-1, row) for a in work)
+    return row_kl(m, b, compiled=True, work=(p, q)).reshape(-1).numpy()
 
 
 def quartile_indices(n: int) -> list[int]:
@@ -176,10 +212,8 @@ def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -
     import numpy as np
     import torch
 
-    from mergekit_math.kernels.elementwise import widen_into
     from mergekit_math.kernels.fusion import importance_bins, importances
     from mergekit_math.kernels.select import BINS, kth_largest_bits_from
-    from mergekit_math.methods.statistics import thread_float32
 
     assert inputs.held is not None
     if inputs.numel == 0:
@@ -187,14 +221,8 @@ def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -
     row = row_length(inputs.shape)
 
     def one(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> tuple[Any, int, Any]:
-        (start, end), (base, models) = job
-        # the inputs widened and their softmaxes in this thread's reused arrays
-        work = thread_float32(4, end - start)
-        widen_into(base, work[0])
-        widen_into(models[0], work[1])
-        b, m, p, q = (torch.from_numpy(a).view(-1, row) for a in work)
-        kl = row_kl(m, b, compiled=True, work=(p, q)).reshape(-1).numpy()
-        del b, m, p, q, work
+        _, (base, models) = job
+        kl = _range_kl(base, models[0], row)
         # |m - b|·KL in torch's float32 steps (not kept), whether all are finite and none
         # negative, and the selection's first pass, in one pass per row
         hist = np.zeros(BINS, np.int32)
