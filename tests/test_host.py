@@ -20,6 +20,7 @@ from mergekit_math.io.writer import HostPart
 from mergekit_math.merge import build_plan, execute, host
 from mergekit_math.merge.fused import FusedRange
 from mergekit_math.merge.host import prepares_with_torch, runs_on_numpy, runs_without_torch
+from mergekit_math.methods.arcee_fusion import prepares_without_torch
 from mergekit_math.recipe import load_recipe
 
 _PARAMS = {
@@ -85,8 +86,10 @@ def test_which_plans_run_without_torch(tmp_path, monkeypatch, models):
 
     host = ["task_arithmetic", "ties", "breadcrumbs", "dare_ties", "linear", "ramplus_tl", "della"]
     # SCE's short tensors' sums in torch's order where that is known (x86-64, torch checked)
-    with_torch = ["nuslerp", "arcee_fusion"]
+    with_torch = ["nuslerp"]
     (host if kernels.torch_sums_known() else with_torch).append("sce")
+    # Arcee Fusion's softmaxes, log and sums, where torch's are known here
+    (host if prepares_without_torch() else with_torch).append("arcee_fusion")
     for method in host:
         assert runs_without_torch(plan(method), "cpu"), method
     assert not runs_without_torch(plan("task_arithmetic"), "cuda")
@@ -137,12 +140,15 @@ _DRIVER = textwrap.dedent(
 )
 
 
-# SCE prepares without torch where torch's order of its short sums is known here
+# SCE prepares without torch where torch's order of its short sums is known here, Arcee
+# Fusion where its softmax, log and sums are
 _SCE = ["sce"] if kernels.torch_sums_known() else []
+_ARCEE = ["arcee_fusion"] if prepares_without_torch() else []
 
 
 @pytest.mark.parametrize(
-    "method", ["task_arithmetic", "ties", "dare_ties", "linear", "ramplus_tl", "della", *_SCE]
+    "method",
+    ["task_arithmetic", "ties", "dare_ties", "linear", "ramplus_tl", "della", *_SCE, *_ARCEE],
 )
 def test_cli_merge_never_imports_torch_and_writes_the_same_bytes(
     tmp_path, monkeypatch, models, method
@@ -196,7 +202,9 @@ _BACKGROUND_DRIVER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("method", ["nuslerp", "arcee_fusion", *(["sce"] if not _SCE else [])])
+@pytest.mark.parametrize(
+    "method", ["nuslerp", *(["sce"] if not _SCE else []), *(["arcee_fusion"] if not _ARCEE else [])]
+)
 def test_merge_prepared_with_torch_reads_numpy_and_imports_torch_meanwhile(
     tmp_path, models, method
 ):

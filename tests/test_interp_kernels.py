@@ -491,6 +491,9 @@ def test_chunked_arcee_fusion_with_a_kl_below_zero_selects_signed_importances(
         return kl
 
     monkeypatch.setattr(arcee_fusion, "_kl_of_ratio", shifted)
+    # the KLs through torch's steps (the compiled pass computes them itself: its signed
+    # KLs are held to torch's in tests/test_torch_log.py)
+    monkeypatch.setattr(arcee_fusion, "prepares_without_torch", lambda: False)
     models = wide_zoo["bfloat16"]
     text = _recipe("arcee_fusion", models, "bfloat16")
     outs = _fused_and_whole(tmp_path, monkeypatch, write_recipe(tmp_path / "r.yaml", text))
@@ -505,14 +508,15 @@ def test_chunked_arcee_fusion_with_a_kl_below_zero_selects_signed_importances(
 def test_chunked_arcee_fusion_of_a_model_with_nan_and_inf_is_the_whole_path(
     tmp_path, monkeypatch, wide_zoo
 ):
-    """Ranges whose inputs hold NaN or inf leave the compiled softmaxes (which report them)
-    for torch's steps: the chunked merge still gives the whole path's bits."""
+    """Ranges whose inputs hold NaN or inf leave the compiled pass (which reports them) for
+    torch's steps: the chunked merge still gives the whole path's bits."""
     import shutil
 
     from conftest import load_dir, write_recipe
     from safetensors.torch import load_file, save_file
 
-    from mergekit_math.kernels import torch_softmax
+    from mergekit_math.kernels import fusion
+    from mergekit_math.methods import arcee_fusion
 
     models = dict(wide_zoo["bfloat16"])
     bad = shutil.copytree(models["a"], tmp_path / "bad")
@@ -523,13 +527,14 @@ def test_chunked_arcee_fusion_of_a_model_with_nan_and_inf_is_the_whole_path(
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     models["a"] = bad
     declined = []
-    ratio = torch_softmax.smoothed_softmax_ratio
+    compiled = fusion.kl_importance_bins
 
     def spy(*args):  # noqa: ANN002, ANN202
-        declined.append(not ratio(*args))
-        return not declined[-1]
+        flags = compiled(*args)
+        declined.append(flags < 0)
+        return flags
 
-    monkeypatch.setattr(torch_softmax, "smoothed_softmax_ratio", spy)
+    monkeypatch.setattr(fusion, "kl_importance_bins", spy)
     text = _recipe("arcee_fusion", models, "bfloat16")
     outs = _fused_and_whole(tmp_path, monkeypatch, write_recipe(tmp_path / "r.yaml", text))
     for key, ref in outs["0"].items():  # NaN where the whole path has NaN (its bits may
@@ -538,14 +543,8 @@ def test_chunked_arcee_fusion_of_a_model_with_nan_and_inf_is_the_whole_path(
         assert torch.equal(got.isnan(), nan), key
         assert torch.equal(got[~nan].view(torch.int16), ref[~nan].view(torch.int16)), key
     assert load_dir(bad)[name].isnan().sum() == 1
-    if torch_softmax_known():
+    if arcee_fusion.prepares_without_torch():
         assert True in declined and False in declined
-
-
-def torch_softmax_known() -> bool:
-    from mergekit_math import kernels
-
-    return bool(kernels.softmax_lanes())
 
 
 @pytest.mark.parametrize("shape", [(7, 300), (3, 40000), (1, 5)])

@@ -11,6 +11,9 @@ from numba import njit
 from mergekit_math.kernels.elementwise import _count_inputs
 from mergekit_math.kernels.scalar import _f32_to_bits, load, store
 from mergekit_math.kernels.select_passes import add_bins
+from mergekit_math.kernels.torch_log import MODE, call_ln
+from mergekit_math.kernels.torch_order import row_sum
+from mergekit_math.kernels.torch_softmax import exponentials
 
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
@@ -99,3 +102,41 @@ def smoothed_ratio(p, q, eps):  # noqa: ANN001, ANN201
         pe = p[i] + eps
         p[i] = pe
         q[i] = pe / (q[i] + eps)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def kl_importance_bins(base, m, row, lanes, eps, ln, kl, hist):  # noqa: ANN001, ANN201
+    """The whole of a range's preparation, one row at a time while it is in cache: the row's
+    KL by the whole path's float32 steps — the two softmaxes (torch's,
+    :mod:`~mergekit_math.kernels.torch_softmax`, ``lanes`` wide), ``p = softmax(m) + ε``,
+    ``q = p / (softmax(base) + ε)``, torch's log of ``q`` (MKL's ``VMSLN_64_`` at address
+    ``ln``, :mod:`~mergekit_math.kernels.torch_log`), ``q·p`` and torch's sum of the row
+    (:func:`~mergekit_math.kernels.torch_order.row_sum`, rows of at most 32768) — into
+    ``kl``, then the row's importances ``|m - b|·KL`` into ``hist`` with the flags of
+    :func:`importance_bins`. Returns those flags, or -1 where some input is not finite
+    (then nothing is complete: the caller takes torch's steps)."""
+    p = np.empty(row, np.float32)
+    q = np.empty(row, np.float32)
+    acc = np.empty(16, np.float32)
+    args = np.empty(2, np.int64)  # VMSLN_64_'s count and mode, by reference
+    args[0] = row
+    args[1] = MODE
+    flags = np.int64(0)
+    for r in range(kl.shape[0]):
+        start = r * row
+        rm = exponentials(m, start, row, lanes, p, 0, acc)
+        rb = exponentials(base, start, row, lanes, q, 0, acc)
+        if np.isnan(rm) or np.isnan(rb):
+            return np.int64(-1)
+        for i in range(row):
+            pe = p[i] * rm + eps
+            p[i] = pe
+            q[i] = pe / (q[i] * rb + eps)
+        call_ln(ln, args.ctypes.data, q.ctypes.data, q.ctypes.data, args.ctypes.data + 8)
+        for i in range(row):
+            q[i] = q[i] * p[i]
+        k = row_sum(q)
+        kl[r] = k
+        cut = slice(start, start + row)
+        flags |= np.int64(_importance_row(base[cut], m[cut], k, q, hist))
+    return flags

@@ -142,23 +142,23 @@ def _from_order_key(key):  # noqa: ANN001, ANN202
 
 
 @njit(error_model="numpy")
-def _exponentials(src, start, n, lanes, out, acc):  # noqa: ANN001, ANN202
-    """Row ``start .. start+n`` of a stored array: ``exp(x - max)`` into the same places of
-    ``out``; returns ``1 / Σ`` (the softmax is ``out·r``), NaN where some input is not
-    finite (nothing else is then meaningful)."""
+def exponentials(src, start, n, lanes, out, at, acc):  # noqa: ANN001, ANN201
+    """Row ``start .. start+n`` of a stored array: ``exp(x - max)`` into ``out[at:at+n]``;
+    returns ``1 / Σ`` (the softmax is ``out·r``), NaN where some input is not finite
+    (nothing else is then meaningful). ``acc``: float32 scratch of at least ``lanes``."""
     bad = 0
     top = np.int32(-0x7FFFFFFF - 1)  # the largest value's order key (below: a float's max
     for i in range(n):  # is no vectorised reduction, 1 ns per element; an integer's is)
         x = load(src, _at(start + i))
         bad |= nonfinite(src, _at(start + i))
-        out[_at(start + i)] = x
+        out[_at(at + i)] = x
         top = max(top, _order_key(x))
     if bad:
         return np.float32(np.nan)
     peak = _from_order_key(top)
     for i in range(n):
-        out[_at(start + i)] = expf(out[_at(start + i)] - peak)
-    return _ONE / lane_sum(out[start : start + n], n, lanes, acc)
+        out[_at(at + i)] = expf(out[_at(at + i)] - peak)
+    return _ONE / lane_sum(out[at : at + n], n, lanes, acc)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -167,7 +167,7 @@ def softmax_rows(src, row, lanes, out):  # noqa: ANN001, ANN201
     float32) into the float32 array ``out``; False where some input is not finite."""
     acc = np.empty(max(lanes, 1), np.float32)
     for start in range(0, out.shape[0], row):
-        r = _exponentials(src, start, row, lanes, out, acc)
+        r = exponentials(src, start, row, lanes, out, start, acc)
         if np.isnan(r):
             return False
         for i in range(row):
@@ -183,8 +183,8 @@ def smoothed_softmax_ratio(base, m, row, lanes, eps, p, q):  # noqa: ANN001, ANN
     as torch rounds it. False where some input is not finite."""
     acc = np.empty(max(lanes, 1), np.float32)
     for start in range(0, p.shape[0], row):
-        rm = _exponentials(m, start, row, lanes, p, acc)
-        rb = _exponentials(base, start, row, lanes, q, acc)
+        rm = exponentials(m, start, row, lanes, p, start, acc)
+        rb = exponentials(base, start, row, lanes, q, start, acc)
         if np.isnan(rm) or np.isnan(rb):
             return False
         for i in range(row):

@@ -163,6 +163,14 @@ def _fence(quartiles: list[float], dtype: torch.dtype, device: Any = None) -> to
     return median + FENCE * (q3 - q1)
 
 
+def _fence32(quartiles: list[float]) -> Any:
+    """:func:`_fence` in float32 as a numpy scalar: the same two roundings (1.5 is exact)."""
+    import numpy as np
+
+    q1, median, q3 = (np.float32(q) for q in quartiles)
+    return median + np.float32(FENCE) * (q3 - q1)
+
+
 def arcee_fusion(inputs: MergeInputs[ArceeFusionShared, ArceeFusionModel]) -> torch.Tensor:
     """out = base + (model − base) · [importance ≥ τ] (see the module docstring)."""
     import torch
@@ -196,12 +204,52 @@ def row_length(shape: tuple[int, ...]) -> int:
 @dataclass(frozen=True)
 class FusionState:
     """A tensor's row KLs (float32, one array per range, by its start) and its threshold τ
-    (a float32 0-d tensor)."""
+    (a float32: a numpy scalar, or a 0-d tensor where torch selected it)."""
 
     kl: dict[int, Any]
-    threshold: torch.Tensor
+    threshold: Any
     # every importance |model - base|·KL finite, so base and model are: nothing to count
     finite: bool = False
+
+
+def prepares_without_torch() -> bool:
+    """Whether the preparation computes its KLs compiled, without torch, here: torch's
+    softmax, sums and log are known (:func:`~mergekit_math.kernels.softmax_lanes`,
+    :func:`~mergekit_math.kernels.torch_sums_known`,
+    :func:`~mergekit_math.kernels.torch_log.ln_available`). Rows over 32768 entries and
+    ranges with a non-finite input still take torch's steps."""
+    from mergekit_math.kernels import softmax_lanes, torch_sums_known
+    from mergekit_math.kernels.torch_log import ln_available
+
+    return bool(softmax_lanes()) and torch_sums_known() and ln_available()
+
+
+def _range_state(base: Any, model: Any, row: int) -> tuple[Any, int, Any]:
+    """One range of whole rows (stored arrays): its row KLs, and the flags and first-pass
+    histogram of its importances ``|m - b|·KL`` in torch's float32 steps (not kept; see
+    :func:`~mergekit_math.kernels.fusion.importance_bins`). Where
+    :func:`prepares_without_torch`, one compiled pass row by row
+    (:func:`~mergekit_math.kernels.fusion.kl_importance_bins`); otherwise, or where an
+    input is not finite, :func:`_range_kl` then a pass for the importances."""
+    import numpy as np
+
+    from mergekit_math.kernels import softmax_lanes
+    from mergekit_math.kernels.fusion import importance_bins, kl_importance_bins
+    from mergekit_math.kernels.select import BINS
+    from mergekit_math.kernels.torch_log import ln_address, one_mkl_thread
+    from mergekit_math.methods.base import SINGLE_THREAD_REDUCTION
+
+    kl = np.empty(base.shape[0] // row, np.float32)
+    hist = np.zeros(BINS, np.int32)
+    if row <= SINGLE_THREAD_REDUCTION and prepares_without_torch() and ln_address():
+        lanes, eps, ln = np.int64(softmax_lanes()), np.float32(EPS), ln_address()
+        with one_mkl_thread():
+            flags = kl_importance_bins(base, model, np.int64(row), lanes, eps, ln, kl, hist)
+        if flags >= 0:
+            return kl, int(flags), hist
+        hist[:] = 0
+    kl = _range_kl(base, model, row)
+    return kl, importance_bins(base, model, kl, row, hist), hist
 
 
 def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -> list[Any]:
@@ -210,9 +258,8 @@ def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -
     intra-op thread each: a row's softmax and sums do not depend on the rows around it),
     then the three quartiles of the importances by one exact selection."""
     import numpy as np
-    import torch
 
-    from mergekit_math.kernels.fusion import importance_bins, importances
+    from mergekit_math.kernels.fusion import importances
     from mergekit_math.kernels.select import BINS, kth_largest_bits_from
 
     assert inputs.held is not None
@@ -222,12 +269,7 @@ def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -
 
     def one(job: tuple[tuple[int, int], tuple[Any, list[Any]]]) -> tuple[Any, int, Any]:
         _, (base, models) = job
-        kl = _range_kl(base, models[0], row)
-        # |m - b|·KL in torch's float32 steps (not kept), whether all are finite and none
-        # negative, and the selection's first pass, in one pass per row
-        hist = np.zeros(BINS, np.int32)
-        flags = importance_bins(base, models[0], kl, row, hist)
-        return kl, flags, hist
+        return _range_state(base, models[0], row)
 
     done = list(inputs.map(one, zip(inputs.ranges, inputs.held)))
     finite = not any(flags & 1 for _, flags, _ in done)
@@ -240,8 +282,10 @@ def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -
         ]
         hists = [hist for _, _, hist in done]
         found = kth_largest_bits_from(parts, hists, ks, inputs.map, len(parts))  # type: ignore[arg-type]
-        threshold = _fence([Selection(*f).threshold for f in found], torch.float32)
+        threshold = _fence32([Selection(*f).threshold for f in found])
     else:  # a KL rounded below zero, or NaN or inf: the importances in one array
+        import torch
+
         importance = np.empty(inputs.numel, np.float32)
         for (start, end), (base, models), (kl, _, _) in zip(inputs.ranges, inputs.held, done):
             importances(base, models[0], kl, row, importance[start:end], np.zeros(BINS, np.int32))
@@ -285,7 +329,9 @@ register(
         inputs=(1, 1),
         # chunks of whole rows where the fused kernel runs; the importances are not kept (the
         # selection computes them again), so no whole-tensor buffer
-        chunking=Chunking(prepare=fusion_prepare, compiled=True, unit=row_length),
+        chunking=Chunking(
+            prepare=fusion_prepare, compiled=True, unit=row_length, host=prepares_without_torch
+        ),
         fused=fusion_fused,
         description="Take one model's changes to base_model where their KL-weighted size is "
         "an outlier (above median + 1.5 IQR).",
