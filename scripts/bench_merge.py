@@ -184,6 +184,8 @@ def run_method(bench: Bench, method: str, rep: int, result: Result) -> None:
     if rep % 2:
         tools.reverse()
     outs = {t: args.work / f"out-{method}-{t}" for t in tools if t != "floor"}
+    for out in outs.values():  # an interrupted run's outputs are not this one's
+        shutil.rmtree(out, ignore_errors=True)
     for tool in tools:
         if tool in outs:
             shutil.rmtree(outs[tool], ignore_errors=True)
