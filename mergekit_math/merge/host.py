@@ -14,8 +14,9 @@ TinyLlama-sized merge on this machine; the fused kernels take numpy arrays anywa
 - :func:`import_torch`: the merge's one way of importing torch (the collector paused, the
   objects frozen), with the thread count asked for by :func:`set_threads`.
 - :func:`import_torch_in_background`: for a plan whose tensors are all fused but whose
-  preparation needs torch somewhere (``prepares_with_torch``: SCE's and the SLERP family's
-  small tensors, Arcee Fusion's softmaxes), the merge still runs on numpy arrays and torch
+  preparation needs torch somewhere (``prepares_with_torch``: the SLERP family's small
+  tensors; SCE's and Arcee Fusion's where their torch-free steps are not known to give torch's
+  bits on this machine), the merge still runs on numpy arrays and torch
   is imported on a thread of its own while the first tensors are read and merged; code that
   uses torch meanwhile waits for it at its ``import torch`` (Python's module lock).
 - :func:`warm_kernels_in_background`: numba's set-up for its first kernel call, on a thread

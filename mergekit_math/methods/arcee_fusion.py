@@ -254,9 +254,9 @@ def _range_state(base: Any, model: Any, row: int) -> tuple[Any, int, Any]:
 
 def fusion_prepare(inputs: PrepareInputs[ArceeFusionShared, ArceeFusionModel]) -> list[Any]:
     """The tensor's :class:`FusionState`, from the held inputs: each range of whole rows'
-    KLs and importances by the torch steps of the whole path (on the worker threads, one
-    intra-op thread each: a row's softmax and sums do not depend on the rows around it),
-    then the three quartiles of the importances by one exact selection."""
+    KLs and importances by the float32 steps of the whole path (:func:`_range_state`, on the
+    worker threads: a row's softmax and sums do not depend on the rows around it), then the
+    three quartiles of the importances by one exact selection."""
     import numpy as np
 
     from mergekit_math.kernels.fusion import importances
