@@ -63,17 +63,17 @@ def test_available_only_with_a_checked_torch_on_x86(monkeypatch):
     import platform
     from importlib import metadata
 
-    available = torch_log.ln_available
+    available, found = torch_log.ln_available, torch_log._library  # found: cached
     try:
-        available.cache_clear()
+        found.cache_clear()
         monkeypatch.setattr(metadata, "version", lambda name: "2.99.0")
         assert not available()
-        available.cache_clear()
+        found.cache_clear()
         monkeypatch.setattr(metadata, "version", lambda name: "2.13.0+cpu")
         monkeypatch.setattr(platform, "machine", lambda: "aarch64")
         assert not available()
     finally:
-        available.cache_clear()
+        found.cache_clear()
 
 
 @needs_ln

@@ -63,21 +63,29 @@ def enabled(device: str, elements: int | None = None) -> bool:
 _TORCH_SUMS_CHECKED = ("2.13.0",)
 
 
-@functools.cache
-def torch_sums_known() -> bool:
-    """Whether :func:`mergekit_math.kernels.torch_order.row_sum` gives torch's float32 sums
-    here: numba installed, an x86-64 machine (aarch64's vectors have other widths) and an
-    installed torch version it was checked against (read from torch's metadata, without
-    importing it)."""
+_X86_64 = ("x86_64", "amd64")
+
+
+def checked_torch(versions: tuple[str, ...]) -> bool:
+    """Whether this is an x86-64 machine (aarch64's vectors have other widths) with an
+    installed torch of one of ``versions`` (read from torch's metadata, without importing
+    it): where a transcription of torch's CPU arithmetic was checked against torch."""
     from importlib import metadata
 
-    if not _numba_ok() or platform.machine().lower() not in ("x86_64", "amd64"):
+    if platform.machine().lower() not in _X86_64:
         return False
     try:
         version = metadata.version("torch")
     except metadata.PackageNotFoundError:
         return False
-    return version.split("+")[0] in _TORCH_SUMS_CHECKED
+    return version.split("+")[0] in versions
+
+
+@functools.cache
+def torch_sums_known() -> bool:
+    """Whether :func:`mergekit_math.kernels.torch_order.row_sum` gives torch's float32 sums
+    here: numba installed and :func:`checked_torch`."""
+    return _numba_ok() and checked_torch(_TORCH_SUMS_CHECKED)
 
 
 # torch versions whose CPU float32 softmax kernels.torch_softmax was checked against
@@ -107,15 +115,7 @@ def softmax_lanes() -> int:
     torch: numba missing, not Linux on x86-64, a torch version it was not checked against,
     or a CPU (or ``ATEN_CPU_CAPABILITY``) for which torch runs neither its AVX-512 nor its
     AVX2 kernels. Read without importing torch."""
-    from importlib import metadata
-
-    if not _numba_ok() or platform.machine().lower() not in ("x86_64", "amd64"):
-        return 0
-    try:
-        version = metadata.version("torch")
-    except metadata.PackageNotFoundError:
-        return 0
-    if version.split("+")[0] not in _TORCH_SOFTMAX_CHECKED:
+    if not _numba_ok() or not checked_torch(_TORCH_SOFTMAX_CHECKED):
         return 0
     flags = _cpu_flags()
     widths = {"avx512": 16 if set(_AVX512) <= flags else 0, "avx2": 8 if set(_AVX2) <= flags else 0}

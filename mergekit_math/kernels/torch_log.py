@@ -21,7 +21,6 @@ import contextlib
 import ctypes
 import functools
 import importlib.util
-import platform
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,15 +36,13 @@ MODE = np.int64(0x2 | 0x140000 | 0x100)
 _CHECKED = ("2.13.0",)
 
 
+@functools.cache
 def _library() -> Path | None:
-    """torch's libtorch_cpu.so, found without importing torch."""
-    from importlib import metadata
+    """torch's libtorch_cpu.so where :func:`ln_address` can be torch's log (x86-64, a
+    checked torch), found without importing torch."""
+    from mergekit_math.kernels import checked_torch
 
-    try:
-        version = metadata.version("torch")
-    except metadata.PackageNotFoundError:
-        return None
-    if version.split("+")[0] not in _CHECKED:
+    if not checked_torch(_CHECKED):
         return None
     spec = importlib.util.find_spec("torch")
     if spec is None or not spec.submodule_search_locations:
@@ -54,21 +51,19 @@ def _library() -> Path | None:
     return path if path.is_file() else None
 
 
-@functools.cache
 def ln_available() -> bool:
     """Whether :func:`ln_address` can be torch's log here (x86-64, a checked torch, its
     library present), without loading the library."""
-    return platform.machine().lower() in ("x86_64", "amd64") and _library() is not None
+    return _library() is not None
 
 
 @functools.cache
 def ln_address() -> int:
     """The address of MKL's ``VMSLN_64_`` in torch's library, loaded here on the first call
     (0: unavailable, see the module docstring)."""
-    if not ln_available():
-        return 0
     path = _library()
-    assert path is not None
+    if path is None:
+        return 0
     try:
         lib = ctypes.CDLL(str(path))
         ln = lib.VMSLN_64_
