@@ -13,7 +13,7 @@ from mergekit_math.kernels.scalar import _f32_to_bits, load, store
 from mergekit_math.kernels.select_passes import add_bins
 from mergekit_math.kernels.torch_log import MODE, call_ln
 from mergekit_math.kernels.torch_order import row_sum
-from mergekit_math.kernels.torch_softmax import exponentials
+from mergekit_math.kernels.torch_softmax import exponentials, smoothed_ratio_at
 
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
@@ -128,10 +128,7 @@ def kl_importance_bins(base, m, row, lanes, eps, ln, kl, hist):  # noqa: ANN001,
         rb = exponentials(base, start, row, lanes, q, 0, acc)
         if np.isnan(rm) or np.isnan(rb):
             return np.int64(-1)
-        for i in range(row):
-            pe = p[i] * rm + eps
-            p[i] = pe
-            q[i] = pe / (q[i] * rb + eps)
+        smoothed_ratio_at(p, q, 0, row, rm, rb, eps)
         call_ln(ln, args.ctypes.data, q.ctypes.data, q.ctypes.data, args.ctypes.data + 8)
         for i in range(row):
             q[i] = q[i] * p[i]

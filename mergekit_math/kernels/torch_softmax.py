@@ -118,12 +118,9 @@ def lane_sum(e, n, lanes, acc):  # noqa: ANN001, ANN201
         return total
     _lanes(e, n, lanes, acc)
     step = lanes // 2
-    while step >= 1:  # lane i plus lane i ^ step, in every lane (both partners agree)
-        for lane in range(lanes):
-            if lane & step == 0:
-                folded = acc[lane] + acc[lane ^ step]
-                acc[lane] = folded
-                acc[lane ^ step] = folded
+    while step >= 1:  # lane i plus lane i ^ step; only the lower half goes on to lane 0
+        for lane in range(step):
+            acc[lane] = acc[lane] + acc[lane + step]
         step //= 2
     return acc[0]
 
@@ -187,8 +184,16 @@ def smoothed_softmax_ratio(base, m, row, lanes, eps, p, q):  # noqa: ANN001, ANN
         rb = exponentials(base, start, row, lanes, q, start, acc)
         if np.isnan(rm) or np.isnan(rb):
             return False
-        for i in range(row):
-            pe = p[_at(start + i)] * rm + eps
-            p[_at(start + i)] = pe
-            q[_at(start + i)] = pe / (q[_at(start + i)] * rb + eps)
+        smoothed_ratio_at(p, q, start, row, rm, rb, eps)
     return True
+
+
+@njit(inline="always")
+def smoothed_ratio_at(p, q, at, n, rm, rb, eps):  # noqa: ANN001, ANN201
+    """From the exponentials in ``p[at:at+n]`` (the model's) and ``q`` (the base's) and
+    their ``1/Σ``: ``p = softmax(m) + ε`` and ``q = p / (softmax(base) + ε)``, each step
+    rounded to float32 as torch's softmax, ``add_`` and ``div`` round it."""
+    for i in range(n):
+        pe = p[_at(at + i)] * rm + eps
+        p[_at(at + i)] = pe
+        q[_at(at + i)] = pe / (q[_at(at + i)] * rb + eps)
