@@ -21,7 +21,15 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from mergekit_math.kernels.scalar import fma, load, nonfinite, sign_bit_one, step, store
+from mergekit_math.kernels.scalar import (
+    any_nonfinite,
+    fma,
+    load,
+    nonfinite,
+    sign_bit_one,
+    step,
+    store,
+)
 
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
@@ -30,11 +38,14 @@ _ONE = np.float32(1.0)
 @njit(error_model="numpy")
 def _count_bad(xs, bad):  # noqa: ANN001, ANN202
     """Adds input j's count of NaN and inf to ``bad[j]`` (None: the inputs are known
-    finite, nothing is read; numba prunes the branch)."""
+    finite, nothing is read; numba prunes the branch); only an input where
+    :func:`~mergekit_math.kernels.scalar.any_nonfinite` finds some is counted."""
     if bad is None:
         return
     for j in range(len(xs)):
         x = xs[j]
+        if not any_nonfinite(x):
+            continue
         count = 0
         for i in range(x.shape[0]):
             count += nonfinite(x, i)
