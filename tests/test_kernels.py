@@ -588,3 +588,23 @@ def test_selection_merges_read_each_range_once_with_the_kernels(
         plan = build_plan(load_recipe(recipe), recipe_dir=tmp_path)
         execute(plan, tmp_path / mode, progress=False, chunk_elements=1500)
         assert reads and (max(reads.values()) == 1) == (mode == "1"), mode
+
+
+def test_picks_find_the_bin_of_each_kth_largest():
+    """select.picks (one sum from the top over the filled bins) gives, for each k, the bin
+    of the k-th largest of the values a histogram counts and how many lie in higher bins,
+    as sorting those values does; bins at both ends and empty gaps included."""
+    from mergekit_math.kernels.select import pick, picks
+
+    rng = np.random.default_rng(5)
+    for trial in range(300):
+        hist = np.zeros(1 << 16, np.int32)
+        spots = rng.integers(0, 1 << 16, rng.integers(1, 40))
+        np.add.at(hist, spots, rng.integers(1, 6, spots.shape[0]).astype(np.int32))
+        hist[0] += trial % 3 == 0
+        hist[-1] += trial % 5 == 0
+        values = np.repeat(np.arange(1 << 16), hist)[::-1]  # descending bins
+        ks = [1, values.shape[0], *rng.integers(1, values.shape[0] + 1, 4).tolist()]
+        want = [(int(values[k - 1]), int((values > values[k - 1]).sum())) for k in ks]
+        assert picks(hist, ks) == want, trial
+        assert pick(hist, ks[-1]) == want[-1]

@@ -48,9 +48,21 @@ from mergekit_math.kernels.select_passes import (
 
 def pick(hist: np.ndarray, k: int) -> tuple[int, int]:
     """The bin holding the ``k``-th largest and how many elements lie in higher bins."""
-    higher = np.cumsum(hist[::-1])[::-1] - hist
-    bin_ = int(np.flatnonzero((higher < k) & (higher + hist >= k))[-1])
-    return bin_, int(higher[bin_])
+    return picks(hist, [k])[0]
+
+
+def picks(hist: np.ndarray, ks: list[int]) -> list[tuple[int, int]]:
+    """:func:`pick` of each ``k`` (1 ≤ k ≤ the count), in one sum from the top over the
+    histogram's filled bins only (a tensor's values fill a few thousand of the 65536)."""
+    filled = np.flatnonzero(hist)
+    low, high = int(filled[0]), int(filled[-1]) + 1
+    down = hist[low:high][::-1]
+    reached = np.cumsum(down)  # from the top: the count in each bin and those above it
+    out = []
+    for k in ks:
+        j = int(np.searchsorted(reached, k))  # the first bin from the top reaching k
+        out.append((high - 1 - j, int(reached[j] - down[j])))
+    return out
 
 
 # histogram tasks per selection of a tensor: enough to share between the worker threads
@@ -428,10 +440,10 @@ def _answers(
         return None
     done: list[_Counted | _Split] = counted  # type: ignore[assignment]
     high = _total(done)
-    picks = [pick(high, k) for k in ks]
-    answers = _first_pass_answers(ks, picks, done)
+    chosen = picks(high, ks)
+    answers = _first_pass_answers(ks, chosen, done)
     if answers is None:
-        answers = _second_pass_answers(ks, picks, done, high, [s for _, s in parts], map)
+        answers = _second_pass_answers(ks, chosen, done, high, [s for _, s in parts], map)
     finite = not high[_NONFINITE:].any()
     out = []
     for bits, above, part_ties in answers:
