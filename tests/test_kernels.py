@@ -608,3 +608,67 @@ def test_picks_find_the_bin_of_each_kth_largest():
         want = [(int(values[k - 1]), int((values > values[k - 1]).sum())) for k in ks]
         assert picks(hist, ks) == want, trial
         assert pick(hist, ks[-1]) == want[-1]
+
+
+def test_any_nonfinite_finds_each_kind_at_any_place():
+    """scalar.any_nonfinite (the check before _count_bad counts): NaN, -NaN, inf and -inf at
+    any place of bfloat16 bits or float32, and not the largest finite values or -0."""
+    from numba import njit
+
+    from mergekit_math.kernels.scalar import any_nonfinite
+
+    @njit
+    def check(a):  # noqa: ANN001, ANN202
+        return any_nonfinite(a)
+
+    for dtype, bits, finite in (
+        (np.uint16, [0x7F80, 0xFF80, 0x7FC0, 0xFFC1], [0x7F7F, 0xFF7F, 0x8000, 0x0001]),
+        (np.float32, [0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00001], [0x7F7FFFFF, 0xFF7FFFFF]),
+    ):
+        view = np.uint16 if dtype == np.uint16 else np.uint32
+        for n in (1, 17, 100):
+            clean = np.resize(np.array(finite, view), n)
+            assert not check(clean.view(dtype)), (dtype, n)
+            for b in bits:
+                for at in {0, n // 2, n - 1}:
+                    x = clean.copy()
+                    x[at] = b
+                    assert check(x.view(dtype)), (dtype, hex(b), at, n)
+
+
+def test_importance_flags_only_where_some_importance_is_not_finite_or_signed():
+    """fusion.importances' flags (bit 0: NaN or inf, bit 1: sign bit set), which its loop
+    counts only where the largest bit pattern reaches the exponent's all-ones, and its
+    histogram of the importances' top 16 bits."""
+    from mergekit_math.kernels.fusion import importances
+    from mergekit_math.kernels.select import BINS
+
+    rng = np.random.default_rng(2)
+    row = 37
+    base = rng.standard_normal(4 * row).astype(np.float32)
+    model = base + rng.standard_normal(4 * row).astype(np.float32) * 0.01
+    kl = np.array([0.5, 2.0, 1e-3, 7.0], np.float32)
+    for change, want in (
+        (None, 0),
+        (("model", 5, np.inf), 1),
+        (("model", 80, np.nan), 1),
+        (("kl", 2, -0.25), 2),
+        (("kl", 3, -0.0), 2),
+        (("both", 0, np.nan), 3),
+    ):
+        b, m, k = base.copy(), model.copy(), kl.copy()
+        if change is not None:
+            where, at, value = change
+            if where in ("model", "both"):
+                m[at] = value
+            if where in ("kl", "both"):
+                k[2 if where == "both" else at] = -1.0 if where == "both" else value
+        out, hist = np.empty_like(b), np.zeros(BINS, np.int32)
+        assert importances(b, m, k, np.int64(row), out, hist) == want, change
+        expect = np.abs(m - b) * np.repeat(k, row)
+        nan = np.isnan(expect)
+        assert (np.isnan(out) == nan).all()
+        assert (out[~nan].view(np.uint32) == expect[~nan].view(np.uint32)).all()
+        if want == 0:
+            bins = np.minimum(out.view(np.uint32) >> 15, BINS - 1)
+            assert np.array_equal(hist, np.bincount(bins, minlength=BINS))
