@@ -16,6 +16,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+import mergekit_math.kernels.target  # noqa: F401 (numba's target, before any kernel)
+
 _MUL0 = np.uint64(0xD2E7470EE14C6C93)  # Philox-4x64 multipliers (Random123)
 _MUL1 = np.uint64(0xCA5A826395121157)
 _BUMP0 = np.uint64(0x9E3779B97F4A7C15)  # key schedule

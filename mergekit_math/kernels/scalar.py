@@ -16,6 +16,8 @@ from numba import njit, types
 from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import intrinsic, overload
 
+import mergekit_math.kernels.target  # noqa: F401 (numba's target, before any kernel)
+
 # numba's own pedantic check of its inliner ("variable ... is not in scope") fires on the
 # selects of inlined helpers; the compiled code is right (tests/test_kernels.py), so users
 # are not shown it the one time a kernel compiles.

@@ -29,6 +29,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+import mergekit_math.kernels.target  # noqa: F401 (numba's target, before any kernel)
+
 # VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE (mkl_vml_defines.h), torch's mode
 MODE = np.int64(0x2 | 0x140000 | 0x100)
 

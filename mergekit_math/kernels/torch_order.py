@@ -24,6 +24,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+import mergekit_math.kernels.target  # noqa: F401 (numba's target, before any kernel)
+
 _LANES = 8
 _ILP = 4
 _LEVELS = 4

@@ -1,0 +1,49 @@
+"""numba's code generation target for the kernels: this CPU and its features, with 512-bit
+vectors preferred where it has AVX-512.
+
+LLVM tunes Intel's AVX-512 cores (Skylake-X to Sapphire Rapids) to prefer 256-bit vectors
+(the ``prefer-256-bit`` tuning, against the older parts' frequency drops), and numba takes
+that tuning with the host CPU's name, so the kernels' loops ran on 8 float lanes. They are
+long all-vector loops, and on this machine (2 cores, AVX-512) 16 lanes are faster:
+torch's softmax exponentials 0.70 → 0.57 ns per element, TIES 4.64 → 4.33 s and Arcee
+Fusion 5.67 → 5.47 s (docs/benchmarks.md), the same bytes. The width changes no result:
+the kernels fix their summation orders and use no fast-math, so LLVM vectorises only
+what is exact in any width.
+
+Importing this module sets ``numba.config.CPU_FEATURES`` to the host's features with
+``-prefer-256-bit`` where the CPU has AVX-512, before any kernel is decorated (a
+dispatcher's creation sets numba's code generator up with the features of that moment):
+every module with kernels imports it first. A ``NUMBA_CPU_NAME`` or
+``NUMBA_CPU_FEATURES`` of the user's is left as it is. numba's on-disk cache keys its
+entries by the features, so the first merge after this change compiles its kernels
+again, once.
+"""
+
+from __future__ import annotations
+
+import numba.core.config as _config
+
+PREFER_512 = "-prefer-256-bit"  # an LLVM x86 tuning feature, turned off
+
+
+def wide_vectors_features() -> str | None:
+    """numba's feature string for this host with :data:`PREFER_512` added where it has
+    AVX-512 (and numba may use it: ``NUMBA_ENABLE_AVX``); None elsewhere (off x86-64 the
+    feature does not exist)."""
+    from numba.core.codegen import get_host_cpu_features
+
+    features = get_host_cpu_features()  # "" where LLVM cannot tell
+    if "+avx512f" not in features.split(","):
+        return None
+    return features + "," + PREFER_512
+
+
+def _set() -> None:
+    if _config.CPU_NAME is not None or _config.CPU_FEATURES is not None:
+        return  # the user's choice
+    features = wide_vectors_features()
+    if features is not None:
+        _config.CPU_FEATURES = features
+
+
+_set()

@@ -1,0 +1,102 @@
+"""kernels/target.py: numba's target for the kernels prefers 512-bit vectors where the CPU
+has AVX-512, whichever kernel module a process imports first, and leaves a user's
+NUMBA_CPU_FEATURES alone. Each check runs in a fresh process (numba sets its code
+generator up once per process)."""
+
+from __future__ import annotations
+
+import os
+import pkgutil
+import subprocess
+import sys
+
+import pytest
+
+import mergekit_math.kernels as kernels_package
+from mergekit_math.kernels.target import PREFER_512, wide_vectors_features
+
+needs_avx512 = pytest.mark.skipif(
+    wide_vectors_features() is None, reason="no AVX-512 here: LLVM's own choice stands"
+)
+
+# a loop LLVM vectorises in any width: zmm registers show the 512-bit preference
+_PROBE = """
+import numpy as np
+from numba import njit
+
+@njit
+def probe(a):
+    s = 0
+    for i in range(a.shape[0]):
+        s += a[i] * 3
+    return s
+
+probe(np.arange(64, dtype=np.int32))
+asm = probe.inspect_asm(probe.signatures[0])
+import numba.core.config as config
+print("zmm" in asm, config.CPU_FEATURES)
+"""
+
+
+def _kernel_modules() -> list[str]:
+    return [
+        m.name
+        for m in pkgutil.iter_modules(kernels_package.__path__)
+        if m.name != "target" and not m.name.startswith("_")
+    ]
+
+
+def _run(first: str, env: dict[str, str] | None = None) -> tuple[bool, str]:
+    code = f"import mergekit_math.kernels.{first}\n{_PROBE}" if first else _PROBE
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **(env or {})},
+    )
+    zmm, features = run.stdout.split(maxsplit=1)
+    return zmm == "True", features.strip()
+
+
+@needs_avx512
+def test_every_kernel_module_imported_first_sets_512_bit_vectors():
+    """Whichever kernel module a process imports first, later compiled code (the kernels'
+    and any other) uses 512-bit registers and the host's features end with the
+    preference."""
+    modules = _kernel_modules()
+    assert {"scalar", "philox", "torch_order", "torch_softmax", "ranks"} <= set(modules)
+    procs = {
+        m: subprocess.Popen(
+            [sys.executable, "-c", f"import mergekit_math.kernels.{m}\n{_PROBE}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for m in modules
+    }
+    for m, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        zmm, features = out.split(maxsplit=1)
+        assert zmm == "True", m
+        assert features.strip() == wide_vectors_features() and features.strip().endswith(
+            "," + PREFER_512
+        ), m
+
+
+@needs_avx512
+def test_without_the_kernels_llvm_keeps_its_own_choice():
+    """The preference comes from importing the kernels: numba alone has no features set
+    (what the test above measures is this module's doing, not numba's default)."""
+    zmm, features = _run("")
+    assert features == "None"
+
+
+def test_a_users_numba_features_are_left_alone():
+    """NUMBA_CPU_FEATURES given by the user stays what numba uses."""
+    from numba.core.codegen import get_host_cpu_features
+
+    mine = get_host_cpu_features()
+    zmm, features = _run("scalar", {"NUMBA_CPU_FEATURES": mine})
+    assert features == mine and not features.endswith(PREFER_512)
