@@ -6,12 +6,17 @@ float32 steps, ``MaskStream.keep_with``'s numpy decisions, float64 sums."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 from mask_reference import BLOCK, key_of
 
 from mergekit_math.kernels import ranks as kernel
+from mergekit_math.kernels.target import has_avx512
 from mergekit_math.methods import magprune
 from mergekit_math.methods.masks import MaskStream
 from mergekit_math.methods.sparsify import row_ranks
@@ -190,3 +195,24 @@ def test_l1_sums_are_float64_at_every_length():
         src, 0, x.numel(), 2048, np.float32(0.35), np.float32(0.3), stream
     )
     assert (np.float32(got_before), np.float32(got_after)) == (before, after)
+
+
+@pytest.mark.skipif(not has_avx512(), reason="the generic path is the one the tests above take")
+def test_the_same_decisions_compiled_without_avx512(tmp_path):
+    """Without AVX-512 the vector steps (kernels.della_lanes) take LLVM's generic gather:
+    this file's checks, compiled for this CPU with its AVX-512 features turned off."""
+    from numba.core.codegen import get_host_cpu_features
+
+    features = ",".join(
+        "-" + f[1:] if f.startswith("+avx512") else f for f in get_host_cpu_features().split(",")
+    )
+    env = {**os.environ, "NUMBA_CPU_FEATURES": features, "NUMBA_CACHE_DIR": str(tmp_path)}
+    picked = "bfloat16_deltas or float32_values or short_and_odd or few_magnitudes"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", picked],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout

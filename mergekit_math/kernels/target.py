@@ -38,6 +38,15 @@ def wide_vectors_features() -> str | None:
     return features + "," + PREFER_512
 
 
+def has_avx512() -> bool:
+    """Whether numba compiles for a CPU with AVX-512 (the features it uses: the user's
+    ``NUMBA_CPU_FEATURES`` or the host's), for code that emits its instructions."""
+    from numba.core.codegen import get_host_cpu_features
+
+    features = _config.CPU_FEATURES if _config.CPU_FEATURES is not None else get_host_cpu_features()
+    return "+avx512f" in features.split(",")
+
+
 def _set() -> None:
     if _config.CPU_NAME is not None or _config.CPU_FEATURES is not None:
         return  # the user's choice
