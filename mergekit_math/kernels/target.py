@@ -5,10 +5,10 @@ LLVM tunes Intel's AVX-512 cores (Skylake-X to Sapphire Rapids) to prefer 256-bi
 (the ``prefer-256-bit`` tuning, against the older parts' frequency drops), and numba takes
 that tuning with the host CPU's name, so the kernels' loops ran on 8 float lanes. They are
 long all-vector loops, and on this machine (2 cores, AVX-512) 16 lanes are faster:
-torch's softmax exponentials 0.70 → 0.57 ns per element, TIES 4.64 → 4.33 s and Arcee
-Fusion 5.67 → 5.47 s (docs/benchmarks.md), the same bytes. The width changes no result:
-the kernels fix their summation orders and use no fast-math, so LLVM vectorises only
-what is exact in any width.
+torch's softmax exponentials 0.70 → 0.57 ns per element, TIES 4.43 → 4.23 s, SCE 5.32 →
+4.86 s and Arcee Fusion 5.38 → 5.14 s (docs/benchmarks.md), the same bytes. The width
+changes no result: the kernels fix their summation orders and use no fast-math, so LLVM
+vectorises only what is exact in any width.
 
 Importing this module sets ``numba.config.CPU_FEATURES`` to the host's features with
 ``-prefer-256-bit`` where the CPU has AVX-512, before any kernel is decorated (a
