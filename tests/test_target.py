@@ -46,10 +46,16 @@ def _kernel_modules() -> list[str]:
     ]
 
 
-def _run(first: str, env: dict[str, str] | None = None) -> tuple[bool, str]:
+def _probe(first: str) -> list[str]:
+    """The command running :data:`_PROBE` after importing kernel module ``first`` (none:
+    numba alone)."""
     code = f"import mergekit_math.kernels.{first}\n{_PROBE}" if first else _PROBE
+    return [sys.executable, "-c", code]
+
+
+def _run(first: str, env: dict[str, str] | None = None) -> tuple[bool, str]:
     run = subprocess.run(
-        [sys.executable, "-c", code],
+        _probe(first),
         capture_output=True,
         text=True,
         check=True,
@@ -68,7 +74,7 @@ def test_every_kernel_module_imported_first_sets_512_bit_vectors():
     assert {"scalar", "philox", "torch_order", "torch_softmax", "ranks"} <= set(modules)
     procs = {
         m: subprocess.Popen(
-            [sys.executable, "-c", f"import mergekit_math.kernels.{m}\n{_PROBE}"],
+            _probe(m),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

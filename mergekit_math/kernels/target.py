@@ -26,6 +26,10 @@ import numba.core.config as _config
 PREFER_512 = "-prefer-256-bit"  # an LLVM x86 tuning feature, turned off
 
 
+def _has_avx512f(features: str) -> bool:
+    return "+avx512f" in features.split(",")
+
+
 def wide_vectors_features() -> str | None:
     """numba's feature string for this host with :data:`PREFER_512` added where it has
     AVX-512 (and numba may use it: ``NUMBA_ENABLE_AVX``); None elsewhere (off x86-64 the
@@ -33,9 +37,7 @@ def wide_vectors_features() -> str | None:
     from numba.core.codegen import get_host_cpu_features
 
     features = get_host_cpu_features()  # "" where LLVM cannot tell
-    if "+avx512f" not in features.split(","):
-        return None
-    return features + "," + PREFER_512
+    return features + "," + PREFER_512 if _has_avx512f(features) else None
 
 
 def has_avx512() -> bool:
@@ -44,7 +46,7 @@ def has_avx512() -> bool:
     from numba.core.codegen import get_host_cpu_features
 
     features = _config.CPU_FEATURES if _config.CPU_FEATURES is not None else get_host_cpu_features()
-    return "+avx512f" in features.split(",")
+    return _has_avx512f(features)
 
 
 def _set() -> None:
