@@ -386,7 +386,12 @@ def poisoned_copy(src: Path, dst: Path, values=(float("nan"), float("inf"), -flo
 
 def two_models(tmp_path: Path, a: Path, b: Path, method: str = "linear", base: Path | None = None):
     head = f"merge_method: {method}\n" + (f"base_model: {base}\n" if base else "")
-    extra = {"ties": ", density: 0.5", "breadcrumbs": ", density: 0.5, gamma: 0.1"}.get(method, "")
+    extra = {
+        "ties": ", density: 0.5",
+        "breadcrumbs": ", density: 0.5, gamma: 0.1",
+        "della": ", density: 0.5, epsilon: 0.1",
+        "della_linear": ", density: 0.5, epsilon: 0.1",
+    }.get(method, "")
     return write_recipe(
         tmp_path / "r.yaml",
         head + "models:\n"
@@ -465,19 +470,20 @@ def test_strict_finite_refuses_and_writes_nothing(tmp_path, zoo):
     assert_nothing_written(out)
 
 
-@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "della", "della_linear"])
 def test_compiled_merge_skips_the_count_only_where_selections_saw_finite_inputs(
     tmp_path, zoo, method, monkeypatch
 ):
-    """The kernels of TIES and Breadcrumbs get no count array where every model's
-    selection histogrammed finite magnitudes (so base and models are finite), and get one
-    for the tensor where a model holds NaN or inf (the count then warns, as above)."""
+    """The kernels of TIES, Breadcrumbs and DELLA get no count array where every model's
+    selection histogrammed (DELLA's decisions summed) finite magnitudes (so base and models
+    are finite), and get one for the tensor where a model holds NaN or inf (the count then
+    warns, as above)."""
     from mergekit_math.kernels import elementwise
     from mergekit_math.merge import build_plan, execute
     from mergekit_math.recipe import load_recipe
 
     monkeypatch.setenv("MMATH_FUSED", "1")
-    kernel = elementwise.delta_ties if method == "ties" else elementwise.delta_sum
+    kernel = elementwise.delta_ties if method in ("ties", "della") else elementwise.delta_sum
     calls: list[tuple[bool, bool]] = []  # (some input not finite, counted)
 
     def finite(x: np.ndarray) -> bool:

@@ -49,6 +49,9 @@ class DellaKeep:
     # per range start, the ``(inputs, count)`` uint8 array whose rows are every input's
     # decisions (ones for an input kept whole): the fused kernel's ``sel`` as it is
     rows: dict[int, Any] | None = None
+    # every |model - base| summed finite, so the model and the base are finite throughout
+    # (an inf or NaN input makes its difference, and so the sum, inf or NaN)
+    finite: bool = False
 
     def apply(self, delta: torch.Tensor, start: int = 0) -> torch.Tensor:
         import torch
@@ -131,5 +134,6 @@ def della_keeps(
             before = np.float32(math.fsum(s[0] for _, s in parts))
             after = np.float32(math.fsum(s[1] for _, s in parts))
             factor = l1_factor(before, after)
-        keeps[i] = DellaKeep(masks, factor, rows)
+        finite = all(math.isfinite(s[0]) for _, s in parts)
+        keeps[i] = DellaKeep(masks, factor, rows, finite)
     return keeps

@@ -220,12 +220,13 @@ def _fused(variant: Variant):
 
 def _all_finite(inputs: FusedInputs[DeltaShared, DeltaModel]) -> bool:
     """Whether every input of the tensor is known finite: each model's trim or window
-    histogrammed all its magnitudes |model - base| and found them finite (so the base is
-    finite too); a model kept whole or a DARE mask says nothing."""
+    histogrammed all its magnitudes |model - base|, or its DELLA decisions summed them, and
+    found them finite (so the base is finite too); a model kept whole or a DARE mask says
+    nothing."""
     states = inputs.states
     if not states or len(states) != len(inputs.tensors):
         return False
-    return all(isinstance(s, (MagnitudeTrim, RankWindow)) and s.finite for s in states)
+    return all(isinstance(s, (MagnitudeTrim, RankWindow, DellaKeep)) and s.finite for s in states)
 
 
 def _kernel_args(
