@@ -216,3 +216,13 @@ def test_the_same_decisions_compiled_without_avx512(tmp_path):
     )
     assert run.returncode == 0, run.stdout[-3000:]
     assert " passed" in run.stdout and "failed" not in run.stdout
+
+
+def test_blocks_must_be_a_power_of_two_wide():
+    """The uncertain entries' blocks are found by shifts: rows of bytes of another width
+    are refused, not misread."""
+    x = torch.randn(4, 64)
+    primary, spare = np.zeros((1, 1000), np.uint8), np.zeros((1, 512), np.int64)
+    kept, sums = np.empty(x.numel(), np.bool_), np.zeros(2)
+    with pytest.raises(ValueError, match="power of two"):
+        kernel.della_decisions(x.numpy().reshape(-1), 64, LOW, STEP, primary, spare, kept, sums)

@@ -241,11 +241,14 @@ def _settle(slow, ns, ranks, below, primary, spare, k0, kept, tie, low, span, st
     the block of the last tie and the words it took). False when a block's ties outgrow its
     spare words."""
     width, words = primary.shape[1], spare.shape[1]
+    shift = 0  # the blocks' width is a power of two (65536, see della_decisions): shifts
+    while (1 << shift) < width:
+        shift += 1
     for a in range(ns):
         j = slow[a]
         r = ranks[_at(j)]
         e = k0 + j
-        q, w = e // width, e % width
+        q, w = e >> shift, e & (width - 1)
         byte = np.int32(primary[q, w])
         b = below[_at(r)]
         keep = byte < b
@@ -266,13 +269,16 @@ def della_decisions(src, row, low, step, primary, spare, kept, sums):  # noqa: A
     """DELLA's keep decisions for a source of whole rows of ``row`` entries (a stored
     array or a ``(base, model)`` pair) that starts a mask block, into the bool array
     ``kept``: probability ``low + (rank / span)·step`` (span = max(row - 1, 1), float32
-    steps), decided by the blocks' bytes ``primary`` (rows of 65536) and spare words
-    ``spare`` as ``MaskStream.keep_with``. ``sums`` gets (Σ|x|, Σ|x·keep|) in float64.
+    steps), decided by the blocks' bytes ``primary`` (rows of 65536: a power of two, or
+    ValueError) and spare words ``spare`` as ``MaskStream.keep_with``. ``sums`` gets
+    (Σ|x|, Σ|x·keep|) in float64.
     Returns False when a block's ties outgrow its spare words (nothing is then complete).
 
     A binned row needs no rank but those of the entries whose byte lies between their
     bin's first and last threshold (:func:`_sure`); a row the bins do not fit, or with
     too many such entries with lower bits, is radix-sorted (module docstring)."""
+    if primary.shape[1] & (primary.shape[1] - 1):
+        raise ValueError("della_decisions: mask blocks must be a power of two wide")
     span = np.float32(max(row - 1, 1))
     below = np.empty(row, np.int32)  # floor(p·256) of each rank: exact
     for r in range(row):
