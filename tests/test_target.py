@@ -106,3 +106,28 @@ def test_a_users_numba_features_are_left_alone():
     mine = get_host_cpu_features()
     zmm, features = _run("scalar", {"NUMBA_CPU_FEATURES": mine})
     assert features == mine and not features.endswith(PREFER_512)
+
+
+_NO_SCIPY = """
+import sys
+import numpy as np
+from numba.np import linalg
+from mergekit_math.kernels.elementwise import widen_into
+
+out = np.zeros(4, np.float32)
+widen_into(np.array([0x3F80] * 4, np.uint16), out)  # sets numba's CPU target up
+import numba.np.arraymath as arraymath
+print(out.tolist() == [1.0] * 4, "scipy.linalg" in sys.modules, arraymath._HAVE_BLAS,
+      arraymath.ensure_blas is linalg.ensure_blas, linalg.ensure_blas.__name__)
+"""
+
+
+def test_a_kernel_call_imports_no_scipy_and_leaves_numba_as_it_was():
+    """numba's CPU target set up (a kernel called) without importing scipy.linalg, its BLAS
+    check answered "no", and numba's own ``ensure_blas`` back in both modules."""
+    pytest.importorskip("scipy")
+    run = subprocess.run(
+        [sys.executable, "-c", _NO_SCIPY], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["True", "False", "False", "True", "ensure_blas"]

@@ -211,8 +211,9 @@ def import_torch_in_background() -> bool:
 def warm_kernels_in_background() -> threading.Thread:
     """Set up numba's dispatch on a thread of its own while the first tensors are read, and
     return the thread (the merge joins it before it ends). The first call of any compiled
-    kernel in a process builds numba's typing and target contexts (about 0.25 s here,
-    scipy's import among it) before it loads the kernel from the cache; the merge's worker
+    kernel in a process builds numba's typing and target contexts (about 0.12 s here; 0.25
+    with the import of scipy.linalg that ``kernels.target`` spares it) before it loads the
+    kernel from the cache; the merge's worker
     threads waited for that after the first tensor's read, the reads' buffers full. One
     tiny call of a cached kernel does it."""
 
