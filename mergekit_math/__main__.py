@@ -1,3 +1,3 @@
-from mergekit_math.cli import main
+from mergekit_math.cli import run
 
-main()
+run()

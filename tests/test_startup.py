@@ -111,3 +111,97 @@ def test_main_asks_for_one_blas_thread_before_running_a_command(monkeypatch):
     monkeypatch.setattr(cli, "app", lambda: seen.append(os.environ.get("OPENBLAS_NUM_THREADS")))
     cli.main()
     assert seen == ["1"]
+
+
+# The console script's entry (``cli.run``) after a merge: an atexit handler of the caller's
+# writes "atexit", an object left for the interpreter's teardown writes "teardown" when freed
+# then; argv[3] "thread" leaves a thread that is not a daemon running 0.3 s past the merge.
+_EXIT = textwrap.dedent(
+    """
+    import atexit, sys, threading, time
+    flags = sys.argv[4]
+    def note(word):
+        with open(flags, "a") as f:
+            f.write(word + " ")
+    atexit.register(note, "atexit")
+    class Late:
+        def __del__(self):
+            note("teardown")
+    sys.modules["late_holder"] = type(sys)("late_holder")
+    sys.modules["late_holder"].obj = Late()
+    from mergekit_math.cli import run, startup
+    def outlive():
+        while not startup._merge_done:
+            time.sleep(0.01)
+        time.sleep(0.3)
+    if sys.argv[3] == "thread":
+        threading.Thread(target=outlive).start()
+    sys.argv = ["mmath", "merge", sys.argv[1], sys.argv[2], "--quiet"]
+    run()
+    """
+)
+
+
+def _exit_run(
+    tmp_path, recipe, out, mode: str = "plain"
+) -> tuple[subprocess.CompletedProcess, str]:
+    flags = tmp_path / f"flags-{out.name}"
+    run = subprocess.run(
+        [sys.executable, "-c", _EXIT, str(recipe), str(out), mode, str(flags)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    return run, flags.read_text() if flags.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from conftest import make_model
+
+    root = tmp_path_factory.mktemp("exit")
+    base = make_model(root / "base", seed=0)
+    return base, make_model(root / "a", base=base, seed=1)
+
+
+def test_the_console_script_ends_a_merge_without_the_interpreters_teardown(tmp_path, pair):
+    """After a merge that succeeded: status 0, the last line on stdout, the caller's atexit
+    handler run, the teardown not (its object's finaliser never runs); the output whole."""
+    from conftest import load_dir, write_recipe
+
+    base, a = pair
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"merge_method: task_arithmetic\nbase_model: {base}\n"
+        f"models:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n",
+    )
+    run, flags = _exit_run(tmp_path, recipe, tmp_path / "out")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("merged ") and run.stdout.endswith(f"{tmp_path / 'out'}\n")
+    assert flags.split() == ["atexit"]
+    assert load_dir(tmp_path / "out").keys() == load_dir(a).keys()
+
+
+def test_a_failed_merge_or_a_live_thread_exits_as_usual(tmp_path, pair):
+    """A merge that fails keeps its status and the whole teardown; so does a successful one
+    while a thread that is not a daemon still runs (the normal exit waits for it)."""
+    from conftest import write_recipe
+
+    base, a = pair
+    missing = write_recipe(
+        tmp_path / "bad.yaml",
+        f"merge_method: task_arithmetic\nbase_model: {base}\n"
+        f"models:\n  - model: {tmp_path / 'nowhere'}\n    parameters: {{weight: 0.5}}\n",
+    )
+    run, flags = _exit_run(tmp_path, missing, tmp_path / "out1")
+    assert run.returncode != 0 and "error:" in run.stderr
+    assert flags.split() == ["atexit", "teardown"]
+    good = write_recipe(
+        tmp_path / "good.yaml",
+        f"merge_method: task_arithmetic\nbase_model: {base}\n"
+        f"models:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n",
+    )
+    run, flags = _exit_run(tmp_path, good, tmp_path / "out2", "thread")
+    assert run.returncode == 0, run.stderr
+    assert flags.split() == ["atexit", "teardown"]

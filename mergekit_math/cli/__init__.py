@@ -77,4 +77,19 @@ def main() -> None:
         freeze_for_exit()
 
 
-__all__ = ["app", "main"]
+def run() -> None:
+    """The ``mmath`` console script and ``python -m mergekit_math``: :func:`main`, and after a
+    merge that succeeded, an exit without the interpreter's teardown
+    (:func:`~mergekit_math.cli.startup.exit_after_merge`). :func:`main` itself always ends
+    with ``SystemExit``, for callers in the same process."""
+    from mergekit_math.cli.startup import exit_after_merge
+
+    try:
+        main()
+    except SystemExit as done:
+        if done.code in (0, None):
+            exit_after_merge()
+        raise
+
+
+__all__ = ["app", "main", "run"]

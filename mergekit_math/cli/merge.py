@@ -357,6 +357,10 @@ def merge(
     )
     if after is not None:
         _evaluate_and_push(final, after, token)
+    else:  # the whole command done: the console script may end the process at once
+        from mergekit_math.cli.startup import merge_done
+
+        merge_done()
 
 
 def _load_torch(threads: int | None) -> None:
