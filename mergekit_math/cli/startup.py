@@ -111,7 +111,9 @@ def exit_after_merge() -> None:
     handlers run and stdout and stderr are flushed (Python's buffers and C's), the rest of
     the interpreter's teardown and the libraries' static destructors are skipped. Returns
     without doing anything where no merge was done, or where a thread that is not a daemon
-    is still alive (the normal exit waits for it)."""
+    is still alive (the normal exit waits for it); returns after the atexit handlers (run
+    once: they are then cleared) where flushing stdout or stderr fails, for the normal exit
+    to report it."""
     import atexit
     import os
     import threading
@@ -127,8 +129,8 @@ def exit_after_merge() -> None:
         try:
             if stream is not None:
                 stream.flush()
-        except (OSError, ValueError):  # closed, or a broken pipe: as the normal exit would
-            pass
+        except (OSError, ValueError):  # a full disk, a closed pipe: the normal exit reports it
+            return
     try:
         import ctypes
 
