@@ -213,9 +213,8 @@ def warm_kernels_in_background() -> threading.Thread:
     return the thread (the merge joins it before it ends). The first call of any compiled
     kernel in a process builds numba's typing and target contexts (about 0.12 s here; 0.25
     with the import of scipy.linalg that ``kernels.target`` spares it) before it loads the
-    kernel from the cache; the merge's worker
-    threads waited for that after the first tensor's read, the reads' buffers full. One
-    tiny call of a cached kernel does it."""
+    kernel from the cache; the merge's worker threads waited for that after the first
+    tensor's read, the reads' buffers full. One tiny call of a cached kernel does it."""
 
     def run() -> None:
         try:
