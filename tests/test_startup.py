@@ -165,17 +165,24 @@ def pair(tmp_path_factory):
     return base, make_model(root / "a", base=base, seed=1)
 
 
+def _task_arithmetic(path, base, model):
+    """A recipe adding half of ``model``'s delta to ``base``."""
+    from conftest import write_recipe
+
+    return write_recipe(
+        path,
+        f"merge_method: task_arithmetic\nbase_model: {base}\n"
+        f"models:\n  - model: {model}\n    parameters: {{weight: 0.5}}\n",
+    )
+
+
 def test_the_console_script_ends_a_merge_without_the_interpreters_teardown(tmp_path, pair):
     """After a merge that succeeded: status 0, the last line on stdout, the caller's atexit
     handler run, the teardown not (its object's finaliser never runs); the output whole."""
-    from conftest import load_dir, write_recipe
+    from conftest import load_dir
 
     base, a = pair
-    recipe = write_recipe(
-        tmp_path / "r.yaml",
-        f"merge_method: task_arithmetic\nbase_model: {base}\n"
-        f"models:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n",
-    )
+    recipe = _task_arithmetic(tmp_path / "r.yaml", base, a)
     run, flags = _exit_run(tmp_path, recipe, tmp_path / "out")
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("merged ") and run.stdout.endswith(f"{tmp_path / 'out'}\n")
@@ -186,22 +193,12 @@ def test_the_console_script_ends_a_merge_without_the_interpreters_teardown(tmp_p
 def test_a_failed_merge_or_a_live_thread_exits_as_usual(tmp_path, pair):
     """A merge that fails keeps its status and the whole teardown; so does a successful one
     while a thread that is not a daemon still runs (the normal exit waits for it)."""
-    from conftest import write_recipe
-
     base, a = pair
-    missing = write_recipe(
-        tmp_path / "bad.yaml",
-        f"merge_method: task_arithmetic\nbase_model: {base}\n"
-        f"models:\n  - model: {tmp_path / 'nowhere'}\n    parameters: {{weight: 0.5}}\n",
-    )
+    missing = _task_arithmetic(tmp_path / "bad.yaml", base, tmp_path / "nowhere")
     run, flags = _exit_run(tmp_path, missing, tmp_path / "out1")
     assert run.returncode != 0 and "error:" in run.stderr
     assert flags.split() == ["atexit", "teardown"]
-    good = write_recipe(
-        tmp_path / "good.yaml",
-        f"merge_method: task_arithmetic\nbase_model: {base}\n"
-        f"models:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n",
-    )
+    good = _task_arithmetic(tmp_path / "good.yaml", base, a)
     run, flags = _exit_run(tmp_path, good, tmp_path / "out2", "thread")
     assert run.returncode == 0, run.stderr
     assert flags.split() == ["atexit", "teardown"]
