@@ -27,15 +27,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Runs `mmath ARGS` through the console entry and prints phase marks on stderr.
+# Runs `mmath ARGS` through the console entry (`cli.run`, whose exit after a merge skips the
+# interpreter's teardown) and prints phase marks on stderr from an atexit handler.
 PROBE = r"""
-import os, sys, time
+import atexit, os, sys, time
 def now():
     with open("/proc/self/stat") as f:
         start = int(f.read().rsplit(")", 1)[1].split()[19])
     return time.clock_gettime(time.CLOCK_BOOTTIME) - start / os.sysconf("SC_CLK_TCK")
 marks = {}
-from mergekit_math.cli import main
+from mergekit_math.cli import run
 marks["imports"] = now()
 import mergekit_math.merge as mm, mergekit_math.merge.execution as ex
 def wrap(mod, name, before=None, after=None):
@@ -58,13 +59,12 @@ def timed_import(name, *a, **k):
     return out
 builtins.__import__ = timed_import
 wrap(ex, "_read_range", before="first read")
+def report():
+    marks["done"] = now()
+    print("MARKS", *(f"{k.replace(' ', '_')}={v:.4f}" for k, v in marks.items()), file=sys.stderr)
+atexit.register(report)
 sys.argv = ["mmath"] + sys.argv[1:]
-try:
-    main()
-except SystemExit:
-    pass
-marks["done"] = now()
-print("MARKS", *(f"{k.replace(' ', '_')}={v:.4f}" for k, v in marks.items()), file=sys.stderr)
+run()
 """
 
 PHASES = ("imports", "planned", "torch_from", "torch_to", "first_read", "done")
