@@ -6,6 +6,8 @@ Every command group (``mmath`` itself, ``patch``, ``valve``, ``ul2r``, ``sweep``
 group is invoked on its own, as tests do — and commands carry no try/except of their own:
 
 - :class:`~mergekit_math.errors.UserError` -> ``error: MESSAGE``, exit 2;
+- an ImportError raised while a compiled kernel's module loads (numba installed but not
+  importing) -> ``error:`` naming ``MMATH_FUSED=0``, exit 2;
 - ``OSError`` (unwritable folder, a file where a folder should be, disk full …) -> one line
   naming the file and the system's reason, exit 2;
 - Ctrl-C -> ``error: interrupted; NOTE``, exit 130, where NOTE is what the command said with
@@ -86,8 +88,25 @@ class HandledGroup(TyperGroup):
             if exc.errno == errno.EPIPE:  # stdout closed (`mmath methods | head`): click's job
                 raise
             fail(describe_os_error(exc))
+        except ImportError as exc:
+            if not _kernel_import(exc):
+                raise
+            fail(f"the compiled kernels do not load ({exc}); MMATH_FUSED=0 runs without them")
         finally:
             _NOTE.reset(reset)
+
+
+def _kernel_import(exc: ImportError) -> bool:
+    """Whether ``exc`` came from importing one of the compiled kernels' modules: numba
+    installed as its metadata declares (``kernels._numba_ok``), but failing to import."""
+    import traceback
+    from pathlib import Path
+
+    kernels = Path(__file__).resolve().parent.parent / "kernels"
+    return any(
+        Path(frame.filename).resolve().parent == kernels
+        for frame in traceback.extract_tb(exc.__traceback__)
+    )
 
 
 def _usage_name(self: TyperArgument) -> str:
