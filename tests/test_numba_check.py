@@ -27,7 +27,9 @@ def _python(code: str, *args: str, env: dict[str, str] | None = None):
 _ENABLED = """
 import sys
 from importlib import metadata
-if sys.argv[1] != "-":  # this version of numpy in numba's eyes
+if sys.argv[1] == "no-packaging":  # the metadata cannot be read: numba's import decides
+    sys.modules["packaging.requirements"] = None
+elif sys.argv[1] != "-":  # this version of numpy in numba's eyes
     real = metadata.version
     metadata.version = lambda name: sys.argv[1] if name == "numpy" else real(name)
 from mergekit_math import kernels
@@ -44,6 +46,12 @@ def test_the_check_reads_numbas_metadata_without_importing_it():
     run = _python(_ENABLED, "99.0")
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["False", "False"]
+
+
+def test_without_packaging_numbas_import_decides():
+    run = _python(_ENABLED, "no-packaging")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["True", "True"]
 
 
 # numba found, its import failing as numba's own check fails on an unsupported NumPy

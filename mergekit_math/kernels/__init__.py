@@ -29,37 +29,46 @@ import os
 import platform
 
 
+def _declared_versions_ok() -> bool | None:
+    """Whether the installed NumPy and llvmlite are in the ranges numba's metadata declares;
+    None where that cannot be read (no ``packaging``, or no metadata for numba or for one it
+    needs: ``PackageNotFoundError`` is an ImportError)."""
+    from importlib import metadata
+
+    try:
+        from packaging.requirements import InvalidRequirement, Requirement
+    except ImportError:
+        return None
+    try:
+        for text in metadata.requires("numba") or []:
+            need = Requirement(text)
+            if need.marker is not None and not need.marker.evaluate({"extra": ""}):
+                continue
+            if not need.specifier.contains(metadata.version(need.name), prereleases=True):
+                return False
+    except (ImportError, InvalidRequirement):
+        return None
+    return True
+
+
 @functools.cache
 def _numba_ok() -> bool:
     """Whether numba is installed with the versions of NumPy and llvmlite it declares (what
     its import checks first), read from the packages' metadata without importing it: its
     import (0.15-0.18 s) then happens on the merge's threads while the first tensors are
-    read, not before the reader starts. A numba whose metadata cannot be read is imported
+    read, not before the reader starts. Where the metadata cannot be read numba is imported
     here, as it was before; one that passes but does not import stops the merge where a
     kernel is loaded, with one error naming ``MMATH_FUSED=0`` (``cli.handler``)."""
     import sys
-    from importlib import metadata
     from importlib.util import find_spec
 
     if "numba" in sys.modules:
         return True
     if find_spec("numba") is None:
         return False
-    try:
-        from packaging.requirements import InvalidRequirement, Requirement
-
-        needs = metadata.requires("numba") or []
-        for text in needs:
-            need = Requirement(text)
-            if need.marker is not None and not need.marker.evaluate({"extra": ""}):
-                continue
-            if not need.specifier.contains(metadata.version(need.name), prereleases=True):
-                return False
-        return True
-    except metadata.PackageNotFoundError:  # numba or one it needs has no metadata here
-        pass
-    except (ImportError, InvalidRequirement):
-        pass
+    declared = _declared_versions_ok()
+    if declared is not None:
+        return declared
     try:
         import numba  # noqa: F401
     except ImportError:
