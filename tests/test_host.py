@@ -382,8 +382,8 @@ def test_merge_on_numpy_warms_the_kernels_on_a_thread_and_joins_it(tmp_path, mon
     monkeypatch.setenv("MMATH_FUSED", "1")
     started = []
 
-    def spy():
-        thread = host.warm_kernels_in_background()
+    def spy(mapped=None):
+        thread = host.warm_kernels_in_background(mapped)
         started.append(thread)
         return thread
 

@@ -576,6 +576,7 @@ def test_selection_merges_read_each_range_once_with_the_kernels(
     # into tensors, or into numpy arrays where the merge runs without torch
     monkeypatch.setattr(Checkpoint, "read_range", counting(Checkpoint.read_range))
     monkeypatch.setattr(Checkpoint, "read_host", counting(Checkpoint.read_host))
+    monkeypatch.setattr(Checkpoint, "map_host", counting(Checkpoint.map_host))
     params = _RECIPES[method]
     recipe = write_recipe(
         tmp_path / "r.yaml",

@@ -14,6 +14,7 @@ say clearly (which file, which tensor) — so nothing wrong in a header is found
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -53,6 +54,21 @@ NUMPY_VIEWS = {name: name for name, _ in DTYPES.values()} | {
 }
 # The safetensors library's own limit on the header's size.
 MAX_HEADER = 100_000_000
+
+
+_POPULATE_READ = 22  # madvise: fault a range's pages in (Linux 5.14); EINVAL before
+_populates = [True]  # False once the kernel said EINVAL
+
+
+def _populate(view: mmap.mmap) -> None:
+    """Map every page of ``view`` now (``MADV_POPULATE_READ``), where the kernel can."""
+    if _populates[0]:
+        try:
+            view.madvise(_POPULATE_READ)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            _populates[0] = False
 
 
 class InputFile:
@@ -122,6 +138,25 @@ class InputFile:
                 self._changed("shorter than its header says")
             done += got
         self.check()
+
+    def map_view(self, offset: int, nbytes: int) -> Any:
+        """The ``nbytes`` at ``offset`` as a numpy uint8 array over a private mapping of just
+        their pages (unmapped when the array and its views are freed), after :meth:`check`,
+        the pages mapped here (``MADV_POPULATE_READ``, where the kernel has it) rather than
+        on first touch. No copy out of the page cache. Only under the SIGBUS guard
+        (:mod:`mergekit_math.kernels.sigbus`): a truncation after this check makes a page past
+        the new end read as zeros, and the merge's last :meth:`check` stops it."""
+        import numpy as np
+
+        fd = self.check()
+        first = offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+        try:
+            view = mmap.mmap(fd, offset + nbytes - first, access=mmap.ACCESS_COPY, offset=first)
+            _populate(view)
+        except OSError as exc:
+            self.check()
+            raise UserError(f"{self.path}: cannot map it ({exc.strerror})") from None
+        return np.frombuffer(view, np.uint8, nbytes, offset - first)
 
     def pread(self, n: int, offset: int) -> bytes:
         buf = bytearray(n)

@@ -369,6 +369,27 @@ class Checkpoint:
         self._inputs[info.file].read_into(memoryview(out)[:nbytes], info.offset + start * itemsize)
         return out[:nbytes].view(NUMPY_VIEWS[info.dtype])
 
+    def map_host(self, name: str, start: int, end: int) -> Any:
+        """:meth:`read_host` without the copy: a view of a private mapping of the file's
+        pages (:meth:`InputFile.map_view`), under the SIGBUS guard only. None where the
+        range's bytes do not start on a multiple of the element size (a view there would be
+        unaligned): read those."""
+        info = self.info_or_error(name)
+        if self._pickled is not None:
+            raise RuntimeError(f"{self.ref}: map_host() on a pickled checkpoint")
+        itemsize = ITEMSIZE[info.dtype]
+        offset = info.offset + start * itemsize
+        if end <= start or offset % itemsize:
+            return None
+        view = self._inputs[info.file].map_view(offset, (end - start) * itemsize)
+        return view.view(NUMPY_VIEWS[info.dtype])
+
+    def verify(self) -> None:
+        """Check every file read so far (:meth:`InputFile.check`): still the planned one, with
+        the planned size and mtime."""
+        for handle in self._inputs.values():
+            handle.check()
+
     @property
     def pickled(self) -> bool:
         """Whether the weights come from pickled ``.bin`` files (read whole through torch)."""

@@ -7,6 +7,7 @@ a temporary folder that is renamed into place only when everything is written.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -26,12 +27,15 @@ from mergekit_math.io.writer import HostPart
 from mergekit_math.merge.ahead import Ahead
 from mergekit_math.merge.fused import FusedRange
 from mergekit_math.merge.host import (
+    InputMaps,
     default_threads,
     import_torch,
     import_torch_in_background,
     imported_torch,
+    maps_inputs,
     merged,
     prepares_with_torch,
+    release_guard,
     restore_threads,
     runs_on_numpy,
     warm_kernels_in_background,
@@ -252,7 +256,9 @@ def compute_item(
         ready.finite.report()
 
 
-def _units(plan: Plan, device: str, chunk: int, pin: bool, host: bool) -> Iterator[Unit]:
+def _units(
+    plan: Plan, device: str, chunk: int, pin: bool, host: bool, mapped: InputMaps | None
+) -> Iterator[Unit]:
     """What the read-ahead thread reads: every range of every item, in the order computed."""
     return (
         Unit(
@@ -260,7 +266,7 @@ def _units(plan: Plan, device: str, chunk: int, pin: bool, host: bool) -> Iterat
             start,
             end,
             _range_bytes(plan, item, start, end),
-            partial(_read_range, plan, item, start, end, pin, host=host),
+            partial(_read_range, plan, item, start, end, pin, host=host, mapped=mapped),
         )
         for item in plan.items
         for start, end in item_ranges(plan, item, device, chunk)
@@ -309,6 +315,16 @@ def _merge_items(
             del pending
             if on_tensor is not None:
                 on_tensor(item)
+
+
+def _verify_inputs(plan: Plan) -> None:
+    """Check every input file once more before the output is committed: one changed since
+    its last check stops the merge (``UserError``, nothing written). Reads check before and
+    after each copy; a mapped range is read while it is computed, so this check is the one
+    after it (and where a truncation made a mapped page read as zeros, kernels.sigbus)."""
+    for c in plan.checkpoints.values():
+        if not c.pickled:
+            c.verify()
 
 
 def _close_inputs(plan: Plan) -> None:
@@ -403,8 +419,10 @@ def stream_plan(
     # a plan on numpy arrays whose preparation needs torch: imported while the merge starts
     if host and prepares_with_torch(plan):
         import_torch_in_background()
-    warming = warm_kernels_in_background() if host else None
-    prefetch = Prefetcher(_units(plan, device, chunk, pin, host), io_budget, _host_thread)
+    mapped = InputMaps() if host and maps_inputs() else None
+    warming = warm_kernels_in_background(mapped) if host else None
+    units = _units(plan, device, chunk, pin, host, mapped)
+    prefetch = Prefetcher(units, io_budget, _host_thread)
     writes = WriterThread(
         lambda part, name, last: sink.write_part(name, part, last), io_budget, init=_host_thread
     )
@@ -412,12 +430,14 @@ def stream_plan(
     run = _Run(
         prefetch, chunk, pool, workers, strict_finite=strict_finite, warn=warn or _warn, host=host
     )
+    run.mapped = mapped
     run.ahead = _ahead(plan, device, run, max_memory)
     try:
         began = time.perf_counter()
         _merge_items(plan, device, run, writes, bar, on_tensor)
         writes.finish()
         closing = time.perf_counter()
+        _verify_inputs(plan)
         sink.close()
         if host:
             merged()
@@ -425,9 +445,11 @@ def stream_plan(
             ended = time.perf_counter()
             timings = (ended - began, ended - closing, prefetch, writes)
             _write_timings(os.environ["MMATH_TIMINGS"], *timings)
-    except BaseException:
+    except BaseException as exc:
         writes.abort()
         sink.abort()
+        if isinstance(exc, OSError) and exc.errno == errno.EFAULT:
+            _verify_inputs(plan)  # a write from a mapped page past a truncated input's end
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -440,6 +462,7 @@ def stream_plan(
             restore_threads(workers)  # its workers ran torch on one thread each
         if warming is not None:
             warming.join()
+        release_guard(mapped)
 
 
 def execute(

@@ -208,13 +208,38 @@ def import_torch_in_background() -> bool:
     return True
 
 
-def warm_kernels_in_background() -> threading.Thread:
+def maps_inputs() -> bool:
+    """Whether a merge on numpy arrays reads its inputs through mappings once the SIGBUS
+    guard is installed (``MMATH_MAP=0``: never)."""
+    return os.environ.get("MMATH_MAP", "1") != "0"
+
+
+class InputMaps:
+    """Whether a merge's reads map their ranges: decided once the kernels' warm-up has
+    installed the SIGBUS guard or failed to (:func:`warm_kernels_in_background`)."""
+
+    def __init__(self) -> None:
+        self.decided = threading.Event()
+        self.on = False  # the guard is installed for this merge
+
+    def wait(self) -> bool:
+        """Whether to map, once decided. The reads wait for it rather than copy the first
+        ranges (their buffers would stay in the heap while the mapped ones add to them)."""
+        self.decided.wait()
+        return self.on
+
+
+def warm_kernels_in_background(mapped: InputMaps | None = None) -> threading.Thread:
     """Set up numba's dispatch on a thread of its own while the first tensors are read, and
     return the thread (the merge joins it before it ends). The first call of any compiled
     kernel in a process builds numba's typing and target contexts (about 0.12 s here; 0.25
     with the import of scipy.linalg that ``kernels.target`` spares it) before it loads the
     kernel from the cache; the merge's worker threads waited for that after the first
-    tensor's read, the reads' buffers full. One tiny call of a cached kernel does it."""
+    tensor's read, the reads' buffers full. One tiny call of a cached kernel does it.
+
+    With ``mapped`` it then installs the SIGBUS guard (``kernels.sigbus``, its cached
+    handler: 3 ms) and decides ``mapped``; the merge uninstalls it (:func:`release_guard`)
+    after joining this thread."""
 
     def run() -> None:
         try:
@@ -223,8 +248,17 @@ def warm_kernels_in_background() -> threading.Thread:
             from mergekit_math.kernels.elementwise import widen_into
 
             widen_into(np.zeros(1, np.uint16), np.zeros(1, np.float32))
-        except BaseException:  # noqa: BLE001 (a kernel that fails fails again where used)
-            pass
+            if mapped is not None:
+                from mergekit_math.kernels import sigbus
+
+                if sigbus.available():
+                    sigbus.install()
+                    mapped.on = True
+        except BaseException:  # noqa: BLE001 (a kernel that fails fails again where used;
+            pass  # without the guard the reads copy)
+        finally:
+            if mapped is not None:
+                mapped.decided.set()
 
     thread = threading.Thread(target=run, name="mmath-warm-kernels", daemon=True)
     thread.start()
@@ -262,3 +296,13 @@ def restore_threads(threads: int) -> None:
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(threads)
+
+
+def release_guard(mapped: InputMaps | None) -> None:
+    """Uninstall the SIGBUS guard where :func:`warm_kernels_in_background` installed it for
+    ``mapped`` (after joining that thread)."""
+    if mapped is not None and mapped.on:
+        from mergekit_math.kernels import sigbus
+
+        mapped.on = False
+        sigbus.uninstall()

@@ -51,7 +51,8 @@ def _prepare_states(
 
     def fill(buf: torch.Tensor, i: int, start: int, end: int, absolute: bool) -> None:
         # no finite check: the merge pass reads these ranges again and checks them
-        raw = _read_range(plan, item, start, end, only=i, host=run is not None and run.host)
+        host = run is not None and run.host
+        raw = _read_range(plan, item, start, end, only=i, host=host, mapped=run and run.mapped)
         if fused is None or not fused.delta(raw, i, buf[start:end], absolute):
             _, deltas = inputs(raw, shaped=False, check=False, only=i)
             buf[start:end] = deltas[i]
