@@ -152,11 +152,61 @@ class _ShardFile:
             self.fd = os.open(path, flags, 0o644)
 
     def write(self, data: np.ndarray) -> None:
-        """Append the bytes of a 1-D uint8 array."""
+        """Append the bytes of a 1-D uint8 array: where its address has the phase (modulo
+        :data:`BLOCK`) of its place in the file, its whole blocks go to the disk from it,
+        else through the staging buffer (a copy)."""
         self.size += data.size
         if self.stage is None:
             self._write_all(memoryview(data))
             return
+        if data.size >= 2 * self.BLOCK and (data.ctypes.data - self.fill) % self.BLOCK == 0:
+            if self._write_from(data):
+                return
+        self._stage(data)
+
+    def _write_from(self, data: np.ndarray) -> bool:
+        """The direct write of :meth:`write`: the head completes the staged block, the
+        whole blocks after it are written from ``data`` itself, the tail is staged. False
+        (nothing written) where the kernel refuses that memory for direct IO."""
+        assert self._map is not None
+        head = -self.fill % self.BLOCK
+        body = (data.size - head) // self.BLOCK * self.BLOCK
+        self.stage[self.fill : self.fill + head] = data[:head]
+        self.fill += head  # whole blocks now, written in one call with the body's
+        staged = memoryview(self._map)[: self.fill]
+        view = memoryview(data[head : head + body])
+        total, done = self.fill + body, 0
+        try:
+            while done < total:
+                if done < self.fill:
+                    parts = [staged[done:], view]
+                else:
+                    parts = [view[done - self.fill :]]
+                done += os.pwritev(self.fd, parts, self.offset + done)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or done:
+                raise
+            # refused: on first use, direct IO itself; else this memory for it
+            if not self.offset:
+                self._fall_back()
+                self._write_all(staged)
+                self._write_all(memoryview(data[head:]))
+                self.fill = 0
+                return True
+            self._flush(self.fill)
+            self._stage(data[head:])
+            return True
+        finally:
+            staged.release()
+            view.release()
+        self.offset += total
+        tail = data[head + body :]
+        self.stage[: tail.size] = tail
+        self.fill = tail.size
+        return True
+
+    def _stage(self, data: np.ndarray) -> None:
+        """Append ``data`` through the staging buffer, flushing it whenever full."""
         done, total = 0, data.size
         while done < total:
             n = min(total - done, self.STAGE - self.fill)
@@ -251,6 +301,22 @@ class ShardedWriter:
         self._written = 0  # elements of the current tensor written so far
         self._file: _ShardFile | None = None
         self._shard_index = -1
+        self._phases: dict[str, int] | None = None  # see phase_of
+
+    def phase_of(self, name: str) -> int | None:
+        """Where tensor ``name``'s first byte falls in its file's blocks (its offset modulo
+        ``_ShardFile.BLOCK``), for parts laid out to be written from their own memory
+        (``_ShardFile.write``); None where the files are not written with ``O_DIRECT``."""
+        if not self.direct or not hasattr(os, "O_DIRECT"):
+            return None
+        if self._phases is None:
+            self._phases = {}
+            for shard in self.shards:
+                at = len(_header(shard, {"format": "pt"}))
+                for t in shard.tensors:
+                    self._phases[t.name] = at % _ShardFile.BLOCK
+                    at += t.nbytes
+        return self._phases.get(name)
 
     def _open(self, shard_index: int) -> _ShardFile:
         if self._file is not None:

@@ -431,6 +431,7 @@ def stream_plan(
         prefetch, chunk, pool, workers, strict_finite=strict_finite, warn=warn or _warn, host=host
     )
     run.mapped = mapped
+    run.phase = getattr(sink, "phase_of", None) if host else None
     run.ahead = _ahead(plan, device, run, max_memory)
     try:
         began = time.perf_counter()

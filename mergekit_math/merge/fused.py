@@ -21,6 +21,25 @@ if TYPE_CHECKING:
 _VIEWS = {"bfloat16": ("uint16", "int16"), "float32": ("float32", "float32")}
 
 
+_BLOCK = 4096  # the writer's direct-IO block (io.writer._ShardFile.BLOCK)
+
+
+def _laid_out(n: int, dtype: Any, phase: int | None, start: int) -> Any:
+    """An empty array of ``n`` elements for the output range at element ``start`` of a
+    tensor whose first byte is at ``phase`` in its file's blocks: its address has its
+    bytes' phase there, so the writer writes its whole blocks from it without the staging
+    copy (2.2 GB of copies a TinyLlama-sized merge). Anywhere where ``phase`` is None or
+    the elements would be misaligned."""
+    import numpy as np
+
+    at = None if phase is None else (phase + start * dtype.itemsize) % _BLOCK
+    if at is None or at % dtype.itemsize or n * dtype.itemsize < 2 * _BLOCK:
+        return np.empty(n, dtype)
+    spare = np.empty(n * dtype.itemsize + _BLOCK, np.uint8)
+    shift = (at - spare.ctypes.data) % _BLOCK
+    return spare[shift : shift + n * dtype.itemsize].view(dtype)
+
+
 class FusedRange:
     """Runs one item's ranges through its method's fused kernel; ``None`` from
     :meth:`of` where the kernel cannot apply to this item at all, ``None`` from a call where
@@ -41,6 +60,9 @@ class FusedRange:
         # the sources are deltas against that base (what delta() and stored() give)
         self.deltas = self.has_base and plan.method.kind == "delta"
         self.out_dtype = item.out.dtype
+        # where the output tensor's first byte falls in its file's blocks: host outputs are
+        # laid out so that the writer writes their whole blocks from them (None: anywhere)
+        self.phase: int | None = None
 
     @classmethod
     def of(
@@ -85,7 +107,7 @@ class FusedRange:
         view, torch_view = _VIEWS[self.out_dtype]
         host = isinstance(raw[0], np.ndarray)
         if host:
-            out_array = np.empty(n, view)
+            out_array = _laid_out(n, np.dtype(view), self.phase, start)
             out: Any = HostPart(out_array, self.out_dtype)
         else:
             import torch

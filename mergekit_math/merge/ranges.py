@@ -42,6 +42,8 @@ class _Run:
     warn: Callable[[str], None] | None = None
     host: bool = False  # inputs are read into numpy arrays (mergekit_math.merge.host)
     mapped: InputMaps | None = None  # host inputs read as mapped views, once on
+    # an output tensor's first byte's phase in its file's blocks (ShardedWriter.phase_of)
+    phase: Callable[[str], int | None] | None = None
     ahead: Any = None  # the preparations run ahead (mergekit_math.merge.ahead.Ahead)
 
 

@@ -90,6 +90,8 @@ def _setup(plan: Plan, item: PlanItem, device: str, run: _Run | None) -> _Ready:
     inputs = _RangeInputs(plan, item, device, finite)
     generators = _generators(plan, item)
     fused = FusedRange.of(plan, item, device, finite, generators)
+    if fused is not None and run is not None and run.phase is not None:
+        fused.phase = run.phase(item.out.name)
     chunking = plan.method.chunking
     # a tensor of one range is merged whole, by the fused kernel where there is one (which
     # needs the states too: TIES thresholds), else by the method's whole-tensor path
