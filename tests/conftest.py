@@ -169,6 +169,19 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def bf16_zoo(tmp_path_factory) -> dict[str, Path]:
+    """A bfloat16 base and two bfloat16 fine-tunes of a fp32 tiny Llama (what the compiled
+    kernels and the merges on numpy arrays take)."""
+    root = tmp_path_factory.mktemp("bf16zoo")
+    base = make_model(root / "base", seed=0)
+    return {
+        "base": make_model(root / "base16", seed=0, dtype="bfloat16"),
+        "a": make_model(root / "a", base=base, seed=1, dtype="bfloat16"),
+        "b": make_model(root / "b", base=base, seed=2, dtype="bfloat16"),
+    }
+
+
+@pytest.fixture(scope="session")
 def demo_zoo(tmp_path_factory) -> dict[str, Path]:
     """Tiny stand-ins for the demo models that recipes/ names (../demo/base, math_a, math_b):
     a fp32 Llama with the demo's 30 layers and two fine-tunes of it."""

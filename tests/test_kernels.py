@@ -449,19 +449,6 @@ _RECIPES = {
 }
 
 
-@pytest.fixture(scope="module")
-def bf16_zoo(tmp_path_factory):
-    from conftest import make_model
-
-    root = tmp_path_factory.mktemp("bf16zoo")
-    base = make_model(root / "base", seed=0)
-    return {
-        "base": make_model(root / "base16", seed=0, dtype="bfloat16"),
-        "a": make_model(root / "a", base=base, seed=1, dtype="bfloat16"),
-        "b": make_model(root / "b", base=base, seed=2, dtype="bfloat16"),
-    }
-
-
 @pytest.mark.parametrize("method", sorted(_RECIPES))
 @pytest.mark.parametrize("stored", ["float32", "bfloat16"])
 def test_merges_through_the_engine_equal_the_torch_path(

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_model, write_recipe
+from conftest import write_recipe
 
 from mergekit_math.io.input_file import InputFile
 from mergekit_math.kernels import sigbus
@@ -51,15 +51,9 @@ def test_the_guard_reads_zeros_past_a_truncated_files_end_and_gives_the_action_b
     assert guarded.stdout.split() == ["4096", "4096"]
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mapped")
-    base = make_model(root / "base32", seed=0)
-    return {
-        "base": make_model(root / "base", seed=0, dtype="bfloat16"),
-        "a": make_model(root / "a", base=base, seed=1, dtype="bfloat16"),
-        "b": make_model(root / "b", base=base, seed=2, dtype="bfloat16"),
-    }
+@pytest.fixture
+def models(bf16_zoo):
+    return bf16_zoo
 
 
 def _recipe(tmp_path, models, method: str, params: str):
