@@ -117,6 +117,11 @@ def _header(shard: Shard, metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+# the unit of direct writes: a part whose address has its bytes' phase in the file modulo
+# this is written from its own memory (_ShardFile.write, merge.fused._laid_out)
+DIRECT_BLOCK = 4096
+
+
 class _ShardFile:
     """One output file written sequentially, with ``O_DIRECT`` where the filesystem allows.
 
@@ -127,7 +132,7 @@ class _ShardFile:
     is written normally.
     """
 
-    BLOCK = 4096
+    BLOCK = DIRECT_BLOCK
     STAGE = 8 << 20
 
     def __init__(self, path: Path, direct: bool = True):
@@ -160,14 +165,15 @@ class _ShardFile:
             self._write_all(memoryview(data))
             return
         if data.size >= 2 * self.BLOCK and (data.ctypes.data - self.fill) % self.BLOCK == 0:
-            if self._write_from(data):
-                return
-        self._stage(data)
+            self._write_from(data)
+        else:
+            self._stage(data)
 
-    def _write_from(self, data: np.ndarray) -> bool:
+    def _write_from(self, data: np.ndarray) -> None:
         """The direct write of :meth:`write`: the head completes the staged block, the
-        whole blocks after it are written from ``data`` itself, the tail is staged. False
-        (nothing written) where the kernel refuses that memory for direct IO."""
+        whole blocks after it are written from ``data`` itself, the tail is staged. Where
+        the kernel refuses that memory for direct IO (EINVAL), the rest goes through the
+        staging copy; where it refuses direct IO on first use, the file is written plainly."""
         assert self._map is not None
         head = -self.fill % self.BLOCK
         body = (data.size - head) // self.BLOCK * self.BLOCK
@@ -192,10 +198,10 @@ class _ShardFile:
                 self._write_all(staged)
                 self._write_all(memoryview(data[head:]))
                 self.fill = 0
-                return True
+                return
             self._flush(self.fill)
             self._stage(data[head:])
-            return True
+            return
         finally:
             staged.release()
             view.release()
@@ -203,7 +209,6 @@ class _ShardFile:
         tail = data[head + body :]
         self.stage[: tail.size] = tail
         self.fill = tail.size
-        return True
 
     def _stage(self, data: np.ndarray) -> None:
         """Append ``data`` through the staging buffer, flushing it whenever full."""
@@ -305,7 +310,7 @@ class ShardedWriter:
 
     def phase_of(self, name: str) -> int | None:
         """Where tensor ``name``'s first byte falls in its file's blocks (its offset modulo
-        ``_ShardFile.BLOCK``), for parts laid out to be written from their own memory
+        :data:`DIRECT_BLOCK`), for parts laid out to be written from their own memory
         (``_ShardFile.write``); None where the files are not written with ``O_DIRECT``."""
         if not self.direct or not hasattr(os, "O_DIRECT"):
             return None
@@ -314,7 +319,7 @@ class ShardedWriter:
             for shard in self.shards:
                 at = len(_header(shard, {"format": "pt"}))
                 for t in shard.tensors:
-                    self._phases[t.name] = at % _ShardFile.BLOCK
+                    self._phases[t.name] = at % DIRECT_BLOCK
                     at += t.nbytes
         return self._phases.get(name)
 

@@ -8,14 +8,14 @@ file that another process truncated raises SIGBUS when it is touched, which kill
 process (no Python handler can catch a fault raised by an instruction: it would fault
 again on return).
 
-:func:`guard` installs, for as long as it is held, a compiled handler (a numba ``cfunc``,
-cached on disk) for SIGBUS faults on addresses with no page behind them (``BUS_ADRERR``):
-it maps a page of zeros over the faulting page (``mmap`` with ``MAP_FIXED``, a system call)
-and returns, so the kernel that touched it reads zeros and goes on. The merge then finds
-the file's new size at its last check of every input, before anything is committed
-(``InputFile.check``), and stops with the one error a read would have given, nothing
-written. Any other SIGBUS (a hardware memory error) gets the default action back and
-faults again. The handler knows nothing of which mappings are inputs; while it is
+:func:`install` puts in place, until the matching :func:`uninstall`, a compiled handler (a
+numba ``cfunc``, cached on disk) for SIGBUS faults on addresses with no page behind them
+(``BUS_ADRERR``): it maps a page of zeros over the faulting page (``mmap`` with
+``MAP_FIXED``, a system call) and returns, so the kernel that touched it reads zeros and
+goes on. The merge then finds the file's new size at its last check of every input, before
+anything is committed (``InputFile.check``), and stops with the one error a read would have
+given, nothing written. Any other SIGBUS (a hardware memory error) gets the default action
+back and faults again. The handler knows nothing of which mappings are inputs; while it is
 installed a truncated mapping of another file would read zeros too (the process maps no
 other files while it merges, but its shared libraries').
 
@@ -30,8 +30,6 @@ import mmap
 import platform
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 from numba import carray, cfunc, types
@@ -76,7 +74,7 @@ class _Sigaction(ctypes.Structure):
 
 
 def available() -> bool:
-    """Whether :func:`guard` can install its handler here."""
+    """Whether :func:`install` can install its handler here."""
     return sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64")
 
 
@@ -121,13 +119,3 @@ def uninstall() -> None:
 
 def installed() -> bool:
     return _held > 0
-
-
-@contextmanager
-def guard() -> Iterator[None]:
-    """The handler installed for the body of the ``with``."""
-    install()
-    try:
-        yield
-    finally:
-        uninstall()

@@ -323,8 +323,7 @@ def _verify_inputs(plan: Plan) -> None:
     after each copy; a mapped range is read while it is computed, so this check is the one
     after it (and where a truncation made a mapped page read as zeros, kernels.sigbus)."""
     for c in plan.checkpoints.values():
-        if not c.pickled:
-            c.verify()
+        c.verify()  # a pickled checkpoint's files are checked as they are loaded
 
 
 def _close_inputs(plan: Plan) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from mergekit_math.io.writer import HostPart
+from mergekit_math.io.writer import DIRECT_BLOCK, HostPart
 from mergekit_math.merge.finite import FiniteCheck
 from mergekit_math.merge.inputs import _item_inputs
 from mergekit_math.merge.types import Plan, PlanItem
@@ -21,9 +21,6 @@ if TYPE_CHECKING:
 _VIEWS = {"bfloat16": ("uint16", "int16"), "float32": ("float32", "float32")}
 
 
-_BLOCK = 4096  # the writer's direct-IO block (io.writer._ShardFile.BLOCK)
-
-
 def _laid_out(n: int, dtype: Any, phase: int | None, start: int) -> Any:
     """An empty array of ``n`` elements for the output range at element ``start`` of a
     tensor whose first byte is at ``phase`` in its file's blocks: its address has its
@@ -32,11 +29,11 @@ def _laid_out(n: int, dtype: Any, phase: int | None, start: int) -> Any:
     the elements would be misaligned."""
     import numpy as np
 
-    at = None if phase is None else (phase + start * dtype.itemsize) % _BLOCK
-    if at is None or at % dtype.itemsize or n * dtype.itemsize < 2 * _BLOCK:
+    at = None if phase is None else (phase + start * dtype.itemsize) % DIRECT_BLOCK
+    if at is None or at % dtype.itemsize or n * dtype.itemsize < 2 * DIRECT_BLOCK:
         return np.empty(n, dtype)
-    spare = np.empty(n * dtype.itemsize + _BLOCK, np.uint8)
-    shift = (at - spare.ctypes.data) % _BLOCK
+    spare = np.empty(n * dtype.itemsize + DIRECT_BLOCK, np.uint8)
+    shift = (at - spare.ctypes.data) % DIRECT_BLOCK
     return spare[shift : shift + n * dtype.itemsize].view(dtype)
 
 
