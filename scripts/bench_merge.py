@@ -52,6 +52,7 @@ from bench_lib import (  # noqa: E402
     check_space,
     checkpoint_paths,
     compare,
+    compile_bytecode,
     drop_cache,
     ensure_checkpoints,
     floor,
@@ -304,7 +305,8 @@ def report(bench: Bench, results: dict[str, Result], started: datetime.datetime)
             else "."
         ),
         "",
-        f"Machine: {machine()}. Run {started:%Y-%m-%d %H:%M} UTC; {bench.space}"
+        f"Machine: {machine()}. Run {started:%Y-%m-%d %H:%M} UTC; {bench.space}; "
+        "mmath's modules byte-compiled first, as an install has them"
         + (f"; compute on `{args.device}` (mergekit `--cuda`)" if args.device != "cpu" else "")
         + (f"; mmath args: `{args.mmath_args}`" if args.mmath_args else "")
         + ".",
@@ -350,6 +352,7 @@ def main() -> None:
     ensure_checkpoints(paths, args.shape_tuple)
     out_bytes = sum(f.stat().st_size for f in shards(paths["B"]))
     bench = Bench(args, paths, out_bytes, find_mergekit(args), args.deterministic, space)
+    bench.say(compile_bytecode())
     import psutil
 
     if not args.cold and 3 * out_bytes > 0.8 * psutil.virtual_memory().total:

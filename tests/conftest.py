@@ -3,15 +3,20 @@ sharded or not, in fp32/bf16/fp16, with a real (tiny) tokenizer."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Evaluation results and fingerprints are cached; tests never touch the user's cache.
-os.environ.setdefault("MMATH_CACHE_DIR", tempfile.mkdtemp(prefix="mmath-test-cache-"))
+# Evaluation results and fingerprints are cached; tests never touch the user's cache. The
+# process that makes the folder removes it at exit (the processes tests start inherit it).
+if "MMATH_CACHE_DIR" not in os.environ:
+    os.environ["MMATH_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmath-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MMATH_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 VOCAB = 96

@@ -86,3 +86,14 @@ def test_selection_timing_runs_the_engines_preparation(zoo, method):
     paths = {"B": zoo["base"], "A": zoo["a"]}
     ns, elements = bench_lib.selection_ns(method, paths, reps=1)
     assert elements > 0 and ns > 0
+
+
+def test_compile_bytecode_writes_what_an_install_has():
+    import importlib.util
+
+    import mergekit_math.merge.execution as execution
+
+    cached = Path(importlib.util.cache_from_source(execution.__file__))
+    cached.unlink(missing_ok=True)
+    assert "byte-compiled" in bench_lib.compile_bytecode()
+    assert cached.is_file() and cached.stat().st_size > 1000
