@@ -98,6 +98,31 @@ def test_merge_help_explains_options():
         assert flag in res.output
 
 
+def test_a_command_runs_on_a_group_of_its_own_with_the_same_behaviour():
+    """`mmath NAME ...` runs on a root group holding only NAME (``cli.app_for``: typer builds
+    every held command's parameters on each call): the same help and the same errors as the
+    full group, for every command and subcommand."""
+    import click
+    from typer.main import get_command
+
+    from mergekit_math.cli import app_for
+
+    full = get_command(app)
+    assert len(full.commands) == 11
+    for name, command in full.commands.items():
+        one = app_for([name, "--help"])
+        assert set(get_command(one).commands) == {name}
+        calls = [[name, "--help"], [name, "--no-such-flag"]]
+        if isinstance(command, click.Group):
+            calls += [[name, sub, "--help"] for sub in command.commands]
+        for args in calls:
+            a = runner.invoke(app, args, prog_name="mmath")
+            b = runner.invoke(one, args, prog_name="mmath")
+            assert (a.exit_code, a.output) == (b.exit_code, b.output), args
+            assert a.output.strip(), args
+    assert app_for([]) is app and app_for(["--version"]) is app and app_for(["nosuch"]) is app
+
+
 def test_console_script_runs():
     out = subprocess.run(
         [sys.executable, "-m", "mergekit_math", "--version"], capture_output=True, text=True

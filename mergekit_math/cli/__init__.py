@@ -6,6 +6,8 @@ huggingface_hub, ray, optuna) happen inside it, so ``mmath --help`` is instant."
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -22,30 +24,6 @@ from mergekit_math.cli import ul2r as _ul2r
 from mergekit_math.cli import valve as _valve
 from mergekit_math.cli.handler import HandledGroup
 
-app = typer.Typer(
-    name="mmath",
-    cls=HandledGroup,
-    help="Merge and edit LLM weights for math reasoning: streaming, memory-bounded, "
-    "mergekit-compatible recipes.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
-
-# The command table, in the order `mmath --help` lists it.
-app.command()(_merge.merge)
-app.command()(_models.inspect)
-app.command()(_models.methods)
-app.command("eval")(_eval.eval_)
-app.command()(_eval.push)
-app.add_typer(_patch.patch_app, name="patch")
-app.add_typer(_valve.valve_app, name="valve")
-app.add_typer(_ul2r.ul2r_app, name="ul2r")
-app.add_typer(_sweep.sweep_app, name="sweep")
-app.add_typer(_search.search_app, name="search")
-app.add_typer(_data.data_app, name="data")
-
 
 def _version(value: bool) -> None:
     if value:
@@ -53,7 +31,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _root(
     version: Annotated[
         bool | None,
@@ -61,6 +38,55 @@ def _root(
     ] = None,
 ) -> None:
     """Merge and edit LLM weights for math reasoning."""
+
+
+def _new_root() -> typer.Typer:
+    """The root group, without commands."""
+    root = typer.Typer(
+        name="mmath",
+        cls=HandledGroup,
+        help="Merge and edit LLM weights for math reasoning: streaming, memory-bounded, "
+        "mergekit-compatible recipes.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+    )
+    root.callback()(_root)
+    return root
+
+
+# The command table, in the order `mmath --help` lists it: how each command or group joins
+# a root group.
+_TABLE: dict[str, Callable[[typer.Typer], object]] = {
+    "merge": lambda root: root.command()(_merge.merge),
+    "inspect": lambda root: root.command()(_models.inspect),
+    "methods": lambda root: root.command()(_models.methods),
+    "eval": lambda root: root.command("eval")(_eval.eval_),
+    "push": lambda root: root.command()(_eval.push),
+    "patch": lambda root: root.add_typer(_patch.patch_app, name="patch"),
+    "valve": lambda root: root.add_typer(_valve.valve_app, name="valve"),
+    "ul2r": lambda root: root.add_typer(_ul2r.ul2r_app, name="ul2r"),
+    "sweep": lambda root: root.add_typer(_sweep.sweep_app, name="sweep"),
+    "search": lambda root: root.add_typer(_search.search_app, name="search"),
+    "data": lambda root: root.add_typer(_data.data_app, name="data"),
+}
+
+app = _new_root()
+for _join in _TABLE.values():
+    _join(app)
+
+
+def app_for(args: list[str]) -> typer.Typer:
+    """The group that runs ``mmath ARGS``: where the first argument names a command or group,
+    a root group with only that one (typer builds the click parameters of every command it
+    holds from their signatures on each call: 33 ms for the 22 commands here, a tenth of
+    ``mmath methods``); else :data:`app` (``--help``, ``--version``, a wrong name)."""
+    if not args or args[0] not in _TABLE:
+        return app
+    one = _new_root()
+    _TABLE[args[0]](one)
+    return one
 
 
 def main() -> None:
@@ -72,7 +98,7 @@ def main() -> None:
 
     one_blas_thread()  # before numpy loads
     try:
-        app()
+        app_for(sys.argv[1:])()
     finally:
         freeze_for_exit()
 
@@ -92,4 +118,4 @@ def run() -> None:
         raise
 
 
-__all__ = ["app", "main", "run"]
+__all__ = ["app", "app_for", "main", "run"]
