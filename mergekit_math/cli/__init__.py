@@ -90,7 +90,7 @@ def app_for(args: list[str]) -> typer.Typer:
 
 
 def main() -> None:
-    """The console script: ``app`` runs every command under the one error handler
+    """The console script: :func:`app_for`'s group runs the command under the one error handler
     (:class:`~mergekit_math.cli.handler.HandledGroup`), with one OpenBLAS thread
     (:func:`~mergekit_math.cli.startup.one_blas_thread`); after a merge, the exit skips the
     interpreter's final collections (:func:`~mergekit_math.cli.startup.freeze_for_exit`)."""
