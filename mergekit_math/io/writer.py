@@ -306,6 +306,7 @@ class ShardedWriter:
         self._written = 0  # elements of the current tensor written so far
         self._file: _ShardFile | None = None
         self._shard_index = -1
+        self._headers: list[bytes] | None = None  # see _shard_header
         self._phases: dict[str, int] | None = None  # see phase_of
 
     def phase_of(self, name: str) -> int | None:
@@ -316,12 +317,19 @@ class ShardedWriter:
             return None
         if self._phases is None:
             self._phases = {}
-            for shard in self.shards:
-                at = len(_header(shard, {"format": "pt"}))
+            for index, shard in enumerate(self.shards):
+                at = len(self._shard_header(index))
                 for t in shard.tensors:
                     self._phases[t.name] = at % DIRECT_BLOCK
                     at += t.nbytes
         return self._phases.get(name)
+
+    def _shard_header(self, index: int) -> bytes:
+        """Shard ``index``'s safetensors header, built once: what :meth:`_open` writes first
+        and where :meth:`phase_of` places the tensors after it."""
+        if self._headers is None:
+            self._headers = [_header(shard, {"format": "pt"}) for shard in self.shards]
+        return self._headers[index]
 
     def _open(self, shard_index: int) -> _ShardFile:
         if self._file is not None:
@@ -332,7 +340,7 @@ class ShardedWriter:
         path = self.folder / shard.filename
         with _naming(path):
             f = _ShardFile(path, self.direct)
-            header = bytearray(_header(shard, {"format": "pt"}))
+            header = bytearray(self._shard_header(shard_index))
             try:
                 f.write(np.frombuffer(header, dtype=np.uint8))
             except BaseException:
