@@ -39,7 +39,7 @@ from numba import njit
 
 from mergekit_math.kernels.della_lanes import bounds16, sure16
 from mergekit_math.kernels.scalar import _at, _f32_to_bits
-from mergekit_math.kernels.stats import block_kept, block_sum, source_size, value_at
+from mergekit_math.kernels.stats import block_sum_kept, source_size, value_at
 
 _MAX_BINS = 4096  # bins of one row's top-16-bit keys (a range of 32 binary exponents)
 
@@ -331,9 +331,11 @@ def della_decisions(src, row, low, step, primary, spare, kept, sums):  # noqa: A
                 ranks[j] = at + (_place(keys, row, j) if k & np.uint32(0xFFFF) else ranks[j])
         if not _settle(slow, ns, ranks, below, primary, spare, start, kept, tie, low, span, step):
             return False
-        values = keys.view(np.float32)
-        before += block_sum(values)
-        after += block_kept(values, kept[start : start + row].view(np.uint8))
+        total, kept_total = block_sum_kept(
+            keys.view(np.float32), kept[start : start + row].view(np.uint8)
+        )
+        before += total
+        after += kept_total
     sums[0], sums[1] = before, after
     return True
 

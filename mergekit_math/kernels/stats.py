@@ -100,13 +100,16 @@ def block_dot(a, b):  # noqa: ANN001, ANN201
 
 
 @njit(fastmath=_SUM_FLAGS, error_model="numpy", nogil=True, cache=True)
-def block_kept(block, keep):  # noqa: ANN001, ANN201
-    """Σ block[i]·keep[i] in float64 over a float32 block and a keep mask (uint8) of one
-    length, as :func:`block_sum` (``x·0`` is NaN for an infinite x, as torch's product)."""
-    total = 0.0
+def block_sum_kept(block, keep):  # noqa: ANN001, ANN201
+    """(Σ block[i], Σ block[i]·keep[i]) in float64 over a float32 block and a keep mask
+    (uint8) of one length, in one loop, as :func:`block_sum` (``x·0`` is NaN for an
+    infinite x, as torch's product)."""
+    total = kept = 0.0
     for i in range(block.shape[0]):
-        total += np.float64(block[i]) * np.float64(keep[i])
-    return total
+        v = np.float64(block[i])
+        total += v
+        kept += v * np.float64(keep[i])
+    return total, kept
 
 
 def _squares(src, start, end, block):  # noqa: ANN001, ANN201
