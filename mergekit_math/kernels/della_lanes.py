@@ -3,7 +3,7 @@
 CPU (it emits no vector gathers here).
 
 :func:`sure16` (``ranks._sure``, 0.77-0.92 → 0.21 ns per entry): per 16 entries, each
-key's bin (its top 16 bits past the row's lowest, 0 for the zeros), the bin's thresholds
+key's bin (its top 16 bits: 0 for the zeros), the bin's thresholds
 from ``bounds`` (a gather: the first rank's in the low 16 bits, the last's in the high),
 the keep decision ``byte < first`` stored as 16 bools, and the indices of the entries
 whose byte lies between the two (the uncertain ones, about one in 100) packed into
@@ -60,23 +60,18 @@ def _gather(builder: ir.IRBuilder, table: ir.Value, index: ir.Value) -> ir.Value
 
 
 @intrinsic
-def sure16(typingctx, keys, lo, bounds, bytes_, kept, slow, j):  # noqa: ANN001, ANN201
-    """Entries ``j .. j+15`` (module docstring), all arguments addresses but ``lo`` (the
-    row's lowest bin) and ``j``: 16 uint32 keys, the int32 ``bounds`` table, 16 uint8
+def sure16(typingctx, keys, bounds, bytes_, kept, slow, j):  # noqa: ANN001, ANN201
+    """Entries ``j .. j+15`` (module docstring), all arguments addresses but ``j``: 16
+    uint32 keys, the int32 ``bounds`` table (indexed by a key's top 16 bits), 16 uint8
     bytes, 16 bools written, the int32 ``slow`` list's next free place."""
-    sig = types.int64(
-        types.intp, types.int64, types.intp, types.intp, types.intp, types.intp, types.int64
-    )
+    sig = types.int64(types.intp, types.intp, types.intp, types.intp, types.intp, types.int64)
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
-        keys_at, lo, bounds_at, bytes_at, kept_at, slow_at, j = args
-        zero = ir.Constant(_V32, [0] * 16)
-        top = builder.lshr(
+        keys_at, bounds_at, bytes_at, kept_at, slow_at, j = args
+        bins = builder.lshr(
             builder.load(builder.inttoptr(keys_at, _V32.as_pointer()), align=4),
             ir.Constant(_V32, [16] * 16),
         )
-        bins = builder.sub(top, _splat(builder, builder.trunc(lo, _I32), _V32))
-        bins = builder.select(builder.icmp_signed(">", bins, zero), bins, zero)
         bound = _gather(builder, bounds_at, bins)
         first = builder.and_(bound, ir.Constant(_V32, [0xFFFF] * 16))
         last = builder.lshr(bound, ir.Constant(_V32, [16] * 16))

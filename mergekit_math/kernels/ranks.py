@@ -42,6 +42,7 @@ from mergekit_math.kernels.scalar import _at, _f32_to_bits
 from mergekit_math.kernels.stats import block_sum_kept, source_size, value_at
 
 _MAX_BINS = 4096  # bins of one row's top-16-bit keys (a range of 32 binary exponents)
+_TOPS = 1 << 15  # a magnitude's top 16 bits (its sign bit clear): a bin's index in the tables
 
 
 @njit(inline="always")
@@ -104,9 +105,9 @@ def _radix_ranks(keys, length, spare_keys, order, spare, counts, ranks):  # noqa
 
 
 @njit(inline="always")
-def _bin(k, lo):  # noqa: ANN001, ANN202
-    """The bin of key ``k``: its top 16 bits past ``lo`` (0: the zeros)."""
-    return _at(max(np.int64(k >> 16) - lo, 0))
+def _bin(k):  # noqa: ANN001, ANN202
+    """The bin of key ``k``: its top 16 bits (0: the zeros, in a binned row)."""
+    return _at(np.int64(k >> 16))
 
 
 @njit(error_model="numpy")
@@ -149,33 +150,39 @@ def della_probs(src, row, low, step, probs):  # noqa: ANN001, ANN201
 
 
 @njit(error_model="numpy")
-def _bin_counts(keys, length, lo, nb, table, rel):  # noqa: ANN001, ANN202
-    """Per bin, its entries (``table``'s high 32 bits) and those without lower bits set
-    (the low 32); each entry's count of the latter before it in its bin into ``rel`` (its
-    place there when it has no lower bits: equal keys rank in index order, below every
-    key of the bin with lower bits)."""
-    table[:nb] = 0
+def _bin_counts(keys, length, first, hi, table, rel):  # noqa: ANN001, ANN202
+    """Per bin (0 and ``first .. hi``, the row's), its entries (``table``'s high 32 bits)
+    and those without lower bits set (the low 32); each entry's count of the latter before
+    it in its bin into ``rel`` (its place there when it has no lower bits: equal keys rank
+    in index order, below every key of the bin with lower bits). The bins are indexed by
+    the keys' top 16 bits themselves: no offset, no clamp in the loop."""
+    table[0] = 0
+    table[first : hi + 1] = 0
     for i in range(length):
         k = keys[_at(i)]
-        c = _bin(k, lo)
+        c = _bin(k)
         t = table[c]
         rel[_at(i)] = np.int32(t & 0xFFFFFFFF)
         table[c] = t + np.int64(0x100000000) + np.int64((k & np.uint32(0xFFFF)) == 0)
 
 
 @njit(error_model="numpy")
-def _bounds(table, nb, below, pos, bounds):  # noqa: ANN001, ANN202
-    """Per bin, its first rank (``pos``) and ``floor(256·p)`` at its first and last rank
-    (``bounds``: the first in the low 16 bits): ``below`` rises with the rank, so every
-    entry of the bin has a threshold between the two, whatever its place in the bin."""
-    run, c = np.int64(0), 0
+def _bounds(table, first, hi, below, pos, bounds):  # noqa: ANN001, ANN202
+    """Per bin (0, then ``first .. hi``), its first rank (``pos``) and ``floor(256·p)`` at
+    its first and last rank (``bounds``: the first in the low 16 bits): ``below`` rises
+    with the rank, so every entry of the bin has a threshold between the two, whatever its
+    place in the bin."""
+    zeros = np.int32(table[0] >> 32)
+    pos[0] = 0
+    bounds[0] = below[0] | (below[_at(max(zeros - 1, 0))] << 16)
+    run, c, end = np.int64(zeros), first, hi + 1
     table_at, below_at = table.ctypes.data, below.ctypes.data
     pos_at, bounds_at = pos.ctypes.data, bounds.ctypes.data
-    while c + 16 <= nb:  # sixteen bins at a time (della_lanes.bounds16), the rest one by one
+    while c + 16 <= end:  # sixteen bins at a time (della_lanes.bounds16), the rest one by one
         run = bounds16(table_at + 8 * c, below_at, pos_at + 4 * c, bounds_at + 4 * c, run)
         c += 16
     run = np.int32(run)
-    for c in range(c, nb):  # noqa: B020
+    for c in range(c, end):  # noqa: B020
         count = np.int32(table[c] >> 32)
         pos[c] = run
         bounds[c] = below[_at(run)] | (below[_at(run + max(count - 1, 0))] << 16)
@@ -183,7 +190,7 @@ def _bounds(table, nb, below, pos, bounds):  # noqa: ANN001, ANN202
 
 
 @njit(error_model="numpy")
-def _sure(keys, lo, bounds, bytes_, w, i0, seg, kept, k0, slow, ns):  # noqa: ANN001, ANN202
+def _sure(keys, bounds, bytes_, w, i0, seg, kept, k0, slow, ns):  # noqa: ANN001, ANN202
     """Entries ``i0 .. i0+seg-1`` of the row (at ``k0`` in ``kept``; their bytes from
     ``bytes_[w:]``) decided by their bin's thresholds: kept when the byte is below the
     lowest, dropped when above the highest; the others (a byte between the two, about one
@@ -194,10 +201,10 @@ def _sure(keys, lo, bounds, bytes_, w, i0, seg, kept, k0, slow, ns):  # noqa: AN
     key_at, bounds_at, byte_at = keys.ctypes.data, bounds.ctypes.data, bytes_.ctypes.data + w - i0
     kept_at, slow_at = kept.ctypes.data + k0, slow.ctypes.data
     while j + 16 <= end:
-        ns += sure16(key_at + 4 * j, lo, bounds_at, byte_at + j, kept_at + j, slow_at + 4 * ns, j)
+        ns += sure16(key_at + 4 * j, bounds_at, byte_at + j, kept_at + j, slow_at + 4 * ns, j)
         j += 16
     for j in range(j, end):  # noqa: B020 (the tail after the vector steps)
-        bound = bounds[_bin(keys[_at(j)], lo)]
+        bound = bounds[_bin(keys[_at(j)])]
         first = bound & 0xFFFF
         byte = np.int32(bytes_[_at(w + j - i0)])
         kept[_at(k0 + j)] = byte < first
@@ -287,21 +294,20 @@ def della_decisions(src, row, low, step, primary, spare, kept, sums):  # noqa: A
     copy, spare_keys, order, spare_order, counts = _radix_workspace(row)
     nbins = min(_MAX_BINS, 2 * row + 256)  # wider ones would cost more than a radix sort
     table, pos, bounds = (
-        np.empty(nbins, np.int64),
-        np.empty(nbins, np.int32),
-        np.empty(nbins, np.int32),
+        np.empty(_TOPS, np.int64),
+        np.empty(_TOPS, np.int32),
+        np.empty(_TOPS, np.int32),
     )
     tie = np.array([-1, 0])
     width = primary.shape[1]
     before = after = 0.0
     for start in range(0, source_size(src), row):
-        lo, hi = _keys(src, start, row, keys)
-        lo = min(lo, hi) - 1
-        nb = hi - lo + 1
-        binned = lo >= 0 and nb <= nbins
+        first, hi = _keys(src, start, row, keys)
+        first = min(first, hi)  # the lowest nonzero bin (0: a subnormal, or all zeros)
+        binned = first > 0 and hi - first + 2 <= nbins
         if binned:
-            _bin_counts(keys, row, lo, nb, table, ranks)
-            _bounds(table, nb, below, pos, bounds)
+            _bin_counts(keys, row, first, hi, table, ranks)
+            _bounds(table, first, hi, below, pos, bounds)
         else:
             copy[:row] = keys[:row]
             _radix_ranks(copy, row, spare_keys, order, spare_order, counts, ranks)
@@ -311,7 +317,7 @@ def della_decisions(src, row, low, step, primary, spare, kept, sums):  # noqa: A
             q, w = e // width, e % width
             seg = min(row - i, width - w)
             if binned:
-                ns = _sure(keys, lo, bounds, primary[q], w, i, seg, kept, start, slow, ns)
+                ns = _sure(keys, bounds, primary[q], w, i, seg, kept, start, slow, ns)
             else:
                 ns = _ranked(ranks, below, primary[q], w, i, seg, kept, start, slow, ns)
             i += seg
@@ -327,7 +333,7 @@ def della_decisions(src, row, low, step, primary, spare, kept, sums):  # noqa: A
             for a in range(ns):
                 j = slow[a]
                 k = keys[j]
-                at = pos[_bin(k, lo)]
+                at = pos[_bin(k)]
                 ranks[j] = at + (_place(keys, row, j) if k & np.uint32(0xFFFF) else ranks[j])
         if not _settle(slow, ns, ranks, below, primary, spare, start, kept, tie, low, span, step):
             return False
