@@ -19,8 +19,8 @@ ranks and thresholds, the sure decisions, the exact ranks and the uncertain deci
 L1 sums (one vectorised loop); the sure decisions and the bins' pass sixteen at a time with
 AVX-512's gathers (:mod:`~mergekit_math.kernels.della_lanes`). The bins' tables are indexed
 by the keys' top 16 bits themselves (2**15 entries, the row's range zeroed), so neither the
-counting loop nor the sure pass subtracts an offset or clamps. 1.8-1.9 ns per entry on
-TinyLlama-shaped bfloat16 rows (2.0 with an offset per row and the sums in two loops; 2.8
+counting loop nor the sure pass subtracts an offset or clamps. 1.7-1.9 ns per entry on
+TinyLlama-shaped bfloat16 rows (1.9-2.0 with an offset per row and the sums in two loops; 2.8
 with both passes scalar; 4.9 ranking every entry: the bins' rank
 offsets, the entries with lower bits sorted within their bins, and the decisions in one
 branching pass; 13-15 with a radix sort of every row). A row whose
