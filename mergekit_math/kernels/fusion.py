@@ -9,7 +9,7 @@ import numpy as np
 from numba import njit
 
 from mergekit_math.kernels.elementwise import _count_inputs
-from mergekit_math.kernels.scalar import _f32_to_bits, load, store
+from mergekit_math.kernels.scalar import _EXP32, _f32_to_bits, load, store
 from mergekit_math.kernels.select_passes import add_bins
 from mergekit_math.kernels.torch_log import MODE, call_ln
 from mergekit_math.kernels.torch_order import row_sum
@@ -17,7 +17,6 @@ from mergekit_math.kernels.torch_softmax import exponentials, smoothed_ratio_at
 
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
-_EXP = np.uint32(0x7F800000)
 
 
 @njit(error_model="numpy")
@@ -61,7 +60,7 @@ def _importance_row(base, m, k, out, hist):  # noqa: ANN001, ANN202
         out[i] = x
         top = max(top, _f32_to_bits(x))
     add_bins(out, hist)
-    return _flags(out) if top >= _EXP else np.uint32(0)
+    return _flags(out) if top >= _EXP32 else np.uint32(0)
 
 
 @njit(error_model="numpy")
@@ -70,7 +69,7 @@ def _flags(values):  # noqa: ANN001, ANN202
     flags = np.uint32(0)
     for i in range(values.shape[0]):
         bits = _f32_to_bits(values[i])
-        flags |= np.uint32((bits & _EXP) == _EXP) | ((bits >> np.uint32(30)) & np.uint32(2))
+        flags |= np.uint32((bits & _EXP32) == _EXP32) | ((bits >> np.uint32(30)) & np.uint32(2))
     return flags
 
 
