@@ -169,16 +169,22 @@ def _bin_counts(keys, length, first, hi, table, rel):  # noqa: ANN001, ANN202
         table[c] = t + np.int64(0x100000000) + np.int64((k & np.uint32(0xFFFF)) == 0)
 
 
+@njit(inline="always")
+def _one_bin(table, c, run, below, pos, bounds):  # noqa: ANN001, ANN202
+    """Bin ``c`` of :func:`_bounds`, whose first rank is ``run``; returns the next bin's."""
+    count = np.int32(table[c] >> 32)
+    pos[c] = run
+    bounds[c] = below[_at(run)] | (below[_at(run + max(count - 1, 0))] << 16)
+    return run + count
+
+
 @njit(error_model="numpy")
 def _bounds(table, first, hi, below, pos, bounds):  # noqa: ANN001, ANN202
     """Per bin (0, then ``first .. hi``), its first rank (``pos``) and ``floor(256·p)`` at
     its first and last rank (``bounds``: the first in the low 16 bits): ``below`` rises
     with the rank, so every entry of the bin has a threshold between the two, whatever its
     place in the bin."""
-    zeros = np.int32(table[0] >> 32)
-    pos[0] = 0
-    bounds[0] = below[0] | (below[_at(max(zeros - 1, 0))] << 16)
-    run, c, end = np.int64(zeros), first, hi + 1
+    run, c, end = np.int64(_one_bin(table, 0, np.int32(0), below, pos, bounds)), first, hi + 1
     table_at, below_at = table.ctypes.data, below.ctypes.data
     pos_at, bounds_at = pos.ctypes.data, bounds.ctypes.data
     while c + 16 <= end:  # sixteen bins at a time (della_lanes.bounds16), the rest one by one
@@ -186,10 +192,7 @@ def _bounds(table, first, hi, below, pos, bounds):  # noqa: ANN001, ANN202
         c += 16
     run = np.int32(run)
     for c in range(c, end):  # noqa: B020
-        count = np.int32(table[c] >> 32)
-        pos[c] = run
-        bounds[c] = below[_at(run)] | (below[_at(run + max(count - 1, 0))] << 16)
-        run += count
+        run = _one_bin(table, c, run, below, pos, bounds)
 
 
 @njit(error_model="numpy")
