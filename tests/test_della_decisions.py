@@ -134,6 +134,17 @@ def test_rows_the_bins_give_up_on():
     _check(x.reshape(-1).numpy(), 4096)
 
 
+def test_rows_at_the_edge_of_the_bins_16_bit_counts():
+    """Rows of 65,535 entries, 80% of one magnitude (a bin's counts past 32,767: the
+    packed counts are unsigned), zero (the scalar step's bin) or not (the vector step's),
+    are binned; a row of 65,536 takes the radix sort."""
+    g = torch.Generator().manual_seed(9)
+    for row, common in ((65535, 0.0), (65535, 2e-3), (65536, 2e-3)):
+        x = torch.randn(row, generator=g) * 0.01
+        x[torch.rand(row, generator=g) < 0.8] = common
+        _check(x.to(torch.bfloat16).float().numpy(), row)
+
+
 def test_a_bin_with_many_entries_with_lower_bits():
     """40 magnitudes sharing their top 16 bits (and some equal) with distinct lower bits, in
     a row of bfloat16 values: uncertain entries with lower bits placed among many of their

@@ -109,7 +109,7 @@ def _shift_up(builder: ir.IRBuilder, x: ir.Value, by: int) -> ir.Value:
 def bounds16(typingctx, table, below, pos, bounds, run):  # noqa: ANN001, ANN201
     """Bins ``c .. c+15`` of ``kernels.ranks._bounds``, all arguments addresses at bin
     ``c`` but ``below`` (the int32 thresholds by rank) and ``run`` (bin ``c``'s first
-    rank): each bin's count from the int64 ``table`` (its high 32 bits), their running sum
+    rank): each bin's count from the uint32 ``table`` (its high 16 bits), their running sum
     within the 16 (four shifted additions), each bin's first rank into ``pos`` and its
     first and last rank's thresholds (two gathers) into ``bounds``. Returns the first rank
     of bin ``c+16``."""
@@ -118,8 +118,8 @@ def bounds16(typingctx, table, below, pos, bounds, run):  # noqa: ANN001, ANN201
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
         table_at, below_at, pos_at, bounds_at, run = args
-        wide = builder.load(builder.inttoptr(table_at, _V64.as_pointer()), align=8)
-        counts = builder.trunc(builder.lshr(wide, ir.Constant(_V64, [32] * 16)), _V32)
+        packed = builder.load(builder.inttoptr(table_at, _V32.as_pointer()), align=4)
+        counts = builder.lshr(packed, ir.Constant(_V32, [16] * 16))
         total = counts
         for by in (1, 2, 4, 8):
             total = builder.add(total, _shift_up(builder, total, by))
