@@ -159,10 +159,10 @@ def della_probs(src, row, low, step, probs):  # noqa: ANN001, ANN201
 def _bin_counts(keys, length, first, hi, table, rel):  # noqa: ANN001, ANN202
     """Per bin (0 and ``first .. hi``, the row's), its entries (``table``'s high 16 bits,
     uint32: rows under 65,536 entries) and those without lower bits set (the low 16); each
-    entry's count of the latter before
-    it in its bin into ``rel`` (its place there when it has no lower bits: equal keys rank
-    in index order, below every key of the bin with lower bits). The bins are indexed by
-    the keys' top 16 bits themselves: no offset, no clamp in the loop."""
+    entry's count of the latter before it in its bin into ``rel`` (its place there when it
+    has no lower bits: equal keys rank in index order, below every key of the bin with
+    lower bits). The bins are indexed by the keys' top 16 bits themselves: no offset, no
+    clamp in the loop."""
     table[0] = 0
     table[first : hi + 1] = 0
     for i in range(length):
