@@ -131,3 +131,76 @@ def test_a_kernel_call_imports_no_scipy_and_leaves_numba_as_it_was():
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["True", "False", "False", "True", "ensure_blas"]
+
+
+_HELPER = """
+from numba import njit
+
+
+@njit
+def value():
+    return {}
+"""
+
+_KERNEL = """
+import os
+import sys
+
+from mergekit_math.kernels.target import stamp_cache
+
+if sys.argv[1] == "stamped":
+    stamp_cache(os.path.dirname(os.path.abspath(__file__)))
+from helper import value
+from numba import njit
+
+
+@njit(cache=True)
+def kernel():
+    return value()
+
+
+print(kernel(), len(kernel.stats.cache_hits))
+"""
+
+
+@pytest.mark.parametrize("stamped", [True, False])
+def test_an_edited_helper_module_recompiles_the_kernels_that_use_it(tmp_path, stamped):
+    """A cached kernel calling a helper from a sibling module, the helper edited (the
+    kernel's own file not): with the folder's sources stamped the next process compiles the
+    kernel again and returns the new value; numba's own stamp (its file only) serves the
+    stale machine code (what ``stamp_cache`` is for: an upgrade that changes only a helper
+    of ``kernels`` leaves the old cache files beside the package)."""
+    (tmp_path / "kern.py").write_text(_KERNEL)
+    mode = "stamped" if stamped else "numba"
+
+    def run() -> list[str]:
+        done = subprocess.run(
+            [sys.executable, str(tmp_path / "kern.py"), mode],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(tmp_path), "NUMBA_CACHE_DIR": ""},
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    (tmp_path / "helper.py").write_text(_HELPER.format(1))
+    assert run() == ["1", "0"]  # compiled
+    assert run() == ["1", "1"]  # from the cache
+    (tmp_path / "helper.py").write_text(_HELPER.format(2))
+    assert run() == (["2", "0"] if stamped else ["1", "1"])
+    assert list(tmp_path.glob("__pycache__/kern.kernel-*.nbi"))
+
+
+def test_the_kernels_are_cached_under_the_packages_stamp():
+    """Every cached kernel of the package is located by a stamped locator whose stamp is the
+    hash of all the package's sources (so an edit to any of them invalidates it)."""
+    from mergekit_math.kernels import elementwise, ranks, sigbus  # noqa: F401
+    from mergekit_math.kernels.target import sources_stamp
+
+    folder = os.path.dirname(os.path.abspath(kernels_package.__file__))
+    locator = ranks.della_decisions._cache._impl.locator
+    assert locator.stamped_folder == folder
+    assert locator.get_source_stamp() == sources_stamp(folder)
+    assert elementwise.delta_ties._cache._impl.locator.get_source_stamp() == sources_stamp(folder)

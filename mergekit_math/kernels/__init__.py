@@ -19,7 +19,9 @@ the merge's choice), or a selection on its own over that many.
 ``MMATH_FUSED=0`` turns the kernels off, ``MMATH_FUSED=1`` turns them on whatever the size.
 
 Compiled kernels are cached on disk by numba (next to this package, or the user's cache
-folder), so a merge pays the compile time (about a second per kernel) once per machine.
+folder), so a merge pays the compile time (about a second per kernel) once per machine, and
+again after any change to this package's sources (the cache is dated by all of them:
+:func:`~mergekit_math.kernels.target.stamp_cache`).
 """
 
 from __future__ import annotations

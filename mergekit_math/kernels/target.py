@@ -20,9 +20,23 @@ again, once.
 
 It also imports numba's ``numba.np.arraymath`` without looking for scipy's BLAS
 (:func:`_arraymath_without_scipy`): 0.12-0.17 s less at the start of every merge.
+
+And it dates the kernels' on-disk cache by the whole package (:func:`stamp_cache`). numba
+checks a cached kernel against its own source file only, but the kernels inline helpers
+from their sibling modules (``scalar``, ``stats``, ``della_lanes``'s vector steps): an edit
+to a helper alone, or an upgrade of mmath that changes only a helper and leaves the old
+``__pycache__/*.nbi`` files beside the package (pip removes only the files it installed),
+would run the cached machine code of the old helper. Here every kernel's cache entry
+carries a hash of all the package's sources, so any change to any of them compiles the
+kernels again (once).
 """
 
 from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
 
 import numba.core.config as _config
 
@@ -92,5 +106,64 @@ def _arraymath_without_scipy() -> None:
         arraymath.ensure_blas = check
 
 
+@functools.lru_cache(maxsize=8)
+def _hash_sources(stats: tuple[tuple[str, int, int], ...], folder: str) -> str:
+    digest = hashlib.sha256()
+    for name, _, _ in stats:
+        digest.update(name.encode() + b"\0" + (Path(folder) / name).read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def sources_stamp(folder: str) -> str:
+    """A hash of every ``.py`` file in ``folder`` (names and contents; read again only when
+    a file's size or modification time changes)."""
+    stats = tuple(
+        (entry.name, entry.stat().st_mtime_ns, entry.stat().st_size)
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name)
+        if entry.name.endswith(".py") and entry.is_file()
+    )
+    return _hash_sources(stats, folder)
+
+
+def stamp_cache(folder: str) -> bool:
+    """Make numba date the cached kernels of the modules in ``folder`` by
+    :func:`sources_stamp` of the folder instead of their own file's: one subclass of each
+    of numba's file-backed cache locators (same cache folders), tried before numba's own,
+    that takes only functions defined in ``folder``. Returns False where this numba has no
+    such locators (its cache then works as it does), or the user picked the locators
+    (``NUMBA_CACHE_LOCATOR_CLASSES``: then numba does not read this list)."""
+    from numba.core import caching
+
+    impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)
+    backed = getattr(caching, "_SourceFileBackedLocatorMixin", None)
+    if impl is None or backed is None or not isinstance(impl._locator_classes, list):
+        return False
+    folder = os.path.abspath(folder)
+    used = not getattr(_config, "CACHE_LOCATOR_CLASSES", None)
+    if any(getattr(c, "stamped_folder", None) == folder for c in impl._locator_classes):
+        return used
+
+    class _Stamped:
+        stamped_folder = folder
+
+        @classmethod
+        def from_function(cls, py_func, py_file):  # noqa: ANN001, ANN206
+            if os.path.dirname(os.path.abspath(py_file)) != cls.stamped_folder:
+                return None
+            return super().from_function(py_func, py_file)
+
+        def get_source_stamp(self) -> str:
+            return sources_stamp(self.stamped_folder)
+
+    ours = [
+        type(f"Stamped{c.__name__}", (_Stamped, c), {"__module__": __name__})
+        for c in impl._locator_classes
+        if issubclass(c, backed) and not hasattr(c, "stamped_folder")  # numba's own
+    ]
+    impl._locator_classes[:0] = ours
+    return used
+
+
 _set()
 _arraymath_without_scipy()
+stamp_cache(os.path.dirname(os.path.abspath(__file__)))
