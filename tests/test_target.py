@@ -1,7 +1,8 @@
 """kernels/target.py: numba's target for the kernels prefers 512-bit vectors where the CPU
 has AVX-512, whichever kernel module a process imports first, and leaves a user's
-NUMBA_CPU_FEATURES alone. Each check runs in a fresh process (numba sets its code
-generator up once per process)."""
+NUMBA_CPU_FEATURES alone; the kernels' on-disk cache is dated by every source of the
+package. The target checks run in a fresh process (numba sets its code generator up once
+per process)."""
 
 from __future__ import annotations
 
