@@ -195,13 +195,23 @@ def test_an_edited_helper_module_recompiles_the_kernels_that_use_it(tmp_path, st
 
 
 def test_the_kernels_are_cached_under_the_packages_stamp():
-    """Every cached kernel of the package is located by a stamped locator whose stamp is the
-    hash of all the package's sources (so an edit to any of them invalidates it)."""
-    from mergekit_math.kernels import elementwise, ranks, sigbus  # noqa: F401
+    """Every cached kernel of the package (numba's dispatchers and the SIGBUS guard's
+    ``cfunc``) is located by a stamped locator whose stamp is the hash of all the package's
+    sources (so an edit to any of them invalidates it)."""
+    import importlib
+
     from mergekit_math.kernels.target import sources_stamp
 
     folder = os.path.dirname(os.path.abspath(kernels_package.__file__))
-    locator = ranks.della_decisions._cache._impl.locator
-    assert locator.stamped_folder == folder
-    assert locator.get_source_stamp() == sources_stamp(folder)
-    assert elementwise.delta_ties._cache._impl.locator.get_source_stamp() == sources_stamp(folder)
+    stamp = sources_stamp(folder)
+    cached = {}
+    for name in _kernel_modules():
+        module = importlib.import_module(f"mergekit_math.kernels.{name}")
+        for attr, value in vars(module).items():
+            impl = getattr(getattr(value, "_cache", None), "_impl", None)
+            if impl is not None:  # a sibling's kernel imported here is the package's too
+                cached[f"{name}.{attr}"] = impl.locator
+    assert {"ranks.della_decisions", "elementwise.delta_ties", "sigbus._on_sigbus"} <= set(cached)
+    for name, locator in cached.items():
+        assert locator.stamped_folder == folder, name
+        assert locator.get_source_stamp() == stamp, name
